@@ -1,0 +1,36 @@
+"""Pairs an `agpt bench ops --json` file with the PyTorch peer's (bench/peers/torch_ops.py) and prints the
+table of ratios: speedup = torch time / agpt time (> 1: agpt is faster), and each side's fraction of its own
+measured limit. Also writes the table as markdown when --md is given.
+
+    python3 bench/compare.py agpt.json torch.json [--md table.md]
+"""
+import json
+import sys
+
+
+def main():
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    md_path = sys.argv[sys.argv.index("--md") + 1] if "--md" in sys.argv else None
+    if md_path in args:
+        args.remove(md_path)
+    ours, peer = (json.load(open(p)) for p in args[:2])
+    by_name = {op["name"]: op for op in peer["ops"]}
+    head = f"| op | agpt us | torch us | speedup | agpt fraction | torch fraction |\n|---|---:|---:|---:|---:|---:|"
+    rows = []
+    for op in ours["ops"]:
+        p = by_name.get(op["name"])
+        if not p:
+            continue
+        rows.append(f"| {op['name']} | {op['us']:.1f} | {p['us']:.1f} | {p['us'] / op['us']:.2f} | "
+                    f"{op['fraction']:.2f} of {op['of']} | {p['fraction']:.2f} of {p['of']} |")
+    title = (f"agpt vs {peer.get('peer', 'torch')} on {ours.get('gpu') or ours['device']} ({ours['dtype']}); "
+             f"copy {ours['copy_gbps']:.0f} GB/s, matmul {ours['matmul_tflops']:.2f} TFLOP/s")
+    text = "\n".join([title, "", head] + rows)
+    print(text)
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+// CPU backend: fp32 reference implementations on raw, already validated pointers.
+// kernels/ops.c checks shapes and calls these; nothing else should.
+#pragma once
+#include <stdbool.h>
+#include <stdint.h>
+
+// c[i] = alpha * op(a[i]) @ op(b[i]) + beta * c[i] + bias, for i < batch; strides in elements between items
+// (stride_b = 0 shares b). op(a) is MxK, op(b) is KxN, c is MxN, all row-major.
+void cpu_matmul(float *c, const float *a, const float *b, const float *bias, int64_t batch, int64_t M, int64_t N,
+                int64_t K, bool trans_a, bool trans_b, int64_t stride_a, int64_t stride_b, int64_t stride_c,
+                float alpha, float beta);
+void cpu_bias_grad(float *dbias, const float *dout, int64_t rows, int64_t N);  // dbias += column sums
+
+void cpu_add(float *out, const float *a, const float *b, int64_t n);
+void cpu_scale(float *x, int64_t n, float s);
+double cpu_sum_squares(const float *x, int64_t n);
+
+void cpu_layernorm(float *out, float *mean, float *rstd, const float *x, const float *w, const float *b,
+                   int64_t rows, int64_t C, float eps);
+void cpu_layernorm_backward(float *dx, float *dw, float *db, const float *dout, const float *x, const float *w,
+                            const float *mean, const float *rstd, int64_t rows, int64_t C);
+void cpu_rmsnorm(float *out, float *rstd, const float *x, const float *w, int64_t rows, int64_t C, float eps);
+void cpu_rmsnorm_backward(float *dx, float *dw, const float *dout, const float *x, const float *w,
+                          const float *rstd, int64_t rows, int64_t C);
+
+void cpu_gelu(float *out, const float *x, int64_t n);
+void cpu_gelu_backward(float *dx, const float *dout, const float *x, int64_t n);
+void cpu_swiglu(float *out, const float *gate, const float *up, int64_t n);
+void cpu_swiglu_backward(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+                         int64_t n);
+void cpu_softmax(float *out, const float *x, int64_t rows, int64_t C, float scale);
+void cpu_softmax_backward(float *dx, const float *dout, const float *y, int64_t rows, int64_t C, float scale);
+
+// q: [B,Tq,H,D], k, v: [B,Tk,H,D], out: [B,Tq,H,D]
+void cpu_attention(float *out, const float *q, const float *k, const float *v, int64_t B, int64_t Tq, int64_t Tk,
+                   int64_t H, int64_t D, bool causal, float scale);
+void cpu_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                            const float *v, int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t D, bool causal,
+                            float scale);
+
+// x, out: [B,T,H,D], positions [B,T]; direction +1 rotates forward, -1 backward.
+void cpu_rope(float *out, const float *x, const int32_t *positions, int64_t B, int64_t T, int64_t H, int64_t D,
+              float base, int direction);
+
+void cpu_adamw(float *param, const float *grad, float *m, float *v, int64_t n, float lr, float beta1, float beta2,
+               float eps, float weight_decay, int step);

@@ -1,0 +1,56 @@
+// CUDA backend on raw, already validated device pointers. Storage dtype `dt` is DT_F32, DT_F16 or DT_BF16
+// for every float tensor of a call (mean/rstd statistics are always f32, positions i32, AdamW state f32);
+// accumulation is always fp32. Every call is asynchronous on the engine's stream and returns launch errors.
+// Implemented in kernels/cuda/*.cu; declared with C linkage.
+#pragma once
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "kernels/engine.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+Status cuda_matmul(Engine *e, DType dt, void *c, const void *a, const void *b, const void *bias, int64_t batch,
+                   int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, int64_t stride_a, int64_t stride_b,
+                   int64_t stride_c, float alpha, float beta);
+Status cuda_bias_grad(Engine *e, DType dt, void *dbias, const void *dout, int64_t rows, int64_t N);
+
+Status cuda_add(Engine *e, DType dt, void *out, const void *a, const void *b, int64_t n);
+Status cuda_scale(Engine *e, DType dt, void *x, int64_t n, float s);
+Status cuda_sum_squares(Engine *e, DType dt, double *result, const void *x, int64_t n);  // synchronises
+
+Status cuda_layernorm(Engine *e, DType dt, void *out, float *mean, float *rstd, const void *x, const void *w,
+                      const void *b, int64_t rows, int64_t C, float eps);
+Status cuda_layernorm_backward(Engine *e, DType dt, void *dx, void *dw, void *db, const void *dout, const void *x,
+                               const void *w, const float *mean, const float *rstd, int64_t rows, int64_t C);
+Status cuda_rmsnorm(Engine *e, DType dt, void *out, float *rstd, const void *x, const void *w, int64_t rows,
+                    int64_t C, float eps);
+Status cuda_rmsnorm_backward(Engine *e, DType dt, void *dx, void *dw, const void *dout, const void *x,
+                             const void *w, const float *rstd, int64_t rows, int64_t C);
+
+Status cuda_gelu(Engine *e, DType dt, void *out, const void *x, int64_t n);
+Status cuda_gelu_backward(Engine *e, DType dt, void *dx, const void *dout, const void *x, int64_t n);
+Status cuda_swiglu(Engine *e, DType dt, void *out, const void *gate, const void *up, int64_t n);
+Status cuda_swiglu_backward(Engine *e, DType dt, void *dgate, void *dup, const void *dout, const void *gate,
+                            const void *up, int64_t n);
+Status cuda_softmax(Engine *e, DType dt, void *out, const void *x, int64_t rows, int64_t C, float scale);
+Status cuda_softmax_backward(Engine *e, DType dt, void *dx, const void *dout, const void *y, int64_t rows,
+                             int64_t C, float scale);
+
+Status cuda_attention(Engine *e, DType dt, void *out, const void *q, const void *k, const void *v, int64_t B,
+                      int64_t Tq, int64_t Tk, int64_t H, int64_t D, bool causal, float scale);
+Status cuda_attention_backward(Engine *e, DType dt, void *dq, void *dk, void *dv, const void *dout, const void *q,
+                               const void *k, const void *v, int64_t B, int64_t Tq, int64_t Tk, int64_t H,
+                               int64_t D, bool causal, float scale);
+Status cuda_rope(Engine *e, DType dt, void *out, const void *x, const int32_t *positions, int64_t B, int64_t T,
+                 int64_t H, int64_t D, float base, int direction);
+
+Status cuda_cast(Engine *e, void *out, DType out_dt, const void *x, DType x_dt, int64_t n);
+Status cuda_adamw(Engine *e, float *param, const float *grad, float *m, float *v, int64_t n, float lr, float beta1,
+                  float beta2, float eps, float weight_decay, int step);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,631 @@
+// Validation and dispatch for kernels/ops.h. Every shape, dtype and device rule is checked here once,
+// so the backends can assume well-formed input.
+#include "kernels/ops.h"
+
+#include "kernels/cpu/cpu_ops.h"
+#ifdef AGPT_WITH_CUDA
+#include "kernels/cuda/cuda_ops.h"
+#endif
+
+#define DESC(t, buf) tensor_describe((t), (buf), sizeof(buf))
+#define F(t) ((float *)(t)->data)
+#define CF(t) ((const float *)(t)->data)
+#define PTR(t) ((t) ? (t)->data : NULL)
+
+// Every tensor on the engine's device; the CPU backend computes in f32 only.
+static Status check_tensor(const Engine *e, const Tensor *t, const char *op, const char *what) {
+    char d[96];
+    if (!t || !t->data) return AGPT_FAIL(AGPT_ERR_ARG, "%s: %s is missing", op, what);
+    if (t->device != e->device)
+        return AGPT_FAIL(AGPT_ERR_ARG, "%s: %s is %s but the engine runs on %s; copy it with tensor_copy first",
+                         op, what, DESC(t, d), device_name(e->device));
+    return AGPT_OK;
+}
+
+static Status check_float(const Engine *e, const Tensor *t, DType dt, const char *op, const char *what) {
+    AGPT_TRY(check_tensor(e, t, op, what));
+    char d[96];
+    if (t->dtype != dt)
+        return AGPT_FAIL(AGPT_ERR_ARG, "%s: %s is %s, expected dtype %s like the other operands", op, what,
+                         DESC(t, d), dtype_name(dt));
+    if (e->device == DEV_CPU && dt != DT_F32)
+        return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "%s: the CPU backend computes in f32; %s is %s (cast it first)", op,
+                         what, DESC(t, d));
+    if (!dtype_is_float(dt)) return AGPT_FAIL(AGPT_ERR_ARG, "%s: %s must be a float tensor", op, what);
+    return AGPT_OK;
+}
+
+static Status check_same_shape(const Tensor *a, const Tensor *b, const char *op, const char *what) {
+    char x[96], y[96];
+    if (!tensor_same_shape(a, b))
+        return AGPT_FAIL(AGPT_ERR_ARG, "%s: %s shapes differ: %s vs %s", op, what, DESC(a, x), DESC(b, y));
+    return AGPT_OK;
+}
+
+// A vector parameter [C] for rows of width C.
+static Status check_vector(const Engine *e, const Tensor *t, DType dt, int64_t C, const char *op,
+                           const char *what) {
+    AGPT_TRY(check_float(e, t, dt, op, what));
+    char d[96];
+    if (tensor_numel(t) != C) return AGPT_FAIL(AGPT_ERR_ARG, "%s: %s is %s, expected [%lld]", op, what, DESC(t, d),
+                                               (long long)C);
+    return AGPT_OK;
+}
+
+// Per-row statistics: f32 [rows].
+static Status check_stats(const Engine *e, const Tensor *t, int64_t rows, const char *op, const char *what) {
+    AGPT_TRY(check_tensor(e, t, op, what));
+    char d[96];
+    if (t->dtype != DT_F32 || tensor_numel(t) != rows)
+        return AGPT_FAIL(AGPT_ERR_ARG, "%s: %s is %s, expected f32[%lld]", op, what, DESC(t, d), (long long)rows);
+    return AGPT_OK;
+}
+
+#ifdef AGPT_WITH_CUDA
+#define ON_CUDA(e) ((e)->device == DEV_CUDA)
+#else
+#define ON_CUDA(e) 0
+#endif
+
+// ---------------------------------------------------------------------------------------------------------
+// matmul
+
+typedef struct MatmulDims {
+    int64_t batch, M, N, K, stride_a, stride_b, stride_c;
+} MatmulDims;
+
+static Status matmul_dims(const Tensor *out, const Tensor *a, const Tensor *b, bool trans_a, bool trans_b,
+                          MatmulDims *d) {
+    char x[96], y[96], z[96];
+    AGPT_CHECK_ARG(a->ndim >= 2 && a->ndim <= 3 && b->ndim >= 2 && b->ndim <= 3,
+                   "matmul: a %s and b %s must be 2-D or 3-D", DESC(a, x), DESC(b, y));
+    AGPT_CHECK_ARG(!(b->ndim == 3 && a->ndim == 2), "matmul: a 3-D b %s needs a 3-D a (got %s)", DESC(b, x),
+                   DESC(a, y));
+    int64_t batch = a->ndim == 3 ? a->shape[0] : 1;
+    int64_t ar = a->shape[a->ndim - 2], ac = a->shape[a->ndim - 1];
+    int64_t br = b->shape[b->ndim - 2], bc = b->shape[b->ndim - 1];
+    int64_t M = trans_a ? ac : ar, K = trans_a ? ar : ac;
+    int64_t Kb = trans_b ? bc : br, N = trans_b ? br : bc;
+    AGPT_CHECK_ARG(K == Kb, "matmul: inner dims differ: op(a) is %lldx%lld from %s, op(b) is %lldx%lld from %s",
+                   (long long)M, (long long)K, DESC(a, x), (long long)Kb, (long long)N, DESC(b, y));
+    AGPT_CHECK_ARG(b->ndim == 2 || b->shape[0] == batch, "matmul: batch of a %s and b %s differ", DESC(a, x),
+                   DESC(b, y));
+    bool out_ok = (a->ndim == 3) ? (out->ndim == 3 && out->shape[0] == batch && out->shape[1] == M &&
+                                    out->shape[2] == N)
+                                 : (out->ndim == 2 && out->shape[0] == M && out->shape[1] == N);
+    AGPT_CHECK_ARG(out_ok, "matmul: out is %s, expected %s[%lld,%lld] for a %s, b %s", DESC(out, z),
+                   a->ndim == 3 ? "batch x " : "", (long long)M, (long long)N, DESC(a, x), DESC(b, y));
+    *d = (MatmulDims){batch, M, N, K, M * K, b->ndim == 3 ? K * N : 0, M * N};
+    // A shared weight with an untransposed 3-D a is one big GEMM: fold the batch into the rows.
+    if (a->ndim == 3 && b->ndim == 2 && !trans_a) *d = (MatmulDims){1, batch * M, N, K, 0, 0, 0};
+    return AGPT_OK;
+}
+
+Status op_matmul(Engine *e, Tensor *out, const Tensor *a, const Tensor *b, const Tensor *bias, bool trans_a,
+                 bool trans_b, float alpha, float beta) {
+    const char *op = "op_matmul";
+    AGPT_TRY(check_tensor(e, a, op, "a"));
+    DType dt = a->dtype;
+    AGPT_TRY(check_float(e, a, dt, op, "a"));
+    AGPT_TRY(check_float(e, b, dt, op, "b"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    MatmulDims d;
+    AGPT_TRY(matmul_dims(out, a, b, trans_a, trans_b, &d));
+    if (bias) AGPT_TRY(check_vector(e, bias, dt, d.N, op, "bias"));
+    if (d.M == 0 || d.N == 0) return AGPT_OK;
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_matmul(e, dt, out->data, a->data, b->data, PTR(bias), d.batch, d.M, d.N, d.K, trans_a, trans_b,
+                           d.stride_a, d.stride_b, d.stride_c, alpha, beta);
+#endif
+    }
+    cpu_matmul(F(out), CF(a), CF(b), bias ? CF(bias) : NULL, d.batch, d.M, d.N, d.K, trans_a, trans_b, d.stride_a,
+               d.stride_b, d.stride_c, alpha, beta);
+    return AGPT_OK;
+}
+
+// The backend call for raw dims, used by the backward passes below.
+static Status matmul_raw(Engine *e, DType dt, void *c, const void *a, const void *b, int64_t batch, int64_t M,
+                         int64_t N, int64_t K, bool ta, bool tb, int64_t sa, int64_t sb, int64_t sc, float beta) {
+    if (M == 0 || N == 0) return AGPT_OK;
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_matmul(e, dt, c, a, b, NULL, batch, M, N, K, ta, tb, sa, sb, sc, 1.0f, beta);
+#endif
+    }
+    cpu_matmul(c, a, b, NULL, batch, M, N, K, ta, tb, sa, sb, sc, 1.0f, beta);
+    return AGPT_OK;
+}
+
+Status op_matmul_backward(Engine *e, Tensor *da, Tensor *db, const Tensor *dout, const Tensor *a, const Tensor *b,
+                          bool trans_a, bool trans_b, bool accumulate) {
+    const char *op = "op_matmul_backward";
+    AGPT_TRY(check_tensor(e, a, op, "a"));
+    DType dt = a->dtype;
+    AGPT_TRY(check_float(e, a, dt, op, "a"));
+    AGPT_TRY(check_float(e, b, dt, op, "b"));
+    AGPT_TRY(check_float(e, dout, dt, op, "dout"));
+    MatmulDims d;
+    AGPT_TRY(matmul_dims(dout, a, b, trans_a, trans_b, &d));
+    float beta = accumulate ? 1.0f : 0.0f;
+    // With C = op(A) op(B):  dop(A) = dC op(B)^T  and  dop(B) = op(A)^T dC. When A itself is stored transposed,
+    // dA = (dop(A))^T = op(B) dC^T, and likewise for B; each case is one GEMM with the right transposes.
+    // Work per batch item with the folded dims (d.batch items of M x K and K x N).
+    int64_t M = d.M, N = d.N, K = d.K;
+    if (da) {
+        AGPT_TRY(check_float(e, da, dt, op, "da"));
+        AGPT_TRY(check_same_shape(da, a, op, "da and a"));
+        if (!trans_a)  // dA[M,K] = dC[M,N] @ op(B)^T[N,K]
+            AGPT_TRY(matmul_raw(e, dt, da->data, dout->data, b->data, d.batch, M, K, N, false, !trans_b,
+                                d.stride_c, d.stride_b, d.stride_a, beta));
+        else  // dA[K,M] = op(B)[K,N] @ dC^T[N,M]
+            AGPT_TRY(matmul_raw(e, dt, da->data, b->data, dout->data, d.batch, K, M, N, trans_b, true, d.stride_b,
+                                d.stride_c, d.stride_a, beta));
+    }
+    if (db) {
+        AGPT_TRY(check_float(e, db, dt, op, "db"));
+        AGPT_TRY(check_same_shape(db, b, op, "db and b"));
+        // A shared 2-D b under a batched a: its gradient sums over the batch. The folded case (d.batch == 1)
+        // already sums; a transposed batched a is summed item by item with beta = 1 after the first.
+        int64_t items = (b->ndim == 2) ? d.batch : 1;
+        int64_t inner_batch = (b->ndim == 2) ? 1 : d.batch;
+        for (int64_t i = 0; i < items; i++) {
+            const char *ai = (const char *)a->data + (size_t)(i * d.stride_a) * dtype_size(dt);
+            const char *ci = (const char *)dout->data + (size_t)(i * d.stride_c) * dtype_size(dt);
+            float bi = (i == 0) ? beta : 1.0f;
+            if (!trans_b)  // dB[K,N] = op(A)^T[K,M] @ dC[M,N]
+                AGPT_TRY(matmul_raw(e, dt, db->data, ai, ci, inner_batch, K, N, M, !trans_a, false, d.stride_a,
+                                    d.stride_c, d.stride_b, bi));
+            else  // dB[N,K] = dC^T[N,M] @ op(A)[M,K]
+                AGPT_TRY(matmul_raw(e, dt, db->data, ci, ai, inner_batch, N, K, M, true, trans_a, d.stride_c,
+                                    d.stride_a, d.stride_b, bi));
+        }
+    }
+    return AGPT_OK;
+}
+
+Status op_linear(Engine *e, Tensor *out, const Tensor *x, const Tensor *w, const Tensor *bias) {
+    const char *op = "op_linear";
+    AGPT_TRY(check_tensor(e, x, op, "x"));
+    DType dt = x->dtype;
+    AGPT_TRY(check_float(e, x, dt, op, "x"));
+    AGPT_TRY(check_float(e, w, dt, op, "w"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    char a[96], b[96], c[96];
+    int64_t K = tensor_cols(x), rows = tensor_rows(x);
+    AGPT_CHECK_ARG(w->ndim == 2 && w->shape[1] == K, "op_linear: weight %s does not take inputs %s (want [N,%lld])",
+                   DESC(w, a), DESC(x, b), (long long)K);
+    int64_t N = w->shape[0];
+    AGPT_CHECK_ARG(tensor_cols(out) == N && tensor_rows(out) == rows, "op_linear: out %s, expected [%lld,%lld]",
+                   DESC(out, c), (long long)rows, (long long)N);
+    if (bias) AGPT_TRY(check_vector(e, bias, dt, N, op, "bias"));
+    Tensor x2 = tensor_2d(x->data, dt, e->device, rows, K);
+    Tensor o2 = tensor_2d(out->data, dt, e->device, rows, N);
+    return op_matmul(e, &o2, &x2, w, bias, false, true, 1.0f, 0.0f);
+}
+
+Status op_linear_backward(Engine *e, Tensor *dx, Tensor *dw, Tensor *dbias, const Tensor *dout, const Tensor *x,
+                          const Tensor *w) {
+    const char *op = "op_linear_backward";
+    AGPT_TRY(check_tensor(e, x, op, "x"));
+    DType dt = x->dtype;
+    AGPT_TRY(check_float(e, x, dt, op, "x"));
+    AGPT_TRY(check_float(e, w, dt, op, "w"));
+    AGPT_TRY(check_float(e, dout, dt, op, "dout"));
+    int64_t K = tensor_cols(x), rows = tensor_rows(x);
+    char a[96];
+    AGPT_CHECK_ARG(w->ndim == 2 && w->shape[1] == K, "op_linear_backward: weight %s for inputs of width %lld",
+                   DESC(w, a), (long long)K);
+    int64_t N = w->shape[0];
+    AGPT_CHECK_ARG(tensor_cols(dout) == N && tensor_rows(dout) == rows, "op_linear_backward: dout %s, expected "
+                   "[%lld,%lld]", DESC(dout, a), (long long)rows, (long long)N);
+    if (dx) {
+        AGPT_TRY(check_float(e, dx, dt, op, "dx"));
+        AGPT_TRY(check_same_shape(dx, x, op, "dx and x"));
+        // dx[rows,K] = dout[rows,N] @ w[N,K]
+        AGPT_TRY(matmul_raw(e, dt, dx->data, dout->data, w->data, 1, rows, K, N, false, false, 0, 0, 0, 0.0f));
+    }
+    if (dw) {
+        AGPT_TRY(check_float(e, dw, dt, op, "dw"));
+        AGPT_TRY(check_same_shape(dw, w, op, "dw and w"));
+        // dw[N,K] += dout^T[N,rows] @ x[rows,K]
+        AGPT_TRY(matmul_raw(e, dt, dw->data, dout->data, x->data, 1, N, K, rows, true, false, 0, 0, 0, 1.0f));
+    }
+    if (dbias) {
+        AGPT_TRY(check_vector(e, dbias, dt, N, op, "dbias"));
+        if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+            return cuda_bias_grad(e, dt, dbias->data, dout->data, rows, N);
+#endif
+        }
+        cpu_bias_grad(F(dbias), CF(dout), rows, N);
+    }
+    return AGPT_OK;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// elementwise and row ops
+
+Status op_add(Engine *e, Tensor *out, const Tensor *a, const Tensor *b) {
+    const char *op = "op_add";
+    AGPT_TRY(check_tensor(e, a, op, "a"));
+    DType dt = a->dtype;
+    AGPT_TRY(check_float(e, a, dt, op, "a"));
+    AGPT_TRY(check_float(e, b, dt, op, "b"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    AGPT_TRY(check_same_shape(a, b, op, "a and b"));
+    AGPT_TRY(check_same_shape(out, a, op, "out and a"));
+    int64_t n = tensor_numel(a);
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_add(e, dt, out->data, a->data, b->data, n);
+#endif
+    }
+    cpu_add(F(out), CF(a), CF(b), n);
+    return AGPT_OK;
+}
+
+Status op_scale(Engine *e, Tensor *x, float s) {
+    AGPT_TRY(check_tensor(e, x, "op_scale", "x"));
+    AGPT_TRY(check_float(e, x, x->dtype, "op_scale", "x"));
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_scale(e, x->dtype, x->data, tensor_numel(x), s);
+#endif
+    }
+    cpu_scale(F(x), tensor_numel(x), s);
+    return AGPT_OK;
+}
+
+Status op_sum_squares(Engine *e, double *result, const Tensor *x) {
+    AGPT_TRY(check_tensor(e, x, "op_sum_squares", "x"));
+    AGPT_TRY(check_float(e, x, x->dtype, "op_sum_squares", "x"));
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_sum_squares(e, x->dtype, result, x->data, tensor_numel(x));
+#endif
+    }
+    *result = cpu_sum_squares(CF(x), tensor_numel(x));
+    return AGPT_OK;
+}
+
+Status op_layernorm(Engine *e, Tensor *out, Tensor *mean, Tensor *rstd, const Tensor *x, const Tensor *w,
+                    const Tensor *b, float eps) {
+    const char *op = "op_layernorm";
+    AGPT_TRY(check_tensor(e, x, op, "x"));
+    DType dt = x->dtype;
+    AGPT_TRY(check_float(e, x, dt, op, "x"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    AGPT_TRY(check_same_shape(out, x, op, "out and x"));
+    int64_t rows = tensor_rows(x), C = tensor_cols(x);
+    AGPT_TRY(check_vector(e, w, dt, C, op, "weight"));
+    AGPT_TRY(check_vector(e, b, dt, C, op, "bias"));
+    if (mean) AGPT_TRY(check_stats(e, mean, rows, op, "mean"));
+    if (rstd) AGPT_TRY(check_stats(e, rstd, rows, op, "rstd"));
+    AGPT_CHECK_ARG(eps > 0, "op_layernorm: eps must be > 0 (got %g)", (double)eps);
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_layernorm(e, dt, out->data, mean ? F(mean) : NULL, rstd ? F(rstd) : NULL, x->data, w->data,
+                              b->data, rows, C, eps);
+#endif
+    }
+    cpu_layernorm(F(out), mean ? F(mean) : NULL, rstd ? F(rstd) : NULL, CF(x), CF(w), CF(b), rows, C, eps);
+    return AGPT_OK;
+}
+
+Status op_layernorm_backward(Engine *e, Tensor *dx, Tensor *dw, Tensor *db, const Tensor *dout, const Tensor *x,
+                             const Tensor *w, const Tensor *mean, const Tensor *rstd) {
+    const char *op = "op_layernorm_backward";
+    AGPT_TRY(check_tensor(e, x, op, "x"));
+    DType dt = x->dtype;
+    AGPT_TRY(check_float(e, x, dt, op, "x"));
+    AGPT_TRY(check_float(e, dx, dt, op, "dx"));
+    AGPT_TRY(check_float(e, dout, dt, op, "dout"));
+    AGPT_TRY(check_same_shape(dx, x, op, "dx and x"));
+    AGPT_TRY(check_same_shape(dout, x, op, "dout and x"));
+    int64_t rows = tensor_rows(x), C = tensor_cols(x);
+    AGPT_TRY(check_vector(e, w, dt, C, op, "weight"));
+    AGPT_TRY(check_vector(e, dw, dt, C, op, "dweight"));
+    AGPT_TRY(check_vector(e, db, dt, C, op, "dbias"));
+    AGPT_TRY(check_stats(e, mean, rows, op, "mean"));
+    AGPT_TRY(check_stats(e, rstd, rows, op, "rstd"));
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_layernorm_backward(e, dt, dx->data, dw->data, db->data, dout->data, x->data, w->data, CF(mean),
+                                       CF(rstd), rows, C);
+#endif
+    }
+    cpu_layernorm_backward(F(dx), F(dw), F(db), CF(dout), CF(x), CF(w), CF(mean), CF(rstd), rows, C);
+    return AGPT_OK;
+}
+
+Status op_rmsnorm(Engine *e, Tensor *out, Tensor *rstd, const Tensor *x, const Tensor *w, float eps) {
+    const char *op = "op_rmsnorm";
+    AGPT_TRY(check_tensor(e, x, op, "x"));
+    DType dt = x->dtype;
+    AGPT_TRY(check_float(e, x, dt, op, "x"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    AGPT_TRY(check_same_shape(out, x, op, "out and x"));
+    int64_t rows = tensor_rows(x), C = tensor_cols(x);
+    AGPT_TRY(check_vector(e, w, dt, C, op, "weight"));
+    if (rstd) AGPT_TRY(check_stats(e, rstd, rows, op, "rstd"));
+    AGPT_CHECK_ARG(eps > 0, "op_rmsnorm: eps must be > 0 (got %g)", (double)eps);
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_rmsnorm(e, dt, out->data, rstd ? F(rstd) : NULL, x->data, w->data, rows, C, eps);
+#endif
+    }
+    cpu_rmsnorm(F(out), rstd ? F(rstd) : NULL, CF(x), CF(w), rows, C, eps);
+    return AGPT_OK;
+}
+
+Status op_rmsnorm_backward(Engine *e, Tensor *dx, Tensor *dw, const Tensor *dout, const Tensor *x, const Tensor *w,
+                           const Tensor *rstd) {
+    const char *op = "op_rmsnorm_backward";
+    AGPT_TRY(check_tensor(e, x, op, "x"));
+    DType dt = x->dtype;
+    AGPT_TRY(check_float(e, x, dt, op, "x"));
+    AGPT_TRY(check_float(e, dx, dt, op, "dx"));
+    AGPT_TRY(check_float(e, dout, dt, op, "dout"));
+    AGPT_TRY(check_same_shape(dx, x, op, "dx and x"));
+    AGPT_TRY(check_same_shape(dout, x, op, "dout and x"));
+    int64_t rows = tensor_rows(x), C = tensor_cols(x);
+    AGPT_TRY(check_vector(e, w, dt, C, op, "weight"));
+    AGPT_TRY(check_vector(e, dw, dt, C, op, "dweight"));
+    AGPT_TRY(check_stats(e, rstd, rows, op, "rstd"));
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_rmsnorm_backward(e, dt, dx->data, dw->data, dout->data, x->data, w->data, CF(rstd), rows, C);
+#endif
+    }
+    cpu_rmsnorm_backward(F(dx), F(dw), CF(dout), CF(x), CF(w), CF(rstd), rows, C);
+    return AGPT_OK;
+}
+
+Status op_gelu(Engine *e, Tensor *out, const Tensor *x) {
+    AGPT_TRY(check_tensor(e, x, "op_gelu", "x"));
+    DType dt = x->dtype;
+    AGPT_TRY(check_float(e, x, dt, "op_gelu", "x"));
+    AGPT_TRY(check_float(e, out, dt, "op_gelu", "out"));
+    AGPT_TRY(check_same_shape(out, x, "op_gelu", "out and x"));
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_gelu(e, dt, out->data, x->data, tensor_numel(x));
+#endif
+    }
+    cpu_gelu(F(out), CF(x), tensor_numel(x));
+    return AGPT_OK;
+}
+
+Status op_gelu_backward(Engine *e, Tensor *dx, const Tensor *dout, const Tensor *x) {
+    const char *op = "op_gelu_backward";
+    AGPT_TRY(check_tensor(e, x, op, "x"));
+    DType dt = x->dtype;
+    AGPT_TRY(check_float(e, x, dt, op, "x"));
+    AGPT_TRY(check_float(e, dx, dt, op, "dx"));
+    AGPT_TRY(check_float(e, dout, dt, op, "dout"));
+    AGPT_TRY(check_same_shape(dx, x, op, "dx and x"));
+    AGPT_TRY(check_same_shape(dout, x, op, "dout and x"));
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_gelu_backward(e, dt, dx->data, dout->data, x->data, tensor_numel(x));
+#endif
+    }
+    cpu_gelu_backward(F(dx), CF(dout), CF(x), tensor_numel(x));
+    return AGPT_OK;
+}
+
+Status op_swiglu(Engine *e, Tensor *out, const Tensor *gate, const Tensor *up) {
+    const char *op = "op_swiglu";
+    AGPT_TRY(check_tensor(e, gate, op, "gate"));
+    DType dt = gate->dtype;
+    AGPT_TRY(check_float(e, gate, dt, op, "gate"));
+    AGPT_TRY(check_float(e, up, dt, op, "up"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    AGPT_TRY(check_same_shape(gate, up, op, "gate and up"));
+    AGPT_TRY(check_same_shape(out, up, op, "out and up"));
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_swiglu(e, dt, out->data, gate->data, up->data, tensor_numel(up));
+#endif
+    }
+    cpu_swiglu(F(out), CF(gate), CF(up), tensor_numel(up));
+    return AGPT_OK;
+}
+
+Status op_swiglu_backward(Engine *e, Tensor *dgate, Tensor *dup, const Tensor *dout, const Tensor *gate,
+                          const Tensor *up) {
+    const char *op = "op_swiglu_backward";
+    AGPT_TRY(check_tensor(e, gate, op, "gate"));
+    DType dt = gate->dtype;
+    const Tensor *all[] = {gate, up, dout, dgate, dup};
+    const char *names[] = {"gate", "up", "dout", "dgate", "dup"};
+    for (int i = 0; i < 5; i++) {
+        AGPT_TRY(check_float(e, all[i], dt, op, names[i]));
+        AGPT_TRY(check_same_shape(all[i], gate, op, names[i]));
+    }
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_swiglu_backward(e, dt, dgate->data, dup->data, dout->data, gate->data, up->data,
+                                    tensor_numel(gate));
+#endif
+    }
+    cpu_swiglu_backward(F(dgate), F(dup), CF(dout), CF(gate), CF(up), tensor_numel(gate));
+    return AGPT_OK;
+}
+
+Status op_softmax(Engine *e, Tensor *out, const Tensor *x, float scale) {
+    AGPT_TRY(check_tensor(e, x, "op_softmax", "x"));
+    DType dt = x->dtype;
+    AGPT_TRY(check_float(e, x, dt, "op_softmax", "x"));
+    AGPT_TRY(check_float(e, out, dt, "op_softmax", "out"));
+    AGPT_TRY(check_same_shape(out, x, "op_softmax", "out and x"));
+    int64_t rows = tensor_rows(x), C = tensor_cols(x);
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_softmax(e, dt, out->data, x->data, rows, C, scale);
+#endif
+    }
+    cpu_softmax(F(out), CF(x), rows, C, scale);
+    return AGPT_OK;
+}
+
+Status op_softmax_backward(Engine *e, Tensor *dx, const Tensor *dout, const Tensor *y, float scale) {
+    const char *op = "op_softmax_backward";
+    AGPT_TRY(check_tensor(e, y, op, "y"));
+    DType dt = y->dtype;
+    AGPT_TRY(check_float(e, y, dt, op, "y"));
+    AGPT_TRY(check_float(e, dx, dt, op, "dx"));
+    AGPT_TRY(check_float(e, dout, dt, op, "dout"));
+    AGPT_TRY(check_same_shape(dx, y, op, "dx and y"));
+    AGPT_TRY(check_same_shape(dout, y, op, "dout and y"));
+    int64_t rows = tensor_rows(y), C = tensor_cols(y);
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_softmax_backward(e, dt, dx->data, dout->data, y->data, rows, C, scale);
+#endif
+    }
+    cpu_softmax_backward(F(dx), CF(dout), CF(y), rows, C, scale);
+    return AGPT_OK;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// attention and RoPE
+
+static Status attention_dims(const Engine *e, const Tensor *q, const Tensor *k, const Tensor *v, const char *op,
+                             int64_t dims[5]) {
+    AGPT_TRY(check_tensor(e, q, op, "q"));
+    DType dt = q->dtype;
+    AGPT_TRY(check_float(e, q, dt, op, "q"));
+    AGPT_TRY(check_float(e, k, dt, op, "k"));
+    AGPT_TRY(check_float(e, v, dt, op, "v"));
+    char a[96], b[96];
+    AGPT_CHECK_ARG(q->ndim == 4 && k->ndim == 4, "%s: q %s and k %s must be [B,T,H,D]", op, DESC(q, a), DESC(k, b));
+    AGPT_TRY(check_same_shape(k, v, op, "k and v"));
+    AGPT_CHECK_ARG(q->shape[0] == k->shape[0] && q->shape[2] == k->shape[2] && q->shape[3] == k->shape[3],
+                   "%s: q %s and k %s differ in batch, heads or head dim", op, DESC(q, a), DESC(k, b));
+    int64_t B = q->shape[0], Tq = q->shape[1], Tk = k->shape[1], H = q->shape[2], D = q->shape[3];
+    AGPT_CHECK_ARG(Tk >= Tq || Tq == 0, "%s: %lld queries over %lld keys: a causal step needs Tk >= Tq", op,
+                   (long long)Tq, (long long)Tk);
+    dims[0] = B, dims[1] = Tq, dims[2] = Tk, dims[3] = H, dims[4] = D;
+    return AGPT_OK;
+}
+
+Status op_attention(Engine *e, Tensor *out, const Tensor *q, const Tensor *k, const Tensor *v, bool causal,
+                    float scale) {
+    const char *op = "op_attention";
+    int64_t d[5];
+    AGPT_TRY(attention_dims(e, q, k, v, op, d));
+    AGPT_TRY(check_float(e, out, q->dtype, op, "out"));
+    AGPT_TRY(check_same_shape(out, q, op, "out and q"));
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_attention(e, q->dtype, out->data, q->data, k->data, v->data, d[0], d[1], d[2], d[3], d[4],
+                              causal, scale);
+#endif
+    }
+    cpu_attention(F(out), CF(q), CF(k), CF(v), d[0], d[1], d[2], d[3], d[4], causal, scale);
+    return AGPT_OK;
+}
+
+Status op_attention_backward(Engine *e, Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const Tensor *q,
+                             const Tensor *k, const Tensor *v, bool causal, float scale) {
+    const char *op = "op_attention_backward";
+    int64_t d[5];
+    AGPT_TRY(attention_dims(e, q, k, v, op, d));
+    DType dt = q->dtype;
+    AGPT_TRY(check_float(e, dout, dt, op, "dout"));
+    AGPT_TRY(check_float(e, dq, dt, op, "dq"));
+    AGPT_TRY(check_float(e, dk, dt, op, "dk"));
+    AGPT_TRY(check_float(e, dv, dt, op, "dv"));
+    AGPT_TRY(check_same_shape(dout, q, op, "dout and q"));
+    AGPT_TRY(check_same_shape(dq, q, op, "dq and q"));
+    AGPT_TRY(check_same_shape(dk, k, op, "dk and k"));
+    AGPT_TRY(check_same_shape(dv, v, op, "dv and v"));
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_attention_backward(e, dt, dq->data, dk->data, dv->data, dout->data, q->data, k->data, v->data,
+                                       d[0], d[1], d[2], d[3], d[4], causal, scale);
+#endif
+    }
+    cpu_attention_backward(F(dq), F(dk), F(dv), CF(dout), CF(q), CF(k), CF(v), d[0], d[1], d[2], d[3], d[4], causal,
+                           scale);
+    return AGPT_OK;
+}
+
+static Status rope_common(Engine *e, Tensor *out, const Tensor *x, const Tensor *positions, float base,
+                          int direction, const char *op) {
+    AGPT_TRY(check_tensor(e, x, op, "x"));
+    DType dt = x->dtype;
+    AGPT_TRY(check_float(e, x, dt, op, "x"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    AGPT_TRY(check_same_shape(out, x, op, "out and x"));
+    AGPT_TRY(check_tensor(e, positions, op, "positions"));
+    char a[96], b[96];
+    AGPT_CHECK_ARG(x->ndim == 4 && x->shape[3] % 2 == 0, "%s: x %s must be [B,T,H,D] with even D", op, DESC(x, a));
+    int64_t B = x->shape[0], T = x->shape[1], H = x->shape[2], D = x->shape[3];
+    AGPT_CHECK_ARG(positions->dtype == DT_I32 && tensor_numel(positions) == B * T,
+                   "%s: positions %s must be i32[%lld,%lld]", op, DESC(positions, b), (long long)B, (long long)T);
+    AGPT_CHECK_ARG(base > 0, "%s: base must be > 0", op);
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_rope(e, dt, out->data, x->data, (const int32_t *)positions->data, B, T, H, D, base, direction);
+#endif
+    }
+    cpu_rope(F(out), CF(x), (const int32_t *)positions->data, B, T, H, D, base, direction);
+    return AGPT_OK;
+}
+
+Status op_rope(Engine *e, Tensor *out, const Tensor *x, const Tensor *positions, float base) {
+    return rope_common(e, out, x, positions, base, +1, "op_rope");
+}
+
+Status op_rope_backward(Engine *e, Tensor *dx, const Tensor *dout, const Tensor *positions, float base) {
+    return rope_common(e, dx, dout, positions, base, -1, "op_rope_backward");
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// casts and the optimizer
+
+Status op_cast(Engine *e, Tensor *out, const Tensor *x) {
+    AGPT_TRY(check_tensor(e, x, "op_cast", "x"));
+    AGPT_TRY(check_tensor(e, out, "op_cast", "out"));
+    char a[96], b[96];
+    AGPT_CHECK_ARG(dtype_is_float(x->dtype) && dtype_is_float(out->dtype),
+                   "op_cast: %s -> %s: only f32, f16 and bf16 convert", DESC(x, a), DESC(out, b));
+    AGPT_CHECK_ARG(tensor_numel(out) == tensor_numel(x), "op_cast: %s -> %s: element counts differ", DESC(x, a),
+                   DESC(out, b));
+    int64_t n = tensor_numel(x);
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_cast(e, out->data, out->dtype, x->data, x->dtype, n);
+#endif
+    }
+    convert_host(out->data, out->dtype, x->data, x->dtype, (size_t)n);
+    return AGPT_OK;
+}
+
+Status op_adamw(Engine *e, Tensor *param, const Tensor *grad, Tensor *m, Tensor *v, float lr, float beta1,
+                float beta2, float eps, float weight_decay, int step) {
+    const char *op = "op_adamw";
+    // Optimizer state and master weights stay f32 on every backend: bf16 updates would lose small steps.
+    const Tensor *all[] = {param, grad, m, v};
+    const char *names[] = {"param", "grad", "m", "v"};
+    for (int i = 0; i < 4; i++) {
+        AGPT_TRY(check_tensor(e, all[i], op, names[i]));
+        char a[96];
+        AGPT_CHECK_ARG(all[i]->dtype == DT_F32, "op_adamw: %s is %s; optimizer tensors are f32", names[i],
+                       DESC(all[i], a));
+        AGPT_CHECK_ARG(tensor_numel(all[i]) == tensor_numel(param), "op_adamw: %s has %lld elements, param %lld",
+                       names[i], (long long)tensor_numel(all[i]), (long long)tensor_numel(param));
+    }
+    AGPT_CHECK_ARG(step >= 1, "op_adamw: step counts from 1 (got %d)", step);
+    int64_t n = tensor_numel(param);
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_adamw(e, F(param), CF(grad), F(m), F(v), n, lr, beta1, beta2, eps, weight_decay, step);
+#endif
+    }
+    cpu_adamw(F(param), CF(grad), F(m), F(v), n, lr, beta1, beta2, eps, weight_decay, step);
+    return AGPT_OK;
+}

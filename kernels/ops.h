@@ -1,0 +1,93 @@
+// The one op interface. Every op takes the Engine and tensors; it checks shapes, dtypes and devices, then
+// dispatches to the CPU backend (kernels/cpu, fp32, the reference) or the CUDA backend (kernels/cuda, f32, f16
+// or bf16 storage with fp32 accumulation) according to the engine's device. Every tensor must live on the
+// engine's device. model/ code calls only these functions.
+//
+// Conventions
+// - Row ops (norms, activations, softmax) work on the last dimension; all other dims are "rows".
+// - Backward: activation gradients (dx, dq, ...) are overwritten; parameter gradients (dw, db) are
+//   accumulated (+=), so gradient accumulation over micro-batches needs no extra buffer.
+// - Statistics saved for backward (mean, rstd) are f32 [rows] on the engine's device; pass NULL when no
+//   backward will follow.
+// - `out` may alias an input only where the comment says so.
+#pragma once
+#include <stdbool.h>
+
+#include "kernels/engine.h"
+
+// out = alpha * op(a) @ op(b) + beta * out (+ bias broadcast over rows)
+//   op(a): [M,K] (a is [K,M] when trans_a) or batched [B,M,K]
+//   op(b): [K,N] (b is [N,K] when trans_b) or batched [B,K,N]; a 2-D b with a 3-D a is shared by the batch
+//   bias: [N] or NULL;   out: [M,N] or [B,M,N]
+Status op_matmul(Engine *e, Tensor *out, const Tensor *a, const Tensor *b, const Tensor *bias, bool trans_a,
+                 bool trans_b, float alpha, float beta);
+// Gradients of out = op(a) @ op(b): da and db overwritten, or accumulated when `accumulate`. Either may be NULL.
+Status op_matmul_backward(Engine *e, Tensor *da, Tensor *db, const Tensor *dout, const Tensor *a, const Tensor *b,
+                          bool trans_a, bool trans_b, bool accumulate);
+
+// A linear layer as PyTorch stores it: out[..., N] = x[..., K] @ w[N,K]^T + bias[N] (bias may be NULL).
+Status op_linear(Engine *e, Tensor *out, const Tensor *x, const Tensor *w, const Tensor *bias);
+// dx = dout @ w (overwritten; NULL to skip), dw += dout^T @ x, dbias += sum over rows of dout (NULL to skip).
+Status op_linear_backward(Engine *e, Tensor *dx, Tensor *dw, Tensor *dbias, const Tensor *dout, const Tensor *x,
+                          const Tensor *w);
+
+// out = a + b (same shape; out may alias a or b). The residual add.
+Status op_add(Engine *e, Tensor *out, const Tensor *a, const Tensor *b);
+
+// LayerNorm over the last dim: out = (x - mean) * rstd * w + b. w, b: [C].
+Status op_layernorm(Engine *e, Tensor *out, Tensor *mean, Tensor *rstd, const Tensor *x, const Tensor *w,
+                    const Tensor *b, float eps);
+Status op_layernorm_backward(Engine *e, Tensor *dx, Tensor *dw, Tensor *db, const Tensor *dout, const Tensor *x,
+                             const Tensor *w, const Tensor *mean, const Tensor *rstd);
+
+// RMSNorm (LLaMA): out = x * rsqrt(mean(x^2) + eps) * w. w: [C].
+Status op_rmsnorm(Engine *e, Tensor *out, Tensor *rstd, const Tensor *x, const Tensor *w, float eps);
+Status op_rmsnorm_backward(Engine *e, Tensor *dx, Tensor *dw, const Tensor *dout, const Tensor *x, const Tensor *w,
+                           const Tensor *rstd);
+
+// Exact GELU: out = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)). out may alias x.
+Status op_gelu(Engine *e, Tensor *out, const Tensor *x);
+Status op_gelu_backward(Engine *e, Tensor *dx, const Tensor *dout, const Tensor *x);
+
+// SwiGLU (LLaMA MLP): out = silu(gate) * up, silu(g) = g / (1 + exp(-g)). All the same shape.
+Status op_swiglu(Engine *e, Tensor *out, const Tensor *gate, const Tensor *up);
+Status op_swiglu_backward(Engine *e, Tensor *dgate, Tensor *dup, const Tensor *dout, const Tensor *gate,
+                          const Tensor *up);
+
+// Row softmax over the last dim: out = softmax(scale * x). out may alias x.
+Status op_softmax(Engine *e, Tensor *out, const Tensor *x, float scale);
+// dx = scale * y * (dout - sum(dout * y)), y the forward output.
+Status op_softmax_backward(Engine *e, Tensor *dx, const Tensor *dout, const Tensor *y, float scale);
+
+// Multi-head attention, heads kept interleaved as the QKV projection writes them:
+//   q: [B,Tq,H,D]   k, v: [B,Tk,H,D]   out: [B,Tq,H,D]
+// out = softmax(scale * q k^T + mask) v. With `causal`, query i sees keys j <= i + (Tk - Tq), so a decode
+// step (Tq = 1) over a cache of Tk keys sees them all. This is the plain reference attention; the fused
+// fast kernels come later behind the same call.
+Status op_attention(Engine *e, Tensor *out, const Tensor *q, const Tensor *k, const Tensor *v, bool causal,
+                    float scale);
+Status op_attention_backward(Engine *e, Tensor *dq, Tensor *dk, Tensor *dv, const Tensor *dout, const Tensor *q,
+                             const Tensor *k, const Tensor *v, bool causal, float scale);
+
+// Rotary position embedding with rotate-half pairing (HF LLaMA): for each head vector x of dim D and
+// i < D/2, angle = pos * base^(-2i/D): (x_i, x_{i+D/2}) -> (x_i cos - x_{i+D/2} sin, x_{i+D/2} cos + x_i sin).
+//   x, out: [B,T,H,D]   positions: i32 [B,T]. out may alias x.
+Status op_rope(Engine *e, Tensor *out, const Tensor *x, const Tensor *positions, float base);
+// The rotation is orthogonal, so the backward is the rotation by -angle.
+Status op_rope_backward(Engine *e, Tensor *dx, const Tensor *dout, const Tensor *positions, float base);
+
+// Dtype conversion on the engine's device (f32, f16, bf16), round to nearest even. Same element count.
+Status op_cast(Engine *e, Tensor *out, const Tensor *x);
+
+// AdamW step (decoupled weight decay, PyTorch semantics), in place on f32 param, m and v:
+//   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p -= lr (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd p)
+// `step` is t, starting at 1.
+Status op_adamw(Engine *e, Tensor *param, const Tensor *grad, Tensor *m, Tensor *v, float lr, float beta1,
+                float beta2, float eps, float weight_decay, int step);
+
+// Sum of squares of all elements, accumulated in double on the CPU and in f32 per block then double on the
+// device; written to *result on the host. Gradient-norm clipping uses it.
+Status op_sum_squares(Engine *e, double *result, const Tensor *x);
+
+// Multiplies every element by s in place (f32/f16/bf16).
+Status op_scale(Engine *e, Tensor *x, float s);

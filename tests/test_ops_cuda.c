@@ -1,0 +1,665 @@
+// GPU op tests (ctest label `gpu`): every cuda_* op of kernels/cuda/cuda_ops.h against the cpu_* reference of
+// kernels/cpu/cpu_ops.h on fresh random inputs, at small odd sizes and at the real model sizes: ViT-H widths
+// 1280/5120 over 257 tokens, LLaMA-7B widths 4096/11008 over 1000 tokens, decode rows of 1.
+//
+// f32 runs against the CPU directly (1e-5, matmul 1e-4); f16 and bf16 against the CPU run on the same rounded
+// inputs upcast to f32 (1e-2). Outputs are poisoned with NaN bytes (0xFF) first, so an element an op forgets
+// to write fails; NaN or inf anywhere fails. Some cases offset every pointer by one element to take the
+// unaligned (non-vector) paths, and some run in place where ops.h allows aliasing. Casts must be bit-exact.
+// Without a CUDA device it prints "no CUDA device: skipped" and exits 77.
+#include <math.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/cpu/cpu_ops.h"
+#include "kernels/cuda/cuda_ops.h"
+#include "kernels/engine.h"
+#include "runtime/dtype.h"
+#include "runtime/memory.h"
+#include "runtime/rng.h"
+#include "runtime/status.h"
+#include "runtime/timer.h"
+#include "test.h"
+
+static Engine eng;
+static Rng rng;
+static char case_name[200];
+
+// ---- buffers: every host and device allocation of a case is tracked and freed when the next case begins ----
+
+#define MAX_BUFS 64
+static void *host_bufs[MAX_BUFS], *dev_bufs[MAX_BUFS];
+static int n_host, n_dev;
+
+static void release_all(void) {
+    for (int i = 0; i < n_host; i++) free(host_bufs[i]);
+    for (int i = 0; i < n_dev; i++) mem_device_free(dev_bufs[i]);
+    n_host = n_dev = 0;
+}
+
+static void die(const char *what) {
+    printf("FAIL %s: %s: %s\n", case_name, what, agpt_last_error());
+    printf("%d passed, %d failed\n", test_passed, test_failed + 1);
+    exit(1);
+}
+
+static void begin_case(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void begin_case(const char *fmt, ...) {
+    release_all();
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(case_name, sizeof case_name, fmt, ap);
+    va_end(ap);
+}
+
+static void *host_alloc(size_t bytes) {
+    void *p = malloc(bytes ? bytes : 1);
+    if (!p || n_host == MAX_BUFS) die("host allocation");
+    host_bufs[n_host++] = p;
+    return p;
+}
+static float *hvec(int64_t n) { return host_alloc((size_t)n * sizeof(float)); }
+static float *hcopy(const float *x, int64_t n) {
+    float *y = hvec(n);
+    memcpy(y, x, (size_t)n * sizeof(float));
+    return y;
+}
+
+// Rounds in place to what dt holds, so the CPU reference sees exactly the GPU's inputs.
+static void round_to(float *x, int64_t n, DType dt) {
+    if (dt == DT_F16)
+        for (int64_t i = 0; i < n; i++) x[i] = f16_to_f32(f32_to_f16(x[i]));
+    else if (dt == DT_BF16)
+        for (int64_t i = 0; i < n; i++) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
+}
+static float *rand_u(int64_t n, DType dt, float lo, float hi) {
+    float *x = hvec(n);
+    rng_fill_uniform(&rng, x, (size_t)n, lo, hi);
+    round_to(x, n, dt);
+    return x;
+}
+static float *rand_n(int64_t n, DType dt, float std) {
+    float *x = hvec(n);
+    rng_fill_normal(&rng, x, (size_t)n, 0.0f, std);
+    round_to(x, n, dt);
+    return x;
+}
+
+// n elements of dt on the device, `off` elements past the start of a fresh allocation (off = 1 misaligns).
+static void *dalloc(int64_t n, DType dt, int off) {
+    void *p = NULL;
+    if (n_dev == MAX_BUFS) die("too many device buffers");
+    if (mem_device_alloc((size_t)(n + off) * dtype_size(dt), &p) != AGPT_OK) die("device allocation");
+    dev_bufs[n_dev++] = p;
+    return (char *)p + (size_t)off * dtype_size(dt);
+}
+static void upload_raw(void *d, const void *h, int64_t n, DType dt) {
+    Tensor dst = tensor_1d(d, dt, DEV_CUDA, n), src = tensor_1d((void *)h, dt, DEV_CPU, n);
+    if (tensor_copy(&dst, &src) != AGPT_OK) die("upload");
+}
+static void download_raw(void *h, const void *d, int64_t n, DType dt) {
+    Tensor dst = tensor_1d(h, dt, DEV_CPU, n), src = tensor_1d((void *)d, dt, DEV_CUDA, n);
+    if (tensor_copy(&dst, &src) != AGPT_OK) die("download");
+}
+// A device copy of host floats, stored as dt.
+static void *dev_in(const float *h, int64_t n, DType dt, int off) {
+    void *d = dalloc(n, dt, off);
+    void *tmp = host_alloc((size_t)n * dtype_size(dt));
+    convert_host(tmp, dt, h, DT_F32, (size_t)n);
+    upload_raw(d, tmp, n, dt);
+    return d;
+}
+// An output buffer filled with 0xFF bytes: NaN in f32, f16 and bf16.
+static void *dev_out(int64_t n, DType dt, int off) {
+    void *d = dalloc(n, dt, off);
+    void *tmp = host_alloc((size_t)n * dtype_size(dt));
+    memset(tmp, 0xFF, (size_t)n * dtype_size(dt));
+    upload_raw(d, tmp, n, dt);
+    return d;
+}
+static float *fetch(const void *d, int64_t n, DType dt) {
+    void *tmp = host_alloc((size_t)n * dtype_size(dt));
+    download_raw(tmp, d, n, dt);
+    float *h = hvec(n);
+    convert_host(h, DT_F32, tmp, dt, (size_t)n);
+    return h;
+}
+
+// Runs one CUDA op. The uploads went through cudaMemcpy on the legacy stream, which the engine's non-blocking
+// stream does not wait for: synchronise the device first. Then wait for the op, so that an asynchronous fault
+// is reported against this case. On failure the case is counted failed and abandoned.
+static bool op_ok(Status s, const char *call) {
+    if (s == AGPT_OK) s = engine_synchronize(&eng);
+    if (s == AGPT_OK) return true;
+    test_failed++;
+    printf("FAIL %s: %s -> %s: %s\n", case_name, call, agpt_status_name(s), agpt_last_error());
+    agpt_clear_error();
+    return false;
+}
+#define RUN(call)                                                   \
+    do {                                                            \
+        if (cuda_synchronize() != AGPT_OK) die("upload synchronise"); \
+        if (!op_ok((call), #call)) return;                          \
+    } while (0)
+
+static double tol_for(DType dt, double f32_tol) { return dt == DT_F32 ? f32_tol : 1e-2; }
+
+static void expect_close(const char *what, const float *out, const float *ref, int64_t n, double tol) {
+    double e = rel_l2(out, ref, n);
+    bool ok = e <= tol;
+    printf("%s %-70s %-6s rel_l2 %.3g (tol %.0e)\n", ok ? "PASS" : "FAIL", case_name, what, e, tol);
+    if (ok) {
+        test_passed++;
+        return;
+    }
+    test_failed++;
+    int64_t worst = 0;
+    double wd = -1;
+    for (int64_t i = 0; i < n; i++) {
+        double d = isfinite(out[i]) && isfinite(ref[i]) ? fabs((double)out[i] - ref[i]) : INFINITY;
+        if (d > wd) {
+            wd = d;
+            worst = i;
+        }
+        if (isinf(d)) break;  // the first non-finite element is the most telling
+    }
+    if (n > 0) printf("     worst at [%lld]: got %.9g, want %.9g\n", (long long)worst, out[worst], ref[worst]);
+}
+
+static void expect_scalar(const char *what, double got, double want, double tol) {
+    double e = isfinite(got) && isfinite(want) ? fabs(got - want) / fmax(fabs(want), 1e-300) : INFINITY;
+    bool ok = e <= tol;
+    printf("%s %-70s %-6s rel %.3g (tol %.0e) got %.10g want %.10g\n", ok ? "PASS" : "FAIL", case_name, what, e,
+           tol, got, want);
+    if (ok) test_passed++;
+    else test_failed++;
+}
+
+// ---- matmul --------------------------------------------------------------------------------------------------
+
+typedef struct MatmulCase {
+    int64_t batch, M, N, K;
+    bool ta, tb, shared_b, bias;
+    float alpha, beta;
+    int off;
+} MatmulCase;
+
+static void test_matmul(DType dt, MatmulCase c) {
+    begin_case("matmul %s batch=%lld M=%lld N=%lld K=%lld ta=%d tb=%d%s%s alpha=%g beta=%g%s", dtype_name(dt),
+               (long long)c.batch, (long long)c.M, (long long)c.N, (long long)c.K, c.ta, c.tb,
+               c.shared_b ? " shared_b" : "", c.bias ? " bias" : "", c.alpha, c.beta, c.off ? " misaligned" : "");
+    const int64_t sa = c.M * c.K, sb = c.K * c.N, sc = c.M * c.N;
+    const int64_t na = c.batch * sa, nb = (c.shared_b ? 1 : c.batch) * sb, nc = c.batch * sc;
+    float *a = rand_u(na, dt, -1, 1), *b = rand_u(nb, dt, -1, 1);
+    float *bias = c.bias ? rand_u(c.N, dt, -1, 1) : NULL;
+    float *c0 = c.beta != 0.0f ? rand_u(nc, dt, -1, 1) : NULL;
+    void *da = dev_in(a, na, dt, c.off), *db = dev_in(b, nb, dt, c.off);
+    void *dbias = bias ? dev_in(bias, c.N, dt, c.off) : NULL;
+    void *dc = c0 ? dev_in(c0, nc, dt, c.off) : dev_out(nc, dt, c.off);
+    RUN(cuda_matmul(&eng, dt, dc, da, db, dbias, c.batch, c.M, c.N, c.K, c.ta, c.tb, sa, c.shared_b ? 0 : sb, sc,
+                    c.alpha, c.beta));
+    float *ref = c0 ? hcopy(c0, nc) : hvec(nc);
+    if (!c0) memset(ref, 0, (size_t)nc * sizeof(float));
+    cpu_matmul(ref, a, b, bias, c.batch, c.M, c.N, c.K, c.ta, c.tb, sa, c.shared_b ? 0 : sb, sc, c.alpha, c.beta);
+    expect_close("c", fetch(dc, nc, dt), ref, nc, tol_for(dt, 1e-4));
+}
+
+static void test_bias_grad(DType dt, int64_t rows, int64_t N, int off) {
+    begin_case("bias_grad %s rows=%lld N=%lld%s", dtype_name(dt), (long long)rows, (long long)N,
+               off ? " misaligned" : "");
+    float *dout = rand_u(rows * N, dt, -1, 1), *dbias = rand_u(N, dt, -1, 1);
+    void *d_dout = dev_in(dout, rows * N, dt, off), *d_dbias = dev_in(dbias, N, dt, off);
+    RUN(cuda_bias_grad(&eng, dt, d_dbias, d_dout, rows, N));
+    float *ref = hcopy(dbias, N);
+    cpu_bias_grad(ref, dout, rows, N);
+    expect_close("dbias", fetch(d_dbias, N, dt), ref, N, tol_for(dt, 1e-5));
+}
+
+// ---- elementwise ---------------------------------------------------------------------------------------------
+
+static void test_add(DType dt, int64_t n, int off, bool in_place) {
+    begin_case("add %s n=%lld%s%s", dtype_name(dt), (long long)n, off ? " misaligned" : "",
+               in_place ? " in-place" : "");
+    float *a = rand_u(n, dt, -1, 1), *b = rand_u(n, dt, -1, 1);
+    void *da = dev_in(a, n, dt, off), *db = dev_in(b, n, dt, off);
+    void *dout = in_place ? da : dev_out(n, dt, off);
+    RUN(cuda_add(&eng, dt, dout, da, db, n));
+    float *ref = hvec(n);
+    cpu_add(ref, a, b, n);
+    expect_close("out", fetch(dout, n, dt), ref, n, tol_for(dt, 1e-5));
+}
+
+static void test_scale(DType dt, int64_t n, int off) {
+    begin_case("scale %s n=%lld%s", dtype_name(dt), (long long)n, off ? " misaligned" : "");
+    float *x = rand_u(n, dt, -1, 1);
+    void *dx = dev_in(x, n, dt, off);
+    RUN(cuda_scale(&eng, dt, dx, n, -0.37f));
+    float *ref = hcopy(x, n);
+    cpu_scale(ref, n, -0.37f);
+    expect_close("x", fetch(dx, n, dt), ref, n, tol_for(dt, 1e-5));
+}
+
+static void test_sum_squares(DType dt, int64_t n, int off) {
+    begin_case("sum_squares %s n=%lld%s", dtype_name(dt), (long long)n, off ? " misaligned" : "");
+    float *x = rand_u(n, dt, -1, 1);
+    void *dx = dev_in(x, n, dt, off);
+    double got = NAN;
+    RUN(cuda_sum_squares(&eng, dt, &got, dx, n));
+    expect_scalar("sum", got, cpu_sum_squares(x, n), tol_for(dt, 1e-5));
+}
+
+static void test_gelu(DType dt, int64_t n, int off, bool in_place) {
+    begin_case("gelu %s n=%lld%s%s", dtype_name(dt), (long long)n, off ? " misaligned" : "",
+               in_place ? " in-place" : "");
+    float *x = rand_n(n, dt, 2.0f);
+    void *dx = dev_in(x, n, dt, off);
+    void *dout = in_place ? dx : dev_out(n, dt, off);
+    RUN(cuda_gelu(&eng, dt, dout, dx, n));
+    float *ref = hvec(n);
+    cpu_gelu(ref, x, n);
+    expect_close("out", fetch(dout, n, dt), ref, n, tol_for(dt, 1e-5));
+}
+
+static void test_gelu_backward(DType dt, int64_t n, int off) {
+    begin_case("gelu_backward %s n=%lld%s", dtype_name(dt), (long long)n, off ? " misaligned" : "");
+    float *x = rand_n(n, dt, 2.0f), *dout = rand_u(n, dt, -1, 1);
+    void *d_x = dev_in(x, n, dt, off), *d_dout = dev_in(dout, n, dt, off), *d_dx = dev_out(n, dt, off);
+    RUN(cuda_gelu_backward(&eng, dt, d_dx, d_dout, d_x, n));
+    float *ref = hvec(n);
+    cpu_gelu_backward(ref, dout, x, n);
+    expect_close("dx", fetch(d_dx, n, dt), ref, n, tol_for(dt, 1e-5));
+}
+
+static void test_swiglu(DType dt, int64_t n, int off) {
+    begin_case("swiglu %s n=%lld%s", dtype_name(dt), (long long)n, off ? " misaligned" : "");
+    float *gate = rand_n(n, dt, 3.0f), *up = rand_n(n, dt, 1.0f);
+    void *d_gate = dev_in(gate, n, dt, off), *d_up = dev_in(up, n, dt, off), *d_out = dev_out(n, dt, off);
+    RUN(cuda_swiglu(&eng, dt, d_out, d_gate, d_up, n));
+    float *ref = hvec(n);
+    cpu_swiglu(ref, gate, up, n);
+    expect_close("out", fetch(d_out, n, dt), ref, n, tol_for(dt, 1e-5));
+}
+
+static void test_swiglu_backward(DType dt, int64_t n, int off) {
+    begin_case("swiglu_backward %s n=%lld%s", dtype_name(dt), (long long)n, off ? " misaligned" : "");
+    float *gate = rand_n(n, dt, 3.0f), *up = rand_n(n, dt, 1.0f), *dout = rand_u(n, dt, -1, 1);
+    void *d_gate = dev_in(gate, n, dt, off), *d_up = dev_in(up, n, dt, off), *d_dout = dev_in(dout, n, dt, off);
+    void *d_dgate = dev_out(n, dt, off), *d_dup = dev_out(n, dt, off);
+    RUN(cuda_swiglu_backward(&eng, dt, d_dgate, d_dup, d_dout, d_gate, d_up, n));
+    float *ref_dgate = hvec(n), *ref_dup = hvec(n);
+    cpu_swiglu_backward(ref_dgate, ref_dup, dout, gate, up, n);
+    expect_close("dgate", fetch(d_dgate, n, dt), ref_dgate, n, tol_for(dt, 1e-5));
+    expect_close("dup", fetch(d_dup, n, dt), ref_dup, n, tol_for(dt, 1e-5));
+}
+
+// Every pair, bit-exact against the host's convert_host. Magnitudes span 2^-30 .. 2^12, so f16 denormals,
+// f16 underflow to zero and ties all occur.
+static void test_cast(DType from, DType to, int64_t n, int off) {
+    begin_case("cast %s -> %s n=%lld%s", dtype_name(from), dtype_name(to), (long long)n, off ? " misaligned" : "");
+    float *x = hvec(n);
+    for (int64_t i = 0; i < n; i++) x[i] = rng_normal(&rng) * exp2f(-30.0f + 40.0f * rng_uniform(&rng));
+    round_to(x, n, from);
+    void *dx = dev_in(x, n, from, off), *dy = dev_out(n, to, off);
+    RUN(cuda_cast(&eng, dy, to, dx, from, n));
+    const size_t bytes = (size_t)n * dtype_size(to);
+    unsigned char *want = host_alloc(bytes), *got = host_alloc(bytes);
+    convert_host(want, to, x, DT_F32, (size_t)n);  // x is exact in `from`: one rounding, as on the GPU
+    download_raw(got, dy, n, to);
+    int64_t bad = 0, first = -1;
+    const size_t es = dtype_size(to);
+    for (int64_t i = 0; i < n; i++)
+        if (memcmp(want + (size_t)i * es, got + (size_t)i * es, es) != 0) {
+            if (first < 0) first = i;
+            bad++;
+        }
+    printf("%s %-70s bits   %lld of %lld elements differ\n", bad ? "FAIL" : "PASS", case_name, (long long)bad,
+           (long long)n);
+    if (bad) {
+        test_failed++;
+        printf("     first at [%lld]: input %.9g\n", (long long)first, x[first]);
+    } else {
+        test_passed++;
+    }
+}
+
+static void test_adamw(int64_t n, int step, int off) {
+    begin_case("adamw f32 n=%lld step=%d%s", (long long)n, step, off ? " misaligned" : "");
+    const float lr = 1e-2f, b1 = 0.9f, b2 = 0.999f, eps = 1e-8f, wd = 0.1f;
+    float *p = rand_u(n, DT_F32, -1, 1), *g = rand_n(n, DT_F32, 1.0f);
+    float *m = rand_n(n, DT_F32, 0.1f), *v = rand_u(n, DT_F32, 1e-4f, 1e-2f);
+    float *dp = dev_in(p, n, DT_F32, off), *dg = dev_in(g, n, DT_F32, off);
+    float *dm = dev_in(m, n, DT_F32, off), *dv = dev_in(v, n, DT_F32, off);
+    RUN(cuda_adamw(&eng, dp, dg, dm, dv, n, lr, b1, b2, eps, wd, step));
+    float *rp = hcopy(p, n), *rm = hcopy(m, n), *rv = hcopy(v, n);
+    cpu_adamw(rp, g, rm, rv, n, lr, b1, b2, eps, wd, step);
+    float *op = fetch(dp, n, DT_F32);
+    expect_close("param", op, rp, n, 1e-5);
+    expect_close("m", fetch(dm, n, DT_F32), rm, n, 1e-5);
+    expect_close("v", fetch(dv, n, DT_F32), rv, n, 1e-5);
+    // The update itself (p_new - p), which the parameter's own size would otherwise hide.
+    float *du = hvec(n), *ru = hvec(n);
+    for (int64_t i = 0; i < n; i++) {
+        du[i] = op[i] - p[i];
+        ru[i] = rp[i] - p[i];
+    }
+    expect_close("update", du, ru, n, 1e-4);
+}
+
+// ---- norms ---------------------------------------------------------------------------------------------------
+
+static void test_layernorm(DType dt, int64_t rows, int64_t C, int off) {
+    begin_case("layernorm %s rows=%lld C=%lld%s", dtype_name(dt), (long long)rows, (long long)C,
+               off ? " misaligned" : "");
+    const int64_t n = rows * C;
+    float *x = rand_u(n, dt, -2, 3), *w = rand_u(C, dt, 0.5f, 1.5f), *b = rand_u(C, dt, -0.5f, 0.5f);
+    void *dx = dev_in(x, n, dt, off), *dw = dev_in(w, C, dt, off), *db = dev_in(b, C, dt, off);
+    void *dout = dev_out(n, dt, off);
+    float *dmean = dev_out(rows, DT_F32, 0), *drstd = dev_out(rows, DT_F32, 0);
+    RUN(cuda_layernorm(&eng, dt, dout, dmean, drstd, dx, dw, db, rows, C, 1e-5f));
+    float *ref = hvec(n), *rmean = hvec(rows), *rrstd = hvec(rows);
+    cpu_layernorm(ref, rmean, rrstd, x, w, b, rows, C, 1e-5f);
+    expect_close("out", fetch(dout, n, dt), ref, n, tol_for(dt, 1e-5));
+    expect_close("mean", fetch(dmean, rows, DT_F32), rmean, rows, tol_for(dt, 1e-5));
+    expect_close("rstd", fetch(drstd, rows, DT_F32), rrstd, rows, tol_for(dt, 1e-5));
+}
+
+static void test_layernorm_backward(DType dt, int64_t rows, int64_t C, int off) {
+    begin_case("layernorm_backward %s rows=%lld C=%lld%s", dtype_name(dt), (long long)rows, (long long)C,
+               off ? " misaligned" : "");
+    const int64_t n = rows * C;
+    float *x = rand_u(n, dt, -2, 3), *w = rand_u(C, dt, 0.5f, 1.5f), *b = rand_u(C, dt, -0.5f, 0.5f);
+    float *dout = rand_u(n, dt, -1, 1), *dw0 = rand_u(C, dt, -1, 1), *db0 = rand_u(C, dt, -1, 1);
+    // The statistics both sides use: the CPU forward's, so backward is tested on its own.
+    float *fwd = hvec(n), *mean = hvec(rows), *rstd = hvec(rows);
+    cpu_layernorm(fwd, mean, rstd, x, w, b, rows, C, 1e-5f);
+    void *d_x = dev_in(x, n, dt, off), *d_w = dev_in(w, C, dt, off), *d_dout = dev_in(dout, n, dt, off);
+    void *d_dw = dev_in(dw0, C, dt, off), *d_db = dev_in(db0, C, dt, off), *d_dx = dev_out(n, dt, off);
+    float *d_mean = dev_in(mean, rows, DT_F32, 0), *d_rstd = dev_in(rstd, rows, DT_F32, 0);
+    RUN(cuda_layernorm_backward(&eng, dt, d_dx, d_dw, d_db, d_dout, d_x, d_w, d_mean, d_rstd, rows, C));
+    float *rdx = hvec(n), *rdw = hcopy(dw0, C), *rdb = hcopy(db0, C);
+    cpu_layernorm_backward(rdx, rdw, rdb, dout, x, w, mean, rstd, rows, C);
+    expect_close("dx", fetch(d_dx, n, dt), rdx, n, tol_for(dt, 1e-5));
+    expect_close("dw", fetch(d_dw, C, dt), rdw, C, tol_for(dt, 1e-5));
+    expect_close("db", fetch(d_db, C, dt), rdb, C, tol_for(dt, 1e-5));
+}
+
+static void test_rmsnorm(DType dt, int64_t rows, int64_t C, int off) {
+    begin_case("rmsnorm %s rows=%lld C=%lld%s", dtype_name(dt), (long long)rows, (long long)C,
+               off ? " misaligned" : "");
+    const int64_t n = rows * C;
+    float *x = rand_u(n, dt, -2, 3), *w = rand_u(C, dt, 0.5f, 1.5f);
+    void *dx = dev_in(x, n, dt, off), *dw = dev_in(w, C, dt, off), *dout = dev_out(n, dt, off);
+    float *drstd = dev_out(rows, DT_F32, 0);
+    RUN(cuda_rmsnorm(&eng, dt, dout, drstd, dx, dw, rows, C, 1e-6f));
+    float *ref = hvec(n), *rrstd = hvec(rows);
+    cpu_rmsnorm(ref, rrstd, x, w, rows, C, 1e-6f);
+    expect_close("out", fetch(dout, n, dt), ref, n, tol_for(dt, 1e-5));
+    expect_close("rstd", fetch(drstd, rows, DT_F32), rrstd, rows, tol_for(dt, 1e-5));
+}
+
+static void test_rmsnorm_backward(DType dt, int64_t rows, int64_t C, int off) {
+    begin_case("rmsnorm_backward %s rows=%lld C=%lld%s", dtype_name(dt), (long long)rows, (long long)C,
+               off ? " misaligned" : "");
+    const int64_t n = rows * C;
+    float *x = rand_u(n, dt, -2, 3), *w = rand_u(C, dt, 0.5f, 1.5f);
+    float *dout = rand_u(n, dt, -1, 1), *dw0 = rand_u(C, dt, -1, 1);
+    float *fwd = hvec(n), *rstd = hvec(rows);
+    cpu_rmsnorm(fwd, rstd, x, w, rows, C, 1e-6f);
+    void *d_x = dev_in(x, n, dt, off), *d_w = dev_in(w, C, dt, off), *d_dout = dev_in(dout, n, dt, off);
+    void *d_dw = dev_in(dw0, C, dt, off), *d_dx = dev_out(n, dt, off);
+    float *d_rstd = dev_in(rstd, rows, DT_F32, 0);
+    RUN(cuda_rmsnorm_backward(&eng, dt, d_dx, d_dw, d_dout, d_x, d_w, d_rstd, rows, C));
+    float *rdx = hvec(n), *rdw = hcopy(dw0, C);
+    cpu_rmsnorm_backward(rdx, rdw, dout, x, w, rstd, rows, C);
+    expect_close("dx", fetch(d_dx, n, dt), rdx, n, tol_for(dt, 1e-5));
+    expect_close("dw", fetch(d_dw, C, dt), rdw, C, tol_for(dt, 1e-5));
+}
+
+// ---- softmax -------------------------------------------------------------------------------------------------
+
+// masked: row r keeps its first (r mod C) + 1 elements and sets the rest to -inf, like a causal mask; with
+// more than one row the last row is entirely -inf, which must come out as zeros (not NaN).
+static void test_softmax(DType dt, int64_t rows, int64_t C, int off, bool masked, bool in_place) {
+    begin_case("softmax %s rows=%lld C=%lld%s%s%s", dtype_name(dt), (long long)rows, (long long)C,
+               off ? " misaligned" : "", masked ? " masked" : "", in_place ? " in-place" : "");
+    const int64_t n = rows * C;
+    const float scale = 0.37f;
+    float *x = rand_n(n, dt, 3.0f);
+    if (masked)
+        for (int64_t r = 0; r < rows; r++)
+            for (int64_t j = 0; j < C; j++)
+                if (j > r % C || (rows > 1 && r == rows - 1)) x[r * C + j] = -INFINITY;
+    void *dx = dev_in(x, n, dt, off);
+    void *dy = in_place ? dx : dev_out(n, dt, off);
+    RUN(cuda_softmax(&eng, dt, dy, dx, rows, C, scale));
+    float *ref = hvec(n);
+    cpu_softmax(ref, x, rows, C, scale);
+    expect_close("y", fetch(dy, n, dt), ref, n, tol_for(dt, 1e-5));
+}
+
+static void test_softmax_backward(DType dt, int64_t rows, int64_t C, int off) {
+    begin_case("softmax_backward %s rows=%lld C=%lld%s", dtype_name(dt), (long long)rows, (long long)C,
+               off ? " misaligned" : "");
+    const int64_t n = rows * C;
+    const float scale = 0.37f;
+    float *x = rand_n(n, dt, 3.0f), *dout = rand_u(n, dt, -1, 1), *y = hvec(n);
+    cpu_softmax(y, x, rows, C, scale);
+    round_to(y, n, dt);
+    void *d_y = dev_in(y, n, dt, off), *d_dout = dev_in(dout, n, dt, off), *d_dx = dev_out(n, dt, off);
+    RUN(cuda_softmax_backward(&eng, dt, d_dx, d_dout, d_y, rows, C, scale));
+    float *ref = hvec(n);
+    cpu_softmax_backward(ref, dout, y, rows, C, scale);
+    expect_close("dx", fetch(d_dx, n, dt), ref, n, tol_for(dt, 1e-5));
+}
+
+// ---- attention and RoPE --------------------------------------------------------------------------------------
+
+static void test_attention(DType dt, int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t D, bool causal) {
+    begin_case("attention %s B=%lld Tq=%lld Tk=%lld H=%lld D=%lld%s", dtype_name(dt), (long long)B, (long long)Tq,
+               (long long)Tk, (long long)H, (long long)D, causal ? " causal" : "");
+    const int64_t nq = B * Tq * H * D, nk = B * Tk * H * D;
+    const float scale = 1.0f / sqrtf((float)D);
+    // std 1.5 makes the scores spread (std ~2.25 after scaling): peaked rows, not a near-uniform average.
+    float *q = rand_n(nq, dt, 1.5f), *k = rand_n(nk, dt, 1.5f), *v = rand_n(nk, dt, 1.0f);
+    void *d_q = dev_in(q, nq, dt, 0), *d_k = dev_in(k, nk, dt, 0), *d_v = dev_in(v, nk, dt, 0);
+    void *d_out = dev_out(nq, dt, 0);
+    RUN(cuda_attention(&eng, dt, d_out, d_q, d_k, d_v, B, Tq, Tk, H, D, causal, scale));
+    float *ref = hvec(nq);
+    cpu_attention(ref, q, k, v, B, Tq, Tk, H, D, causal, scale);
+    expect_close("out", fetch(d_out, nq, dt), ref, nq, tol_for(dt, 1e-5));
+}
+
+static void test_attention_backward(DType dt, int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t D,
+                                    bool causal) {
+    begin_case("attention_backward %s B=%lld Tq=%lld Tk=%lld H=%lld D=%lld%s", dtype_name(dt), (long long)B,
+               (long long)Tq, (long long)Tk, (long long)H, (long long)D, causal ? " causal" : "");
+    const int64_t nq = B * Tq * H * D, nk = B * Tk * H * D;
+    const float scale = 1.0f / sqrtf((float)D);
+    float *q = rand_n(nq, dt, 1.5f), *k = rand_n(nk, dt, 1.5f), *v = rand_n(nk, dt, 1.0f);
+    float *dout = rand_n(nq, dt, 1.0f);
+    void *d_q = dev_in(q, nq, dt, 0), *d_k = dev_in(k, nk, dt, 0), *d_v = dev_in(v, nk, dt, 0);
+    void *d_dout = dev_in(dout, nq, dt, 0);
+    void *d_dq = dev_out(nq, dt, 0), *d_dk = dev_out(nk, dt, 0), *d_dv = dev_out(nk, dt, 0);
+    RUN(cuda_attention_backward(&eng, dt, d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, B, Tq, Tk, H, D, causal, scale));
+    float *rdq = hvec(nq), *rdk = hvec(nk), *rdv = hvec(nk);
+    cpu_attention_backward(rdq, rdk, rdv, dout, q, k, v, B, Tq, Tk, H, D, causal, scale);
+    expect_close("dq", fetch(d_dq, nq, dt), rdq, nq, tol_for(dt, 1e-5));
+    expect_close("dk", fetch(d_dk, nk, dt), rdk, nk, tol_for(dt, 1e-5));
+    expect_close("dv", fetch(d_dv, nk, dt), rdv, nk, tol_for(dt, 1e-5));
+}
+
+// positions: consecutive from a per-batch start (prefill after a cache), or random in [0, 4096).
+static void test_rope(DType dt, int64_t B, int64_t T, int64_t H, int64_t D, bool random_pos, int direction,
+                      bool in_place) {
+    begin_case("rope %s B=%lld T=%lld H=%lld D=%lld %s dir=%+d%s", dtype_name(dt), (long long)B, (long long)T,
+               (long long)H, (long long)D, random_pos ? "random-pos" : "seq-pos", direction,
+               in_place ? " in-place" : "");
+    const int64_t n = B * T * H * D;
+    float *x = rand_n(n, dt, 1.0f);
+    int32_t *pos = host_alloc((size_t)(B * T) * sizeof(int32_t));
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = 0; t < T; t++)
+            pos[b * T + t] = random_pos ? (int32_t)(rng_u64(&rng) % 4096) : (int32_t)(t + 5 * b);
+    void *d_x = dev_in(x, n, dt, 0);
+    int32_t *d_pos = dalloc(B * T, DT_I32, 0);
+    upload_raw(d_pos, pos, B * T, DT_I32);
+    void *d_out = in_place ? d_x : dev_out(n, dt, 0);
+    RUN(cuda_rope(&eng, dt, d_out, d_x, d_pos, B, T, H, D, 10000.0f, direction));
+    float *ref = hvec(n);
+    cpu_rope(ref, x, pos, B, T, H, D, 10000.0f, direction);
+    expect_close("out", fetch(d_out, n, dt), ref, n, tol_for(dt, 1e-5));
+}
+
+// ---- argument errors: clear messages, nothing launched ------------------------------------------------------
+
+static void test_errors(void) {
+    begin_case("errors");
+    printf("== argument errors ==\n");
+    int dummy = 0;
+    CHECK_ERR(cuda_add(&eng, DT_I32, &dummy, &dummy, &dummy, 1));
+    CHECK_ERR(cuda_matmul(&eng, DT_U8, &dummy, &dummy, &dummy, NULL, 1, 1, 1, 1, false, false, 1, 1, 1, 1.0f, 0.0f));
+    CHECK_ERR(cuda_matmul(&eng, DT_F32, &dummy, &dummy, &dummy, NULL, 1, -1, 1, 1, false, false, 1, 1, 1, 1.0f,
+                          0.0f));
+    CHECK_ERR(cuda_attention(&eng, DT_BF16, &dummy, &dummy, &dummy, &dummy, 1, 1, 1, 1, 300, false, 1.0f));
+    CHECK_ERR(cuda_rope(&eng, DT_F16, &dummy, &dummy, &dummy, 1, 1, 1, 7, 10000.0f, 1));
+    CHECK_ERR(cuda_rope(&eng, DT_F16, &dummy, &dummy, &dummy, 1, 1, 1, 8, 10000.0f, 0));
+    CHECK_ERR(cuda_layernorm(&eng, DT_F32, &dummy, NULL, NULL, &dummy, &dummy, &dummy, 1, 0, 1e-5f));
+    CHECK_ERR(cuda_adamw(&eng, (float *)&dummy, (float *)&dummy, (float *)&dummy, (float *)&dummy, 1, 1e-3f, 0.9f,
+                         0.999f, 1e-8f, 0.0f, 0));
+    CHECK_ERR(cuda_cast(&eng, &dummy, DT_I32, &dummy, DT_F32, 1));
+    printf("argument errors: %d passed, %d failed so far\n", test_passed, test_failed);
+}
+
+// ---- the run -------------------------------------------------------------------------------------------------
+
+static const int64_t kWidths[] = {1280, 4096, 5120, 11008};  // ViT width, LLaMA width, ViT MLP, LLaMA MLP
+static const int64_t kRows[] = {1, 257, 1000};                 // decode, ViT tokens, a LLaMA sequence
+
+static void run_dtype(DType dt) {
+    double t0 = timer_now_s();
+    printf("== %s ==\n", dtype_name(dt));
+
+    // matmul: model shapes, every transpose, batched, shared b, bias fused and not, K = 0, misaligned.
+    const MatmulCase mm[] = {
+        {1, 257, 3840, 1280, false, true, false, true, 1.0f, 0.0f, 0},    // ViT QKV projection + bias
+        {1, 1000, 11008, 4096, false, true, false, false, 1.0f, 0.0f, 0}, // LLaMA gate/up
+        {1, 1000, 4096, 11008, false, true, false, false, 1.0f, 0.0f, 0}, // LLaMA down
+        {1, 1, 11008, 4096, false, true, false, false, 1.0f, 0.0f, 0},    // decode GEMV
+        {1, 1280, 1280, 257, true, false, false, false, 1.0f, 1.0f, 0},   // weight grad dW += dout^T x
+        {1, 257, 1280, 1280, false, false, false, true, 1.0f, 0.0f, 0},   // dx = dout W
+        {1, 77, 130, 96, false, false, false, false, 1.0f, 0.0f, 0},
+        {1, 77, 130, 96, true, false, false, false, 1.0f, 0.0f, 0},
+        {1, 77, 130, 96, false, true, false, false, 1.0f, 0.0f, 0},
+        {1, 77, 130, 96, true, true, false, true, 1.0f, 0.0f, 0},
+        {32, 77, 77, 64, false, true, false, false, 0.125f, 0.0f, 0},    // attention scores, B*H batched
+        {32, 77, 64, 77, false, false, false, false, 1.0f, 0.0f, 0},     // probabilities @ V
+        {3, 257, 1280, 1280, false, true, true, true, 1.0f, 0.0f, 0},    // shared weight + bias: folds into M
+        {3, 40, 24, 56, true, false, true, true, 1.0f, 0.0f, 0},         // shared b, transposed a: zero stride
+        {2, 100, 300, 200, false, true, false, true, 0.5f, 1.0f, 0},     // beta != 0 with bias: unfused
+        {1, 5, 7, 0, false, false, false, true, 1.0f, 0.5f, 0},          // K = 0: beta * c + bias
+        {1, 33, 65, 31, false, true, false, true, 1.0f, 0.0f, 1},        // odd sizes, misaligned pointers
+        {2, 33, 65, 31, true, false, false, false, 1.0f, 0.0f, 1},
+    };
+    for (size_t i = 0; i < sizeof mm / sizeof mm[0]; i++) test_matmul(dt, mm[i]);
+    test_bias_grad(dt, 1, 4096, 0);
+    test_bias_grad(dt, 257, 1280, 0);
+    test_bias_grad(dt, 257, 3840, 0);
+    test_bias_grad(dt, 1000, 11008, 0);
+    test_bias_grad(dt, 33, 65, 1);
+
+    // elementwise at the MLP sizes and at odd, misaligned sizes (the scalar path and the vector tail).
+    const int64_t sizes[][2] = {{1000 * 11008, 0}, {257 * 5120, 0}, {1, 0}, {1001, 0}, {1001, 1}};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        const int64_t n = sizes[i][0];
+        const int off = (int)sizes[i][1];
+        test_add(dt, n, off, false);
+        test_scale(dt, n, off);
+        test_sum_squares(dt, n, off);
+        test_gelu(dt, n, off, false);
+        test_gelu_backward(dt, n, off);
+        test_swiglu(dt, n, off);
+        test_swiglu_backward(dt, n, off);
+    }
+    test_add(dt, 257 * 1280, 0, true);
+    test_gelu(dt, 257 * 5120, 0, true);
+    const DType all[] = {DT_F32, DT_F16, DT_BF16};
+    for (int j = 0; j < 3; j++) {
+        test_cast(dt, all[j], 257 * 1280 + 3, 0);
+        test_cast(dt, all[j], 1001, 1);
+    }
+
+    // row ops over every real width x rows, plus odd widths (scalar path) and misaligned rows.
+    for (int r = 0; r < 3; r++)
+        for (int c = 0; c < 4; c++) {
+            test_layernorm(dt, kRows[r], kWidths[c], 0);
+            test_layernorm_backward(dt, kRows[r], kWidths[c], 0);
+            test_rmsnorm(dt, kRows[r], kWidths[c], 0);
+            test_rmsnorm_backward(dt, kRows[r], kWidths[c], 0);
+            test_softmax(dt, kRows[r], kWidths[c], 0, false, false);
+            test_softmax_backward(dt, kRows[r], kWidths[c], 0);
+        }
+    // C = 1 forward only: its backward is an exact cancellation (dx = 0), where a relative error means nothing.
+    test_layernorm(dt, 3, 1, 0);
+    test_rmsnorm(dt, 3, 1, 0);
+    test_softmax(dt, 3, 1, 0, false, false);
+    const int64_t odd[][3] = {{5, 7, 1}, {64, 33, 0}, {17, 1000, 1}, {257, 257, 0}};
+    for (size_t i = 0; i < sizeof odd / sizeof odd[0]; i++) {
+        const int64_t rows = odd[i][0], C = odd[i][1];
+        const int off = (int)odd[i][2];
+        test_layernorm(dt, rows, C, off);
+        test_layernorm_backward(dt, rows, C, off);
+        test_rmsnorm(dt, rows, C, off);
+        test_rmsnorm_backward(dt, rows, C, off);
+        test_softmax(dt, rows, C, off, false, false);
+        test_softmax_backward(dt, rows, C, off);
+    }
+    test_softmax(dt, 77, 77, 0, true, false);
+    test_softmax(dt, 1000, 1000, 0, true, true);
+    test_softmax(dt, 16, 257, 0, false, true);
+
+    // attention: ViT-H (non-causal), CLIP text (causal), LLaMA decode and a short prefill over a cache,
+    // and odd edges: D = 256 with Tk < Tq (queries that see no key), D = 33 (a partial lane group).
+    const int64_t att[][6] = {
+        {2, 257, 257, 16, 80, 0}, {1, 77, 77, 16, 64, 1}, {1, 1, 1000, 32, 128, 1}, {1, 7, 1000, 32, 128, 1},
+        {2, 5, 3, 3, 256, 1},     {2, 9, 13, 3, 33, 0},   {2, 9, 13, 3, 33, 1},
+    };
+    for (size_t i = 0; i < sizeof att / sizeof att[0]; i++) {
+        test_attention(dt, att[i][0], att[i][1], att[i][2], att[i][3], att[i][4], att[i][5] != 0);
+        test_attention_backward(dt, att[i][0], att[i][1], att[i][2], att[i][3], att[i][4], att[i][5] != 0);
+    }
+
+    // RoPE: a LLaMA prefill, a few tokens at random far positions, another head dim; both directions.
+    test_rope(dt, 1, 1000, 32, 128, false, +1, false);
+    test_rope(dt, 1, 1000, 32, 128, false, -1, true);
+    test_rope(dt, 2, 7, 32, 128, true, +1, false);
+    test_rope(dt, 2, 7, 32, 128, true, -1, false);
+    test_rope(dt, 2, 257, 16, 80, false, +1, true);
+
+    if (dt == DT_F32) {
+        test_adamw(1280 * 3840 + 7, 1, 0);
+        test_adamw(1001, 100, 1);
+    }
+    release_all();
+    printf("== %s done in %.1f s ==\n", dtype_name(dt), timer_now_s() - t0);
+}
+
+int main(void) {
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (cuda_device_count() == 0) {
+        printf("no CUDA device: skipped\n");
+        return TEST_SKIP;
+    }
+    snprintf(case_name, sizeof case_name, "engine_create");
+    if (engine_create(&eng, DEV_CUDA, 0, 0, 1234) != AGPT_OK) die("engine_create");
+    rng_seed(&rng, 20240611);
+    test_errors();
+    run_dtype(DT_F32);
+    run_dtype(DT_BF16);
+    run_dtype(DT_F16);
+    engine_destroy(&eng);
+    return test_summary();
+}

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The one script for a lent GPU machine (CUDA 13, PyTorch, CMake, 16 cores, no network). Prepare first with
+# tools/gpu-prepare.sh here, then run on the device, carrying .gpu-deps:
+#     bash tools/gpu-check.sh            (results under $OUT, or bench/results/local without it)
+# Builds for sm_86 and sm_90, runs the gpu-labelled tests and the golden tests (which rerun on CUDA when a
+# device exists), runs `agpt bench ops` and the PyTorch peer on the same GPU, and prints the ratio table last.
+# Aim: under 8 minutes.
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+out=${OUT:-$root/bench/results/local}
+mkdir -p "$out"
+cd "$root"
+status=0
+step() { echo; echo "== $* =="; }
+
+step "dependencies"
+if [ -d .gpu-deps ] && ls .gpu-deps/*.deb >/dev/null 2>&1; then
+    prefix=/tmp/agpt-deps
+    for f in .gpu-deps/*.deb; do dpkg -x "$f" "$prefix"; done
+    lib="$prefix/usr/lib/x86_64-linux-gnu"
+    # dpkg -x does not run update-alternatives: link OpenBLAS where the linker looks.
+    ln -sf "$lib/openblas-pthread/libopenblas.so.0" "$lib/libopenblas.so"
+    ln -sf "$lib/openblas-pthread/libopenblas.so.0" "$lib/libopenblas.so.0"
+    export CMAKE_PREFIX_PATH="$prefix/usr"
+    export LD_LIBRARY_PATH="$lib:$lib/openblas-pthread:${LD_LIBRARY_PATH:-}"
+    echo "unpacked $(ls .gpu-deps/*.deb | wc -l) packages into $prefix"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+git rev-parse HEAD 2>/dev/null | tee "$out/commit.txt" || echo "unknown" >"$out/commit.txt"
+date -u +%Y-%m-%dT%H:%M:%SZ | tee "$out/date.txt"
+
+step "build (sm_86, sm_90)"
+gen=""
+command -v ninja >/dev/null && gen="-G Ninja"
+cmake -S . -B build-gpu $gen -DCMAKE_BUILD_TYPE=Release -DAGPT_CUDA=ON -DAGPT_CUDA_ARCHS="86;90" \
+    >"$out/cmake.log" 2>&1 || { cat "$out/cmake.log"; exit 1; }
+cmake --build build-gpu -j 16 2>&1 | tee "$out/build.log" | grep -E "error|warning" | head -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "build failed"; tail -40 "$out/build.log"; exit 1; }
+
+step "tests: gpu and golden"
+(cd build-gpu && timeout 240 ctest -L "gpu|golden" --output-on-failure 2>&1) | tee "$out/ctest-gpu.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "agpt bench ops (cuda, bf16)"
+timeout 120 build-gpu/agpt bench ops --device cuda --dtype bf16 --json "$out/agpt-ops.json" 2>&1 | tee "$out/agpt-ops.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "PyTorch peer (cuda, bf16)"
+PYTHONUNBUFFERED=1 timeout 120 python3 bench/peers/torch_ops.py --device cuda --dtype bf16 \
+    --json "$out/torch-ops.json" 2>&1 | tee "$out/torch-ops.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "ratios (speedup > 1: agpt faster)"
+if [ -f "$out/agpt-ops.json" ] && [ -f "$out/torch-ops.json" ]; then
+    python3 bench/compare.py "$out/agpt-ops.json" "$out/torch-ops.json" --md "$out/ops-table.md"
+fi
+echo
+echo "gpu-check: $([ $status -eq 0 ] && echo ok || echo FAILED); results in $out"
+exit $status

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run HERE (not on the GPU machine) before a device session: the lent GPU machine has CUDA, PyTorch and CMake
+# but no network and none of our Debian libraries, so this downloads their .deb files into .gpu-deps/ (git
+# ignored) for the device call to carry. tools/gpu-check.sh unpacks them into a private prefix.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$root/.gpu-deps"
+cd "$root/.gpu-deps"
+apt-get update -qq
+apt-get download -qq libopenblas0-pthread libopenblas-pthread-dev libopenblas-dev libcjson1 libcjson-dev \
+    libpng16-16 libpng-dev libjpeg62-turbo libjpeg62-turbo-dev zlib1g-dev libgfortran5
+ls -la "$root/.gpu-deps"
+du -sh "$root/.gpu-deps"
