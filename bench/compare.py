@@ -14,6 +14,8 @@ def main():
     if md_path in args:
         args.remove(md_path)
     ours, peer = (json.load(open(p)) for p in args[:2])
+    if ours.get("bench") == "vit":
+        return compare_vit(ours, peer, md_path)
     by_name = {op["name"]: op for op in peer["ops"]}
     head = f"| op | agpt us | torch us | speedup | agpt fraction | torch fraction |\n|---|---:|---:|---:|---:|---:|"
     rows = []
@@ -26,6 +28,25 @@ def main():
     title = (f"agpt vs {peer.get('peer', 'torch')} on {ours.get('gpu') or ours['device']} ({ours['dtype']}); "
              f"copy {ours['copy_gbps']:.0f} GB/s, matmul {ours['matmul_tflops']:.2f} TFLOP/s")
     text = "\n".join([title, "", head] + rows)
+    print(text)
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(text + "\n")
+
+
+def compare_vit(ours, peer, md_path):
+    """Images/s per batch size, agpt's fraction of its measured matmul rate, and the speedup over PyTorch."""
+    by_batch = {r["batch"]: r for r in peer["runs"]}
+    lines = [f"ImageBind-H vision ({ours['layers']} blocks, {ours['dtype']}, {ours['device']}, "
+             f"{ours['threads']} threads): {ours['gflop_per_image']:.0f} GFLOP/image, matmul rate "
+             f"{ours['matmul_tflops']:.3f} TFLOP/s", "",
+             "| batch | agpt images/s | torch images/s | speedup | agpt fraction of matmul |", "|---:|---:|---:|---:|---:|"]
+    for r in ours["runs"]:
+        p = by_batch.get(r["batch"])
+        if p:
+            lines.append(f"| {r['batch']} | {r['images_per_s']:.2f} | {p['images_per_s']:.2f} | "
+                         f"{r['images_per_s'] / p['images_per_s']:.2f} | {r['fraction']:.2f} |")
+    text = "\n".join(lines)
     print(text)
     if md_path:
         with open(md_path, "w") as f:

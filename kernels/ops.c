@@ -629,3 +629,163 @@ Status op_adamw(Engine *e, Tensor *param, const Tensor *grad, Tensor *m, Tensor 
     cpu_adamw(F(param), CF(grad), F(m), F(v), n, lr, beta1, beta2, eps, weight_decay, step);
     return AGPT_OK;
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// vision path: anomaly maps and patch embedding
+
+Status op_l2_normalize(Engine *e, Tensor *out, const Tensor *x, float eps) {
+    const char *op = "op_l2_normalize";
+    AGPT_TRY(check_tensor(e, x, op, "x"));
+    DType dt = x->dtype;
+    AGPT_TRY(check_float(e, x, dt, op, "x"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    AGPT_TRY(check_same_shape(out, x, op, "out and x"));
+    AGPT_CHECK_ARG(eps >= 0, "op_l2_normalize: eps must be >= 0 (got %g); 0 is plain division", (double)eps);
+    int64_t rows = tensor_rows(x), C = tensor_cols(x);
+    if (rows == 0 || C == 0) return AGPT_OK;
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_l2_normalize(e, dt, out->data, x->data, rows, C, eps);
+#endif
+    }
+    cpu_l2_normalize(F(out), CF(x), rows, C, eps);
+    return AGPT_OK;
+}
+
+Status op_upsample_bilinear(Engine *e, Tensor *out, const Tensor *x) {
+    const char *op = "op_upsample_bilinear";
+    AGPT_TRY(check_tensor(e, x, op, "x"));
+    DType dt = x->dtype;
+    AGPT_TRY(check_float(e, x, dt, op, "x"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    char a[96], b[96];
+    AGPT_CHECK_ARG(x->ndim == 4 && out->ndim == 4, "op_upsample_bilinear: x %s and out %s must both be [B,C,H,W]",
+                   DESC(x, a), DESC(out, b));
+    AGPT_CHECK_ARG(x->shape[0] == out->shape[0] && x->shape[1] == out->shape[1],
+                   "op_upsample_bilinear: x %s and out %s differ in batch or channels", DESC(x, a), DESC(out, b));
+    int64_t BC = x->shape[0] * x->shape[1];
+    int64_t h = x->shape[2], w = x->shape[3], H = out->shape[2], W = out->shape[3];
+    if (BC == 0) return AGPT_OK;
+    AGPT_CHECK_ARG(H == 0 || W == 0 || (h > 0 && w > 0),
+                   "op_upsample_bilinear: cannot resize the empty image %s to %s", DESC(x, a), DESC(out, b));
+    if (H == 0 || W == 0) return AGPT_OK;
+    AGPT_CHECK_ARG(x->data != out->data, "op_upsample_bilinear: out must not alias x");
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_upsample_bilinear(e, dt, out->data, x->data, BC, h, w, H, W);
+#endif
+    }
+    cpu_upsample_bilinear(F(out), CF(x), BC, h, w, H, W);
+    return AGPT_OK;
+}
+
+Status op_max_dot(Engine *e, Tensor *out, const Tensor *query, const Tensor *refs) {
+    const char *op = "op_max_dot";
+    AGPT_TRY(check_tensor(e, query, op, "query"));
+    DType dt = query->dtype;
+    AGPT_TRY(check_float(e, query, dt, op, "query"));
+    AGPT_TRY(check_float(e, refs, dt, op, "refs"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    char a[96], b[96], c[96];
+    AGPT_CHECK_ARG(query->ndim == 2 && refs->ndim == 2, "op_max_dot: query %s and refs %s must be [Q,D] and [R,D]",
+                   DESC(query, a), DESC(refs, b));
+    int64_t Q = query->shape[0], D = query->shape[1], R = refs->shape[0];
+    AGPT_CHECK_ARG(refs->shape[1] == D, "op_max_dot: query %s and refs %s differ in row width", DESC(query, a),
+                   DESC(refs, b));
+    AGPT_CHECK_ARG(out->ndim == 1 && out->shape[0] == Q, "op_max_dot: out is %s, expected [%lld] for query %s",
+                   DESC(out, c), (long long)Q, DESC(query, a));
+    AGPT_CHECK_ARG(R > 0, "op_max_dot: refs %s has no rows; the maximum over no references is undefined",
+                   DESC(refs, b));
+    AGPT_CHECK_ARG(D > 0 && D <= INT32_MAX, "op_max_dot: row width %lld of query %s must be in [1, 2^31)",
+                   (long long)D, DESC(query, a));
+    if (Q == 0) return AGPT_OK;
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_max_dot(e, dt, out->data, query->data, refs->data, Q, R, D);
+#endif
+    }
+    return cpu_max_dot(F(out), CF(query), CF(refs), Q, R, D);
+}
+
+Status op_softmax2_class1(Engine *e, Tensor *out, const Tensor *logits) {
+    const char *op = "op_softmax2_class1";
+    AGPT_TRY(check_tensor(e, logits, op, "logits"));
+    DType dt = logits->dtype;
+    AGPT_TRY(check_float(e, logits, dt, op, "logits"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    char a[96], b[96];
+    AGPT_CHECK_ARG(logits->ndim == 3 && logits->shape[1] == 2, "op_softmax2_class1: logits %s must be [B,2,N]",
+                   DESC(logits, a));
+    int64_t B = logits->shape[0], N = logits->shape[2];
+    AGPT_CHECK_ARG(out->ndim == 2 && out->shape[0] == B && out->shape[1] == N,
+                   "op_softmax2_class1: out is %s, expected [%lld,%lld] for logits %s", DESC(out, b), (long long)B,
+                   (long long)N, DESC(logits, a));
+    if (B * N == 0) return AGPT_OK;
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_softmax2_class1(e, dt, out->data, logits->data, B, N);
+#endif
+    }
+    cpu_softmax2_class1(F(out), CF(logits), B, N);
+    return AGPT_OK;
+}
+
+Status op_axpy(Engine *e, Tensor *y, const Tensor *x, float alpha) {
+    const char *op = "op_axpy";
+    AGPT_TRY(check_tensor(e, y, op, "y"));
+    DType dt = y->dtype;
+    AGPT_TRY(check_float(e, y, dt, op, "y"));
+    AGPT_TRY(check_float(e, x, dt, op, "x"));
+    AGPT_TRY(check_same_shape(y, x, op, "y and x"));
+    int64_t n = tensor_numel(y);
+    if (n == 0) return AGPT_OK;
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_axpy(e, dt, y->data, x->data, n, alpha);
+#endif
+    }
+    cpu_axpy(F(y), CF(x), n, alpha);
+    return AGPT_OK;
+}
+
+Status op_affine(Engine *e, Tensor *x, float a, float b) {
+    AGPT_TRY(check_tensor(e, x, "op_affine", "x"));
+    AGPT_TRY(check_float(e, x, x->dtype, "op_affine", "x"));
+    int64_t n = tensor_numel(x);
+    if (n == 0) return AGPT_OK;
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_affine(e, x->dtype, x->data, n, a, b);
+#endif
+    }
+    cpu_affine(F(x), n, a, b);
+    return AGPT_OK;
+}
+
+Status op_im2patches(Engine *e, Tensor *out, const Tensor *img, int patch) {
+    const char *op = "op_im2patches";
+    AGPT_TRY(check_tensor(e, img, op, "img"));
+    DType dt = img->dtype;
+    AGPT_TRY(check_float(e, img, dt, op, "img"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    char a[96], b[96];
+    AGPT_CHECK_ARG(img->ndim == 4, "op_im2patches: img %s must be [B,C,H,W]", DESC(img, a));
+    AGPT_CHECK_ARG(patch >= 1, "op_im2patches: patch size must be >= 1 (got %d)", patch);
+    int64_t B = img->shape[0], C = img->shape[1], H = img->shape[2], W = img->shape[3], p = patch;
+    AGPT_CHECK_ARG(H % p == 0 && W % p == 0,
+                   "op_im2patches: img %s: H and W must be multiples of the patch size %d (resize or crop first)",
+                   DESC(img, a), patch);
+    int64_t npatch = (H / p) * (W / p), cols = C * p * p;
+    AGPT_CHECK_ARG(out->ndim == 3 && out->shape[0] == B && out->shape[1] == npatch && out->shape[2] == cols,
+                   "op_im2patches: out is %s, expected [%lld,%lld,%lld] for img %s and patch %d", DESC(out, b),
+                   (long long)B, (long long)npatch, (long long)cols, DESC(img, a), patch);
+    if (B * npatch * cols == 0) return AGPT_OK;
+    AGPT_CHECK_ARG(out->data != img->data, "op_im2patches: out must not alias img");
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_im2patches(e, dt, out->data, img->data, B, C, H, W, p);
+#endif
+    }
+    cpu_im2patches(F(out), CF(img), B, C, H, W, p);
+    return AGPT_OK;
+}

@@ -91,3 +91,32 @@ Status op_sum_squares(Engine *e, double *result, const Tensor *x);
 
 // Multiplies every element by s in place (f32/f16/bf16).
 Status op_scale(Engine *e, Tensor *x, float s);
+
+// ---- vision path: anomaly maps and patch embedding --------------------------------------------------------
+
+// Rows scaled to unit L2 norm over the last dim: out = x / max(||x||, eps). eps = 0 is plain division, as the
+// reference's `x / x.norm(dim=-1, keepdim=True)`. out may alias x.
+Status op_l2_normalize(Engine *e, Tensor *out, const Tensor *x, float eps);
+
+// Bilinear resize with align_corners=True (PyTorch F.interpolate(mode="bilinear", align_corners=True)):
+//   x [B,C,h,w] -> out [B,C,H,W]; output pixel y samples source row y * (h-1)/(H-1).
+Status op_upsample_bilinear(Engine *e, Tensor *out, const Tensor *x);
+
+// For each query row, the largest dot product with any reference row: out[q] = max_r <query[q], refs[r]>.
+//   query [Q,D], refs [R,D], out [Q]. With rows L2-normalised first (op_l2_normalize, eps 1e-8) this is the
+//   few-shot map's max cosine similarity (F.cosine_similarity's normalise-first form).
+Status op_max_dot(Engine *e, Tensor *out, const Tensor *query, const Tensor *refs);
+
+// Two-class softmax over dim 1, keeping class 1 ("abnormal"): logits [B,2,N] -> out [B,N],
+//   out[b,i] = exp(l1) / (exp(l0) + exp(l1)) computed with the max subtracted, as torch.softmax does.
+Status op_softmax2_class1(Engine *e, Tensor *out, const Tensor *logits);
+
+// y += alpha * x (same shape).
+Status op_axpy(Engine *e, Tensor *y, const Tensor *x, float alpha);
+// x = a * x + b elementwise, in place.
+Status op_affine(Engine *e, Tensor *x, float a, float b);
+
+// Non-overlapping p x p patches of images as rows, for the patch embedding as one GEMM:
+//   img [B,C,H,W] -> out [B, (H/p)*(W/p), C*p*p]; patch index py*(W/p) + px; within a row the order is
+//   (c, i, j), the order a Conv2d weight [O,C,p,p] flattens in. H and W must be multiples of p.
+Status op_im2patches(Engine *e, Tensor *out, const Tensor *img, int patch);

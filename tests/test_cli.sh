@@ -46,5 +46,40 @@ expect_fail "bench bad dtype" "dtype" "$agpt" bench ops --dtype f64
 expect_fail "bench cpu bf16" "f32" "$agpt" bench ops --device cpu --dtype bf16
 expect_fail "bench missing value" "needs a value" "$agpt" bench ops --iters
 
+# agpt map on the small ImageBind-structured golden model (its goldens come from PyTorch).
+ib="$data/imagebind"
+if [ -f "$ib/model.safetensors" ]; then
+    score_of() { sed -n 's/.*"score":\([0-9.eE+-]*\).*/\1/p' "$1" | head -n 1; }
+    close_to() { awk -v a="$1" -v b="$2" 'BEGIN { d = a - b; if (d < 0) d = -d; exit !(a != "" && d < 1e-4) }'; }
+    check "map zero-shot" "$agpt" map --device cpu --model "$ib/model.safetensors" --class bottle -o "$tmp/maps" "$ib/query.png"
+    close_to "$(score_of "$tmp/out")" 0.979187 && [ -s "$tmp/maps/query.heatmap.png" ] && [ -s "$tmp/maps/query.map.safetensors" ] ||
+        { failed=$((failed + 1)); echo "FAIL map zero-shot output (want score 0.979187 and two files)"; cat "$tmp/out"; ls "$tmp/maps"; }
+    "$agpt" info "$tmp/maps/query.map.safetensors" >"$tmp/info" 2>&1 && grep -q "anomaly_map .*f32\[224,224\]" "$tmp/info" ||
+        { failed=$((failed + 1)); echo "FAIL raw map is f32[224,224]"; cat "$tmp/info"; }
+    check "map few-shot" "$agpt" map --device cpu --model "$ib/model.safetensors" --reference "$ib/ref0.png" \
+        --reference "$ib/ref1.png" -o "$tmp/maps" "$ib/query.png"
+    close_to "$(score_of "$tmp/out")" 0.271330 && grep -q '"mode":"few-shot"' "$tmp/out" ||
+        { failed=$((failed + 1)); echo "FAIL map few-shot score (want 0.271330)"; cat "$tmp/out"; }
+    # An unknown class with no text encoder in the file: falls back to 'object' and says so.
+    check "map unknown class" "$agpt" map --device cpu --model "$ib/model.safetensors" --class widget -o "$tmp/maps" "$ib/query.png"
+    grep -q '"class":"object"' "$tmp/out" && grep -q "using 'object'" "$tmp/out" ||
+        { failed=$((failed + 1)); echo "FAIL unknown class falls back to object"; cat "$tmp/out"; }
+    # Odd inputs go through (1x1, grayscale, 16-bit, palette, CMYK, a reference of another size); a bad file is
+    # reported in its own JSON line and the others still come out.
+    imgs="$data/images"
+    printf 'not an image' >"$tmp/bad.png"
+    "$agpt" map --device cpu --model "$ib/model.safetensors" --reference "$imgs/jpg_420.jpg" -o "$tmp/maps" \
+        "$imgs/png_1x1.png" "$imgs/png_gray8.png" "$imgs/png_rgb16.png" "$imgs/png_pal4.png" "$imgs/jpg_cmyk.jpg" \
+        "$tmp/bad.png" >"$tmp/out" 2>&1
+    rc=$?
+    [ $rc -eq 1 ] && [ "$(grep -c '"score"' "$tmp/out")" -eq 5 ] && grep -q '"error":".*bad.png' "$tmp/out" ||
+        { failed=$((failed + 1)); echo "FAIL map over odd images (exit $rc)"; cat "$tmp/out"; }
+    expect_fail "map without model" "required" "$agpt" map -o "$tmp/maps" "$ib/query.png"
+    expect_fail "map corrupt model" "bad.safetensors" "$agpt" map --device cpu \
+        --model "$tmp/bad.safetensors" -o "$tmp/maps" "$ib/query.png"
+    expect_fail "map bad reference" "reference" "$agpt" map --device cpu --model "$ib/model.safetensors" \
+        --reference "$tmp/bad.png" -o "$tmp/maps" "$ib/query.png"
+fi
+
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

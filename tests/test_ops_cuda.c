@@ -534,6 +534,175 @@ static void test_errors(void) {
     printf("argument errors: %d passed, %d failed so far\n", test_passed, test_failed);
 }
 
+// ---- vision path: l2_normalize, bilinear resize, max dot, two-class softmax, axpy/affine, im2patches --------
+
+// Bit-for-bit equality of the fetched outputs (ops that only move values, or compute them in the same order).
+static void expect_exact(const char *what, const float *out, const float *ref, int64_t n) {
+    int64_t bad = 0, first = -1;
+    for (int64_t i = 0; i < n; i++)
+        if (memcmp(&out[i], &ref[i], sizeof(float)) != 0) {
+            if (first < 0) first = i;
+            bad++;
+        }
+    printf("%s %-70s %-6s %lld of %lld elements differ in bits\n", bad ? "FAIL" : "PASS", case_name, what,
+           (long long)bad, (long long)n);
+    if (bad) {
+        test_failed++;
+        printf("     first at [%lld]: got %.9g, want %.9g\n", (long long)first, out[first], ref[first]);
+    } else {
+        test_passed++;
+    }
+}
+
+static void test_l2_normalize(DType dt, int64_t rows, int64_t C, float eps, int off, bool in_place, bool zero_row) {
+    begin_case("l2_normalize %s rows=%lld C=%lld eps=%g%s%s%s", dtype_name(dt), (long long)rows, (long long)C,
+               (double)eps, off ? " misaligned" : "", in_place ? " in-place" : "", zero_row ? " zero-row" : "");
+    const int64_t n = rows * C;
+    float *x = rand_n(n, dt, 3.0f);
+    if (zero_row) memset(x + (rows > 1 ? C : 0), 0, (size_t)C * sizeof(float));
+    void *dx = dev_in(x, n, dt, off);
+    void *dout = in_place ? dx : dev_out(n, dt, off);
+    RUN(cuda_l2_normalize(&eng, dt, dout, dx, rows, C, eps));
+    float *ref = hvec(n);
+    cpu_l2_normalize(ref, x, rows, C, eps);
+    expect_close("out", fetch(dout, n, dt), ref, n, tol_for(dt, 1e-5));
+}
+
+static void test_upsample_bilinear(DType dt, int64_t B, int64_t C, int64_t h, int64_t w, int64_t H, int64_t W) {
+    begin_case("upsample_bilinear %s [%lld,%lld,%lld,%lld] -> %lldx%lld", dtype_name(dt), (long long)B, (long long)C,
+               (long long)h, (long long)w, (long long)H, (long long)W);
+    const int64_t nin = B * C * h * w, nout = B * C * H * W;
+    float *x = rand_n(nin, dt, 5.0f);
+    void *dx = dev_in(x, nin, dt, 0), *dout = dev_out(nout, dt, 0);
+    RUN(cuda_upsample_bilinear(&eng, dt, dout, dx, B * C, h, w, H, W));
+    float *ref = hvec(nout);
+    cpu_upsample_bilinear(ref, x, B * C, h, w, H, W);
+    float *out = fetch(dout, nout, dt);
+    expect_close("out", out, ref, nout, tol_for(dt, 1e-5));
+    // f32: the same index, lambda and fused multiply-add sequence as the CPU (and PyTorch): identical bits.
+    if (dt == DT_F32) expect_exact("bits", out, ref, nout);
+}
+
+// plant: references are 2x queries 0, 1, 2 (exact in every dtype), so their maxima sit in the
+// last, partial reference tile. normalised: rows L2-normalised first, the few-shot cosine case.
+static void test_max_dot(DType dt, int64_t Q, int64_t R, int64_t D, int off, bool plant, bool normalised) {
+    begin_case("max_dot %s Q=%lld R=%lld D=%lld%s%s%s", dtype_name(dt), (long long)Q, (long long)R, (long long)D,
+               off ? " misaligned" : "", plant ? " planted-tail" : "", normalised ? " cosine" : "");
+    float *q = rand_n(Q * D, DT_F32, 1.0f), *r = rand_n(R * D, DT_F32, 1.0f);
+    if (plant)
+        for (int64_t k = 0; k < 3 && k < Q && k < R; k++)
+            for (int64_t i = 0; i < D; i++) r[(R - 1 - k) * D + i] = 2.0f * q[k * D + i];
+    if (normalised) {
+        cpu_l2_normalize(q, q, Q, D, 1e-8f);
+        cpu_l2_normalize(r, r, R, D, 1e-8f);
+    }
+    round_to(q, Q * D, dt);
+    round_to(r, R * D, dt);
+    void *dq = dev_in(q, Q * D, dt, off), *dr = dev_in(r, R * D, dt, off), *dout = dev_out(Q, dt, off);
+    RUN(cuda_max_dot(&eng, dt, dout, dq, dr, Q, R, D));
+    float *ref = hvec(Q);
+    if (cpu_max_dot(ref, q, r, Q, R, D) != AGPT_OK) die("cpu_max_dot");
+    expect_close("out", fetch(dout, Q, dt), ref, Q, tol_for(dt, 1e-5));
+}
+
+static void test_softmax2_class1(DType dt, int64_t B, int64_t N, float scale, int off) {
+    begin_case("softmax2_class1 %s B=%lld N=%lld logits=+-%g%s", dtype_name(dt), (long long)B, (long long)N,
+               (double)scale, off ? " misaligned" : "");
+    float *l = rand_u(B * 2 * N, dt, -scale, scale);
+    void *dl = dev_in(l, B * 2 * N, dt, off), *dout = dev_out(B * N, dt, off);
+    RUN(cuda_softmax2_class1(&eng, dt, dout, dl, B, N));
+    float *ref = hvec(B * N);
+    cpu_softmax2_class1(ref, l, B, N);
+    expect_close("out", fetch(dout, B * N, dt), ref, B * N, tol_for(dt, 1e-5));
+}
+
+static void test_axpy_affine(DType dt, int64_t n, int off) {
+    begin_case("axpy %s n=%lld%s", dtype_name(dt), (long long)n, off ? " misaligned" : "");
+    float *x = rand_u(n, dt, -1, 1), *y = rand_u(n, dt, -1, 1);
+    void *dx = dev_in(x, n, dt, off), *dy = dev_in(y, n, dt, off);
+    RUN(cuda_axpy(&eng, dt, dy, dx, n, -0.37f));
+    float *ref = hcopy(y, n);
+    cpu_axpy(ref, x, n, -0.37f);
+    expect_close("y", fetch(dy, n, dt), ref, n, tol_for(dt, 1e-5));
+
+    begin_case("affine %s n=%lld%s", dtype_name(dt), (long long)n, off ? " misaligned" : "");
+    float *z = rand_u(n, dt, 0, 1);  // a probability map: 1 - z is the few-shot anomaly map
+    void *dz = dev_in(z, n, dt, off);
+    RUN(cuda_affine(&eng, dt, dz, n, -1.0f, 1.0f));
+    float *ref2 = hcopy(z, n);
+    cpu_affine(ref2, n, -1.0f, 1.0f);
+    expect_close("x", fetch(dz, n, dt), ref2, n, tol_for(dt, 1e-5));
+}
+
+static void test_im2patches(DType dt, int64_t B, int64_t C, int64_t H, int64_t W, int64_t p) {
+    begin_case("im2patches %s [%lld,%lld,%lld,%lld] p=%lld", dtype_name(dt), (long long)B, (long long)C, (long long)H,
+               (long long)W, (long long)p);
+    const int64_t n = B * C * H * W;
+    float *img = rand_n(n, dt, 1.0f);
+    void *dimg = dev_in(img, n, dt, 0), *dout = dev_out(n, dt, 0);
+    RUN(cuda_im2patches(&eng, dt, dout, dimg, B, C, H, W, p));
+    float *ref = hvec(n);
+    cpu_im2patches(ref, img, B, C, H, W, p);
+    expect_exact("out", fetch(dout, n, dt), ref, n);  // a pure copy: exact in every dtype
+}
+
+static void test_vision_errors(void) {
+    begin_case("vision errors");
+    int dummy = 0;
+    CHECK_ERR(cuda_l2_normalize(&eng, DT_I32, &dummy, &dummy, 1, 1, 0.0f));
+    CHECK_ERR(cuda_l2_normalize(&eng, DT_F32, &dummy, &dummy, 1, 0, 0.0f));
+    CHECK_ERR(cuda_upsample_bilinear(&eng, DT_BF16, &dummy, &dummy, 1, 0, 4, 8, 8));
+    CHECK_ERR(cuda_max_dot(&eng, DT_F16, &dummy, &dummy, &dummy, 4, 0, 8));
+    CHECK_ERR(cuda_max_dot(&eng, DT_F16, &dummy, &dummy, &dummy, 4, 4, 0));
+    CHECK_ERR(cuda_softmax2_class1(&eng, DT_U8, &dummy, &dummy, 1, 1));
+    CHECK_ERR(cuda_axpy(&eng, DT_F32, &dummy, &dummy, -1, 1.0f));
+    CHECK_ERR(cuda_im2patches(&eng, DT_F32, &dummy, &dummy, 1, 3, 30, 28, 14));
+    CHECK_ERR(cuda_im2patches(&eng, DT_F32, &dummy, &dummy, 1, 3, 28, 28, 0));
+    printf("vision argument errors: %d passed, %d failed so far\n", test_passed, test_failed);
+}
+
+static void run_vision(DType dt) {
+    double t0 = timer_now_s();
+    printf("== vision %s ==\n", dtype_name(dt));
+    // l2_normalize: decoder outputs (1024) and ViT tokens (1280) over 256 patches, odd widths (scalar path),
+    // misaligned and in-place rows, a zero row with eps 1e-8 (zeros, not NaN).
+    test_l2_normalize(dt, 256, 1024, 0.0f, 0, false, false);
+    test_l2_normalize(dt, 256, 1280, 1e-8f, 0, false, true);
+    test_l2_normalize(dt, 1024, 1280, 1e-8f, 0, true, false);
+    test_l2_normalize(dt, 17, 33, 0.0f, 1, false, false);
+    test_l2_normalize(dt, 5, 1000, 1e-8f, 1, true, true);
+    // resize: the anomaly maps (16 -> 224, 2 classes and 1), odd sizes, identity, down, single pixels.
+    test_upsample_bilinear(dt, 1, 2, 16, 16, 224, 224);
+    test_upsample_bilinear(dt, 4, 2, 16, 16, 224, 224);
+    test_upsample_bilinear(dt, 1, 1, 16, 16, 224, 224);
+    test_upsample_bilinear(dt, 2, 3, 5, 7, 9, 11);
+    test_upsample_bilinear(dt, 1, 2, 16, 16, 16, 16);
+    test_upsample_bilinear(dt, 1, 1, 224, 224, 16, 16);
+    test_upsample_bilinear(dt, 2, 1, 1, 1, 5, 3);
+    test_upsample_bilinear(dt, 1, 2, 7, 5, 1, 9);
+    // max dot: the few-shot shapes (256 query patches x 256k reference patches, D = 1280), tiles that do not
+    // divide Q, R or D, one stripe (no partials), blocks walking several reference tiles, one query.
+    test_max_dot(dt, 256, 256 * 3, 1280, 0, true, false);
+    test_max_dot(dt, 256, 256 * 4, 1280, 0, false, true);
+    test_max_dot(dt, 1, 4099, 1280, 0, true, false);
+    test_max_dot(dt, 300, 4099, 1280, 1, true, false);
+    test_max_dot(dt, 2560, 1280, 80, 0, true, false);
+    test_max_dot(dt, 5000, 50, 33, 1, true, false);
+    test_max_dot(dt, 70, 3, 7, 0, true, false);
+    // two-class softmax over the upsampled maps, saturating (+-100) and moderate logits.
+    test_softmax2_class1(dt, 4, 224 * 224, 100.0f, 0);
+    test_softmax2_class1(dt, 4, 224 * 224, 5.0f, 0);
+    test_softmax2_class1(dt, 3, 7, 30.0f, 1);
+    test_axpy_affine(dt, 4 * 224 * 224, 0);
+    test_axpy_affine(dt, 1001, 1);
+    // patch embedding input: ImageBind's 224 x 224 / 14, and a non-square image.
+    test_im2patches(dt, 2, 3, 224, 224, 14);
+    test_im2patches(dt, 1, 3, 28, 42, 14);
+    test_im2patches(dt, 2, 2, 6, 4, 2);
+    release_all();
+    printf("== vision %s done in %.1f s ==\n", dtype_name(dt), timer_now_s() - t0);
+}
+
 // ---- the run -------------------------------------------------------------------------------------------------
 
 static const int64_t kWidths[] = {1280, 4096, 5120, 11008};  // ViT width, LLaMA width, ViT MLP, LLaMA MLP
@@ -660,6 +829,10 @@ int main(void) {
     run_dtype(DT_F32);
     run_dtype(DT_BF16);
     run_dtype(DT_F16);
+    test_vision_errors();
+    run_vision(DT_F32);
+    run_vision(DT_BF16);
+    run_vision(DT_F16);
     engine_destroy(&eng);
     return test_summary();
 }

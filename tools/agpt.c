@@ -26,8 +26,10 @@ static void usage(FILE *f) {
             "  info [MODEL.safetensors]   build, devices and threads; with a file, its config and tensors\n"
             "  bench ops [options]        time each op at model sizes, as fractions of the measured copy\n"
             "                             bandwidth and matmul rate (agpt bench ops --help)\n"
+            "  map --model M [--reference R ...] [--class NAME] -o DIR IMAGE...\n"
+            "                             anomaly maps (heatmap PNG, raw float map) and image scores\n"
             "\n"
-            "Later: detect, map, chat, serve, train, eval, convert (see README.md).\n");
+            "Later: detect, chat, serve, train, eval, convert (see README.md).\n");
 }
 
 int main(int argc, char **argv) {
@@ -57,6 +59,7 @@ int main(int argc, char **argv) {
     const char *cmd = argv[i];
     if (strcmp(cmd, "info") == 0) return cmd_info(argc - i, argv + i);
     if (strcmp(cmd, "bench") == 0) return cmd_bench(argc - i, argv + i);
+    if (strcmp(cmd, "map") == 0) return cmd_map(argc - i, argv + i);
     if (strcmp(cmd, "help") == 0) {
         usage(stdout);
         return 0;

@@ -99,10 +99,13 @@ static void usage(void) {
            "  same run. --quick uses smaller sizes (for CI and CPUs). Default: cuda + bf16 when a GPU exists.\n");
 }
 
+int cmd_bench_vit(int argc, char **argv);
+
 int cmd_bench(int argc, char **argv) {
+    if (argc >= 2 && strcmp(argv[1], "vit") == 0) return cmd_bench_vit(argc - 1, argv + 1);
     if (argc < 2 || strcmp(argv[1], "ops") != 0) {
         if (argc >= 2 && strcmp(argv[1], "--help") == 0) { usage(); return 0; }
-        fprintf(stderr, "agpt bench: only 'agpt bench ops' exists so far\n");
+        fprintf(stderr, "agpt bench: 'agpt bench ops' or 'agpt bench vit'\n");
         usage();
         return 2;
     }

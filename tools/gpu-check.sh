@@ -19,10 +19,10 @@ if [ -d .gpu-deps ] && ls .gpu-deps/*.deb >/dev/null 2>&1; then
     for f in .gpu-deps/*.deb; do dpkg -x "$f" "$prefix"; done
     lib="$prefix/usr/lib/x86_64-linux-gnu"
     # dpkg -x does not run update-alternatives: link OpenBLAS where the linker looks.
-    ln -sf "$lib/openblas-pthread/libopenblas.so.0" "$lib/libopenblas.so"
-    ln -sf "$lib/openblas-pthread/libopenblas.so.0" "$lib/libopenblas.so.0"
+    ln -sf "$lib/openblas-openmp/libopenblas.so.0" "$lib/libopenblas.so"
+    ln -sf "$lib/openblas-openmp/libopenblas.so.0" "$lib/libopenblas.so.0"
     export CMAKE_PREFIX_PATH="$prefix/usr"
-    export LD_LIBRARY_PATH="$lib:$lib/openblas-pthread:${LD_LIBRARY_PATH:-}"
+    export LD_LIBRARY_PATH="$lib:$lib/openblas-openmp:${LD_LIBRARY_PATH:-}"
     echo "unpacked $(ls .gpu-deps/*.deb | wc -l) packages into $prefix"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
@@ -50,9 +50,21 @@ PYTHONUNBUFFERED=1 timeout 120 python3 bench/peers/torch_ops.py --device cuda --
     --json "$out/torch-ops.json" 2>&1 | tee "$out/torch-ops.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+step "agpt bench vit (ImageBind-H, bf16, batch 1, 8, 64)"
+timeout 150 build-gpu/agpt bench vit --device cuda --dtype bf16 --json "$out/agpt-vit.json" 2>&1 | tee "$out/agpt-vit.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "PyTorch peer: ImageBind-H vision (bf16)"
+PYTHONUNBUFFERED=1 timeout 150 python3 bench/peers/torch_vit.py --device cuda --dtype bf16 \
+    --json "$out/torch-vit.json" 2>&1 | tee "$out/torch-vit.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 step "ratios (speedup > 1: agpt faster)"
 if [ -f "$out/agpt-ops.json" ] && [ -f "$out/torch-ops.json" ]; then
     python3 bench/compare.py "$out/agpt-ops.json" "$out/torch-ops.json" --md "$out/ops-table.md"
+fi
+if [ -f "$out/agpt-vit.json" ] && [ -f "$out/torch-vit.json" ]; then
+    python3 bench/compare.py "$out/agpt-vit.json" "$out/torch-vit.json" --md "$out/vit-table.md"
 fi
 echo
 echo "gpu-check: $([ $status -eq 0 ] && echo ok || echo FAILED); results in $out"

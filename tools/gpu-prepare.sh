@@ -7,7 +7,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$root/.gpu-deps"
 cd "$root/.gpu-deps"
 apt-get update -qq
-apt-get download -qq libopenblas0-pthread libopenblas-pthread-dev libopenblas-dev libcjson1 libcjson-dev \
+apt-get download -qq libopenblas0-openmp libopenblas-openmp-dev libopenblas-dev libcjson1 libcjson-dev \
     libpng16-16 libpng-dev libjpeg62-turbo libjpeg62-turbo-dev zlib1g-dev libgfortran5
 ls -la "$root/.gpu-deps"
 du -sh "$root/.gpu-deps"

@@ -3,7 +3,8 @@
 # The CUDA toolkit (nvcc, cuBLAS, cuDNN, NCCL) is not installed here: where /usr/local/cuda exists the build
 # uses it, elsewhere agpt builds its CPU engine only.
 set -euo pipefail
-packages=(cmake make gcc libpng-dev libjpeg62-turbo-dev zlib1g-dev libopenblas-dev libopenmpi-dev openmpi-bin
+packages=(cmake make gcc libpng-dev libjpeg62-turbo-dev zlib1g-dev libopenblas-dev libopenblas-openmp-dev
+          libopenmpi-dev openmpi-bin
           libmicrohttpd-dev libcjson-dev)
 missing=()
 for p in "${packages[@]}"; do

@@ -1,6 +1,7 @@
 // Reference multi-head attention and RoPE on the [B,T,H,D] layout.
-// Attention is the plain two-pass form: scores, softmax, weighted sum, one (batch, head, query) at a time.
+// Attention is the plain two-pass form: scores, softmax, weighted sum, with the two products through BLAS.
 // It is the CPU backend and the reference the fused CUDA kernels are checked against.
+#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,44 +16,50 @@ static inline int64_t visible_keys(int64_t i, int64_t Tq, int64_t Tk, bool causa
     return causal ? i + (Tk - Tq) + 1 : Tk;
 }
 
+// Per (batch, head), blocks of up to 256 queries: S = scale * Q K^T and O = P V through BLAS (the heads are
+// strided views, lda = H*D), the mask and the softmax in between. Each thread owns one score block.
+#define ATTN_QBLOCK 256
+
 void cpu_attention(float *out, const float *q, const float *k, const float *v, int64_t B, int64_t Tq, int64_t Tk,
                    int64_t H, int64_t D, bool causal, float scale) {
+    int64_t ld = H * D, qblock = Tq < ATTN_QBLOCK ? Tq : ATTN_QBLOCK, nblocks = (Tq + qblock - 1) / qblock;
 #pragma omp parallel
     {
-        float *p = malloc((size_t)(Tk > 0 ? Tk : 1) * sizeof(float));  // one score row per thread
-#pragma omp for collapse(3)
+        float *s = malloc((size_t)(qblock > 0 ? qblock : 1) * (size_t)(Tk > 0 ? Tk : 1) * sizeof(float));
+#pragma omp for collapse(3) schedule(dynamic)
         for (int64_t b = 0; b < B; b++)
             for (int64_t h = 0; h < H; h++)
-                for (int64_t i = 0; i < Tq; i++) {
-                    float *o = AT(out, b, i, h, Tq, H, D);
-                    if (!p) {  // no memory for a score row: poison rather than crash or lie
-                        for (int64_t d = 0; d < D; d++) o[d] = NAN;
+                for (int64_t blk = 0; blk < nblocks; blk++) {
+                    int64_t i0 = blk * qblock, n = Tq - i0 < qblock ? Tq - i0 : qblock;
+                    float *o = AT(out, b, i0, h, Tq, H, D);
+                    if (!s) {  // no memory for a score block: poison rather than crash or lie
+                        for (int64_t i = 0; i < n; i++)
+                            for (int64_t d = 0; d < D; d++) o[i * ld + d] = NAN;
                         continue;
                     }
-                    const float *qi = AT(q, b, i, h, Tq, H, D);
-                    int64_t n = visible_keys(i, Tq, Tk, causal);
-                    float mx = -INFINITY;
-                    for (int64_t j = 0; j < n; j++) {
-                        const float *kj = AT(k, b, j, h, Tk, H, D);
-                        float s = 0;
-                        for (int64_t d = 0; d < D; d++) s += qi[d] * kj[d];
-                        p[j] = s * scale;
-                        mx = fmaxf(mx, p[j]);
+                    // Keys past the last visible one for this block are never needed.
+                    int64_t kmax = causal ? visible_keys(i0 + n - 1, Tq, Tk, true) : Tk;
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)n, (int)kmax, (int)D, scale,
+                                AT(q, b, i0, h, Tq, H, D), (int)ld, AT(k, b, 0, h, Tk, H, D), (int)ld, 0.0f, s,
+                                (int)kmax);
+                    for (int64_t i = 0; i < n; i++) {
+                        float *row = s + i * kmax;
+                        int64_t vis = visible_keys(i0 + i, Tq, Tk, causal);
+                        float mx = -INFINITY;
+                        for (int64_t j = 0; j < vis; j++) mx = fmaxf(mx, row[j]);
+                        double sum = 0;
+                        for (int64_t j = 0; j < vis; j++) {
+                            row[j] = expf(row[j] - mx);
+                            sum += row[j];
+                        }
+                        float inv = (float)(1.0 / sum);
+                        for (int64_t j = 0; j < vis; j++) row[j] *= inv;
+                        for (int64_t j = vis; j < kmax; j++) row[j] = 0.0f;
                     }
-                    double sum = 0;
-                    for (int64_t j = 0; j < n; j++) {
-                        p[j] = expf(p[j] - mx);
-                        sum += p[j];
-                    }
-                    float inv = (float)(1.0 / sum);
-                    for (int64_t d = 0; d < D; d++) o[d] = 0;
-                    for (int64_t j = 0; j < n; j++) {
-                        const float *vj = AT(v, b, j, h, Tk, H, D);
-                        float w = p[j] * inv;
-                        for (int64_t d = 0; d < D; d++) o[d] += w * vj[d];
-                    }
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, (int)n, (int)D, (int)kmax, 1.0f, s,
+                                (int)kmax, AT(v, b, 0, h, Tk, H, D), (int)ld, 0.0f, o, (int)ld);
                 }
-        free(p);
+        free(s);
     }
 }
 

@@ -44,3 +44,21 @@ void cpu_rope(float *out, const float *x, const int32_t *positions, int64_t B, i
 
 void cpu_adamw(float *param, const float *grad, float *m, float *v, int64_t n, float lr, float beta1, float beta2,
                float eps, float weight_decay, int step);
+
+// ---- vision path: anomaly maps and patch embedding ----------------------------------------------------------
+// cpu_max_dot allocates bounded scratch and so returns a Status; the others cannot fail.
+#include "runtime/status.h"
+
+// x, out: [rows, C]; out = x / max(||x||, eps) per row (eps = 0: plain division). out may alias x.
+void cpu_l2_normalize(float *out, const float *x, int64_t rows, int64_t C, float eps);
+// x [BC,h,w] -> out [BC,H,W]: bilinear, align_corners=True, in PyTorch's float arithmetic.
+void cpu_upsample_bilinear(float *out, const float *x, int64_t BC, int64_t h, int64_t w, int64_t H, int64_t W);
+// out[q] = max_r <query[q], refs[r]>: query [Q,D], refs [R,D], R >= 1. GEMMs over blocks of at most 1024
+// queries x 2048 references (8 MiB of scratch); AGPT_ERR_OOM when that scratch cannot be had.
+Status cpu_max_dot(float *out, const float *query, const float *refs, int64_t Q, int64_t R, int64_t D);
+// logits [B,2,N] -> out [B,N]: softmax over the 2 classes, class 1.
+void cpu_softmax2_class1(float *out, const float *logits, int64_t B, int64_t N);
+void cpu_axpy(float *y, const float *x, int64_t n, float alpha);  // y += alpha * x
+void cpu_affine(float *x, int64_t n, float a, float b);            // x = a * x + b
+// img [B,C,H,W] -> out [B, (H/p)*(W/p), C*p*p], rows in (py, px) order, columns in (c, i, j) order.
+void cpu_im2patches(float *out, const float *img, int64_t B, int64_t C, int64_t H, int64_t W, int64_t p);

@@ -51,6 +51,24 @@ Status cuda_cast(Engine *e, void *out, DType out_dt, const void *x, DType x_dt, 
 Status cuda_adamw(Engine *e, float *param, const float *grad, float *m, float *v, int64_t n, float lr, float beta1,
                   float beta2, float eps, float weight_decay, int step);
 
+// ---- vision path: anomaly maps and patch embedding (kernels/cuda/vision.cu) ----
+// x, out: [rows, C]; out = x / max(||x||, eps). out may alias x.
+Status cuda_l2_normalize(Engine *e, DType dt, void *out, const void *x, int64_t rows, int64_t C, float eps);
+// x [BC,h,w] -> out [BC,H,W], bilinear with align_corners=True.
+Status cuda_upsample_bilinear(Engine *e, DType dt, void *out, const void *x, int64_t BC, int64_t h, int64_t w,
+                              int64_t H, int64_t W);
+// out[q] = max_r <query[q], refs[r]>: query [Q,D], refs [R,D], R >= 1. Dots and max in fp32; per-block partial
+// maxima go through e->workspace.
+Status cuda_max_dot(Engine *e, DType dt, void *out, const void *query, const void *refs, int64_t Q, int64_t R,
+                    int64_t D);
+// logits [B,2,N] -> out [B,N]: class-1 probability of the two-class softmax.
+Status cuda_softmax2_class1(Engine *e, DType dt, void *out, const void *logits, int64_t B, int64_t N);
+Status cuda_axpy(Engine *e, DType dt, void *y, const void *x, int64_t n, float alpha);  // y += alpha * x
+Status cuda_affine(Engine *e, DType dt, void *x, int64_t n, float a, float b);          // x = a * x + b
+// img [B,C,H,W] -> out [B, (H/p)*(W/p), C*p*p], columns in (c, i, j) order.
+Status cuda_im2patches(Engine *e, DType dt, void *out, const void *img, int64_t B, int64_t C, int64_t H, int64_t W,
+                       int64_t p);
+
 #ifdef __cplusplus
 }
 #endif

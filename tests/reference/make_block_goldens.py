@@ -23,15 +23,13 @@ backward, which those catch; every other parameter gradient is checked in "pos0.
 Run: tests/reference/.venv/bin/python tests/reference/make_block_goldens.py [out_dir]
 (or bash tests/reference/make_goldens.sh, which makes every golden file).
 """
-import json
 import math
 import os
-import struct
 import sys
 
 import torch
 from torch import nn
-from safetensors.torch import load_file
+from golden_io import write
 
 import transformers
 from transformers import LlamaConfig
@@ -222,32 +220,6 @@ def make_llama():
         print(f"  llama {prefix:6s} positions {start}..{start + T - 1} B {B} T {T} hidden {cfg.hidden_size} "
               f"heads {H} (head dim {D}): |y| {y.norm():.4f}  |grad.x| {gx.norm():.4f}")
     return tensors, meta
-
-
-def write(path, tensors, meta):
-    """safetensors.torch.save_file orders the header through a hash map, so the bytes change from run to run;
-    write the same format with sorted keys instead, so regenerating an unchanged golden changes nothing in git.
-    The file is read back with the official reader and checked."""
-    dtypes = {torch.float32: "F32", torch.int32: "I32"}
-    header, blobs, offset = {"__metadata__": dict(sorted(meta.items()))}, [], 0
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        raw = t.numpy().tobytes()  # little-endian on every machine we run on
-        header[name] = {"dtype": dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # data section 8-byte aligned
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for raw in blobs:
-            f.write(raw)
-    os.replace(tmp, path)
-    back = load_file(path)
-    assert sorted(back) == sorted(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors), path
-    print(f"  wrote {os.path.relpath(path)}: {len(tensors)} tensors, {os.path.getsize(path)} bytes")
 
 
 def main():

@@ -1,0 +1,149 @@
+// The vision path on the CPU: L2 row normalisation, bilinear resize (align_corners=True), the few-shot
+// max dot product, the two-class softmax of the anomaly map, axpy/affine, and image -> patch rows.
+//
+// The resize follows PyTorch's arithmetic step by step (float scale, float source index, floor, clamped
+// lambda, width-then-height blend with fused multiply-adds), so it reproduces PyTorch's output bit for bit;
+// the softmax subtracts the max as torch.softmax does and differs only by the exp implementation.
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cblas.h>
+
+#include "kernels/cpu/cpu_ops.h"
+
+#define PAR_IF(n) if ((n) > 16384)
+
+// PyTorch's clamp_min: a NaN norm stays NaN (and poisons the row) instead of being replaced by eps.
+static inline float clamp_min_nan(float v, float lo) { return v < lo ? lo : v; }
+
+void cpu_l2_normalize(float *out, const float *x, int64_t rows, int64_t C, float eps) {
+#pragma omp parallel for PAR_IF(rows * C)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * C;
+        double ss = 0;
+        for (int64_t i = 0; i < C; i++) ss += (double)xr[i] * xr[i];
+        const float d = clamp_min_nan((float)sqrt(ss), eps);
+        float *o = out + r * C;
+        for (int64_t i = 0; i < C; i++) o[i] = xr[i] / d;  // division, as x / x.norm(): no reciprocal rounding
+    }
+}
+
+// One axis of the resize: PyTorch's compute_source_index_and_lambda for align_corners=True with
+// opmath_t = float. Equal sizes copy (index0 = index1 = i, lambda1 = 0), as PyTorch special-cases them.
+static inline void bilinear_axis(int64_t i, int64_t in, int64_t out, float scale, int64_t *i0, int64_t *i1,
+                                 float *l0, float *l1) {
+    if (in == out) {
+        *i0 = *i1 = i;
+        *l0 = 1.0f, *l1 = 0.0f;
+        return;
+    }
+    const float src = scale * (float)i;
+    int64_t idx = (int64_t)floorf(src);
+    if (idx > in - 1) idx = in - 1;
+    float lam = src - (float)idx;
+    lam = lam < 0.0f ? 0.0f : (lam > 1.0f ? 1.0f : lam);
+    *i0 = idx;
+    *i1 = idx + (idx < in - 1 ? 1 : 0);
+    *l1 = lam;
+    *l0 = 1.0f - lam;
+}
+
+// area_pixel_compute_scale for align_corners: (float)(in - 1) / (out - 1), 0 for a single output pixel.
+static inline float bilinear_scale(int64_t in, int64_t out) {
+    return out > 1 ? (float)(in - 1) / (float)(out - 1) : 0.0f;
+}
+
+void cpu_upsample_bilinear(float *out, const float *x, int64_t BC, int64_t h, int64_t w, int64_t H, int64_t W) {
+    const float sh = bilinear_scale(h, H), sw = bilinear_scale(w, W);
+#pragma omp parallel for PAR_IF(BC * H * W)
+    for (int64_t row = 0; row < BC * H; row++) {
+        const int64_t c = row / H, oy = row % H;
+        int64_t y0, y1;
+        float hl0, hl1;
+        bilinear_axis(oy, h, H, sh, &y0, &y1, &hl0, &hl1);
+        const float *r0 = x + (c * h + y0) * w, *r1 = x + (c * h + y1) * w;
+        float *o = out + row * W;
+        for (int64_t ox = 0; ox < W; ox++) {
+            int64_t x0, x1;
+            float wl0, wl1;
+            bilinear_axis(ox, w, W, sw, &x0, &x1, &wl0, &wl1);
+            // Along the width in each source row, then the two rows by height, each a*b + c*d as one fused
+            // multiply-add over a rounded product: what PyTorch's AVX2 CPU kernel and its CUDA kernel compile
+            // to, so the result is theirs bit for bit (fmaf is exact in software where the CPU lacks FMA).
+            const float t0 = fmaf(r0[x0], wl0, r0[x1] * wl1);
+            const float t1 = fmaf(r1[x0], wl0, r1[x1] * wl1);
+            o[ox] = fmaf(t0, hl0, t1 * hl1);
+        }
+    }
+}
+
+// torch.max semantics: a NaN anywhere wins and stays.
+static inline float max_nan(float m, float v) { return (v > m || isnan(v)) ? v : m; }
+
+// Query and reference blocks bound the scratch to kMaxDotQB x kMaxDotRB floats (8 MiB) whatever Q and R are.
+enum { kMaxDotQB = 1024, kMaxDotRB = 2048 };
+
+Status cpu_max_dot(float *out, const float *query, const float *refs, int64_t Q, int64_t R, int64_t D) {
+    if (Q == 0) return AGPT_OK;
+    const int64_t qb_max = Q < kMaxDotQB ? Q : kMaxDotQB, rb_max = R < kMaxDotRB ? R : kMaxDotRB;
+    const size_t bytes = (size_t)(qb_max * rb_max) * sizeof(float);
+    float *dots = malloc(bytes);
+    if (!dots)
+        return AGPT_FAIL(AGPT_ERR_OOM, "op_max_dot: could not allocate %zu bytes of scratch for %lld x %lld dot "
+                         "products", bytes, (long long)qb_max, (long long)rb_max);
+    for (int64_t q = 0; q < Q; q++) out[q] = -INFINITY;
+    for (int64_t q0 = 0; q0 < Q; q0 += qb_max) {
+        const int64_t qb = Q - q0 < qb_max ? Q - q0 : qb_max;
+        for (int64_t r0 = 0; r0 < R; r0 += rb_max) {
+            const int64_t rb = R - r0 < rb_max ? R - r0 : rb_max;
+            // dots[qb, rb] = query[q0:q0+qb] @ refs[r0:r0+rb]^T
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)qb, (int)rb, (int)D, 1.0f, query + q0 * D,
+                        (int)D, refs + r0 * D, (int)D, 0.0f, dots, (int)rb);
+#pragma omp parallel for PAR_IF(qb * rb)
+            for (int64_t i = 0; i < qb; i++) {
+                float m = out[q0 + i];
+                const float *di = dots + i * rb;
+                for (int64_t j = 0; j < rb; j++) m = max_nan(m, di[j]);
+                out[q0 + i] = m;
+            }
+        }
+    }
+    free(dots);
+    return AGPT_OK;
+}
+
+// exp(l1 - m) / (exp(l0 - m) + exp(l1 - m)), m = max(l0, l1): what torch.softmax(dim=1) gives for class 1.
+void cpu_softmax2_class1(float *out, const float *logits, int64_t B, int64_t N) {
+#pragma omp parallel for PAR_IF(B * N)
+    for (int64_t i = 0; i < B * N; i++) {
+        const int64_t b = i / N, n = i % N;
+        const float l0 = logits[(b * 2) * N + n], l1 = logits[(b * 2 + 1) * N + n];
+        const float m = fmaxf(l0, l1);
+        const float e0 = expf(l0 - m), e1 = expf(l1 - m);
+        out[i] = e1 / (e0 + e1);
+    }
+}
+
+void cpu_axpy(float *y, const float *x, int64_t n, float alpha) {
+#pragma omp parallel for PAR_IF(n)
+    for (int64_t i = 0; i < n; i++) y[i] += alpha * x[i];
+}
+
+void cpu_affine(float *x, int64_t n, float a, float b) {
+#pragma omp parallel for PAR_IF(n)
+    for (int64_t i = 0; i < n; i++) x[i] = a * x[i] + b;
+}
+
+void cpu_im2patches(float *out, const float *img, int64_t B, int64_t C, int64_t H, int64_t W, int64_t p) {
+    const int64_t ph = H / p, pw = W / p, cols = C * p * p;
+#pragma omp parallel for PAR_IF(B * C * H * W)
+    for (int64_t row = 0; row < B * ph * pw; row++) {
+        const int64_t b = row / (ph * pw), py = (row / pw) % ph, px = row % pw;
+        float *o = out + row * cols;
+        for (int64_t c = 0; c < C; c++)
+            for (int64_t i = 0; i < p; i++)
+                memcpy(o + (c * p + i) * p, img + ((b * C + c) * H + py * p + i) * W + px * p,
+                       (size_t)p * sizeof(float));
+    }
+}

@@ -1,0 +1,56 @@
+// The vision half of AnomalyGPT as one object: load a model file, turn images into anomaly maps and scores.
+// What `agpt map` (and later detect and serve) drive. Holds the weights on the engine's device, the activation
+// arena sized for its batch, cached class text features and cached few-shot reference patches.
+#pragma once
+#include <stdbool.h>
+
+#include "model/anomaly_map.h"
+#include "model/preprocess.h"
+
+#define VISION_MODEL_MAX_CLASSES 64
+
+typedef struct ClassFeatures {
+    char name[128];
+    Tensor features;  // [2,E] on the device, owned
+} ClassFeatures;
+
+typedef struct VisionModel {
+    Engine *engine;
+    SafeTensors *files[WEIGHT_MAX_FILES];  // opened by vision_model_open, closed by vision_model_close
+    int n_files;
+    WeightStore weights;
+    VisionEncoder vision;
+    TextEncoder text;
+    bool has_text;              // the file holds the text encoder (else only cached class features are usable)
+    PatchDecoder decoder;
+    int max_batch;              // images per vision_forward call
+    Arena arena;
+    Tensor images;              // [max_batch,3,S,S]
+    Tensor embedding;           // [max_batch,E]
+    Tensor taps[VISION_TAPS];   // [max_batch,T,C]
+    ClassFeatures classes[VISION_MODEL_MAX_CLASSES];
+    int n_classes;
+    FewShotRefs refs;           // k > 0 once references are set
+    PreprocessMode mode;        // how images are resized: the reference's inference path by default
+} VisionModel;
+
+// Opens `path` (and optional layered files searched first, e.g. trained deltas), loads the vision encoder and
+// decoder, and the text encoder when present. dtype is the device compute dtype (ignored on the CPU: f32).
+Status vision_model_open(VisionModel *m, Engine *e, const char *path, const char *const *overlays, int n_overlays,
+                         DType dtype, int max_batch);
+void vision_model_close(VisionModel *m);
+
+// The [2,E] text features of a class name: cached in the model file ("text_features.<name>"), computed
+// earlier, or computed now with the text encoder. A name that cannot be had (no text encoder and no cache)
+// falls back to "object", as the reference does for names it does not know; *used_name says which was used.
+Status vision_model_class_features(VisionModel *m, const char *name, const Tensor **features,
+                                   const char **used_name);
+
+// Sets the few-shot references (k images, any sizes: each is preprocessed like a query). k = 0 clears them,
+// returning to the zero-shot text map.
+Status vision_model_set_references(VisionModel *m, const Image *refs, int k);
+
+// Maps for n images (n <= max_batch): the few-shot map when references are set, else the zero-shot map for the
+// class. maps: host [n][S][S] float32; scores: [n] (each map's maximum).
+Status vision_model_map(VisionModel *m, const Image *images, int n, const char *class_name, float *maps,
+                        float *scores);

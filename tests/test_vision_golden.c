@@ -1,0 +1,234 @@
+// The vision path against PyTorch (tests/data/imagebind/, made by tests/reference/make_imagebind_goldens.py):
+// a small ImageBind-structured model with the official key names, head dim 80 and the real 224-pixel input.
+// Checks the embedding, the four taps, text encoder outputs, the prompt ensemble, the zero-shot map and
+// scores for three class names, and the few-shot map against two references; on the CPU, and on CUDA (f32 and
+// bf16) when a GPU exists.
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kernels/ops.h"
+#include "model/anomaly_map.h"
+#include "model/preprocess.h"
+#include "runtime/image.h"
+#include "runtime/memory.h"
+#include "runtime/safetensors.h"
+#include "test.h"
+
+static char dir[1024];
+static SafeTensors *golden;
+static SafeTensors *overlay;
+
+// The golden file stores the text token table sparsely; write the full [V,C] table (zeros elsewhere) to a
+// temporary file that the WeightStore layers over the golden one.
+static Status write_token_table(const char *path) {
+    Tensor rows, values;
+    AGPT_TRY(st_get(golden, "text.token_rows", &rows));
+    AGPT_TRY(st_get(golden, "text.token_values", &values));
+    int64_t V = 49408, C = values.shape[1];
+    uint16_t *table = calloc((size_t)(V * C), sizeof(uint16_t));
+    if (!table) return AGPT_FAIL(AGPT_ERR_OOM, "token table");
+    for (int64_t r = 0; r < rows.shape[0]; r++) {
+        int32_t id;
+        memcpy(&id, (const char *)rows.data + r * 4, 4);
+        memcpy(table + (size_t)id * C, (const char *)values.data + r * C * 2, (size_t)C * 2);
+    }
+    StEntry e = {"modality_preprocessors.text.token_embedding.weight", tensor_2d(table, DT_BF16, DEV_CPU, V, C)};
+    Status s = st_write(path, &e, 1, NULL, 0);
+    free(table);
+    return s;
+}
+
+// A golden tensor as host f32 (caller frees).
+static float *golden_f32(const char *name, int64_t *n) {
+    Tensor t;
+    if (st_get(golden, name, &t) != AGPT_OK) {
+        printf("FAIL missing golden %s: %s\n", name, agpt_last_error());
+        test_failed++;
+        return NULL;
+    }
+    *n = tensor_numel(&t);
+    float *out = malloc((size_t)*n * sizeof(float));
+    convert_host(out, DT_F32, t.data, t.dtype, (size_t)*n);
+    return out;
+}
+
+// A device tensor back to host f32 (caller frees).
+static float *to_host(const Tensor *t) {
+    int64_t n = tensor_numel(t);
+    float *out = malloc((size_t)n * sizeof(float));
+    void *raw = malloc(tensor_nbytes(t));
+    Tensor h = *t;
+    h.device = DEV_CPU;
+    h.data = raw;
+    if (tensor_copy(&h, t) != AGPT_OK) {
+        for (int64_t i = 0; i < n; i++) out[i] = NAN;
+    } else {
+        convert_host(out, DT_F32, raw, t->dtype, (size_t)n);
+    }
+    free(raw);
+    return out;
+}
+
+static void compare(const char *what, const Tensor *t, const char *golden_name, double tol) {
+    int64_t n = 0;
+    float *want = golden_f32(golden_name, &n);
+    if (!want) return;
+    float *got = to_host(t);
+    CHECK(tensor_numel(t) == n, "%s: %lld elements vs golden %lld", what, (long long)tensor_numel(t), (long long)n);
+    if (tensor_numel(t) == n) CHECK_CLOSE(got, want, n, tol, what);
+    free(want), free(got);
+}
+
+static Status load_image_tensor(Engine *e, const char *name, DType dt, float *staging, Tensor *dst_row) {
+    char path[1200];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    Image img;
+    AGPT_TRY(image_load(path, &img));
+    Status s = preprocess_image(&img, PREPROCESS_SHORTER_SIDE_CROP, 224, staging);
+    image_free(&img);
+    AGPT_TRY(s);
+    Tensor host = tensor_1d(staging, DT_F32, DEV_CPU, 3 * 224 * 224);
+    if (dt == DT_F32 && e->device == DEV_CPU) return tensor_copy(dst_row, &host);
+    uint16_t *half = malloc((size_t)3 * 224 * 224 * 2);
+    convert_host(dt == DT_F32 ? (void *)staging : (void *)half, dt, staging, DT_F32, 3 * 224 * 224);
+    Tensor h2 = tensor_1d(dt == DT_F32 ? (void *)staging : (void *)half, dt, DEV_CPU, 3 * 224 * 224);
+    s = tensor_copy(dst_row, &h2);
+    free(half);
+    return s;
+}
+
+static void run(Engine *e, DType dt, double tol, const char *label) {
+    printf("== %s ==\n", label);
+    WeightStore ws;
+    weights_init(&ws, e, dt, overlay, "token table overlay");
+    CHECK_OK(weights_add_file(&ws, golden, "imagebind golden"));
+    VisionEncoder v;
+    TextEncoder t;
+    PatchDecoder d;
+    Status s = vision_load(&v, &ws);
+    CHECK_OK(s);
+    if (s) return;
+    CHECK_OK(text_load(&t, &ws));
+    CHECK_OK(decoder_load(&d, &ws));
+    CHECK(v.block.dim == 160 && v.block.heads == 2 && v.layers == 4 && v.tokens == 257 && v.taps[3] == 3,
+          "vision config read from the file");
+    CHECK(t.block.dim == 64 && t.layers == 2 && t.vocab == 49408 && t.context == 77, "text config read from the file");
+
+    int S = 224, T = v.tokens, C = v.block.dim;
+    Arena arena;
+    size_t bytes = vision_arena_bytes(&v, 3) + text_arena_bytes(&t, PROMPT_SENTENCES) +
+                   anomaly_map_arena_bytes(&d, T, S, 2) + ((size_t)16 << 20);
+    CHECK_OK(arena_init(&arena, e->device, bytes));
+    Tensor images, emb, taps[VISION_TAPS], ref_taps[VISION_TAPS];
+    CHECK_OK(arena_tensor(&arena, ws.dtype, 4, (int64_t[]){3, 3, S, S}, &images));
+    CHECK_OK(arena_tensor(&arena, ws.dtype, 2, (int64_t[]){3, v.embed}, &emb));
+    for (int i = 0; i < VISION_TAPS; i++) CHECK_OK(arena_tensor(&arena, ws.dtype, 3, (int64_t[]){3, T, C}, &taps[i]));
+    float *staging = malloc((size_t)3 * S * S * sizeof(float));
+    const char *names[3] = {"query.png", "ref0.png", "ref1.png"};
+    for (int b = 0; b < 3; b++) {
+        Tensor row = tensor_rows_view(&images, (int64_t)b * 3 * S, 3 * S);
+        CHECK_OK(load_image_tensor(e, names[b], ws.dtype, staging, &row));
+    }
+    free(staging);
+    CHECK_OK(vision_forward(e, &v, &arena, &images, &emb, taps));
+    Tensor emb0 = tensor_rows_view(&emb, 0, 1);
+    compare("vision embedding", &emb0, "golden.embedding", tol);
+    for (int i = 0; i < VISION_TAPS; i++) {
+        char what[64], gname[64];
+        snprintf(what, sizeof what, "tap %d (after block %d)", i, v.taps[i]);
+        snprintf(gname, sizeof gname, "golden.tap.%d", i);
+        Tensor q = tensor_rows_view(&taps[i], 0, T);
+        compare(what, &q, gname, tol);
+        // the references' taps: images 1 and 2 of the batch
+        ref_taps[i] = tensor_3d((char *)taps[i].data + (size_t)T * C * dtype_size(ws.dtype), ws.dtype, e->device,
+                                2, T, C);
+    }
+    Tensor q_taps[VISION_TAPS];
+    for (int i = 0; i < VISION_TAPS; i++) q_taps[i] = tensor_3d(taps[i].data, ws.dtype, e->device, 1, T, C);
+
+    // Text encoder, prompt ensemble, zero-shot maps for three class names.
+    const char *classes[3] = {"bottle", "metal nut", "object"};
+    Tensor text_emb, features, map;
+    CHECK_OK(arena_tensor(&arena, ws.dtype, 2, (int64_t[]){PROMPT_SENTENCES, t.embed}, &text_emb));
+    CHECK_OK(arena_tensor(&arena, ws.dtype, 2, (int64_t[]){2, t.embed}, &features));
+    CHECK_OK(arena_tensor(&arena, ws.dtype, 3, (int64_t[]){1, S, S}, &map));
+    for (int c = 0; c < 3; c++) {
+        char gname[96], what[96];
+        snprintf(gname, sizeof gname, "golden.text_ids.%s", classes[c]);
+        Tensor ids;
+        if (st_get(golden, gname, &ids) != AGPT_OK) {
+            CHECK(0, "missing %s", gname);
+            continue;
+        }
+        int32_t *ids_copy = malloc(tensor_nbytes(&ids));
+        memcpy(ids_copy, ids.data, tensor_nbytes(&ids));
+        CHECK_OK(text_forward(e, &t, &arena, ids_copy, PROMPT_SENTENCES, &text_emb));
+        free(ids_copy);
+        if (c == 0) compare("text encoder, 24 'bottle' sentences", &text_emb, "golden.text_emb.bottle", tol);
+        CHECK_OK(prompt_ensemble(e, &text_emb, &features));
+        snprintf(gname, sizeof gname, "golden.text_features.%s", classes[c]);
+        snprintf(what, sizeof what, "text features '%s'", classes[c]);
+        compare(what, &features, gname, tol);
+        CHECK_OK(anomaly_map_text(e, &d, &arena, q_taps, &features, &map));
+        if (c == 0) compare("zero-shot map 'bottle'", &map, "golden.map_text.bottle", tol);
+        float score = NAN;
+        CHECK_OK(anomaly_map_scores(&map, &score));
+        snprintf(gname, sizeof gname, "golden.score_text.%s", classes[c]);
+        int64_t n;
+        float *want = golden_f32(gname, &n);
+        if (want) {
+            printf("  score '%s' %.6f vs %.6f\n", classes[c], (double)score, (double)want[0]);
+            CHECK(fabsf(score - want[0]) <= tol * 10 * fabsf(want[0]), "score '%s' %g vs %g", classes[c],
+                  (double)score, (double)want[0]);
+            free(want);
+        }
+    }
+
+    // Few-shot map against the two references.
+    FewShotRefs refs;
+    CHECK_OK(fewshot_refs_build(e, ref_taps, &refs));
+    CHECK_OK(anomaly_map_fewshot(e, &refs, &arena, q_taps, &map));
+    compare("few-shot map (k=2)", &map, "golden.map_fewshot", tol);
+    fewshot_refs_free(&refs);
+
+    arena_free(&arena);
+    vision_free(&v);
+    text_free(&t);
+    weights_free(&ws);
+}
+
+int main(int argc, char **argv) {
+    snprintf(dir, sizeof dir, "%s/imagebind", argc > 1 ? argv[1] : AGPT_TEST_DATA);
+    char path[1200], tmp[] = "/tmp/agpt-vision-XXXXXX", table[1300];
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    if (st_open(path, &golden) != AGPT_OK) {
+        printf("golden missing (%s): skipped\n", agpt_last_error());
+        return TEST_SKIP;
+    }
+    if (!mkdtemp(tmp)) return 1;
+    snprintf(table, sizeof table, "%s/token_table.safetensors", tmp);
+    CHECK_OK(write_token_table(table));
+    CHECK_OK(st_open(table, &overlay));
+    if (!overlay) return test_summary();
+
+    Engine cpu;
+    CHECK_OK(engine_create(&cpu, DEV_CPU, 0, 0, 1));
+    // A whole model is many ops: DESIGN.md's end-to-end tolerance for fp32 CPU vs PyTorch fp32 is 1e-4.
+    run(&cpu, DT_F32, 1e-4, "cpu f32");
+    engine_destroy(&cpu);
+    if (cuda_device_count() > 0) {
+        Engine gpu;
+        CHECK_OK(engine_create(&gpu, DEV_CUDA, 0, 0, 1));
+        run(&gpu, DT_F32, 1e-4, "cuda f32");
+        run(&gpu, DT_BF16, 1e-2, "cuda bf16");
+        engine_destroy(&gpu);
+    } else {
+        printf("no CUDA device: the cuda part is skipped\n");
+    }
+    st_close(overlay);
+    st_close(golden);
+    unlink(table);
+    rmdir(tmp);
+    return test_summary();
+}

@@ -1,0 +1,195 @@
+// agpt map: anomaly maps and image scores for images, zero-shot (a class name) or few-shot (normal references).
+// For each image it writes <out>/<name>.heatmap.png (the map over the image the model saw), <out>/<name>.map.
+// safetensors (the raw [S,S] float32 map) and prints one JSON line; a failed image prints a JSON line with
+// "error" and the others go on. Exit status 0 only if every image was processed.
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <libgen.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "model/vision_model.h"
+#include "runtime/log.h"
+#include "runtime/memory.h"
+#include "runtime/safetensors.h"
+#include "runtime/timer.h"
+#include "tools/cli.h"
+#include "tools/heatmap.h"
+
+#define MAX_LIST 64
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: agpt map --model M.safetensors [--reference normal.png ...] [--class NAME] -o OUT_DIR IMAGE...\n"
+            "  --model F        the model file (vision encoder, decoder; text encoder or cached class features)\n"
+            "  --weights F      a file of weights layered over the model (e.g. a trained decoder); repeatable\n"
+            "  --reference F    a normal image of the product: few-shot map instead of the zero-shot one; repeatable\n"
+            "  --class NAME     the product name for the zero-shot map (default 'object')\n"
+            "  --squash         resize to 224x224 ignoring the aspect ratio (the web demo's path) instead of\n"
+            "                   shorter side + center crop (the reference's inference path)\n"
+            "  --device cpu|cuda, --dtype f32|f16|bf16 (cuda; default bf16), --threads N\n"
+            "  -o, --out DIR    where heatmaps and raw maps go (created if missing)\n");
+}
+
+static Status ensure_dir(const char *dir) {
+    if (mkdir(dir, 0755) == 0 || errno == EEXIST) {
+        struct stat st;
+        if (stat(dir, &st) == 0 && S_ISDIR(st.st_mode)) return AGPT_OK;
+    }
+    return AGPT_FAIL(AGPT_ERR_IO, "cannot create output directory %s: %s", dir, strerror(errno));
+}
+
+// "path/to/img_01.png" -> "img_01"
+static void stem_of(const char *path, char *out, size_t cap) {
+    const char *base = strrchr(path, '/');
+    base = base ? base + 1 : path;
+    snprintf(out, cap, "%s", base);
+    char *dot = strrchr(out, '.');
+    if (dot && dot != out) *dot = 0;
+}
+
+static Status write_outputs(const VisionModel *m, const Image *img, const float *map, const char *out_dir,
+                            const char *stem, char *heatmap_path, char *map_path, size_t cap) {
+    int S = m->vision.image;
+    snprintf(map_path, cap, "%s/%s.map.safetensors", out_dir, stem);
+    snprintf(heatmap_path, cap, "%s/%s.heatmap.png", out_dir, stem);
+    StEntry entry = {"anomaly_map", tensor_2d((void *)map, DT_F32, DEV_CPU, S, S)};
+    const char *meta[] = {"format", "agpt-anomaly-map-1", "preprocess", preprocess_mode_name(m->mode)};
+    AGPT_TRY(st_write(map_path, &entry, 1, meta, 2));
+    uint8_t *crop = NULL, *over = NULL;
+    Status s = mem_host_alloc((size_t)S * S * 3, (void **)&crop);
+    if (s == AGPT_OK) s = mem_host_alloc((size_t)S * S * 3, (void **)&over);
+    if (s == AGPT_OK) s = preprocess_image_u8(img, m->mode, S, RESIZE_PILLOW_10, crop);
+    if (s == AGPT_OK) {
+        heatmap_overlay(crop, map, S, 0.5f, over);
+        s = image_save_png(heatmap_path, S, S, 3, over);
+    }
+    mem_host_free(crop);
+    mem_host_free(over);
+    return s;
+}
+
+static void print_json_line(cJSON *obj) {
+    char *text = cJSON_PrintUnformatted(obj);
+    if (text) {
+        printf("%s\n", text);
+        fflush(stdout);
+        free(text);
+    }
+    cJSON_Delete(obj);
+}
+
+int cmd_map(int argc, char **argv) {
+    const char *model = NULL, *class_name = "object", *out_dir = NULL;
+    const char *overlays[MAX_LIST], *refs[MAX_LIST], *inputs[MAX_LIST];
+    int n_overlays = 0, n_refs = 0, n_inputs = 0, threads = 0, squash = 0;
+    Device dev = cuda_device_count() > 0 ? DEV_CUDA : DEV_CPU;
+    DType dt = DT_BF16;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v;
+#define VALUE() do { if (!(v = cli_value(argc, argv, &i, "map"))) return 2; } while (0)
+#define PUSH(list, n) do { if ((n) == MAX_LIST) { fprintf(stderr, "agpt map: at most %d of %s\n", MAX_LIST, a); return 2; } (list)[(n)++] = v; } while (0)
+        if (!strcmp(a, "--model")) { VALUE(); model = v; }
+        else if (!strcmp(a, "--weights")) { VALUE(); PUSH(overlays, n_overlays); }
+        else if (!strcmp(a, "--reference")) { VALUE(); PUSH(refs, n_refs); }
+        else if (!strcmp(a, "--class")) { VALUE(); class_name = v; }
+        else if (!strcmp(a, "-o") || !strcmp(a, "--out")) { VALUE(); out_dir = v; }
+        else if (!strcmp(a, "--squash")) squash = 1;
+        else if (!strcmp(a, "--threads")) { VALUE(); threads = atoi(v); }
+        else if (!strcmp(a, "--device")) {
+            VALUE();
+            if (strcmp(v, "cpu") && strcmp(v, "cuda")) { fprintf(stderr, "agpt map: --device cpu|cuda\n"); return 2; }
+            dev = strcmp(v, "cuda") ? DEV_CPU : DEV_CUDA;
+        } else if (!strcmp(a, "--dtype")) {
+            VALUE();
+            int d = dtype_from_name(v);
+            if (d < 0 || !dtype_is_float((DType)d)) { fprintf(stderr, "agpt map: --dtype f32|f16|bf16\n"); return 2; }
+            dt = (DType)d;
+        } else if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); return 0; }
+        else if (a[0] == '-') { fprintf(stderr, "agpt map: unknown option '%s'\n", a); usage(stderr); return 2; }
+        else { v = a; PUSH(inputs, n_inputs); }
+#undef VALUE
+#undef PUSH
+    }
+    if (!model || !out_dir || n_inputs == 0) {
+        fprintf(stderr, "agpt map: --model, -o and at least one image are required\n");
+        usage(stderr);
+        return 2;
+    }
+    Status s = ensure_dir(out_dir);
+    if (s) return cli_report("map", s);
+
+    Engine eng;
+    if ((s = engine_create(&eng, dev, 0, threads, 1))) return cli_report("map", s);
+    VisionModel vm;
+    int batch = n_refs > 1 ? n_refs : 1;
+    double t0 = timer_now_s();
+    if ((s = vision_model_open(&vm, &eng, model, overlays, n_overlays, dt, batch))) {
+        engine_destroy(&eng);
+        return cli_report("map", s);
+    }
+    if (squash) vm.mode = PREPROCESS_SQUASH;
+    double t_load = timer_now_s() - t0;
+    int rc = 0;
+    if (n_refs > 0) {
+        Image ref_images[MAX_LIST];
+        int loaded = 0;
+        for (; loaded < n_refs; loaded++)
+            if ((s = image_load(refs[loaded], &ref_images[loaded]))) break;
+        if (s == AGPT_OK) s = vision_model_set_references(&vm, ref_images, n_refs);
+        for (int i = 0; i < loaded; i++) image_free(&ref_images[i]);
+        if (s) {
+            rc = cli_report("map", agpt_add_context(s, "reference images"));
+            goto done;
+        }
+    }
+    int S = vm.vision.image;
+    float *map = NULL;
+    if ((s = mem_host_alloc((size_t)S * S * sizeof(float), (void **)&map))) {
+        rc = cli_report("map", s);
+        goto done;
+    }
+    const Tensor *features;
+    const char *used_class = class_name;
+    if (n_refs == 0 && (s = vision_model_class_features(&vm, class_name, &features, &used_class))) {
+        rc = cli_report("map", s);
+        mem_host_free(map);
+        goto done;
+    }
+    for (int i = 0; i < n_inputs; i++) {
+        cJSON *line = cJSON_CreateObject();
+        cJSON_AddStringToObject(line, "image", inputs[i]);
+        double t1 = timer_now_s();
+        Image img;
+        float score = 0;
+        char stem[256], heat[1200], raw[1200];
+        stem_of(inputs[i], stem, sizeof stem);
+        s = image_load(inputs[i], &img);
+        if (s == AGPT_OK) {
+            s = vision_model_map(&vm, &img, 1, used_class, map, &score);
+            if (s == AGPT_OK) s = write_outputs(&vm, &img, map, out_dir, stem, heat, raw, sizeof heat);
+            image_free(&img);
+        }
+        if (s == AGPT_OK) {
+            cJSON_AddNumberToObject(line, "score", score);
+            cJSON_AddStringToObject(line, "mode", n_refs ? "few-shot" : "zero-shot");
+            if (n_refs) cJSON_AddNumberToObject(line, "references", n_refs);
+            else cJSON_AddStringToObject(line, "class", used_class);
+            cJSON_AddStringToObject(line, "heatmap", heat);
+            cJSON_AddStringToObject(line, "map", raw);
+            cJSON_AddNumberToObject(line, "ms", 1e3 * (timer_now_s() - t1));
+        } else {
+            cJSON_AddStringToObject(line, "error", agpt_last_error());
+            rc = 1;
+        }
+        print_json_line(line);
+    }
+    mem_host_free(map);
+    LOG_I("%d image(s) in %.2f s after a %.2f s load", n_inputs, timer_now_s() - t0 - t_load, t_load);
+done:
+    vision_model_close(&vm);
+    engine_destroy(&eng);
+    return rc;
+}
