@@ -113,6 +113,34 @@ static Status clone_to_device(Engine *e, const Tensor *src, DType dt, Tensor *ou
     return s;
 }
 
+void vision_model_set_tokenizer(VisionModel *m, const ClipTokenizer *tokenizer) { m->tokenizer = tokenizer; }
+
+// The prompt ensemble of a class name through the text encoder: 24 sentences -> [2,E] owned features.
+static Status compute_class_features(VisionModel *m, const char *name, Tensor *out) {
+    AGPT_CHECK_ARG(m->text.context == CLIP_CONTEXT_LENGTH, "the text encoder's context is %d tokens, the CLIP "
+                   "tokenizer writes %d", m->text.context, CLIP_CONTEXT_LENGTH);
+    char sentences[PROMPT_SENTENCES][256];
+    int n = prompt_sentences(name, sentences, PROMPT_SENTENCES);
+    int32_t ids[PROMPT_SENTENCES][CLIP_CONTEXT_LENGTH];
+    for (int i = 0; i < n; i++) {
+        ClipTokens tok;
+        AGPT_TRY(clip_tokenize_ex(m->tokenizer, sentences[i], &tok));
+        if (tok.truncated) LOG_W("class '%s': prompt '%s' is longer than %d tokens and was cut", name, sentences[i],
+                                 CLIP_CONTEXT_LENGTH);
+        memcpy(ids[i], tok.ids, sizeof ids[i]);
+    }
+    DType dt = m->weights.dtype;
+    size_t mark = arena_mark(&m->arena);
+    Tensor emb, features;
+    Status s = arena_tensor(&m->arena, dt, 2, (int64_t[]){PROMPT_SENTENCES, m->text.embed}, &emb);
+    if (s == AGPT_OK) s = arena_tensor(&m->arena, dt, 2, (int64_t[]){2, m->text.embed}, &features);
+    if (s == AGPT_OK) s = text_forward(m->engine, &m->text, &m->arena, &ids[0][0], n, &emb);
+    if (s == AGPT_OK) s = prompt_ensemble(m->engine, &emb, &features);
+    if (s == AGPT_OK) s = clone_to_device(m->engine, &features, dt, out);
+    arena_reset_to(&m->arena, mark);
+    return s;
+}
+
 Status vision_model_class_features(VisionModel *m, const char *name, const Tensor **features,
                                    const char **used_name) {
     char key[192], clean[128];
@@ -136,9 +164,11 @@ Status vision_model_class_features(VisionModel *m, const char *name, const Tenso
         // weights_load keeps it in the store; copy so that every class entry owns its tensor alike
         Tensor loaded = cf->features;
         AGPT_TRY(clone_to_device(m->engine, &loaded, loaded.dtype, &cf->features));
+    } else if (m->has_text && m->tokenizer) {
+        AGPT_TRY(compute_class_features(m, clean, &cf->features));
     } else if (m->has_text) {
-        return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "class '%s' is not cached in the model file, and computing it needs "
-                         "the CLIP tokenizer, which this build does not load yet", clean);
+        return AGPT_FAIL(AGPT_ERR_ARG, "class '%s' is not cached in the model file; computing its text features "
+                         "needs the CLIP vocabulary (bpe_simple_vocab_16e6.txt.gz): pass --clip-vocab FILE", clean);
     } else {
         if (strcmp(clean, "object") == 0)
             return AGPT_FAIL(AGPT_ERR_FORMAT, "the model file has neither a text encoder nor cached features for "

@@ -5,6 +5,7 @@
 #include <stdbool.h>
 
 #include "model/anomaly_map.h"
+#include "model/clip_tokenizer.h"
 #include "model/preprocess.h"
 
 #define VISION_MODEL_MAX_CLASSES 64
@@ -22,6 +23,7 @@ typedef struct VisionModel {
     VisionEncoder vision;
     TextEncoder text;
     bool has_text;              // the file holds the text encoder (else only cached class features are usable)
+    const ClipTokenizer *tokenizer;  // for class names not cached in the file; not owned (vision_model_set_tokenizer)
     PatchDecoder decoder;
     int max_batch;              // images per vision_forward call
     Arena arena;
@@ -40,8 +42,11 @@ Status vision_model_open(VisionModel *m, Engine *e, const char *path, const char
                          DType dtype, int max_batch);
 void vision_model_close(VisionModel *m);
 
+// The CLIP tokenizer used to compute features of class names the file does not cache. Not owned.
+void vision_model_set_tokenizer(VisionModel *m, const ClipTokenizer *tokenizer);
+
 // The [2,E] text features of a class name: cached in the model file ("text_features.<name>"), computed
-// earlier, or computed now with the text encoder. A name that cannot be had (no text encoder and no cache)
+// earlier, or computed now with the text encoder and tokenizer (the prompt ensemble). A name that cannot be had (no text encoder and no cache)
 // falls back to "object", as the reference does for names it does not know; *used_name says which was used.
 Status vision_model_class_features(VisionModel *m, const char *name, const Tensor **features,
                                    const char **used_name);

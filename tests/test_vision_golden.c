@@ -10,6 +10,7 @@
 #include "kernels/ops.h"
 #include "model/anomaly_map.h"
 #include "model/preprocess.h"
+#include "model/vision_model.h"
 #include "runtime/image.h"
 #include "runtime/memory.h"
 #include "runtime/safetensors.h"
@@ -198,6 +199,58 @@ static void run(Engine *e, DType dt, double tol, const char *label) {
     weights_free(&ws);
 }
 
+// The CLIP tokenizer gives the golden ids (open_clip's) for every class's 24 sentences, and VisionModel computes
+// the features of a class the file does not cache ('metal nut') through tokenizer + text encoder + ensemble.
+static void run_tokenizer_and_model(const char *table_path) {
+    printf("== tokenizer and VisionModel ==\n");
+    char vocab[1200];
+    snprintf(vocab, sizeof vocab, "%s/clip-bpe-simple-vocab-16e6.txt.gz", AGPT_SHARED_DATA);
+    ClipTokenizer *tok = NULL;
+    if (clip_tokenizer_load_file(vocab, &tok) != AGPT_OK) {
+        printf("  no CLIP vocabulary in ../shared/data (%s): this part is skipped\n", agpt_last_error());
+        return;
+    }
+    const char *classes[3] = {"bottle", "metal nut", "object"};
+    for (int c = 0; c < 3; c++) {
+        char gname[96], sentences[PROMPT_SENTENCES][256];
+        snprintf(gname, sizeof gname, "golden.text_ids.%s", classes[c]);
+        Tensor ids;
+        if (st_get(golden, gname, &ids) != AGPT_OK) continue;
+        int n = prompt_sentences(classes[c], sentences, PROMPT_SENTENCES), bad = 0;
+        for (int i = 0; i < n; i++) {
+            int32_t got[CLIP_CONTEXT_LENGTH], want[CLIP_CONTEXT_LENGTH];
+            int count = 0;
+            CHECK_OK(clip_tokenize(tok, sentences[i], got, &count));
+            memcpy(want, (const char *)ids.data + (size_t)i * sizeof want, sizeof want);
+            bad += memcmp(got, want, sizeof got) != 0;
+        }
+        CHECK(n == PROMPT_SENTENCES && bad == 0, "'%s': %d of %d sentences tokenised differently from open_clip",
+              classes[c], bad, n);
+    }
+    Engine cpu;
+    CHECK_OK(engine_create(&cpu, DEV_CPU, 0, 0, 1));
+    char model[1200];
+    snprintf(model, sizeof model, "%s/model.safetensors", dir);
+    VisionModel vm;
+    const char *overlays[1] = {table_path};
+    if (vision_model_open(&vm, &cpu, model, overlays, 1, DT_F32, 1) == AGPT_OK) {
+        vision_model_set_tokenizer(&vm, tok);
+        const Tensor *f = NULL;
+        const char *used = NULL;
+        CHECK_OK(vision_model_class_features(&vm, "metal_nut", &f, &used));
+        if (f) {
+            CHECK(strcmp(used, "metal nut") == 0, "class name used: %s", used);
+            compare("VisionModel features 'metal nut' (tokenizer + text encoder)", f, "golden.text_features.metal nut",
+                    1e-4);
+        }
+        vision_model_close(&vm);
+    } else {
+        CHECK(0, "vision_model_open: %s", agpt_last_error());
+    }
+    engine_destroy(&cpu);
+    clip_tokenizer_free(tok);
+}
+
 int main(int argc, char **argv) {
     snprintf(dir, sizeof dir, "%s/imagebind", argc > 1 ? argv[1] : AGPT_TEST_DATA);
     char path[1200], tmp[] = "/tmp/agpt-vision-XXXXXX", table[1300];
@@ -217,6 +270,7 @@ int main(int argc, char **argv) {
     // A whole model is many ops: DESIGN.md's end-to-end tolerance for fp32 CPU vs PyTorch fp32 is 1e-4.
     run(&cpu, DT_F32, 1e-4, "cpu f32");
     engine_destroy(&cpu);
+    run_tokenizer_and_model(table);
     if (cuda_device_count() > 0) {
         Engine gpu;
         CHECK_OK(engine_create(&gpu, DEV_CUDA, 0, 0, 1));

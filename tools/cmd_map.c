@@ -27,6 +27,8 @@ static void usage(FILE *f) {
             "  --weights F      a file of weights layered over the model (e.g. a trained decoder); repeatable\n"
             "  --reference F    a normal image of the product: few-shot map instead of the zero-shot one; repeatable\n"
             "  --class NAME     the product name for the zero-shot map (default 'object')\n"
+            "  --clip-vocab F   CLIP's bpe_simple_vocab_16e6.txt.gz, to compute a class name the model file does\n"
+            "                   not cache (needs the text encoder in the file)\n"
             "  --squash         resize to 224x224 ignoring the aspect ratio (the web demo's path) instead of\n"
             "                   shorter side + center crop (the reference's inference path)\n"
             "  --device cpu|cuda, --dtype f32|f16|bf16 (cuda; default bf16), --threads N\n"
@@ -82,7 +84,7 @@ static void print_json_line(cJSON *obj) {
 }
 
 int cmd_map(int argc, char **argv) {
-    const char *model = NULL, *class_name = "object", *out_dir = NULL;
+    const char *model = NULL, *class_name = "object", *out_dir = NULL, *clip_vocab = NULL;
     const char *overlays[MAX_LIST], *refs[MAX_LIST], *inputs[MAX_LIST];
     int n_overlays = 0, n_refs = 0, n_inputs = 0, threads = 0, squash = 0;
     Device dev = cuda_device_count() > 0 ? DEV_CUDA : DEV_CPU;
@@ -95,6 +97,7 @@ int cmd_map(int argc, char **argv) {
         else if (!strcmp(a, "--weights")) { VALUE(); PUSH(overlays, n_overlays); }
         else if (!strcmp(a, "--reference")) { VALUE(); PUSH(refs, n_refs); }
         else if (!strcmp(a, "--class")) { VALUE(); class_name = v; }
+        else if (!strcmp(a, "--clip-vocab")) { VALUE(); clip_vocab = v; }
         else if (!strcmp(a, "-o") || !strcmp(a, "--out")) { VALUE(); out_dir = v; }
         else if (!strcmp(a, "--squash")) squash = 1;
         else if (!strcmp(a, "--threads")) { VALUE(); threads = atoi(v); }
@@ -131,6 +134,15 @@ int cmd_map(int argc, char **argv) {
         return cli_report("map", s);
     }
     if (squash) vm.mode = PREPROCESS_SQUASH;
+    ClipTokenizer *tokenizer = NULL;
+    if (clip_vocab) {
+        if ((s = clip_tokenizer_load_file(clip_vocab, &tokenizer))) {
+            vision_model_close(&vm);
+            engine_destroy(&eng);
+            return cli_report("map", s);
+        }
+        vision_model_set_tokenizer(&vm, tokenizer);
+    }
     double t_load = timer_now_s() - t0;
     int rc = 0;
     if (n_refs > 0) {
@@ -190,6 +202,7 @@ int cmd_map(int argc, char **argv) {
     LOG_I("%d image(s) in %.2f s after a %.2f s load", n_inputs, timer_now_s() - t0 - t_load, t_load);
 done:
     vision_model_close(&vm);
+    clip_tokenizer_free(tokenizer);
     engine_destroy(&eng);
     return rc;
 }
