@@ -183,20 +183,33 @@ Status vision_model_class_features(VisionModel *m, const char *name, const Tenso
     return AGPT_OK;
 }
 
-// Preprocesses images[first .. first+n) into m->images rows [0, n).
-static Status upload_images(VisionModel *m, const Image *images, int n) {
+// A square CHW image turned a quarter counterclockwise (torch.rot90 with k = 1 over (H, W)).
+static void rot90_chw(const float *src, float *dst, int S) {
+    for (int c = 0; c < 3; c++)
+        for (int y = 0; y < S; y++)
+            for (int x = 0; x < S; x++) dst[((size_t)c * S + y) * S + x] = src[((size_t)c * S + x) * S + (S - 1 - y)];
+}
+
+// Preprocesses the images into m->images rows [0, n * turns): row i is images[i % n] turned (i / n) quarters.
+static Status upload_images_turned(VisionModel *m, const Image *images, int n, int turns) {
     int S = m->vision.image;
     size_t per = (size_t)3 * S * S;
-    float *chw = NULL;
+    float *chw = NULL, *turned = NULL;
     AGPT_TRY(mem_host_alloc(per * sizeof(float), (void **)&chw));
     void *conv = NULL;
     Status s = mem_host_alloc(per * sizeof(float), &conv);
+    if (s == AGPT_OK) s = mem_host_alloc(per * sizeof(float), (void **)&turned);
     DType dt = m->images.dtype;
-    for (int i = 0; i < n && s == AGPT_OK; i++) {
-        s = preprocess_image(&images[i], m->mode, S, chw);
+    for (int i = 0; i < n * turns && s == AGPT_OK; i++) {
+        s = preprocess_image(&images[i % n], m->mode, S, chw);
         if (s != AGPT_OK) {
-            s = agpt_add_context(s, "image %d", i);
+            s = agpt_add_context(s, "image %d", i % n);
             break;
+        }
+        for (int t = 0; t < i / n; t++) {  // a quarter turn at a time: at most three, on 224x224
+            rot90_chw(chw, turned, S);
+            float *swap = chw;
+            chw = turned, turned = swap;
         }
         convert_host(conv, dt, chw, DT_F32, per);
         Tensor host = tensor_1d(conv, dt, DEV_CPU, (int64_t)per);
@@ -205,9 +218,12 @@ static Status upload_images(VisionModel *m, const Image *images, int n) {
         s = tensor_copy(&dst, &host);
     }
     mem_host_free(chw);
+    mem_host_free(turned);
     mem_host_free(conv);
     return s;
 }
+
+static Status upload_images(VisionModel *m, const Image *images, int n) { return upload_images_turned(m, images, n, 1); }
 
 // Runs the encoder on the first n rows of m->images; taps and embedding views of n images come back.
 static Status encode(VisionModel *m, int n, Tensor taps[VISION_TAPS], Tensor *embedding) {
@@ -224,11 +240,12 @@ static Status encode(VisionModel *m, int n, Tensor taps[VISION_TAPS], Tensor *em
 Status vision_model_set_references(VisionModel *m, const Image *refs, int k) {
     fewshot_refs_free(&m->refs);
     if (k == 0) return AGPT_OK;
-    AGPT_CHECK_ARG(k <= m->max_batch, "%d reference images but the model was opened for batches of %d; open it "
-                   "with a larger batch", k, m->max_batch);
-    AGPT_TRY(upload_images(m, refs, k));
+    int turns = m->augment_rotations ? 4 : 1;
+    AGPT_CHECK_ARG(k * turns <= m->max_batch, "%d reference images%s but the model was opened for batches of %d; "
+                   "open it with a larger batch", k * turns, turns > 1 ? " (with rotations)" : "", m->max_batch);
+    AGPT_TRY(upload_images_turned(m, refs, k, turns));
     Tensor taps[VISION_TAPS], emb;
-    AGPT_TRY(encode(m, k, taps, &emb));
+    AGPT_TRY(encode(m, k * turns, taps, &emb));
     return fewshot_refs_build(m->engine, taps, &m->refs);
 }
 
@@ -237,7 +254,8 @@ Status vision_model_map(VisionModel *m, const Image *images, int n, const char *
     AGPT_CHECK_ARG(n >= 1 && n <= m->max_batch, "vision_model_map: %d images for a batch of %d", n, m->max_batch);
     const Tensor *features = NULL;
     const char *used = NULL;
-    if (m->refs.k == 0) AGPT_TRY(vision_model_class_features(m, class_name, &features, &used));
+    bool text_map = m->refs.k == 0 || m->fuse_text_map;
+    if (text_map) AGPT_TRY(vision_model_class_features(m, class_name, &features, &used));
     AGPT_TRY(upload_images(m, images, n));
     Tensor taps[VISION_TAPS], emb;
     AGPT_TRY(encode(m, n, taps, &emb));
@@ -248,6 +266,13 @@ Status vision_model_map(VisionModel *m, const Image *images, int n, const char *
     AGPT_TRY(arena_tensor(&m->arena, dt, 3, (int64_t[]){n, S, S}, &map));
     Status s = m->refs.k > 0 ? anomaly_map_fewshot(m->engine, &m->refs, &m->arena, taps, &map)
                              : anomaly_map_text(m->engine, &m->decoder, &m->arena, taps, features, &map);
+    if (s == AGPT_OK && m->refs.k > 0 && m->fuse_text_map) {  // (few-shot + zero-shot) / 2
+        Tensor text;
+        s = arena_tensor(&m->arena, dt, 3, (int64_t[]){n, S, S}, &text);
+        if (s == AGPT_OK) s = anomaly_map_text(m->engine, &m->decoder, &m->arena, taps, features, &text);
+        if (s == AGPT_OK) s = op_axpy(m->engine, &map, &text, 1.0f);
+        if (s == AGPT_OK) s = op_scale(m->engine, &map, 0.5f);
+    }
     if (s == AGPT_OK) s = anomaly_map_scores(&map, scores);
     if (s == AGPT_OK) {  // the maps back to the host as f32
         Tensor raw = map;

@@ -34,6 +34,9 @@ typedef struct VisionModel {
     int n_classes;
     FewShotRefs refs;           // k > 0 once references are set
     PreprocessMode mode;        // how images are resized: the reference's inference path by default
+    // Options beyond the reference's inference, off by default so that the default reproduces it:
+    bool fuse_text_map;         // with references: the mean of the few-shot and the zero-shot maps
+    bool augment_rotations;     // references also seen turned by 90, 180 and 270 degrees (as in training)
 } VisionModel;
 
 // Opens `path` (and optional layered files searched first, e.g. trained deltas), loads the vision encoder and
@@ -52,10 +55,11 @@ Status vision_model_class_features(VisionModel *m, const char *name, const Tenso
                                    const char **used_name);
 
 // Sets the few-shot references (k images, any sizes: each is preprocessed like a query). k = 0 clears them,
-// returning to the zero-shot text map.
+// returning to the zero-shot text map. With augment_rotations, k*4 images go through the encoder, so the model
+// must have been opened with max_batch >= 4k.
 Status vision_model_set_references(VisionModel *m, const Image *refs, int k);
 
-// Maps for n images (n <= max_batch): the few-shot map when references are set, else the zero-shot map for the
-// class. maps: host [n][S][S] float32; scores: [n] (each map's maximum).
+// Maps for n images (n <= max_batch): the few-shot map when references are set (fused with the zero-shot map of
+// the class when fuse_text_map), else the zero-shot map for the class. maps: host [n][S][S] float32; scores: [n] (each map's maximum).
 Status vision_model_map(VisionModel *m, const Image *images, int n, const char *class_name, float *maps,
                         float *scores);

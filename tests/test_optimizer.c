@@ -32,6 +32,7 @@ int main(int argc, char **argv) {
     Engine eng;
     CHECK_OK(engine_create(&eng, DEV_CPU, 0, 0, 1));
     AdamWConfig cfg = adamw_default_config();
+    cfg.schedule = LR_WARMUP_COSINE;  // the golden's LambdaLR
     cfg.lr = meta_f(st, "lr"), cfg.beta1 = meta_f(st, "beta1"), cfg.beta2 = meta_f(st, "beta2");
     cfg.eps = meta_f(st, "eps"), cfg.weight_decay = meta_f(st, "wd"), cfg.grad_clip = meta_f(st, "clip");
     cfg.warmup_steps = atoi(st_metadata(st, "warmup")), cfg.total_steps = atoi(st_metadata(st, "total"));
@@ -73,6 +74,15 @@ int main(int argc, char **argv) {
     // The schedule: 0 -> peak over warmup, cosine down to the floor, flat after.
     CHECK(fabsf(optimizer_lr(&cfg, cfg.warmup_steps) - cfg.lr) < 1e-9f, "peak at the end of warmup");
     CHECK(fabsf(optimizer_lr(&cfg, cfg.total_steps + 5) - cfg.lr * cfg.min_lr_ratio) < 1e-9f, "floor after decay");
+    // The reference's schedule (DeepSpeed WarmupDecayLR, log warmup) on MVTec's numbers: warmup 2268 of 22681.
+    AdamWConfig ref = adamw_default_config();
+    ref.warmup_steps = 2268, ref.total_steps = 22681;
+    double lr0 = 1e-3;
+    CHECK(optimizer_lr(&ref, 1) == 0.0f, "log warmup starts at 0 (ln 1)");
+    CHECK(fabs(optimizer_lr(&ref, 100) - lr0 * log(100.0) / log(2268.0)) < 1e-9, "log warmup at update 100");
+    CHECK(fabs(optimizer_lr(&ref, 2269) - lr0) < 1e-9, "peak right after warmup");
+    CHECK(fabs(optimizer_lr(&ref, 12475) - lr0 * (22681.0 - 12474) / (22681 - 2268)) < 1e-9, "linear decay");
+    CHECK(optimizer_lr(&ref, 30000) == 0.0f, "0 after total");
     // A diverged gradient is an error, not a silent NaN update.
     g0[3] = NAN;
     CHECK_OK(optimizer_init(&opt, &eng, &cfg, 2, params, grads));

@@ -247,6 +247,44 @@ static void run_tokenizer_and_model(const char *table_path) {
     } else {
         CHECK(0, "vision_model_open: %s", agpt_last_error());
     }
+    // The options beyond the reference: rotation-augmented references, and the fused map.
+    if (vision_model_open(&vm, &cpu, model, overlays, 1, DT_F32, 8) == AGPT_OK) {
+        Image query, refs[2];
+        char p[1300];
+        snprintf(p, sizeof p, "%s/query.png", dir);
+        CHECK_OK(image_load(p, &query));
+        for (int i = 0; i < 2; i++) {
+            snprintf(p, sizeof p, "%s/ref%d.png", dir, i);
+            CHECK_OK(image_load(p, &refs[i]));
+        }
+        float *map = malloc(224 * 224 * sizeof(float)), score = 0;
+        struct { bool rotate, fuse; const char *golden, *what; } cases[2] = {
+            {true, false, "golden.stats_fewshot_rot", "few-shot, references with 4 rotations"},
+            {false, true, "golden.stats_fused_bottle", "few-shot fused with zero-shot 'bottle'"}};
+        for (int c = 0; c < 2; c++) {
+            vm.augment_rotations = cases[c].rotate;
+            vm.fuse_text_map = cases[c].fuse;
+            CHECK_OK(vision_model_set_references(&vm, refs, 2));
+            CHECK_OK(vision_model_map(&vm, &query, 1, "bottle", map, &score));
+            double mean = 0;
+            for (int i = 0; i < 224 * 224; i++) mean += map[i];
+            mean /= 224 * 224;
+            int64_t n;
+            float *want = golden_f32(cases[c].golden, &n);
+            if (want) {
+                printf("  %-44s max %.6f (torch %.6f) mean %.6f (torch %.6f)\n", cases[c].what, (double)score,
+                       (double)want[0], mean, (double)want[1]);
+                CHECK(fabs(score - want[0]) <= 1e-4 * fabs(want[0]) && fabs(mean - want[1]) <= 1e-4 * fabs(want[1]),
+                      "%s: max/mean differ from PyTorch", cases[c].what);
+                free(want);
+            }
+        }
+        free(map);
+        image_free(&query);
+        image_free(&refs[0]);
+        image_free(&refs[1]);
+        vision_model_close(&vm);
+    }
     engine_destroy(&cpu);
     clip_tokenizer_free(tok);
 }

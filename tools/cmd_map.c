@@ -31,6 +31,8 @@ static void usage(FILE *f) {
             "                   not cache (needs the text encoder in the file)\n"
             "  --squash         resize to 224x224 ignoring the aspect ratio (the web demo's path) instead of\n"
             "                   shorter side + center crop (the reference's inference path)\n"
+            "  --fuse-text-map  with references: the mean of the few-shot and zero-shot maps (off: the reference)\n"
+            "  --rotate-references  also use each reference turned 90/180/270 degrees (off: the reference)\n"
             "  --device cpu|cuda, --dtype f32|f16|bf16 (cuda; default bf16), --threads N\n"
             "  -o, --out DIR    where heatmaps and raw maps go (created if missing)\n");
 }
@@ -86,7 +88,7 @@ static void print_json_line(cJSON *obj) {
 int cmd_map(int argc, char **argv) {
     const char *model = NULL, *class_name = "object", *out_dir = NULL, *clip_vocab = NULL;
     const char *overlays[MAX_LIST], *refs[MAX_LIST], *inputs[MAX_LIST];
-    int n_overlays = 0, n_refs = 0, n_inputs = 0, threads = 0, squash = 0;
+    int n_overlays = 0, n_refs = 0, n_inputs = 0, threads = 0, squash = 0, fuse = 0, rotate = 0;
     Device dev = cuda_device_count() > 0 ? DEV_CUDA : DEV_CPU;
     DType dt = DT_BF16;
     for (int i = 1; i < argc; i++) {
@@ -100,6 +102,8 @@ int cmd_map(int argc, char **argv) {
         else if (!strcmp(a, "--clip-vocab")) { VALUE(); clip_vocab = v; }
         else if (!strcmp(a, "-o") || !strcmp(a, "--out")) { VALUE(); out_dir = v; }
         else if (!strcmp(a, "--squash")) squash = 1;
+        else if (!strcmp(a, "--fuse-text-map")) fuse = 1;
+        else if (!strcmp(a, "--rotate-references")) rotate = 1;
         else if (!strcmp(a, "--threads")) { VALUE(); threads = atoi(v); }
         else if (!strcmp(a, "--device")) {
             VALUE();
@@ -127,13 +131,16 @@ int cmd_map(int argc, char **argv) {
     Engine eng;
     if ((s = engine_create(&eng, dev, 0, threads, 1))) return cli_report("map", s);
     VisionModel vm;
-    int batch = n_refs > 1 ? n_refs : 1;
+    int batch = n_refs * (rotate ? 4 : 1);
+    if (batch < 1) batch = 1;
     double t0 = timer_now_s();
     if ((s = vision_model_open(&vm, &eng, model, overlays, n_overlays, dt, batch))) {
         engine_destroy(&eng);
         return cli_report("map", s);
     }
     if (squash) vm.mode = PREPROCESS_SQUASH;
+    vm.fuse_text_map = fuse;
+    vm.augment_rotations = rotate;
     ClipTokenizer *tokenizer = NULL;
     if (clip_vocab) {
         if ((s = clip_tokenizer_load_file(clip_vocab, &tokenizer))) {
@@ -165,7 +172,7 @@ int cmd_map(int argc, char **argv) {
     }
     const Tensor *features;
     const char *used_class = class_name;
-    if (n_refs == 0 && (s = vision_model_class_features(&vm, class_name, &features, &used_class))) {
+    if ((n_refs == 0 || fuse) && (s = vision_model_class_features(&vm, class_name, &features, &used_class))) {
         rc = cli_report("map", s);
         mem_host_free(map);
         goto done;
@@ -186,9 +193,9 @@ int cmd_map(int argc, char **argv) {
         }
         if (s == AGPT_OK) {
             cJSON_AddNumberToObject(line, "score", score);
-            cJSON_AddStringToObject(line, "mode", n_refs ? "few-shot" : "zero-shot");
-            if (n_refs) cJSON_AddNumberToObject(line, "references", n_refs);
-            else cJSON_AddStringToObject(line, "class", used_class);
+            cJSON_AddStringToObject(line, "mode", !n_refs ? "zero-shot" : fuse ? "few-shot+zero-shot" : "few-shot");
+            if (n_refs) cJSON_AddNumberToObject(line, "references", n_refs * (rotate ? 4 : 1));
+            if (!n_refs || fuse) cJSON_AddStringToObject(line, "class", used_class);
             cJSON_AddStringToObject(line, "heatmap", heat);
             cJSON_AddStringToObject(line, "map", raw);
             cJSON_AddNumberToObject(line, "ms", 1e3 * (timer_now_s() - t1));

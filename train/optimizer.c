@@ -7,11 +7,19 @@
 #include "runtime/memory.h"
 
 AdamWConfig adamw_default_config(void) {
-    return (AdamWConfig){.lr = 1e-3f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.001f,
+    return (AdamWConfig){.schedule = LR_WARMUP_LOG_LINEAR_DECAY, .lr = 1e-3f, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.001f,
                          .warmup_steps = 0, .total_steps = 0, .min_lr_ratio = 0.0f, .grad_clip = 1.0f};
 }
 
 float optimizer_lr(const AdamWConfig *cfg, int step) {
+    if (cfg->schedule == LR_WARMUP_LOG_LINEAR_DECAY) {
+        // DeepSpeed's WarmupDecayLR counts updates from 0 (inferred: the scheduler steps after each update).
+        double i = step - 1, W = cfg->warmup_steps, T = cfg->total_steps;
+        if (W > 1 && i < W) return (float)(cfg->lr * log(i + 1) / log(W));
+        if (T <= W) return cfg->lr;
+        double frac = (T - i) / (T - W);
+        return (float)(cfg->lr * (frac > 0 ? frac : 0));
+    }
     if (cfg->warmup_steps > 0 && step <= cfg->warmup_steps) return cfg->lr * (float)step / (float)cfg->warmup_steps;
     if (cfg->total_steps <= cfg->warmup_steps) return cfg->lr;  // no decay configured
     double progress = (double)(step - cfg->warmup_steps) / (double)(cfg->total_steps - cfg->warmup_steps);

@@ -4,18 +4,29 @@
 #pragma once
 #include "kernels/ops.h"
 
+typedef enum LrSchedule {
+    // The reference's (DeepSpeed WarmupDecayLR with its default log warmup): for the 0-based update index i,
+    // lr * ln(i + 1) / ln(warmup) while i < warmup, then lr * max(0, (total - i) / (total - warmup)).
+    LR_WARMUP_LOG_LINEAR_DECAY = 0,
+    // Linear warmup from 0, then cosine decay to lr * min_lr_ratio at total_steps.
+    LR_WARMUP_COSINE = 1,
+} LrSchedule;
+
 typedef struct AdamWConfig {
+    LrSchedule schedule;
     float lr;              // peak learning rate
     float beta1, beta2;
     float eps;
     float weight_decay;
-    int warmup_steps;      // linear ramp from 0 to lr over these steps
-    int total_steps;       // cosine decay from lr to lr * min_lr_ratio by this step
-    float min_lr_ratio;
+    int warmup_steps;      // ramp from 0 to lr over these steps
+    int total_steps;       // the decay reaches its end at this step (0: no decay)
+    float min_lr_ratio;    // cosine schedule only: the floor
     float grad_clip;       // clip the global L2 norm of all gradients to this; <= 0 disables
 } AdamWConfig;
 
-AdamWConfig adamw_default_config(void);  // lr 1e-3, betas (0.9, 0.95), eps 1e-8, wd 0.001, clip 1.0
+// The reference's recipe: lr 1e-3, betas (0.9, 0.95), eps 1e-8, weight decay 0.001, clip 1.0, log warmup then
+// linear decay (set warmup_steps and total_steps from the data: the reference uses warmup = 10% of total).
+AdamWConfig adamw_default_config(void);
 
 typedef struct Optimizer {
     AdamWConfig cfg;

@@ -15,6 +15,8 @@ Writes tests/data/imagebind/:
     golden.map_text.bottle  [224,224]    the zero-shot map of the query for 'bottle'
     golden.map_fewshot      [224,224]    the few-shot map of the query against ref0 and ref1
     golden.score_text.<cls>, golden.score_fewshot   [1] the maps' maxima
+    golden.stats_fused_bottle, golden.stats_fewshot_rot  [2] max and mean of the fused map and of the
+                                         few-shot map with rotation-augmented references
     text_features.<cls>     [2,E]        the same features under the model file's cache name ('metal nut' left out)
 The text token table is stored sparsely (text.token_rows, text.token_values) because a full [49408,C] table
 would be megabytes of random numbers; the model's table is zero elsewhere and the C test rebuilds it.
@@ -196,6 +198,17 @@ def main():
         fs = fewshot_map(q_taps, r_taps)
         tensors["golden.map_fewshot"] = fs
         tensors["golden.score_fewshot"] = fs.max().reshape(1)
+        # Options beyond the reference's inference: the text map fused with the few-shot map (their mean, what
+        # the reference's commented-out code did), and references augmented with the four 90-degree rotations of
+        # the preprocessed image (what the reference's training does, with kornia; torch.rot90 here, equal for
+        # exact quarter turns of a square image). Stored as the maps' max and mean.
+        fused = (fs + text_map(model, q_taps, tensors["golden.text_features.bottle"][None])[0]) / 2
+        tensors["golden.stats_fused_bottle"] = torch.stack([fused.max(), fused.mean()])
+        refs = x[1:]
+        rotated = torch.cat([torch.rot90(refs, k, dims=(2, 3)) for k in range(4)])
+        _, rot_taps = model.encode_image(rotated)
+        fs_rot = fewshot_map(q_taps, rot_taps)
+        tensors["golden.stats_fewshot_rot"] = torch.stack([fs_rot.max(), fs_rot.mean()])
 
     # The weights under their official names, in bf16 (exact: they were rounded to bf16 above).
     for name, p in model.state_dict().items():
