@@ -6,7 +6,7 @@ import math
 import os
 
 import torch
-from safetensors.torch import save_file
+from golden_io import write
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "data", "optimizer.safetensors")
 LR, BETAS, EPS, WD = 2e-3, (0.9, 0.95), 1e-8, 0.01
@@ -43,8 +43,7 @@ def main():
     meta = {"lr": repr(LR), "beta1": repr(BETAS[0]), "beta2": repr(BETAS[1]), "eps": repr(EPS), "wd": repr(WD),
             "warmup": str(WARMUP), "total": str(TOTAL), "min_ratio": repr(MIN_RATIO), "clip": repr(CLIP),
             "steps": str(STEPS), "torch": torch.__version__}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, OUT, metadata=meta)
-    print(f"wrote {OUT}: {len(tensors)} tensors")
+    write(OUT, {k: v.contiguous() for k, v in tensors.items()}, meta)
 
 
 if __name__ == "__main__":
