@@ -3,6 +3,7 @@
 #include "kernels/ops.h"
 
 #include "kernels/cpu/cpu_ops.h"
+#include "runtime/memory.h"
 #ifdef AGPT_WITH_CUDA
 #include "kernels/cuda/cuda_ops.h"
 #endif
@@ -505,8 +506,8 @@ static Status attention_dims(const Engine *e, const Tensor *q, const Tensor *k, 
     AGPT_CHECK_ARG(q->shape[0] == k->shape[0] && q->shape[2] == k->shape[2] && q->shape[3] == k->shape[3],
                    "%s: q %s and k %s differ in batch, heads or head dim", op, DESC(q, a), DESC(k, b));
     int64_t B = q->shape[0], Tq = q->shape[1], Tk = k->shape[1], H = q->shape[2], D = q->shape[3];
-    AGPT_CHECK_ARG(Tk >= Tq || Tq == 0, "%s: %lld queries over %lld keys: a causal step needs Tk >= Tq", op,
-                   (long long)Tq, (long long)Tk);
+    AGPT_CHECK_ARG(Tk >= Tq || Tq == 0, "%s: %lld queries over %lld keys: queries may not outnumber keys (a "
+                   "causal step sees keys up to its own position)", op, (long long)Tq, (long long)Tk);
     dims[0] = B, dims[1] = Tq, dims[2] = Tk, dims[3] = H, dims[4] = D;
     return AGPT_OK;
 }
@@ -518,6 +519,7 @@ Status op_attention(Engine *e, Tensor *out, const Tensor *q, const Tensor *k, co
     AGPT_TRY(attention_dims(e, q, k, v, op, d));
     AGPT_TRY(check_float(e, out, q->dtype, op, "out"));
     AGPT_TRY(check_same_shape(out, q, op, "out and q"));
+    if (tensor_numel(q) == 0) return AGPT_OK;  // no queries: nothing to compute
     if (ON_CUDA(e)) {
 #ifdef AGPT_WITH_CUDA
         return cuda_attention(e, q->dtype, out->data, q->data, k->data, v->data, d[0], d[1], d[2], d[3], d[4],
@@ -542,6 +544,13 @@ Status op_attention_backward(Engine *e, Tensor *dq, Tensor *dk, Tensor *dv, cons
     AGPT_TRY(check_same_shape(dq, q, op, "dq and q"));
     AGPT_TRY(check_same_shape(dk, k, op, "dk and k"));
     AGPT_TRY(check_same_shape(dv, v, op, "dv and v"));
+    if (tensor_numel(q) == 0 || tensor_numel(k) == 0) {  // nothing attends: the key gradients are zero
+        if (tensor_numel(k) > 0) {
+            AGPT_TRY(tensor_zero(dk));
+            AGPT_TRY(tensor_zero(dv));
+        }
+        return AGPT_OK;
+    }
     if (ON_CUDA(e)) {
 #ifdef AGPT_WITH_CUDA
         return cuda_attention_backward(e, dt, dq->data, dk->data, dv->data, dout->data, q->data, k->data, v->data,
@@ -586,6 +595,14 @@ Status op_rope_backward(Engine *e, Tensor *dx, const Tensor *dout, const Tensor 
 
 // ---------------------------------------------------------------------------------------------------------
 // casts and the optimizer
+
+Status op_copy(Engine *e, Tensor *dst, const Tensor *src) {
+    AGPT_TRY(check_tensor(e, dst, "op_copy", "dst"));
+    AGPT_TRY(check_tensor(e, src, "op_copy", "src"));
+    // The engine's CUDA stream is a blocking one, so the runtime's cudaMemcpy on the legacy stream is ordered
+    // with the kernels around it.
+    return tensor_copy(dst, src);
+}
 
 Status op_cast(Engine *e, Tensor *out, const Tensor *x) {
     AGPT_TRY(check_tensor(e, x, "op_cast", "x"));
@@ -787,5 +804,87 @@ Status op_im2patches(Engine *e, Tensor *out, const Tensor *img, int patch) {
 #endif
     }
     cpu_im2patches(F(out), CF(img), B, C, H, W, p);
+    return AGPT_OK;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// prompt learner: the anomaly map's conv stack
+
+Status op_conv2d(Engine *e, Tensor *out, const Tensor *x, const Tensor *w, const Tensor *bias, int padding) {
+    const char *op = "op_conv2d";
+    AGPT_TRY(check_tensor(e, x, op, "x"));
+    DType dt = x->dtype;
+    AGPT_TRY(check_float(e, x, dt, op, "x"));
+    AGPT_TRY(check_float(e, w, dt, op, "w"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    char a[96], b[96], c[96];
+    AGPT_CHECK_ARG(x->ndim == 4 && w->ndim == 4, "op_conv2d: x %s must be [B,Cin,H,W] and w %s [Cout,Cin,k,k]",
+                   DESC(x, a), DESC(w, b));
+    const int64_t B = x->shape[0], Cin = x->shape[1], H = x->shape[2], W = x->shape[3];
+    const int64_t Cout = w->shape[0], k = w->shape[2], p = padding;
+    AGPT_CHECK_ARG(w->shape[1] == Cin && w->shape[3] == k && k >= 1,
+                   "op_conv2d: w %s does not fit x %s: expected [Cout,%lld,k,k] with k >= 1", DESC(w, b), DESC(x, a),
+                   (long long)Cin);
+    AGPT_CHECK_ARG(padding >= 0, "op_conv2d: padding must be >= 0 (got %d)", padding);
+    AGPT_CHECK_ARG(Cin >= 1, "op_conv2d: x %s has no channels", DESC(x, a));
+    const int64_t Ho = H + 2 * p - k + 1, Wo = W + 2 * p - k + 1;
+    AGPT_CHECK_ARG(Ho >= 1 && Wo >= 1, "op_conv2d: a %lldx%lld kernel with padding %d does not fit x %s", (long long)k,
+                   (long long)k, padding, DESC(x, a));
+    AGPT_CHECK_ARG(out->ndim == 4 && out->shape[0] == B && out->shape[1] == Cout && out->shape[2] == Ho &&
+                       out->shape[3] == Wo,
+                   "op_conv2d: out is %s, expected [%lld,%lld,%lld,%lld] for x %s, w %s and padding %d", DESC(out, c),
+                   (long long)B, (long long)Cout, (long long)Ho, (long long)Wo, DESC(x, a), DESC(w, b), padding);
+    if (bias) AGPT_TRY(check_vector(e, bias, dt, Cout, op, "bias"));
+    AGPT_CHECK_ARG(Cin * k * k <= INT32_MAX && Ho * Wo <= INT32_MAX && Cout <= INT32_MAX,
+                   "op_conv2d: x %s with w %s is too large for one GEMM", DESC(x, a), DESC(w, b));
+    if (B == 0 || Cout == 0) return AGPT_OK;
+    AGPT_CHECK_ARG(out->data != x->data, "op_conv2d: out must not alias x");
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_conv2d(e, dt, out->data, x->data, w->data, PTR(bias), B, Cin, H, W, Cout, k, p);
+#endif
+    }
+    return cpu_conv2d(F(out), CF(x), CF(w), bias ? CF(bias) : NULL, B, Cin, H, W, Cout, k, p);
+}
+
+Status op_relu(Engine *e, Tensor *out, const Tensor *x) {
+    const char *op = "op_relu";
+    AGPT_TRY(check_tensor(e, x, op, "x"));
+    DType dt = x->dtype;
+    AGPT_TRY(check_float(e, x, dt, op, "x"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    AGPT_TRY(check_same_shape(out, x, op, "out and x"));
+    int64_t n = tensor_numel(x);
+    if (n == 0) return AGPT_OK;
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_relu(e, dt, out->data, x->data, n);
+#endif
+    }
+    cpu_relu(F(out), CF(x), n);
+    return AGPT_OK;
+}
+
+Status op_maxpool2x2(Engine *e, Tensor *out, const Tensor *x) {
+    const char *op = "op_maxpool2x2";
+    AGPT_TRY(check_tensor(e, x, op, "x"));
+    DType dt = x->dtype;
+    AGPT_TRY(check_float(e, x, dt, op, "x"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    char a[96], b[96];
+    AGPT_CHECK_ARG(x->ndim == 4, "op_maxpool2x2: x %s must be [B,C,H,W]", DESC(x, a));
+    const int64_t B = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
+    AGPT_CHECK_ARG(out->ndim == 4 && out->shape[0] == B && out->shape[1] == C && out->shape[2] == H / 2 &&
+                       out->shape[3] == W / 2,
+                   "op_maxpool2x2: out is %s, expected [%lld,%lld,%lld,%lld] for x %s", DESC(out, b), (long long)B,
+                   (long long)C, (long long)(H / 2), (long long)(W / 2), DESC(x, a));
+    if (tensor_numel(out) == 0) return AGPT_OK;
+    AGPT_CHECK_ARG(out->data != x->data, "op_maxpool2x2: out must not alias x");
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_maxpool2x2(e, dt, out->data, x->data, B * C, H, W);
+#endif
+    }
+    cpu_maxpool2x2(F(out), CF(x), B * C, H, W);
     return AGPT_OK;
 }

@@ -76,6 +76,9 @@ Status op_rope(Engine *e, Tensor *out, const Tensor *x, const Tensor *positions,
 // The rotation is orthogonal, so the backward is the rotation by -angle.
 Status op_rope_backward(Engine *e, Tensor *dx, const Tensor *dout, const Tensor *positions, float base);
 
+// dst = src, same dtype and element count, both on the engine's device, in the engine's stream order.
+Status op_copy(Engine *e, Tensor *dst, const Tensor *src);
+
 // Dtype conversion on the engine's device (f32, f16, bf16), round to nearest even. Same element count.
 Status op_cast(Engine *e, Tensor *out, const Tensor *x);
 
@@ -120,3 +123,15 @@ Status op_affine(Engine *e, Tensor *x, float a, float b);
 //   img [B,C,H,W] -> out [B, (H/p)*(W/p), C*p*p]; patch index py*(W/p) + px; within a row the order is
 //   (c, i, j), the order a Conv2d weight [O,C,p,p] flattens in. H and W must be multiples of p.
 Status op_im2patches(Engine *e, Tensor *out, const Tensor *img, int patch);
+
+// ---- prompt learner: the anomaly map's conv stack ---------------------------------------------------------
+
+// 2-D convolution, stride 1, zero padding `padding` on every side (PyTorch Conv2d(k, padding=p)):
+//   x [B,Cin,H,W], w [Cout,Cin,k,k], bias [Cout] or NULL -> out [B,Cout,H+2p-k+1,W+2p-k+1].
+// out must not alias x.
+Status op_conv2d(Engine *e, Tensor *out, const Tensor *x, const Tensor *w, const Tensor *bias, int padding);
+// out = max(x, 0) elementwise (NaN stays NaN, as torch.relu). out may alias x.
+Status op_relu(Engine *e, Tensor *out, const Tensor *x);
+// 2x2 max pooling, stride 2, floor (PyTorch MaxPool2d(2)): x [B,C,H,W] -> out [B,C,H/2,W/2]; an odd last
+// row or column is dropped. A NaN in a window wins. out must not alias x.
+Status op_maxpool2x2(Engine *e, Tensor *out, const Tensor *x);

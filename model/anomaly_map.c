@@ -76,6 +76,24 @@ size_t anomaly_map_arena_bytes(const PatchDecoder *d, int tokens, int image, int
            padded(S2 * f) + padded(N * f) * 2 + 8 * AGPT_ALIGN;
 }
 
+// All four taps alike ([B,T,C], one dtype, on the engine's device), and the output map of that dtype there too:
+// the maps are built from views of these buffers, which the ops cannot check for themselves.
+static Status check_inputs(const Engine *e, const Tensor taps[VISION_TAPS], const Tensor *map, const char *op) {
+    char a[96], b[96];
+    for (int i = 0; i < VISION_TAPS; i++) {
+        AGPT_CHECK_ARG(taps[i].device == e->device && tensor_same_shape(&taps[i], &taps[0]) &&
+                           taps[i].dtype == taps[0].dtype,
+                       "%s: tap %d is %s, tap 0 is %s; all must match, on %s", op, i,
+                       tensor_describe(&taps[i], a, sizeof a), tensor_describe(&taps[0], b, sizeof b),
+                       device_name(e->device));
+    }
+    AGPT_CHECK_ARG(map->device == e->device && map->dtype == taps[0].dtype && map->ndim == 3 &&
+                       map->shape[0] == taps[0].shape[0] && map->shape[1] == map->shape[2],
+                   "%s: map %s, expected %s[%lld,S,S] on %s", op, tensor_describe(map, a, sizeof a),
+                   dtype_name(taps[0].dtype), (long long)taps[0].shape[0], device_name(e->device));
+    return AGPT_OK;
+}
+
 // The side of the square patch grid of N patches.
 static int grid_side(int64_t N) {
     int g = 1;
@@ -89,8 +107,12 @@ Status anomaly_map_text(Engine *e, const PatchDecoder *d, Arena *arena, const Te
     const Tensor *t0 = &taps[0];
     AGPT_CHECK_ARG(t0->ndim == 3 && t0->shape[2] == d->in_dim, "anomaly_map_text: tap %s, expected [B,T,%d]",
                    tensor_describe(t0, a, sizeof a), d->in_dim);
+    AGPT_TRY(check_inputs(e, taps, map, "anomaly_map_text"));
     int B = (int)t0->shape[0], T = (int)t0->shape[1], N = T - 1, g = grid_side(N), E = d->out_dim;
     AGPT_CHECK_ARG(g * g == N, "anomaly_map_text: %d patches do not form a square grid", N);
+    AGPT_CHECK_ARG(text_features->dtype == t0->dtype && text_features->device == e->device,
+                   "anomaly_map_text: text features %s must be %s on %s like the taps",
+                   tensor_describe(text_features, a, sizeof a), dtype_name(t0->dtype), device_name(e->device));
     bool per_image = text_features->ndim == 3;
     AGPT_CHECK_ARG((text_features->ndim == 2 && text_features->shape[0] == 2 && text_features->shape[1] == E) ||
                        (per_image && text_features->shape[0] == B && text_features->shape[1] == 2 &&
@@ -138,6 +160,9 @@ Status fewshot_refs_build(Engine *e, const Tensor ref_taps[VISION_TAPS], FewShot
     const Tensor *t0 = &ref_taps[0];
     AGPT_CHECK_ARG(t0->ndim == 3 && t0->shape[0] >= 1, "fewshot_refs_build: reference taps %s, expected [k,T,C]",
                    tensor_describe(t0, a, sizeof a));
+    for (int i = 1; i < VISION_TAPS; i++)
+        AGPT_CHECK_ARG(tensor_same_shape(&ref_taps[i], t0) && ref_taps[i].dtype == t0->dtype &&
+                           ref_taps[i].device == e->device, "fewshot_refs_build: reference tap %d differs from tap 0", i);
     int k = (int)t0->shape[0], T = (int)t0->shape[1], C = (int)t0->shape[2], N = T - 1;
     out->k = k;
     for (int i = 0; i < VISION_TAPS; i++) {
@@ -176,7 +201,11 @@ Status anomaly_map_fewshot(Engine *e, const FewShotRefs *refs, Arena *arena, con
     AGPT_CHECK_ARG(t0->ndim == 3 && t0->shape[2] == refs->patches[0].shape[1],
                    "anomaly_map_fewshot: query tap %s does not match the references' width %lld",
                    tensor_describe(t0, a, sizeof a), (long long)refs->patches[0].shape[1]);
+    AGPT_TRY(check_inputs(e, taps, map, "anomaly_map_fewshot"));
     int B = (int)t0->shape[0], T = (int)t0->shape[1], C = (int)t0->shape[2], N = T - 1, g = grid_side(N);
+    AGPT_CHECK_ARG(refs->patches[0].dtype == t0->dtype && refs->patches[0].device == e->device,
+                   "anomaly_map_fewshot: references are %s on %s, the query %s on %s", dtype_name(refs->patches[0].dtype),
+                   device_name(refs->patches[0].device), dtype_name(t0->dtype), device_name(e->device));
     AGPT_CHECK_ARG(g * g == N && refs->patches[0].shape[0] == (int64_t)refs->k * N,
                    "anomaly_map_fewshot: query has %d patches, references %lld", N,
                    (long long)refs->patches[0].shape[0]);

@@ -60,7 +60,8 @@ static Status parse_taps(const WeightStore *w, int layers, int taps[VISION_TAPS]
     for (int i = 0; i < VISION_TAPS; i++) {
         char *end = NULL;
         long x = strtol(p, &end, 10);
-        if (end == p || x < 0 || x >= layers || (i > 0 && x <= taps[i - 1]) || (i < VISION_TAPS - 1 && *end != ','))
+        if (end == p || x < 0 || x >= layers || (i > 0 && x <= taps[i - 1]) ||
+            (i < VISION_TAPS - 1 ? *end != ',' : *end != 0))
             return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: metadata vision.taps = '%s': want %d increasing block indices "
                              "below %d, comma-separated", w->file_name, v, VISION_TAPS, layers);
         taps[i] = (int)x;
@@ -161,6 +162,13 @@ Status text_load(TextEncoder *t, WeightStore *w) {
     int nd;
     int64_t shape[8];
     AGPT_TRY(weights_read_f32(w, "modality_postprocessors.text.1.log_logit_scale", &scale, &nd, shape));
+    int64_t count = 1;
+    for (int d = 0; d < nd; d++) count *= shape[d];
+    if (count != 1) {
+        mem_host_free(scale);
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: log_logit_scale has %lld elements, expected a scalar", w->file_name,
+                         (long long)count);
+    }
     // LearnableLogitScaling: clip(exp(log_scale), max=100).
     t->logit_scale = fminf(expf(scale[0]), 100.0f);
     mem_host_free(scale);

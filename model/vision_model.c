@@ -25,6 +25,7 @@ Status vision_model_open(VisionModel *m, Engine *e, const char *path, const char
         return s;
     }
     weights_init(&m->weights, e, dtype, m->files[0], n_overlays ? overlays[0] : path);
+    m->weights.file_name = path;  // messages about the model as a whole name the model file
     for (int i = 1; i < m->n_files && s == AGPT_OK; i++)
         s = weights_add_file(&m->weights, m->files[i], i < n_overlays ? overlays[i] : path);
     if (s == AGPT_OK) s = vision_load(&m->vision, &m->weights);
@@ -32,13 +33,13 @@ Status vision_model_open(VisionModel *m, Engine *e, const char *path, const char
     if (s == AGPT_OK && m->decoder.in_dim != m->vision.block.dim)
         s = AGPT_FAIL(AGPT_ERR_FORMAT, "%s: the decoder takes width %d but the vision encoder is %d wide", path,
                       m->decoder.in_dim, m->vision.block.dim);
-    if (s == AGPT_OK) {
-        Status ts = text_load(&m->text, &m->weights);
-        m->has_text = ts == AGPT_OK;
-        if (!m->has_text) {
-            LOG_D("no text encoder in %s (%s): only cached class features are usable", path, agpt_last_error());
-            text_free(&m->text);
-        }
+    // The text encoder is optional (a model file may carry cached class features instead), but one that is
+    // there must load: a broken or half-loaded one is an error, not a silent fallback.
+    if (s == AGPT_OK && weights_has(&m->weights, "modality_preprocessors.text.token_embedding.weight")) {
+        s = text_load(&m->text, &m->weights);
+        m->has_text = s == AGPT_OK;
+    } else if (s == AGPT_OK) {
+        LOG_D("no text encoder in %s: only cached class features are usable", path);
     }
     if (s != AGPT_OK) {
         vision_model_close(m);
@@ -51,10 +52,11 @@ Status vision_model_open(VisionModel *m, Engine *e, const char *path, const char
                                    (size_t)VISION_TAPS * B * T * C * f + 16 * AGPT_ALIGN;
     size_t temps = vision_arena_bytes(v, B);
     if (m->has_text) {
-        size_t tb = text_arena_bytes(&m->text, PROMPT_SENTENCES) + (size_t)PROMPT_SENTENCES * m->text.embed * f;
+        size_t tb = text_arena_bytes(&m->text, PROMPT_SENTENCES) + (size_t)PROMPT_SENTENCES * m->text.embed * f +
+                    (size_t)2 * m->text.embed * f + 4 * AGPT_ALIGN;  // the sentence embeddings and the [2,E] result
         if (tb > temps) temps = tb;
     }
-    size_t maps = anomaly_map_arena_bytes(&m->decoder, T, S, 0) + (size_t)S * S * f * 2;
+    size_t maps = anomaly_map_arena_bytes(&m->decoder, T, S, 0) + (size_t)2 * B * S * S * f;  // map + fused map
     if (maps > temps) temps = maps;
     DType dt = m->weights.dtype;
     s = arena_init(&m->arena, e->device, io + temps + 8 * AGPT_ALIGN);

@@ -105,9 +105,16 @@ static Status upload_converted(WeightStore *w, const void *src, DType src_dt, in
 Status weights_load(WeightStore *w, const char *name, int ndim, const int64_t *shape, Tensor *out) {
     Tensor file_t;
     int index, f = find(w, name, &index);
-    if (f < 0)
-        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: tensor '%s' is missing; is this a model file of the right kind?",
-                         w->file_name, name);
+    if (f < 0) {
+        char files[512];
+        int n = 0;
+        files[0] = 0;
+        for (int i = 0; i < w->n_files && n < (int)sizeof files; i++)
+            n += snprintf(files + n, sizeof files - (size_t)n, "%s%s", i ? ", " : "", w->file_names[i]);
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "tensor '%s' is in none of: %s; is this a model file of the right kind?",
+                         name, files);
+    }
+    const char *file_name = w->file_names[f];
     AGPT_TRY(st_get(w->files[f], name, &file_t));
     char d[96];
     bool ok = file_t.ndim == ndim;
@@ -119,11 +126,11 @@ Status weights_load(WeightStore *w, const char *name, int ndim, const int64_t *s
             n += snprintf(want + n, sizeof want - (size_t)n, shape[i] < 0 ? "%s*" : "%s%lld", i ? "," : "",
                           (long long)shape[i]);
         if (n < (int)sizeof want) snprintf(want + n, sizeof want - (size_t)n, "]");
-        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: tensor '%s' is %s, expected %s", w->file_name, name,
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: tensor '%s' is %s, expected %s", file_name, name,
                          tensor_describe(&file_t, d, sizeof d), want);
     }
     if (!dtype_is_float(file_t.dtype))
-        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: tensor '%s' is %s; weights must be f32, f16 or bf16", w->file_name,
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: tensor '%s' is %s; weights must be f32, f16 or bf16", file_name,
                          name, tensor_describe(&file_t, d, sizeof d));
     // A file from elsewhere may place a tensor at an offset unaligned for its type: read it through an
     // aligned copy then, since the conversion loads whole elements.
@@ -136,7 +143,7 @@ Status weights_load(WeightStore *w, const char *name, int ndim, const int64_t *s
     }
     Status s = upload_converted(w, src, file_t.dtype, file_t.ndim, file_t.shape, out);
     mem_host_free(aligned);
-    if (s != AGPT_OK) return agpt_add_context(s, "%s: loading '%s'", w->file_name, name);
+    if (s != AGPT_OK) return agpt_add_context(s, "%s: loading '%s'", file_name, name);
     return AGPT_OK;
 }
 

@@ -1,5 +1,6 @@
 #include "runtime/memory.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -11,13 +12,15 @@ static double gib(size_t bytes) { return (double)bytes / (1024.0 * 1024.0 * 1024
 
 Status mem_host_alloc(size_t bytes, void **out) {
     *out = NULL;
+    if (bytes > SIZE_MAX - AGPT_ALIGN)  // a negative size cast to size_t, most likely: rounding would wrap to 0
+        return AGPT_FAIL(AGPT_ERR_OOM, "out of host memory: asked for %zu bytes, more than any machine has", bytes);
     size_t rounded = (bytes + AGPT_ALIGN - 1) / AGPT_ALIGN * AGPT_ALIGN;
     if (rounded == 0) rounded = AGPT_ALIGN;
     void *p = aligned_alloc(AGPT_ALIGN, rounded);
     if (!p)
         return AGPT_FAIL(AGPT_ERR_OOM,
-                         "out of host memory: asked for %zu bytes (%.2f GiB); try a smaller batch, a bf16 "
-                         "model file, or a machine with more RAM", bytes, gib(bytes));
+                         "out of host memory: asked for %zu bytes (%.2f GiB); try a smaller batch, fewer "
+                         "threads' worth of images at once, or a machine with more RAM", bytes, gib(bytes));
     *out = p;
     return AGPT_OK;
 }
@@ -104,7 +107,7 @@ Status mem_device_alloc(size_t bytes, void **out) {
         cudaMemGetInfo(&free_b, &total_b);
         *out = NULL;
         return AGPT_FAIL(AGPT_ERR_OOM, "out of GPU memory: asked for %zu bytes (%.2f GiB), %.2f of %.2f GiB free; "
-                         "try a smaller batch, a shorter context, or --dtype f16", bytes, gib(bytes),
+                         "try a smaller batch or a shorter context (and f16/bf16 rather than f32)", bytes, gib(bytes),
                          gib(free_b), gib(total_b));
     }
     return AGPT_OK;
@@ -178,8 +181,11 @@ void arena_free(Arena *a) {
 
 Status arena_tensor(Arena *a, DType dt, int ndim, const int64_t *shape, Tensor *out) {
     Tensor t = tensor_make(NULL, dt, a->device, ndim, shape);
-    size_t bytes = (tensor_nbytes(&t) + AGPT_ALIGN - 1) / AGPT_ALIGN * AGPT_ALIGN;
-    if (a->used + bytes > a->capacity)
+    for (int i = 0; i < ndim; i++)
+        AGPT_CHECK_ARG(shape[i] >= 0, "arena_tensor: negative dimension %lld", (long long)shape[i]);
+    size_t nbytes = tensor_nbytes(&t);
+    size_t bytes = nbytes > a->capacity ? nbytes : (nbytes + AGPT_ALIGN - 1) / AGPT_ALIGN * AGPT_ALIGN;
+    if (bytes > a->capacity - a->used)
         return AGPT_FAIL(AGPT_ERR_OOM, "activation arena full: %zu bytes used of %zu, %zu more asked for; the "
                          "arena is sized from the config and batch, so this is a sizing bug or a larger batch "
                          "than planned", a->used, a->capacity, bytes);

@@ -74,6 +74,14 @@ if [ -f "$ib/model.safetensors" ]; then
     rc=$?
     [ $rc -eq 1 ] && [ "$(grep -c '"score"' "$tmp/out")" -eq 5 ] && grep -q '"error":".*bad.png' "$tmp/out" ||
         { failed=$((failed + 1)); echo "FAIL map over odd images (exit $rc)"; cat "$tmp/out"; }
+    # Two inputs with the same file name keep separate outputs.
+    mkdir -p "$tmp/a" "$tmp/b"
+    cp "$ib/query.png" "$tmp/a/000.png"
+    cp "$ib/ref0.png" "$tmp/b/000.png"
+    check "map same file names" "$agpt" map --device cpu --model "$ib/model.safetensors" --class bottle \
+        -o "$tmp/same" "$tmp/a/000.png" "$tmp/b/000.png"
+    [ "$(ls "$tmp/same" | grep -c heatmap.png)" -eq 2 ] ||
+        { failed=$((failed + 1)); echo "FAIL same file names overwrite each other"; ls "$tmp/same"; }
     # A 20000x20000 PNG (header and a first data chunk, 400 M pixels): refused before any pixel memory is allocated.
     printf '\x89\x50\x4e\x47\x0d\x0a\x1a\x0a\x00\x00\x00\x0d\x49\x48\x44\x52\x00\x00\x4e\x20\x00\x00\x4e\x20\x08\x02\x00\x00\x00\x6c\x12\xd1\x6e\x00\x00\x00\x0c\x49\x44\x41\x54\x78\x9c\x63\x60\xa0\x0c\x00\x00\x00\x40\x00\x01\xb7\x34\x7c\xef' >"$tmp/huge.png"
     "$agpt" map --device cpu --model "$ib/model.safetensors" --class bottle -o "$tmp/maps" "$tmp/huge.png" >"$tmp/out" 2>&1

@@ -528,6 +528,8 @@ static void test_small_ops(void) {
     CHECK_ERR(op_matmul(&eng, &m3, &m1, &m2, NULL, false, false, 1, 0));  // inner dims differ
     Tensor q = T4(a, 1, 5, 2, 10), k = T4(b, 1, 4, 2, 10), o = T4(c, 1, 5, 2, 10);
     CHECK_ERR(op_attention(&eng, &o, &q, &k, &k, true, 1));  // 5 queries over 4 keys
+    Tensor q0 = T4(a, 1, 0, 2, 10), o0 = T4(c, 1, 0, 2, 10);
+    CHECK_OK(op_attention(&eng, &o0, &q0, &k, &k, true, 1));  // no queries: nothing to do, no crash
     free(a), free(b), free(c), free(ref), free(h);
 }
 

@@ -816,6 +816,96 @@ static void run_dtype(DType dt) {
     printf("== %s done in %.1f s ==\n", dtype_name(dt), timer_now_s() - t0);
 }
 
+// ---- prompt learner: conv2d, relu, maxpool2x2 -----------------------------------------------------------------
+
+static void test_conv2d(DType dt, int64_t B, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t k, int64_t pad,
+                        bool bias, int off) {
+    begin_case("conv2d %s x [%lld,%lld,%lld,%lld] w [%lld,%lld,%lld,%lld] pad %lld%s%s", dtype_name(dt),
+               (long long)B, (long long)Cin, (long long)H, (long long)W, (long long)Cout, (long long)Cin,
+               (long long)k, (long long)k, (long long)pad, bias ? " bias" : "", off ? " misaligned" : "");
+    const int64_t Ho = H + 2 * pad - k + 1, Wo = W + 2 * pad - k + 1;
+    const int64_t nx = B * Cin * H * W, nw = Cout * Cin * k * k, no = B * Cout * Ho * Wo;
+    // Maps in [0, 2] (the few-shot map's range), weights at the default init scale 1/sqrt(fan in).
+    float *x = rand_u(nx, dt, 0.0f, 2.0f), *w = rand_n(nw, dt, 1.0f / sqrtf((float)(Cin * k * k)));
+    float *b = bias ? rand_u(Cout, dt, -0.5f, 0.5f) : NULL;
+    void *dx = dev_in(x, nx, dt, off), *dw = dev_in(w, nw, dt, off), *db = bias ? dev_in(b, Cout, dt, off) : NULL;
+    void *dout = dev_out(no, dt, off);
+    RUN(cuda_conv2d(&eng, dt, dout, dx, dw, db, B, Cin, H, W, Cout, k, pad));
+    float *ref = hvec(no);
+    if (cpu_conv2d(ref, x, w, b, B, Cin, H, W, Cout, k, pad) != AGPT_OK) die("cpu_conv2d");
+    expect_close("out", fetch(dout, no, dt), ref, no, tol_for(dt, 1e-5));
+}
+
+static void test_relu(DType dt, int64_t n, int off, bool in_place) {
+    begin_case("relu %s n=%lld%s%s", dtype_name(dt), (long long)n, off ? " misaligned" : "",
+               in_place ? " in-place" : "");
+    float *x = rand_n(n, dt, 1.0f);
+    void *dx = dev_in(x, n, dt, off), *dout = in_place ? dx : dev_out(n, dt, off);
+    RUN(cuda_relu(&eng, dt, dout, dx, n));
+    float *ref = hvec(n);
+    cpu_relu(ref, x, n);
+    expect_exact("out", fetch(dout, n, dt), ref, n);  // a selection: exact in every dtype
+}
+
+static void test_maxpool2x2(DType dt, int64_t BC, int64_t H, int64_t W, bool nan) {
+    begin_case("maxpool2x2 %s [%lld,%lld,%lld]%s", dtype_name(dt), (long long)BC, (long long)H, (long long)W,
+               nan ? " NaN in window 0" : "");
+    const int64_t nx = BC * H * W, no = BC * (H / 2) * (W / 2);
+    float *x = rand_n(nx, dt, 1.0f);
+    if (nan) x[W + 1] = NAN;  // in window (0, 0): max_pool2d propagates it
+    void *dx = dev_in(x, nx, dt, 0), *dout = dev_out(no, dt, 0);
+    RUN(cuda_maxpool2x2(&eng, dt, dout, dx, BC, H, W));
+    float *ref = hvec(no), *out = fetch(dout, no, dt);
+    cpu_maxpool2x2(ref, x, BC, H, W);
+    if (nan) {
+        bool ok = isnan(out[0]) && isnan(ref[0]);
+        printf("%s %-70s NaN wins in its window\n", ok ? "PASS" : "FAIL", case_name);
+        if (ok) test_passed++;
+        else test_failed++;
+        out[0] = ref[0] = 0.0f;
+    }
+    expect_exact("out", out, ref, no);
+}
+
+static void test_conv_errors(void) {
+    begin_case("conv errors");
+    int dummy = 0;
+    CHECK_ERR(cuda_conv2d(&eng, DT_I32, &dummy, &dummy, &dummy, NULL, 1, 1, 4, 4, 1, 3, 1));
+    CHECK_ERR(cuda_conv2d(&eng, DT_F32, &dummy, &dummy, &dummy, NULL, 1, 1, 4, 4, 1, 7, 1));  // kernel > image
+    CHECK_ERR(cuda_conv2d(&eng, DT_F32, &dummy, &dummy, &dummy, NULL, 1, 0, 4, 4, 1, 3, 1));  // no channels
+    CHECK_ERR(cuda_conv2d(&eng, DT_F32, &dummy, &dummy, &dummy, NULL, 1, 1, 4, 4, 1, 3, -1));
+    CHECK_ERR(cuda_relu(&eng, DT_U8, &dummy, &dummy, 1));
+    CHECK_ERR(cuda_maxpool2x2(&eng, DT_F32, &dummy, &dummy, -1, 2, 2));
+    printf("conv argument errors: %d passed, %d failed so far\n", test_passed, test_failed);
+}
+
+static void run_conv(DType dt) {
+    double t0 = timer_now_s();
+    printf("== prompt learner ops %s ==\n", dtype_name(dt));
+    // The PromptLearner's six convolutions (reference section 4) at batch 1 and 2.
+    const int64_t layers[6][5] = {{1, 224, 4, 3, 1},    {4, 112, 16, 3, 1},    {16, 56, 64, 3, 1},
+                                  {64, 28, 256, 3, 1}, {256, 14, 1024, 3, 1}, {1024, 7, 4096, 5, 0}};
+    for (int64_t B = 1; B <= 2; B++)
+        for (int i = 0; i < 6; i++)
+            test_conv2d(dt, B, layers[i][0], layers[i][1], layers[i][1], layers[i][2], layers[i][3], layers[i][4],
+                        true, 0);
+    // Odd sizes: tiles that divide nothing, no bias, 1x1, kernel larger than the image, misaligned pointers.
+    test_conv2d(dt, 2, 3, 7, 5, 5, 3, 1, true, 1);
+    test_conv2d(dt, 3, 2, 9, 11, 70, 5, 0, false, 0);
+    test_conv2d(dt, 1, 5, 6, 4, 3, 1, 0, true, 1);
+    test_conv2d(dt, 1, 1, 3, 3, 2, 5, 1, true, 0);
+    test_conv2d(dt, 1, 33, 17, 19, 65, 3, 1, true, 0);
+    // ReLU over a conv output, in place as the prompt learner runs it; pooling at the real and odd sizes.
+    test_relu(dt, 2 * 4 * 224 * 224, 0, true);
+    test_relu(dt, 1001, 1, false);
+    test_maxpool2x2(dt, 2 * 4, 224, 224, false);
+    test_maxpool2x2(dt, 2 * 1024, 14, 14, false);
+    test_maxpool2x2(dt, 3, 7, 9, false);
+    test_maxpool2x2(dt, 2, 4, 4, true);
+    release_all();
+    printf("== prompt learner ops %s done in %.1f s ==\n", dtype_name(dt), timer_now_s() - t0);
+}
+
 int main(void) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (cuda_device_count() == 0) {
@@ -833,6 +923,10 @@ int main(void) {
     run_vision(DT_F32);
     run_vision(DT_BF16);
     run_vision(DT_F16);
+    test_conv_errors();
+    run_conv(DT_F32);
+    run_conv(DT_BF16);
+    run_conv(DT_F16);
     engine_destroy(&eng);
     return test_summary();
 }

@@ -42,6 +42,7 @@ int cmd_bench_vit(int argc, char **argv) {
         const char *v;
         if (!strcmp(argv[i], "--device")) {
             if (!(v = cli_value(argc, argv, &i, "bench vit"))) return 2;
+            if (strcmp(v, "cpu") && strcmp(v, "cuda")) { fprintf(stderr, "agpt bench vit: --device cpu|cuda\n"); return 2; }
             dev = strcmp(v, "cuda") ? DEV_CPU : DEV_CUDA;
         } else if (!strcmp(argv[i], "--dtype")) {
             if (!(v = cli_value(argc, argv, &i, "bench vit"))) return 2;
@@ -57,6 +58,7 @@ int cmd_bench_vit(int argc, char **argv) {
         } else if (!strcmp(argv[i], "--iters")) {
             if (!(v = cli_value(argc, argv, &i, "bench vit"))) return 2;
             iters = atoi(v);
+            if (iters < 1) { fprintf(stderr, "agpt bench vit: --iters must be >= 1\n"); return 2; }
         } else if (!strcmp(argv[i], "--layers")) {
             if (!(v = cli_value(argc, argv, &i, "bench vit"))) return 2;
             layers = atoi(v);
@@ -76,7 +78,10 @@ int cmd_bench_vit(int argc, char **argv) {
         }
     }
     DType dt = dtype_arg >= 0 ? (DType)dtype_arg : (dev == DEV_CUDA ? DT_BF16 : DT_F32);
-    if (dev == DEV_CPU) dt = DT_F32;
+    if (dev == DEV_CPU && dt != DT_F32) {
+        fprintf(stderr, "agpt bench vit: the CPU backend computes in f32; use --dtype f32\n");
+        return 2;
+    }
     if (!n_batches) {
         if (dev == DEV_CUDA) batches[0] = 1, batches[1] = 8, batches[2] = 64, n_batches = 3;
         else batches[0] = 1, n_batches = 1;
@@ -90,7 +95,7 @@ int cmd_bench_vit(int argc, char **argv) {
     VisionEncoder v;
     double t0 = timer_now_s();
     s = vision_init_random(&v, &ws, 1280, 16, layers, 5120, 14, 224, 1024, 7);
-    if (s) { engine_destroy(&eng); return cli_report("bench vit", s); }
+    if (s) goto fail;
     printf("agpt bench vit: ImageBind-H vision, %d blocks, random weights (%.2f GB, made in %.1f s), %s %s, %d "
            "threads\n", layers, (double)ws.bytes / 1e9, timer_now_s() - t0, device_name(dev), dtype_name(dt),
            eng.num_threads);

@@ -57,8 +57,9 @@ static void stem_of(const char *path, char *out, size_t cap) {
 static Status write_outputs(const VisionModel *m, const Image *img, const float *map, const char *out_dir,
                             const char *stem, char *heatmap_path, char *map_path, size_t cap) {
     int S = m->vision.image;
-    snprintf(map_path, cap, "%s/%s.map.safetensors", out_dir, stem);
-    snprintf(heatmap_path, cap, "%s/%s.heatmap.png", out_dir, stem);
+    if (snprintf(map_path, cap, "%s/%s.map.safetensors", out_dir, stem) >= (int)cap ||
+        snprintf(heatmap_path, cap, "%s/%s.heatmap.png", out_dir, stem) >= (int)cap)
+        return AGPT_FAIL(AGPT_ERR_ARG, "output path %s/%s... is longer than %zu bytes", out_dir, stem, cap);
     StEntry entry = {"anomaly_map", tensor_2d((void *)map, DT_F32, DEV_CPU, S, S)};
     const char *meta[] = {"format", "agpt-anomaly-map-1", "preprocess", preprocess_mode_name(m->mode)};
     AGPT_TRY(st_write(map_path, &entry, 1, meta, 2));
@@ -183,8 +184,19 @@ int cmd_map(int argc, char **argv) {
         double t1 = timer_now_s();
         Image img;
         float score = 0;
-        char stem[256], heat[1200], raw[1200];
+        char stem[256], heat[4096], raw[4096];
         stem_of(inputs[i], stem, sizeof stem);
+        // Two inputs with one file name (MVTec's test/<defect>/000.png) must not overwrite each other's outputs:
+        // then every output carries the input's position.
+        for (int j = 0; j < n_inputs; j++) {
+            char other[256];
+            stem_of(inputs[j], other, sizeof other);
+            if (j != i && strcmp(other, stem) == 0) {
+                size_t len = strlen(stem);
+                snprintf(stem + (len < 240 ? len : 240), sizeof stem - (len < 240 ? len : 240), "_%d", i);
+                break;
+            }
+        }
         s = image_load(inputs[i], &img);
         if (s == AGPT_OK) {
             s = vision_model_map(&vm, &img, 1, used_class, map, &score);

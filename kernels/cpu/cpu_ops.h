@@ -62,3 +62,12 @@ void cpu_axpy(float *y, const float *x, int64_t n, float alpha);  // y += alpha 
 void cpu_affine(float *x, int64_t n, float a, float b);            // x = a * x + b
 // img [B,C,H,W] -> out [B, (H/p)*(W/p), C*p*p], rows in (py, px) order, columns in (c, i, j) order.
 void cpu_im2patches(float *out, const float *img, int64_t B, int64_t C, int64_t H, int64_t W, int64_t p);
+
+// ---- prompt learner: conv stack (kernels/cpu/conv.c) --------------------------------------------------------
+// x [B,Cin,H,W], w [Cout,Cin,k,k], bias [Cout] or NULL -> out [B,Cout,H+2pad-k+1,W+2pad-k+1]; stride 1, zero
+// padding. im2col + SGEMM with bounded column scratch (16 MiB, or one output row); AGPT_ERR_OOM without it.
+Status cpu_conv2d(float *out, const float *x, const float *w, const float *bias, int64_t B, int64_t Cin, int64_t H,
+                  int64_t W, int64_t Cout, int64_t k, int64_t pad);
+void cpu_relu(float *out, const float *x, int64_t n);  // out may alias x
+// x [BC,H,W] -> out [BC,H/2,W/2], 2x2 windows, floor.
+void cpu_maxpool2x2(float *out, const float *x, int64_t BC, int64_t H, int64_t W);

@@ -69,6 +69,15 @@ Status cuda_affine(Engine *e, DType dt, void *x, int64_t n, float a, float b);  
 Status cuda_im2patches(Engine *e, DType dt, void *out, const void *img, int64_t B, int64_t C, int64_t H, int64_t W,
                        int64_t p);
 
+// ---- prompt learner: conv stack (kernels/cuda/conv.cu) ----
+// x [B,Cin,H,W], w [Cout,Cin,k,k], bias [Cout] or NULL -> out [B,Cout,H+2pad-k+1,W+2pad-k+1]; stride 1, zero
+// padding. An implicit GEMM (no column buffer): fp32 accumulation, one rounding to dt at the store.
+Status cuda_conv2d(Engine *e, DType dt, void *out, const void *x, const void *w, const void *bias, int64_t B,
+                   int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t k, int64_t pad);
+Status cuda_relu(Engine *e, DType dt, void *out, const void *x, int64_t n);  // out may alias x
+// x [BC,H,W] -> out [BC,H/2,W/2], 2x2 windows, floor; a NaN in a window wins.
+Status cuda_maxpool2x2(Engine *e, DType dt, void *out, const void *x, int64_t BC, int64_t H, int64_t W);
+
 #ifdef __cplusplus
 }
 #endif

@@ -15,10 +15,12 @@ extern "C" Status engine_cuda_create(Engine *e) {
 
     CUDA_TRY(cudaSetDevice(e->gpu_index));
 
-    // Non-blocking: our stream must not serialise against the legacy default stream that other libraries
-    // (or a stray cudaMemcpy) may use.
+    // A blocking stream: it is ordered with the legacy default stream, where runtime/'s tensor_copy
+    // (cudaMemcpy) and tensor_zero (cudaMemset) run. A non-blocking stream would let a kernel read a buffer
+    // before a copy into it had landed (a pageable host-to-device cudaMemcpy returns before its DMA ends).
+    // The fast path can move copies onto this stream (cudaMemcpyAsync) and then go non-blocking.
     cudaStream_t stream = NULL;
-    CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamDefault));
     e->stream = stream;
 
     cublasLtHandle_t lt = NULL;

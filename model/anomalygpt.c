@@ -1,0 +1,207 @@
+#include "model/anomalygpt.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/ops.h"
+#include "runtime/log.h"
+
+Status anomalygpt_open(AnomalyGPT *a, Engine *e, const char *model, const char *const *overlays, int n_overlays,
+                       const char *tokenizer_path, DType dtype, int max_seq) {
+    memset(a, 0, sizeof *a);
+    a->max_seq = max_seq;
+    AGPT_TRY(vision_model_open(&a->vision, e, model, overlays, n_overlays, dtype, 1));
+    WeightStore *w = &a->vision.weights;
+    Status s = llama_load(&a->llm, w);
+    if (s == AGPT_OK) s = prompt_learner_load(&a->prompts, w);
+    if (s == AGPT_OK) s = llama_proj_load(&a->proj, w);
+    if (s == AGPT_OK && (a->prompts.dim != a->llm.block.dim || a->proj.out_dim != a->llm.block.dim ||
+                         a->proj.in_dim != a->vision.vision.embed))
+        s = AGPT_FAIL(AGPT_ERR_FORMAT, "%s: the parts do not fit: LLM width %d, prompt learner %d, llama_proj "
+                      "%d->%d, vision embedding %d", model, a->llm.block.dim, a->prompts.dim, a->proj.in_dim,
+                      a->proj.out_dim, a->vision.vision.embed);
+    if (s == AGPT_OK) s = sp_load_file(tokenizer_path, &a->tokenizer);
+    if (s == AGPT_OK) s = kv_cache_create(&a->cache, e, &a->llm, 1, max_seq);
+    if (s == AGPT_OK) {
+        int S = a->vision.vision.image, C = a->llm.block.dim;
+        size_t bytes = prompt_learner_arena_bytes(&a->prompts, 1, S, S) + (size_t)S * S * sizeof(float) +
+                       (size_t)max_seq * C * sizeof(float) * 2 + (size_t)(PROMPT_TOKENS + 1) * C * sizeof(float) +
+                       16 * AGPT_ALIGN;
+        s = arena_init(&a->arena, e->device, bytes);
+    }
+    if (s != AGPT_OK) {
+        anomalygpt_close(a);
+        return s;
+    }
+    return AGPT_OK;
+}
+
+void anomalygpt_close(AnomalyGPT *a) {
+    if (a->arena.base) arena_free(&a->arena);
+    if (a->cache.arena.base) kv_cache_free(&a->cache);
+    sp_free(a->tokenizer);
+    llama_free(&a->llm);
+    vision_model_close(&a->vision);
+    memset(a, 0, sizeof *a);
+}
+
+// Appends the embeddings of `text`'s tokens (or of one id when text is NULL) at row *row of embeds.
+static Status append_text(AnomalyGPT *a, const char *text, int32_t single_id, Tensor *embeds, int *row) {
+    Engine *e = a->vision.engine;
+    int cap = a->max_seq, n = 0;
+    int32_t *ids = malloc((size_t)cap * sizeof *ids);
+    if (!ids) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for %d token ids", cap);
+    Status s = AGPT_OK;
+    if (text) {
+        s = sp_encode(a->tokenizer, text, ids, cap, &n);
+    } else {
+        ids[0] = single_id;
+        n = 1;
+    }
+    if (s == AGPT_OK && *row + n > embeds->shape[1])
+        s = AGPT_FAIL(AGPT_ERR_ARG, "the prompt needs more than %lld tokens; the model was opened for %d: shorten "
+                      "the conversation or open it with a longer context", (long long)embeds->shape[1], a->max_seq);
+    if (s == AGPT_OK && n > 0) {
+        Tensor dst = tensor_rows_view(embeds, *row, n);
+        s = llama_embed_tokens(e, &a->llm, ids, n, &dst);
+        *row += n;
+    }
+    free(ids);
+    return s;
+}
+
+Status anomalygpt_input(AnomalyGPT *a, const Image *image, const char *prompt_text, Tensor *embeds, float *map,
+                        float *score, const char **class_name) {
+    Engine *e = a->vision.engine;
+    VisionModel *v = &a->vision;
+    int S = v->vision.image, C = a->llm.block.dim;
+    DType dt = v->weights.dtype;
+    *class_name = v->refs.k > 0 ? "" : conversation_class_name(prompt_text);
+    float *host_map = map ? map : malloc((size_t)S * S * sizeof(float));
+    if (!host_map) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the map");
+    Status s = vision_model_map(v, image, 1, *class_name, host_map, score);
+
+    arena_reset_to(&a->arena, 0);
+    Tensor dev_map, prompts, image_token;
+    if (s == AGPT_OK) s = arena_tensor(&a->arena, dt, 4, (int64_t[]){1, 1, S, S}, &dev_map);
+    if (s == AGPT_OK) s = arena_tensor(&a->arena, dt, 3, (int64_t[]){1, PROMPT_TOKENS, C}, &prompts);
+    if (s == AGPT_OK) s = arena_tensor(&a->arena, dt, 3, (int64_t[]){1, 1, C}, &image_token);
+    if (s == AGPT_OK) s = arena_tensor(&a->arena, dt, 3, (int64_t[]){1, a->max_seq, C}, embeds);
+    if (s == AGPT_OK) {  // the map back onto the device, in the compute dtype, for the prompt learner
+        void *staged = host_map;
+        uint16_t *half = NULL;
+        if (dt != DT_F32) {
+            half = malloc((size_t)S * S * 2);
+            if (!half) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory for the map");
+            else convert_host(half, dt, host_map, DT_F32, (size_t)S * S);
+            staged = half;
+        }
+        Tensor src = tensor_4d(staged, dt, DEV_CPU, 1, 1, S, S);
+        if (s == AGPT_OK) s = tensor_copy(&dev_map, &src);
+        free(half);
+    }
+    if (!map) free(host_map);
+    size_t mark = arena_mark(&a->arena);
+    if (s == AGPT_OK) s = prompt_learner_forward(e, &a->prompts, &a->arena, &dev_map, &prompts);
+    Tensor cls = tensor_2d(v->embedding.data, dt, e->device, 1, v->vision.embed);  // the query's embedding
+    if (s == AGPT_OK) s = image_token_forward(e, &a->proj, &cls, &image_token);
+    arena_reset_to(&a->arena, mark);
+    if (s != AGPT_OK) return s;
+
+    // [<s>] "### Human: <Img>" [image] "</Img> " [18 prompts] prompt_text + "\n### Assistant:"
+    int row = 0;
+    Tensor rows = tensor_2d(embeds->data, dt, e->device, a->max_seq, C);
+    char *tail = malloc(strlen(prompt_text) + sizeof CONV_ASSISTANT);
+    if (!tail) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the prompt");
+    strcpy(tail, prompt_text);
+    strcat(tail, CONV_ASSISTANT);
+    Tensor rows3 = tensor_3d(rows.data, dt, e->device, 1, a->max_seq, C);
+    s = append_text(a, NULL, sp_bos_id(a->tokenizer), &rows3, &row);
+    if (s == AGPT_OK) s = append_text(a, CONV_PROMPT_START, 0, &rows3, &row);
+    if (s == AGPT_OK && row + 1 + PROMPT_TOKENS > a->max_seq) s = AGPT_FAIL(AGPT_ERR_ARG, "context too short");
+    if (s == AGPT_OK) {
+        Tensor dst = tensor_rows_view(&rows, row, 1), src = tensor_2d(image_token.data, dt, e->device, 1, C);
+        s = op_copy(e, &dst, &src);
+        row += 1;
+    }
+    if (s == AGPT_OK) s = append_text(a, CONV_IMAGE_END, 0, &rows3, &row);
+    if (s == AGPT_OK) {
+        Tensor dst = tensor_rows_view(&rows, row, PROMPT_TOKENS);
+        Tensor src = tensor_2d(prompts.data, dt, e->device, PROMPT_TOKENS, C);
+        s = op_copy(e, &dst, &src);
+        row += PROMPT_TOKENS;
+    }
+    if (s == AGPT_OK) s = append_text(a, tail, 0, &rows3, &row);
+    free(tail);
+    if (s == AGPT_OK) *embeds = tensor_3d(embeds->data, dt, e->device, 1, row, C);
+    return s;
+}
+
+// Host f32 logits of the one sequence after a prefill or decode step.
+static Status read_logits(AnomalyGPT *a, const Tensor *logits, float *host) {
+    Tensor raw = *logits;
+    raw.device = DEV_CPU;
+    raw.data = logits->dtype == DT_F32 ? (void *)host : a->cache.host_raw;
+    AGPT_TRY(tensor_copy(&raw, logits));
+    if (logits->dtype != DT_F32) convert_host(host, DT_F32, raw.data, logits->dtype, (size_t)tensor_numel(logits));
+    return AGPT_OK;
+}
+
+Status anomalygpt_ask(AnomalyGPT *a, const Image *image, const ConversationTurn *history, int n_history,
+                      const char *input, Sampler *sampler, int max_new, AnomalyAnswer *out) {
+    Engine *e = a->vision.engine;
+    float *map = out->map;
+    memset(out, 0, sizeof *out);
+    out->map = map;
+    AGPT_CHECK_ARG(max_new >= 1 && max_new <= (int)(sizeof out->tokens / sizeof out->tokens[0]),
+                   "max_new must be in [1, 1024] (got %d)", max_new);
+    char *prompt_text = conversation_prompt_text(history, n_history, input);
+    if (!prompt_text) return AGPT_ERR_OOM;
+    Tensor embeds;
+    Status s = anomalygpt_input(a, image, prompt_text, &embeds, out->map, &out->score, &out->class_name);
+    free(prompt_text);
+    AGPT_TRY(s);
+    int T = (int)embeds.shape[1], V = a->llm.vocab;
+    out->prefix_tokens = T;
+    AGPT_CHECK_ARG(T + max_new - 1 <= a->max_seq, "the prompt (%d tokens) and %d new tokens do not fit the "
+                   "context of %d", T, max_new, a->max_seq);
+    float *logits = malloc((size_t)V * sizeof(float));
+    if (!logits) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for logits");
+    Tensor dev_logits = tensor_2d(a->cache.logits.data, a->cache.logits.dtype, e->device, 1, V);
+    s = llama_prefill(e, &a->llm, &a->cache, &embeds, &dev_logits);
+    int eos = sp_eos_id(a->tokenizer);
+    bool hashes = false;
+    for (int i = 0; s == AGPT_OK && i < max_new; i++) {
+        s = read_logits(a, &dev_logits, logits);
+        int32_t tok = 0;
+        if (s == AGPT_OK) {
+            if (sampler) {
+                s = sampler_next(sampler, logits, &tok);
+            } else {  // greedy: the first maximum, as torch.argmax
+                for (int j = 1; j < V; j++)
+                    if (logits[j] > logits[tok]) tok = j;
+            }
+        }
+        if (s != AGPT_OK) break;
+        out->tokens[out->n_tokens++] = tok;
+        hashes |= tok == CONV_STOP_TOKEN;
+        if (hashes || tok == eos || i + 1 == max_new) break;
+        s = llama_decode_step(e, &a->llm, &a->cache, &tok, &dev_logits);
+    }
+    free(logits);
+    AGPT_TRY(s);
+    // decode(outputs[:-2], skip_special_tokens=True): drop the last two tokens, skip control ids and rows the
+    // tokenizer does not have (Vicuna v0's 32001st row).
+    int keep = out->n_tokens >= 2 ? out->n_tokens - 2 : 0, n = 0;
+    int32_t *ids = malloc((size_t)(keep > 0 ? keep : 1) * sizeof *ids);
+    if (!ids) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the answer");
+    int bos = sp_bos_id(a->tokenizer), unk = sp_unk_id(a->tokenizer);
+    for (int i = 0; i < keep; i++) {
+        int32_t t = out->tokens[i];
+        if (t == bos || t == eos || t == unk || t < 0 || t >= sp_vocab_size(a->tokenizer)) continue;
+        ids[n++] = t;
+    }
+    s = sp_decode(a->tokenizer, ids, n, &out->text);
+    free(ids);
+    return s;
+}

@@ -1,0 +1,53 @@
+// AnomalyGPT assembled (anomalygpt-reference.md 0, 5.4-5.6): image -> anomaly map -> prompt learner, image
+// token, LLM input embeddings -> the answer.
+//
+//   E = [emb(<s>)] + emb("### Human: <Img>") + llama_proj(cls_emb) + emb("</Img> ") + prompts18
+//     + emb(tok(prompt_text + "\n### Assistant:"))          (each piece tokenised on its own)
+//
+// The map is the few-shot map when references are set, else the zero-shot map of the class the prompt text
+// names (conversation_class_name); it is both the pixel output and the prompt learner's input. Generation stops
+// once "##" (2277) has appeared or at </s>; the answer is the decoded tokens without the last two (normally "\n"
+// and "##"), special tokens skipped, as the reference's decode(outputs[0][:-2], skip_special_tokens=True).
+#pragma once
+#include "model/conversation.h"
+#include "model/llama.h"
+#include "model/prompt_learner.h"
+#include "model/sampler.h"
+#include "model/sp_tokenizer.h"
+#include "model/vision_model.h"
+
+typedef struct AnomalyGPT {
+    VisionModel vision;     // opens the model file(s); its WeightStore holds every weight
+    Llama llm;
+    PromptLearner prompts;
+    LlamaProj proj;
+    SpTokenizer *tokenizer; // owned
+    KvCache cache;
+    int max_seq;            // prefix + answer tokens the cache holds
+    Arena arena;            // the map on the device, prompt learner temporaries, the input embeddings
+} AnomalyGPT;
+
+// Opens the model (and layered files), loads every part; the SentencePiece model comes from tokenizer_path.
+Status anomalygpt_open(AnomalyGPT *a, Engine *e, const char *model, const char *const *overlays, int n_overlays,
+                       const char *tokenizer_path, DType dtype, int max_seq);
+void anomalygpt_close(AnomalyGPT *a);
+
+typedef struct AnomalyAnswer {
+    float score;               // the map's maximum
+    float *map;                // host [S*S], caller-provided (may be NULL)
+    const char *class_name;    // the class whose text features made the map ("" for the few-shot map)
+    char *text;                // malloc'd answer (caller frees)
+    int32_t tokens[1024];      // generated ids, stop tokens included
+    int n_tokens;
+    int prefix_tokens;         // length of the LLM input
+} AnomalyAnswer;
+
+// The LLM input for an image and a prompt text: embeds [1,T,C] in the model's arena (valid until the next
+// call), the map (host, when map is not NULL) and score, and the class used.
+Status anomalygpt_input(AnomalyGPT *a, const Image *image, const char *prompt_text, Tensor *embeds, float *map,
+                        float *score, const char **class_name);
+
+// One turn: the prompt text of history + input (conversation_prompt_text), the map, and the answer.
+// sampler NULL means greedy. max_new <= 1024.
+Status anomalygpt_ask(AnomalyGPT *a, const Image *image, const ConversationTurn *history, int n_history,
+                      const char *input, Sampler *sampler, int max_new, AnomalyAnswer *out);

@@ -1,0 +1,425 @@
+#include "model/llama.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/ops.h"
+#include "runtime/log.h"
+
+#define SHAPE(...) ((const int64_t[]){__VA_ARGS__})
+
+static size_t padded(size_t bytes) { return (bytes + AGPT_ALIGN - 1) / AGPT_ALIGN * AGPT_ALIGN; }
+
+// tensor_copy runs on the legacy stream while the ops run on the engine's non-blocking stream: finish the
+// stream's work before the copy and the copy before the next op, so neither reads half-written data.
+static Status copy_ordered(Engine *e, Tensor *dst, const Tensor *src) {
+    if (e->device != DEV_CPU) AGPT_TRY(engine_synchronize(e));
+    AGPT_TRY(tensor_copy(dst, src));
+    if (e->device != DEV_CPU) AGPT_TRY(cuda_synchronize());
+    return AGPT_OK;
+}
+
+// A float metadata value, or `fallback` when absent.
+static Status meta_float(const WeightStore *w, const char *key, float fallback, float *out) {
+    const char *v = weights_meta(w, key);
+    if (!v) {
+        *out = fallback;
+        return AGPT_OK;
+    }
+    char *end = NULL;
+    double x = strtod(v, &end);
+    if (end == v || *end != 0 || !isfinite(x) || x <= 0)
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: metadata '%s' = '%s' is not a positive number", w->file_name, key, v);
+    *out = (float)x;
+    return AGPT_OK;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Loading and the LoRA merge
+
+static const char *const LORA_FORMS[] = {
+    "base_model.model.model.layers.%d.self_attn.%s.lora_%s.weight",
+    "base_model.model.model.layers.%d.self_attn.%s.lora_%s.default.weight",
+    "llama_model.base_model.model.model.layers.%d.self_attn.%s.lora_%s.default.weight",
+    "model.layers.%d.self_attn.%s.lora_%s.weight",
+};
+#define N_LORA_FORMS (int)(sizeof LORA_FORMS / sizeof LORA_FORMS[0])
+
+static void lora_name(char *buf, size_t size, int form, int layer, const char *proj, const char *ab) {
+    snprintf(buf, size, LORA_FORMS[form], layer, proj, ab);
+}
+
+// Host f32 [rows, cols] in the store's dtype, uploaded into an arena tensor on the engine's device.
+static Status upload_to_arena(Engine *e, Arena *arena, DType dt, const float *host, int64_t rows, int64_t cols,
+                              void *staging, Tensor *out) {
+    AGPT_TRY(arena_tensor(arena, dt, 2, SHAPE(rows, cols), out));
+    size_t n = (size_t)(rows * cols);
+    if (convert_host(staging, dt, host, DT_F32, n) != 0)
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "cannot convert LoRA factors to %s", dtype_name(dt));
+    Tensor h = tensor_2d(staging, dt, DEV_CPU, rows, cols);
+    return copy_ordered(e, out, &h);
+}
+
+// W += (alpha / r) * B @ A for one projection, computed on the device by op_matmul (fp32 accumulation).
+static Status merge_one(Engine *e, WeightStore *w, int form, int layer, const char *proj, Tensor *W, float alpha,
+                        Arena *arena, void *staging, int *rank) {
+    char na[256], nb[256];
+    lora_name(na, sizeof na, form, layer, proj, "A");
+    lora_name(nb, sizeof nb, form, layer, proj, "B");
+    float *A = NULL, *B = NULL;
+    int nda = 0, ndb = 0;
+    int64_t sa[8], sb[8];
+    Status s = weights_read_f32(w, na, &A, &nda, sa);
+    if (s == AGPT_OK) s = weights_read_f32(w, nb, &B, &ndb, sb);
+    if (s != AGPT_OK) {
+        mem_host_free(A);
+        return agpt_add_context(s, "%s: LoRA factors for layer 0 were found, so every q/k/v/o needs them",
+                                w->file_name);
+    }
+    int64_t out_dim = W->shape[0], in_dim = W->shape[1];
+    if (nda != 2 || ndb != 2 || sa[1] != in_dim || sb[0] != out_dim || sb[1] != sa[0] || sa[0] < 1 ||
+        sa[0] > in_dim) {
+        mem_host_free(A), mem_host_free(B);
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: LoRA '%s' [%lld,%lld] and '%s' [%lld,%lld] do not fit a [%lld,%lld] "
+                         "weight: want A [r,%lld] and B [%lld,r]", w->file_name, na, (long long)sa[0],
+                         (long long)(nda > 1 ? sa[1] : 0), nb, (long long)sb[0], (long long)(ndb > 1 ? sb[1] : 0),
+                         (long long)out_dim, (long long)in_dim, (long long)in_dim, (long long)out_dim);
+    }
+    int r = (int)sa[0];
+    if (*rank == 0) *rank = r;
+    if (r != *rank) {
+        mem_host_free(A), mem_host_free(B);
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: LoRA '%s' has rank %d but layer 0's q_proj has rank %d (one alpha/r "
+                         "scaling for all is assumed)", w->file_name, na, r, *rank);
+    }
+    size_t mark = arena_mark(arena);
+    Tensor ta, tb;
+    s = upload_to_arena(e, arena, W->dtype, A, r, in_dim, staging, &ta);
+    if (s == AGPT_OK) s = upload_to_arena(e, arena, W->dtype, B, out_dim, r, staging, &tb);
+    mem_host_free(A), mem_host_free(B);
+    if (s == AGPT_OK) s = op_matmul(e, W, &tb, &ta, NULL, false, false, alpha / (float)r, 1.0f);
+    if (s == AGPT_OK) s = engine_synchronize(e);  // before the arena's next upload overwrites A and B
+    arena_reset_to(arena, mark);
+    return s;
+}
+
+static Status merge_lora(Llama *m, WeightStore *w) {
+    m->lora_rank = 0;
+    int form = -1;
+    char name[256];
+    for (int f = 0; f < N_LORA_FORMS && form < 0; f++) {
+        lora_name(name, sizeof name, f, 0, "q_proj", "A");
+        if (weights_has(w, name)) form = f;
+    }
+    if (form < 0) return AGPT_OK;  // no LoRA: the base weights as they are
+    lora_name(name, sizeof name, form, 0, "q_proj", "A");
+    int r0 = (int)weights_dim(w, name, 0);
+    if (r0 < 1) return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: LoRA '%s' has no rank", w->file_name, name);
+    float alpha = 0;
+    AGPT_TRY(meta_float(w, "lora.alpha", (float)r0, &alpha));
+    Engine *e = w->engine;
+    int64_t C = m->block.dim;
+    size_t elems = (size_t)r0 * (size_t)C;  // every projection is [C,C]; a larger rank is refused in merge_one
+    Arena arena = {0};
+    void *staging = NULL;
+    Status s = arena_init(&arena, e->device, 2 * padded(elems * sizeof(float)) + 4 * AGPT_ALIGN);
+    if (s == AGPT_OK) s = mem_host_alloc(elems * sizeof(float), &staging);
+    static const char *const PROJ[4] = {"q_proj", "k_proj", "v_proj", "o_proj"};
+    int rank = r0;
+    for (int l = 0; s == AGPT_OK && l < m->layers; l++) {
+        Tensor *W[4] = {&m->layer[l].wq, &m->layer[l].wk, &m->layer[l].wv, &m->layer[l].wo};
+        for (int p = 0; s == AGPT_OK && p < 4; p++)
+            s = merge_one(e, w, form, l, PROJ[p], W[p], alpha, &arena, staging, &rank);
+    }
+    mem_host_free(staging);
+    arena_free(&arena);
+    AGPT_TRY(s);
+    m->lora_rank = rank;
+    m->lora_alpha = alpha;
+    LOG_D("llama: merged LoRA rank %d, alpha %g (scaling %g) into q,k,v,o of %d layers", rank, (double)alpha,
+          (double)(alpha / rank), m->layers);
+    return AGPT_OK;
+}
+
+Status llama_load(Llama *m, WeightStore *w) {
+    memset(m, 0, sizeof *m);
+    const char *emb = "model.embed_tokens.weight";
+    int64_t V = weights_dim(w, emb, 0), C = weights_dim(w, emb, 1);
+    int64_t I = weights_dim(w, "model.layers.0.mlp.gate_proj.weight", 0);
+    if (V < 1 || C < 1)
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: tensor '%s' is missing; is this a LLaMA model file (HF names)?",
+                         w->file_name, emb);
+    if (I < 1)
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: tensor 'model.layers.0.mlp.gate_proj.weight' is missing; no LLaMA "
+                         "layers in this file", w->file_name);
+    int layers = 0;
+    for (char name[128];; layers++) {
+        snprintf(name, sizeof name, "model.layers.%d.self_attn.q_proj.weight", layers);
+        if (!weights_has(w, name)) break;
+    }
+    int heads;
+    float eps = 0, base = 0;
+    AGPT_TRY(weights_meta_int(w, "llama.heads", 32, &heads));
+    AGPT_TRY(meta_float(w, "llama.rms_eps", 1e-6f, &eps));
+    AGPT_TRY(meta_float(w, "llama.rope_base", 10000.0f, &base));
+    m->block = (LlamaBlockConfig){.dim = (int)C, .heads = heads, .hidden = (int)I, .eps = eps, .rope_base = base};
+    Status s = llama_block_config_check(&m->block);
+    if (s != AGPT_OK) return agpt_add_context(s, "%s: LLaMA config from the shapes and metadata llama.heads",
+                                              w->file_name);
+    if (layers < 1) return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: no LLaMA layers (model.layers.0...)", w->file_name);
+    m->layers = layers;
+    m->vocab = (int)V;
+    m->layer = calloc((size_t)layers, sizeof *m->layer);
+    if (!m->layer) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for %d layer records", layers);
+
+    s = weights_load(w, emb, 2, SHAPE(V, C), &m->embed);
+    for (int l = 0; s == AGPT_OK && l < layers; l++) {
+        LlamaBlockWeights *b = &m->layer[l];
+        const char *p = "model.layers";
+        if (!s) s = weights_loadf(w, 1, SHAPE(C), &b->input_norm, "%s.%d.input_layernorm.weight", p, l);
+        if (!s) s = weights_loadf(w, 2, SHAPE(C, C), &b->wq, "%s.%d.self_attn.q_proj.weight", p, l);
+        if (!s) s = weights_loadf(w, 2, SHAPE(C, C), &b->wk, "%s.%d.self_attn.k_proj.weight", p, l);
+        if (!s) s = weights_loadf(w, 2, SHAPE(C, C), &b->wv, "%s.%d.self_attn.v_proj.weight", p, l);
+        if (!s) s = weights_loadf(w, 2, SHAPE(C, C), &b->wo, "%s.%d.self_attn.o_proj.weight", p, l);
+        if (!s) s = weights_loadf(w, 1, SHAPE(C), &b->post_norm, "%s.%d.post_attention_layernorm.weight", p, l);
+        if (!s) s = weights_loadf(w, 2, SHAPE(I, C), &b->w_gate, "%s.%d.mlp.gate_proj.weight", p, l);
+        if (!s) s = weights_loadf(w, 2, SHAPE(I, C), &b->w_up, "%s.%d.mlp.up_proj.weight", p, l);
+        if (!s) s = weights_loadf(w, 2, SHAPE(C, I), &b->w_down, "%s.%d.mlp.down_proj.weight", p, l);
+    }
+    if (s == AGPT_OK) s = weights_load(w, "model.norm.weight", 1, SHAPE(C), &m->norm);
+    if (s == AGPT_OK) s = weights_load(w, "lm_head.weight", 2, SHAPE(V, C), &m->lm_head);
+    if (s == AGPT_OK) s = merge_lora(m, w);
+    if (s != AGPT_OK) {
+        llama_free(m);
+        return s;
+    }
+    LOG_D("llama: dim %d, %d heads, %d layers, MLP %d, vocab %d, LoRA rank %d", m->block.dim, heads, layers,
+          m->block.hidden, m->vocab, m->lora_rank);
+    return AGPT_OK;
+}
+
+void llama_free(Llama *m) {
+    free(m->layer);
+    memset(m, 0, sizeof *m);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The KV cache
+
+size_t kv_cache_bytes(const Llama *m, int max_batch, int max_seq) {
+    size_t rows = (size_t)max_batch * (size_t)max_seq, C = (size_t)m->block.dim, I = (size_t)m->block.hidden;
+    size_t f = sizeof(float);  // sized for f32, so f16/bf16 fit too
+    return 2 * (size_t)m->layers * padded(rows * C * f)  // k, v
+           + 5 * padded(rows * C * f)                     // x, n, q, att, tmp
+           + 3 * padded(rows * I * f)                     // gate, up, act
+           + padded((size_t)max_batch * C * f)            // last
+           + padded(rows * sizeof(int32_t))               // positions
+           + padded((size_t)max_batch * (size_t)m->vocab * f);  // logits
+}
+
+void kv_cache_free(KvCache *c) {
+    arena_free(&c->arena);
+    free(c->k);
+    free(c->v);
+    mem_host_free(c->host_positions);
+    mem_host_free(c->host_logits);
+    mem_host_free(c->host_raw);
+    memset(c, 0, sizeof *c);
+}
+
+Status kv_cache_create(KvCache *c, Engine *e, const Llama *m, int max_batch, int max_seq) {
+    memset(c, 0, sizeof *c);
+    AGPT_CHECK_ARG(max_batch >= 1 && max_seq >= 1, "kv_cache_create: max_batch %d and max_seq %d must be >= 1",
+                   max_batch, max_seq);
+    c->max_batch = max_batch, c->max_seq = max_seq;
+    c->dtype = m->embed.dtype;
+    int64_t rows = (int64_t)max_batch * max_seq, C = m->block.dim, I = m->block.hidden, V = m->vocab;
+    DType dt = c->dtype;
+    Status s = arena_init(&c->arena, e->device, kv_cache_bytes(m, max_batch, max_seq));
+    if (s != AGPT_OK) {
+        s = agpt_add_context(s, "KV cache for %d sequences of %d tokens (%d layers, dim %d)", max_batch, max_seq,
+                             m->layers, m->block.dim);
+        kv_cache_free(c);
+        return s;
+    }
+    c->k = calloc((size_t)m->layers, sizeof(Tensor));
+    c->v = calloc((size_t)m->layers, sizeof(Tensor));
+    if (!c->k || !c->v) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory for %d layer records", m->layers);
+    for (int l = 0; s == AGPT_OK && l < m->layers; l++) {
+        s = arena_tensor(&c->arena, dt, 2, SHAPE(rows, C), &c->k[l]);
+        if (s == AGPT_OK) s = arena_tensor(&c->arena, dt, 2, SHAPE(rows, C), &c->v[l]);
+    }
+    Tensor *rc[5] = {&c->x, &c->n, &c->q, &c->att, &c->tmp};
+    for (int i = 0; s == AGPT_OK && i < 5; i++) s = arena_tensor(&c->arena, dt, 2, SHAPE(rows, C), rc[i]);
+    Tensor *ri[3] = {&c->gate, &c->up, &c->act};
+    for (int i = 0; s == AGPT_OK && i < 3; i++) s = arena_tensor(&c->arena, dt, 2, SHAPE(rows, I), ri[i]);
+    if (s == AGPT_OK) s = arena_tensor(&c->arena, dt, 2, SHAPE(max_batch, C), &c->last);
+    if (s == AGPT_OK) s = arena_tensor(&c->arena, DT_I32, 1, SHAPE(rows), &c->positions);
+    if (s == AGPT_OK) s = arena_tensor(&c->arena, dt, 2, SHAPE(max_batch, V), &c->logits);
+    if (s == AGPT_OK) s = mem_host_alloc((size_t)rows * sizeof(int32_t), (void **)&c->host_positions);
+    if (s == AGPT_OK) s = mem_host_alloc((size_t)(max_batch * V) * sizeof(float), (void **)&c->host_logits);
+    if (s == AGPT_OK) s = mem_host_alloc((size_t)(max_batch * V) * dtype_size(dt), &c->host_raw);
+    if (s != AGPT_OK) kv_cache_free(c);
+    return s;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The forward pass over the cache
+
+static Tensor rows_of(const Tensor *t, int64_t row0, int64_t n) { return tensor_rows_view(t, row0, n); }
+static Tensor as4(const Tensor *t, int64_t B, int64_t T, int H, int D) {
+    return tensor_4d(t->data, t->dtype, t->device, B, T, H, D);
+}
+
+// Runs the Tn tokens per sequence already in c->x (rows b*Tn + t) at positions c->pos.. through every layer,
+// appending their keys and values to the cache, and writes the logits of each sequence's last token to
+// logits [batch, V].
+static Status forward_tokens(Engine *e, const Llama *m, KvCache *c, int Tn, Tensor *logits) {
+    const int B = c->batch, pos = c->pos, C = m->block.dim, H = m->block.heads, D = C / H;
+    const int64_t rows = (int64_t)B * Tn, maxT = c->max_seq;
+    const float scale = 1.0f / sqrtf((float)D);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < Tn; t++) c->host_positions[b * Tn + t] = pos + t;
+    Tensor hp = tensor_1d(c->host_positions, DT_I32, DEV_CPU, rows);
+    Tensor positions = tensor_1d(c->positions.data, DT_I32, e->device, rows);
+    AGPT_TRY(copy_ordered(e, &positions, &hp));
+
+    Tensor x = rows_of(&c->x, 0, rows), n = rows_of(&c->n, 0, rows), q = rows_of(&c->q, 0, rows);
+    Tensor att = rows_of(&c->att, 0, rows), tmp = rows_of(&c->tmp, 0, rows);
+    Tensor gate = rows_of(&c->gate, 0, rows), up = rows_of(&c->up, 0, rows), act = rows_of(&c->act, 0, rows);
+    Tensor q4 = as4(&q, B, Tn, H, D);
+    for (int l = 0; l < m->layers; l++) {
+        const LlamaBlockWeights *w = &m->layer[l];
+        // attention: q for all sequences at once; k, v straight into each sequence's cache rows
+        AGPT_TRY(op_rmsnorm(e, &n, NULL, &x, &w->input_norm, m->block.eps));
+        AGPT_TRY(op_linear(e, &q, &n, &w->wq, NULL));
+        AGPT_TRY(op_rope(e, &q4, &q4, &positions, m->block.rope_base));
+        for (int b = 0; b < B; b++) {
+            Tensor nb = rows_of(&n, (int64_t)b * Tn, Tn);
+            Tensor kb = rows_of(&c->k[l], b * maxT + pos, Tn), vb = rows_of(&c->v[l], b * maxT + pos, Tn);
+            Tensor kb4 = as4(&kb, 1, Tn, H, D);
+            Tensor pb = tensor_2d((int32_t *)c->positions.data + (int64_t)b * Tn, DT_I32, e->device, 1, Tn);
+            AGPT_TRY(op_linear(e, &kb, &nb, &w->wk, NULL));
+            AGPT_TRY(op_linear(e, &vb, &nb, &w->wv, NULL));
+            AGPT_TRY(op_rope(e, &kb4, &kb4, &pb, m->block.rope_base));
+        }
+        for (int b = 0; b < B; b++) {
+            Tensor qb = rows_of(&q, (int64_t)b * Tn, Tn), ab = rows_of(&att, (int64_t)b * Tn, Tn);
+            Tensor kall = rows_of(&c->k[l], b * maxT, pos + Tn), vall = rows_of(&c->v[l], b * maxT, pos + Tn);
+            Tensor qb4 = as4(&qb, 1, Tn, H, D), ab4 = as4(&ab, 1, Tn, H, D);
+            Tensor k4 = as4(&kall, 1, pos + Tn, H, D), v4 = as4(&vall, 1, pos + Tn, H, D);
+            AGPT_TRY(op_attention(e, &ab4, &qb4, &k4, &v4, true, scale));
+        }
+        AGPT_TRY(op_linear(e, &tmp, &att, &w->wo, NULL));
+        AGPT_TRY(op_add(e, &x, &x, &tmp));
+        // MLP
+        AGPT_TRY(op_rmsnorm(e, &n, NULL, &x, &w->post_norm, m->block.eps));
+        AGPT_TRY(op_linear(e, &gate, &n, &w->w_gate, NULL));
+        AGPT_TRY(op_linear(e, &up, &n, &w->w_up, NULL));
+        AGPT_TRY(op_swiglu(e, &act, &gate, &up));
+        AGPT_TRY(op_linear(e, &tmp, &act, &w->w_down, NULL));
+        AGPT_TRY(op_add(e, &x, &x, &tmp));
+    }
+    c->pos = pos + Tn;
+    // Final norm and lm_head on each sequence's last token only.
+    Tensor last = rows_of(&c->last, 0, B);
+    for (int b = 0; b < B; b++) {
+        Tensor xb = rows_of(&x, (int64_t)b * Tn + Tn - 1, 1), lb = rows_of(&last, b, 1);
+        AGPT_TRY(op_rmsnorm(e, &lb, NULL, &xb, &m->norm, m->block.eps));
+    }
+    return op_linear(e, logits, &last, &m->lm_head, NULL);
+}
+
+static Status check_logits(const Llama *m, const KvCache *c, const Tensor *logits, int B, const char *fn) {
+    char d[96];
+    AGPT_CHECK_ARG(logits->ndim == 2 && logits->shape[0] == B && logits->shape[1] == m->vocab &&
+                   logits->dtype == c->dtype, "%s: logits %s, expected %s[%d,%d]", fn,
+                   tensor_describe(logits, d, sizeof d), dtype_name(c->dtype), B, m->vocab);
+    return AGPT_OK;
+}
+
+Status llama_prefill(Engine *e, const Llama *m, KvCache *c, const Tensor *embeds, Tensor *logits_last) {
+    char d[96];
+    AGPT_CHECK_ARG(embeds->ndim == 3 && embeds->shape[2] == m->block.dim && embeds->dtype == c->dtype &&
+                   embeds->device == e->device, "llama_prefill: embeds %s, expected %s[B,T,%d] on %s",
+                   tensor_describe(embeds, d, sizeof d), dtype_name(c->dtype), m->block.dim, device_name(e->device));
+    int B = (int)embeds->shape[0], T = (int)embeds->shape[1];
+    AGPT_CHECK_ARG(B >= 1 && B <= c->max_batch && T >= 1 && T <= c->max_seq, "llama_prefill: %d sequences of %d "
+                   "tokens, but the cache holds up to %d of up to %d", B, T, c->max_batch, c->max_seq);
+    AGPT_TRY(check_logits(m, c, logits_last, B, "llama_prefill"));
+    c->batch = B;
+    c->pos = 0;
+    Tensor x = rows_of(&c->x, 0, (int64_t)B * T);
+    AGPT_TRY(copy_ordered(e, &x, embeds));
+    Status s = forward_tokens(e, m, c, T, logits_last);
+    if (s != AGPT_OK) c->batch = 0, c->pos = 0;  // a half-written cache must not be extended
+    return s;
+}
+
+Status llama_embed_tokens(Engine *e, const Llama *m, const int32_t *ids, int n, Tensor *out) {
+    char d[96];
+    AGPT_CHECK_ARG(n >= 1 && tensor_numel(out) == (int64_t)n * m->block.dim && out->dtype == m->embed.dtype &&
+                   out->device == e->device, "llama_embed_tokens: out %s, expected %s with %d x %d elements on %s",
+                   tensor_describe(out, d, sizeof d), dtype_name(m->embed.dtype), n, m->block.dim,
+                   device_name(e->device));
+    for (int i = 0; i < n; i++)
+        AGPT_CHECK_ARG(ids[i] >= 0 && ids[i] < m->vocab, "llama_embed_tokens: token id %d (at %d) is outside the "
+                       "vocabulary of %d", ids[i], i, m->vocab);
+    Tensor flat = tensor_2d(out->data, out->dtype, out->device, n, m->block.dim);
+    if (e->device != DEV_CPU) AGPT_TRY(engine_synchronize(e));
+    for (int i = 0; i < n; i++) {  // one row copy per token: n is the batch, or a short prompt piece
+        Tensor dst = rows_of(&flat, i, 1), src = rows_of(&m->embed, ids[i], 1);
+        AGPT_TRY(tensor_copy(&dst, &src));
+    }
+    if (e->device != DEV_CPU) AGPT_TRY(cuda_synchronize());
+    return AGPT_OK;
+}
+
+Status llama_decode_step(Engine *e, const Llama *m, KvCache *c, const int32_t *tokens, Tensor *logits) {
+    AGPT_CHECK_ARG(c->batch >= 1, "llama_decode_step: the cache is empty: run llama_prefill first");
+    AGPT_CHECK_ARG(c->pos < c->max_seq, "llama_decode_step: the cache is full (%d positions); size it for the "
+                   "prompt plus the tokens to generate", c->max_seq);
+    AGPT_TRY(check_logits(m, c, logits, c->batch, "llama_decode_step"));
+    Tensor x = rows_of(&c->x, 0, c->batch);
+    AGPT_TRY(llama_embed_tokens(e, m, tokens, c->batch, &x));
+    Status s = forward_tokens(e, m, c, 1, logits);
+    if (s != AGPT_OK) c->batch = 0, c->pos = 0;
+    return s;
+}
+
+// The first index of the largest value, as torch.argmax.
+static int32_t argmax(const float *x, int n) {
+    int32_t best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+Status llama_generate_greedy(Engine *e, const Llama *m, KvCache *c, const Tensor *embeds, int max_new,
+                             const int32_t *stop_ids, int n_stop, int32_t *out_ids, int *n_out) {
+    static const int32_t default_stops[2] = {LLAMA_STOP_HASHES, LLAMA_EOS};
+    *n_out = 0;
+    char d[96];
+    AGPT_CHECK_ARG(embeds->ndim == 3 && embeds->shape[0] == 1, "llama_generate_greedy: embeds %s: one sequence "
+                   "[1,T,C] at a time", tensor_describe(embeds, d, sizeof d));
+    AGPT_CHECK_ARG(max_new >= 1, "llama_generate_greedy: max_new %d must be >= 1", max_new);
+    AGPT_CHECK_ARG(embeds->shape[1] + max_new - 1 <= c->max_seq, "llama_generate_greedy: %lld prompt positions "
+                   "plus %d new tokens need a cache of %lld positions; it has %d", (long long)embeds->shape[1],
+                   max_new, (long long)(embeds->shape[1] + max_new - 1), c->max_seq);
+    if (!stop_ids) stop_ids = default_stops, n_stop = 2;
+    Tensor logits = rows_of(&c->logits, 0, 1);
+    Tensor host = tensor_2d(c->host_raw, c->dtype, DEV_CPU, 1, m->vocab);
+    AGPT_TRY(llama_prefill(e, m, c, embeds, &logits));
+    for (;;) {
+        AGPT_TRY(copy_ordered(e, &host, &logits));
+        convert_host(c->host_logits, DT_F32, c->host_raw, c->dtype, (size_t)m->vocab);
+        int32_t tok = argmax(c->host_logits, m->vocab);
+        out_ids[(*n_out)++] = tok;
+        bool stop = *n_out >= max_new;
+        for (int i = 0; i < n_stop; i++) stop = stop || tok == stop_ids[i];
+        if (stop) return AGPT_OK;
+        AGPT_TRY(llama_decode_step(e, m, c, &tok, &logits));
+    }
+}

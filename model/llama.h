@@ -1,0 +1,95 @@
+// The LLaMA language model (Vicuna-7B v0 in AnomalyGPT, anomalygpt-reference.md 5.1) for inference: LoRA merged
+// at load (5.2), a KV cache, prefill from input embeddings (the AnomalyGPT prefix mixes image, prompt-learner and
+// token embeddings, 5.4), decode steps, greedy generation with the reference's stops (5.6).
+// Written over kernels/ops.h; every tensor lives on the engine's device in the weights' dtype.
+//
+// Weights, under HF names (LlamaForCausalLM.state_dict()):
+//   model.embed_tokens.weight [V,C]       model.norm.weight [C]       lm_head.weight [V,C] (untied)
+//   model.layers.N.input_layernorm.weight [C], post_attention_layernorm.weight [C]
+//   model.layers.N.self_attn.{q,k,v,o}_proj.weight [C,C]
+//   model.layers.N.mlp.{gate,up}_proj.weight [I,C], mlp.down_proj.weight [C,I]
+// The config comes from the shapes (C, I, V, layer count) and metadata: "llama.heads" (default 32),
+// "llama.rms_eps" (default 1e-6), "llama.rope_base" (default 10000).
+//
+// LoRA. When the store holds LoRA factors for layer 0's q_proj, every layer's q, k, v and o must have them, and
+// they are merged at load: W' = W + (alpha / r) * B @ A, A [r,in], B [out,r], alpha from metadata "lora.alpha"
+// (default r, so the scaling is 1, as in the reference's r = alpha = 32). The key forms recognised, for
+// N the layer and P in q_proj, k_proj, v_proj, o_proj (X = A or B), tried in this order:
+//   base_model.model.model.layers.N.self_attn.P.lora_X.weight                 PEFT save_pretrained / adapter file
+//   base_model.model.model.layers.N.self_attn.P.lora_X.default.weight         a PEFT model's own state_dict
+//   llama_model.base_model.model.model.layers.N.self_attn.P.lora_X.default.weight   PandaGPT / AnomalyGPT ckpt
+//   model.layers.N.self_attn.P.lora_X.weight                                  plain
+// The first form that has layer 0's q_proj A is used for every layer.
+//
+// Batches: every sequence in a batch has the same length and position (no padding, no per-sequence offsets).
+// The cache keeps each sequence's keys contiguous, so attention runs one sequence at a time over its prefix.
+#pragma once
+#include <stdint.h>
+
+#include "model/llama_block.h"
+#include "model/weights.h"
+#include "runtime/memory.h"
+
+typedef struct Llama {
+    LlamaBlockConfig block;     // dim C (4096), heads (32), hidden I (11008), eps 1e-6, rope_base 10000
+    int layers;                 // 32
+    int vocab;                  // V = 32001 for Vicuna v0
+    Tensor embed;               // [V,C]  model.embed_tokens.weight
+    LlamaBlockWeights *layer;   // [layers], q/k/v/o with LoRA merged
+    Tensor norm;                // [C]    model.norm.weight
+    Tensor lm_head;             // [V,C]
+    int lora_rank;              // r of the merged LoRA, 0 when none was found
+    float lora_alpha;           // scaling = lora_alpha / lora_rank
+} Llama;
+
+// Reads the config and weights from the store (tensors owned by the store; the layer array by the Llama) and
+// merges LoRA when present. A missing tensor or a wrong shape is an error naming it.
+Status llama_load(Llama *m, WeightStore *w);
+void llama_free(Llama *m);
+
+// Keys and values of every layer plus the activations of one step, sized up front for up to max_batch
+// sequences of up to max_seq tokens; a prefill of T tokens needs T <= max_seq. One device allocation.
+typedef struct KvCache {
+    int max_batch, max_seq;
+    int batch;                  // sequences in the cache (set by the prefill)
+    int pos;                    // tokens in the cache per sequence
+    DType dtype;
+    Arena arena;                // all device tensors below
+    Tensor *k, *v;              // [layers] each [max_batch * max_seq, C]: sequence b's position t at row b*max_seq+t
+    Tensor x;                   // [max_batch * max_seq, C]  the residual stream of the step's tokens
+    Tensor n;                   // [max_batch * max_seq, C]  normed
+    Tensor q;                   // [max_batch * max_seq, C]
+    Tensor att;                 // [max_batch * max_seq, C]
+    Tensor tmp;                 // [max_batch * max_seq, C]  a branch's output before the residual add
+    Tensor gate, up, act;       // [max_batch * max_seq, I]
+    Tensor last;                // [max_batch, C]  the final norm of each sequence's last token
+    Tensor positions;           // i32 [max_batch * max_seq]
+    Tensor logits;              // [max_batch, V]  for llama_generate_greedy
+    int32_t *host_positions;    // [max_batch * max_seq]
+    float *host_logits;         // [max_batch * V]
+    void *host_raw;             // [max_batch * V] in the cache dtype, the logits read back
+} KvCache;
+
+Status kv_cache_create(KvCache *c, Engine *e, const Llama *m, int max_batch, int max_seq);
+void kv_cache_free(KvCache *c);
+// Bytes of device memory kv_cache_create allocates.
+size_t kv_cache_bytes(const Llama *m, int max_batch, int max_seq);
+
+// Starts B sequences from input embeddings: embeds [B,T,C] -> logits_last [B,V], the logits of each sequence's
+// last position. Positions are 0..T-1; the cache is reset first.
+Status llama_prefill(Engine *e, const Llama *m, KvCache *c, const Tensor *embeds, Tensor *logits_last);
+// Appends one token per sequence (tokens: host [batch]) and writes its logits [batch,V].
+Status llama_decode_step(Engine *e, const Llama *m, KvCache *c, const int32_t *tokens, Tensor *logits);
+// Gathers rows of embed_tokens: ids host [n] -> out [n,C] (any tensor of n*C elements of the model's dtype).
+Status llama_embed_tokens(Engine *e, const Llama *m, const int32_t *ids, int n, Tensor *out);
+
+// The reference's stops (5.6): "##" (2277) once generated, or EOS (2).
+#define LLAMA_STOP_HASHES 2277
+#define LLAMA_EOS 2
+
+// Greedy generation for one sequence: prefill of embeds [1,T,C], then argmax tokens (the first maximum on
+// ties, as torch.argmax) until a stop id is generated (it is kept in the output, as HF does), or max_new
+// tokens. stop_ids NULL means {2277, 2}; a non-NULL list with n_stop 0 means no stop id. out_ids must hold
+// max_new ids; *n_out is the count written. The cache must hold T + max_new - 1 positions.
+Status llama_generate_greedy(Engine *e, const Llama *m, KvCache *c, const Tensor *embeds, int max_new,
+                             const int32_t *stop_ids, int n_stop, int32_t *out_ids, int *n_out);
