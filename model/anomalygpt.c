@@ -23,6 +23,10 @@ Status anomalygpt_open(AnomalyGPT *a, Engine *e, const char *model, const char *
     if (s == AGPT_OK) s = sp_load_file(tokenizer_path, &a->tokenizer);
     if (s == AGPT_OK) s = kv_cache_create(&a->cache, e, &a->llm, 1, max_seq);
     if (s == AGPT_OK) {
+        a->cached_rows = malloc((size_t)max_seq * a->llm.block.dim * dtype_size(a->vision.weights.dtype));
+        if (!a->cached_rows) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory for the cache's row record");
+    }
+    if (s == AGPT_OK) {
         int S = a->vision.vision.image, C = a->llm.block.dim;
         size_t bytes = prompt_learner_arena_bytes(&a->prompts, 1, S, S) + (size_t)S * S * sizeof(float) +
                        (size_t)max_seq * C * sizeof(float) * 2 + (size_t)(PROMPT_TOKENS + 1) * C * sizeof(float) +
@@ -37,6 +41,7 @@ Status anomalygpt_open(AnomalyGPT *a, Engine *e, const char *model, const char *
 }
 
 void anomalygpt_close(AnomalyGPT *a) {
+    free(a->cached_rows);
     if (a->arena.base) arena_free(&a->arena);
     if (a->cache.arena.base) kv_cache_free(&a->cache);
     sp_free(a->tokenizer);
@@ -168,7 +173,39 @@ Status anomalygpt_ask(AnomalyGPT *a, const Image *image, const ConversationTurn 
     float *logits = malloc((size_t)V * sizeof(float));
     if (!logits) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for logits");
     Tensor dev_logits = tensor_2d(a->cache.logits.data, a->cache.logits.dtype, e->device, 1, V);
-    s = llama_prefill(e, &a->llm, &a->cache, &embeds, &dev_logits);
+    // The input rows on the host, to find how many the cache already holds and to remember them.
+    size_t row_bytes = (size_t)a->llm.block.dim * dtype_size(embeds.dtype);
+    char *rows = malloc((size_t)T * row_bytes);
+    if (!rows) {
+        free(logits);
+        return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the input rows");
+    }
+    Tensor host_rows = embeds;
+    host_rows.device = DEV_CPU;
+    host_rows.data = rows;
+    s = tensor_copy(&host_rows, &embeds);
+    int keep = 0;
+    if (s == AGPT_OK && a->reuse_cache) {
+        while (keep < a->cached_len && keep < T &&
+               memcmp((char *)a->cached_rows + (size_t)keep * row_bytes, rows + (size_t)keep * row_bytes,
+                      row_bytes) == 0)
+            keep++;
+        if (keep == T) keep = T - 1;  // at least one row runs, for the logits
+    }
+    if (s == AGPT_OK && keep > 0) {
+        Tensor rest = tensor_3d((char *)embeds.data + (size_t)keep * row_bytes, embeds.dtype, e->device, 1, T - keep,
+                                a->llm.block.dim);
+        s = llama_extend(e, &a->llm, &a->cache, keep, &rest, &dev_logits);
+    } else if (s == AGPT_OK) {
+        s = llama_prefill(e, &a->llm, &a->cache, &embeds, &dev_logits);
+    }
+    out->reused_tokens = keep;
+    a->cached_len = 0;
+    if (s == AGPT_OK) {
+        memcpy(a->cached_rows, rows, (size_t)T * row_bytes);
+        a->cached_len = T;
+    }
+    free(rows);
     int eos = sp_eos_id(a->tokenizer);
     bool hashes = false;
     for (int i = 0; s == AGPT_OK && i < max_new; i++) {
@@ -187,16 +224,23 @@ Status anomalygpt_ask(AnomalyGPT *a, const Image *image, const ConversationTurn 
         hashes |= tok == CONV_STOP_TOKEN;
         if (hashes || tok == eos || i + 1 == max_new) break;
         s = llama_decode_step(e, &a->llm, &a->cache, &tok, &dev_logits);
+        if (s == AGPT_OK) {  // the fed token's row, for the next turn's comparison
+            Tensor src = tensor_rows_view(&a->llm.embed, tok, 1);
+            Tensor dst = tensor_2d((char *)a->cached_rows + (size_t)a->cached_len * row_bytes, src.dtype, DEV_CPU, 1,
+                                   a->llm.block.dim);
+            s = tensor_copy(&dst, &src);
+            a->cached_len++;
+        }
     }
     free(logits);
     AGPT_TRY(s);
     // decode(outputs[:-2], skip_special_tokens=True): drop the last two tokens, skip control ids and rows the
     // tokenizer does not have (Vicuna v0's 32001st row).
-    int keep = out->n_tokens >= 2 ? out->n_tokens - 2 : 0, n = 0;
-    int32_t *ids = malloc((size_t)(keep > 0 ? keep : 1) * sizeof *ids);
+    int answer_len = out->n_tokens >= 2 ? out->n_tokens - 2 : 0, n = 0;
+    int32_t *ids = malloc((size_t)(answer_len > 0 ? answer_len : 1) * sizeof *ids);
     if (!ids) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the answer");
     int bos = sp_bos_id(a->tokenizer), unk = sp_unk_id(a->tokenizer);
-    for (int i = 0; i < keep; i++) {
+    for (int i = 0; i < answer_len; i++) {
         int32_t t = out->tokens[i];
         if (t == bos || t == eos || t == unk || t < 0 || t >= sp_vocab_size(a->tokenizer)) continue;
         ids[n++] = t;

@@ -25,6 +25,12 @@ typedef struct AnomalyGPT {
     KvCache cache;
     int max_seq;            // prefix + answer tokens the cache holds
     Arena arena;            // the map on the device, prompt learner temporaries, the input embeddings
+    // Option beyond the reference (off by default: the reference re-runs the whole conversation every turn):
+    // keep the KV cache of the rows a new turn shares with what the cache already holds. The rows compared are
+    // the LLM input embeddings themselves, so a new image, map or history simply shares fewer of them.
+    bool reuse_cache;
+    void *cached_rows;      // host [max_seq, C] in the compute dtype: the rows fed to the cache, in order
+    int cached_len;         // how many of them the cache holds
 } AnomalyGPT;
 
 // Opens the model (and layered files), loads every part; the SentencePiece model comes from tokenizer_path.
@@ -40,6 +46,7 @@ typedef struct AnomalyAnswer {
     int32_t tokens[1024];      // generated ids, stop tokens included
     int n_tokens;
     int prefix_tokens;         // length of the LLM input
+    int reused_tokens;         // of those, how many came from the cache (reuse_cache)
 } AnomalyAnswer;
 
 // The LLM input for an image and a prompt text: embeds [1,T,C] in the model's arena (valid until the next

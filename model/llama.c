@@ -358,6 +358,26 @@ Status llama_prefill(Engine *e, const Llama *m, KvCache *c, const Tensor *embeds
     return s;
 }
 
+Status llama_extend(Engine *e, const Llama *m, KvCache *c, int keep, const Tensor *embeds, Tensor *logits_last) {
+    char d[96];
+    AGPT_CHECK_ARG(c->batch == 1 && keep >= 1 && keep <= c->pos, "llama_extend: keep %d of %d cached positions of "
+                   "one sequence (the cache holds %d)", keep, c->pos, c->batch);
+    AGPT_CHECK_ARG(embeds->ndim == 3 && embeds->shape[0] == 1 && embeds->shape[2] == m->block.dim &&
+                   embeds->dtype == c->dtype && embeds->device == e->device,
+                   "llama_extend: embeds %s, expected %s[1,T,%d] on %s", tensor_describe(embeds, d, sizeof d),
+                   dtype_name(c->dtype), m->block.dim, device_name(e->device));
+    int T = (int)embeds->shape[1];
+    AGPT_CHECK_ARG(T >= 1 && keep + T <= c->max_seq, "llama_extend: %d cached + %d new positions exceed the cache "
+                   "of %d", keep, T, c->max_seq);
+    AGPT_TRY(check_logits(m, c, logits_last, 1, "llama_extend"));
+    c->pos = keep;  // the positions after `keep` are overwritten
+    Tensor x = rows_of(&c->x, 0, T);
+    AGPT_TRY(copy_ordered(e, &x, embeds));
+    Status s = forward_tokens(e, m, c, T, logits_last);
+    if (s != AGPT_OK) c->batch = 0, c->pos = 0;
+    return s;
+}
+
 Status llama_embed_tokens(Engine *e, const Llama *m, const int32_t *ids, int n, Tensor *out) {
     char d[96];
     AGPT_CHECK_ARG(n >= 1 && tensor_numel(out) == (int64_t)n * m->block.dim && out->dtype == m->embed.dtype &&

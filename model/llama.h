@@ -79,6 +79,10 @@ size_t kv_cache_bytes(const Llama *m, int max_batch, int max_seq);
 // last position. Positions are 0..T-1; the cache is reset first.
 Status llama_prefill(Engine *e, const Llama *m, KvCache *c, const Tensor *embeds, Tensor *logits_last);
 // Appends one token per sequence (tokens: host [batch]) and writes its logits [batch,V].
+// Keeps the first `keep` cached positions of a single sequence and runs `embeds` [1,T,C] after them (positions
+// keep .. keep+T-1): a prefill that reuses an unchanged prefix, e.g. the image and the earlier turns of a chat.
+Status llama_extend(Engine *e, const Llama *m, KvCache *c, int keep, const Tensor *embeds, Tensor *logits_last);
+
 Status llama_decode_step(Engine *e, const Llama *m, KvCache *c, const int32_t *tokens, Tensor *logits);
 // Gathers rows of embed_tokens: ids host [n] -> out [n,C] (any tensor of n*C elements of the model's dtype).
 Status llama_embed_tokens(Engine *e, const Llama *m, const int32_t *ids, int n, Tensor *out);

@@ -128,6 +128,32 @@ int main(int argc, char **argv) {
               ans.text ? ans.text : "(null)", want_text ? want_text : "(null)");
         printf("  answer: %s\n", ans.text ? ans.text : "(null)");
         free(ans.text);
+        // Three turns, with and without reusing the KV cache of the shared prefix: the same answers, and the
+        // later turns do reuse rows (the image, the prompts and the earlier turns).
+        const char *questions[3] = {prompt, "Where is it?", "Why?"};
+        char *answers[2][3] = {{0}};
+        int reused[3] = {0};
+        for (int mode = 0; mode < 2; mode++) {
+            a.reuse_cache = mode == 1;
+            a.cached_len = 0;
+            ConversationTurn hist[3];
+            for (int t = 0; t < 3; t++) {
+                AnomalyAnswer turn = {0};
+                CHECK_OK(anomalygpt_ask(&a, &img, hist, t, questions[t], NULL, 8, &turn));
+                answers[mode][t] = turn.text;
+                hist[t] = (ConversationTurn){questions[t], turn.text ? turn.text : ""};
+                if (mode == 1) reused[t] = turn.reused_tokens;
+            }
+        }
+        for (int t = 0; t < 3; t++) {
+            CHECK(answers[0][t] && answers[1][t] && strcmp(answers[0][t], answers[1][t]) == 0,
+                  "turn %d: the answer with the reused cache differs from the full re-run", t);
+            free(answers[0][t]), free(answers[1][t]);
+        }
+        printf("  KV cache reuse: turns 2 and 3 reused %d and %d rows\n", reused[1], reused[2]);
+        CHECK(reused[0] == 0 && reused[1] > 30 && reused[2] > reused[1], "rows reused per turn: %d %d %d", reused[0],
+              reused[1], reused[2]);
+        a.reuse_cache = false;
         // A conversation longer than the context is refused clearly.
         char *long_prompt = malloc(20001);
         memset(long_prompt, 'a', 20000);
