@@ -196,6 +196,209 @@ static void corrupt_corpus(const char *name, int flips, uint64_t seed) {
     free(p);
 }
 
+
+// ---------------------------------------------------------------------------------------------------------
+// Hand-built pickles, wrapped in a zip with storages archive/data/0 (16 floats 0..15): the cases no torch
+// writes (too many dims, overflowing geometry, cycles, deep nesting, duplicate names).
+
+typedef struct Pkl {
+    uint8_t b[8192];
+    size_t n;
+} Pkl;
+
+static void emit(Pkl *p, const void *bytes, size_t n) {
+    if (p->n + n <= sizeof p->b) memcpy(p->b + p->n, bytes, n);
+    p->n += n;
+}
+static void emit_s(Pkl *p, const char *s) { emit(p, s, strlen(s)); }
+static void emit_str(Pkl *p, const char *s) {  // BINUNICODE
+    uint32_t n = (uint32_t)strlen(s);
+    uint8_t h[5] = {'X', (uint8_t)n, (uint8_t)(n >> 8), (uint8_t)(n >> 16), (uint8_t)(n >> 24)};
+    emit(p, h, 5);
+    emit(p, s, n);
+}
+static void emit_int(Pkl *p, int64_t v) {  // LONG1 of 8 bytes
+    uint8_t h[10] = {0x8a, 8};
+    for (int i = 0; i < 8; i++) h[2 + i] = (uint8_t)((uint64_t)v >> (8 * i));
+    emit(p, h, 10);
+}
+// _rebuild_tensor_v2 of storage 0 (16 floats) with the given geometry; leaves the tensor on the stack.
+static void emit_tensor(Pkl *p, int64_t offset, int ndim, const int64_t *shape, const int64_t *stride) {
+    emit_s(p, "ctorch._utils\n_rebuild_tensor_v2\n((");
+    emit_str(p, "storage");
+    emit_s(p, "ctorch\nFloatStorage\n");
+    emit_str(p, "0");
+    emit_str(p, "cpu");
+    emit_int(p, 16);
+    emit_s(p, "tQ");
+    emit_int(p, offset);
+    emit_s(p, "(");
+    for (int d = 0; d < ndim; d++) emit_int(p, shape[d]);
+    emit_s(p, "t(");
+    for (int d = 0; d < ndim; d++) emit_int(p, stride[d]);
+    emit_s(p, "t\x89}tR");
+}
+
+static void put16(uint8_t *p, uint32_t v) { p[0] = (uint8_t)v, p[1] = (uint8_t)(v >> 8); }
+static void put32(uint8_t *p, uint32_t v) { put16(p, v), put16(p + 2, v >> 16); }
+
+// A STORED zip of archive/data.pkl and archive/data/0, malloc'd at its exact size.
+static uint8_t *zip_pickle(const Pkl *pkl, size_t *out_len) {
+    static float storage[16];
+    for (int i = 0; i < 16; i++) storage[i] = (float)i;
+    const char *names[2] = {"archive/data.pkl", "archive/data/0"};
+    const void *datas[2] = {pkl->b, storage};
+    size_t sizes[2] = {pkl->n, sizeof storage}, offsets[2], total = 22;
+    for (int i = 0; i < 2; i++) total += 30 + 46 + 2 * strlen(names[i]) + sizes[i];
+    uint8_t *z = calloc(1, total), *p = z;
+    for (int i = 0; i < 2; i++) {
+        size_t n = strlen(names[i]);
+        offsets[i] = (size_t)(p - z);
+        put32(p, 0x04034b50), put32(p + 18, (uint32_t)sizes[i]), put32(p + 22, (uint32_t)sizes[i]);
+        put16(p + 26, (uint32_t)n);
+        memcpy(p + 30, names[i], n);
+        memcpy(p + 30 + n, datas[i], sizes[i]);
+        p += 30 + n + sizes[i];
+    }
+    size_t cd = (size_t)(p - z);
+    for (int i = 0; i < 2; i++) {
+        size_t n = strlen(names[i]);
+        put32(p, 0x02014b50), put32(p + 20, (uint32_t)sizes[i]), put32(p + 24, (uint32_t)sizes[i]);
+        put16(p + 28, (uint32_t)n), put32(p + 42, (uint32_t)offsets[i]);
+        memcpy(p + 46, names[i], n);
+        p += 46 + n;
+    }
+    put32(p, 0x06054b50), put16(p + 8, 2), put16(p + 10, 2);
+    put32(p + 12, (uint32_t)((size_t)(p - z) - cd)), put32(p + 16, (uint32_t)cd);
+    *out_len = total;
+    return z;
+}
+
+// Opens a hand-built pickle: expects success (needle NULL) or a refusal whose message contains needle.
+static PthFile *open_pickle(const char *label, const Pkl *pkl, const char *needle, uint8_t **keep) {
+    size_t n;
+    uint8_t *z = zip_pickle(pkl, &n);
+    PthFile *f = NULL;
+    agpt_clear_error();
+    Status s = pth_open_memory(z, n, &f);
+    if (needle) {
+        CHECK(s != AGPT_OK && strstr(agpt_last_error(), needle), "%s: should be refused with '%s'; got %s: %s",
+              label, needle, agpt_status_name(s), agpt_last_error());
+        printf("  %-22s -> %s\n", label, agpt_last_error());
+        free(z);
+        return NULL;
+    }
+    CHECK(s == AGPT_OK, "%s: %s", label, agpt_last_error());
+    *keep = z;
+    return f;
+}
+
+static void hand_built_pickles(void) {
+    Pkl p;
+    uint8_t *keep = NULL;
+    int64_t one[9] = {1, 1, 1, 1, 1, 1, 1, 1, 1}, two[1] = {2}, zero[1] = {0};
+
+    p.n = 0;  // 9 dims: more than PTH_MAX_DIMS
+    emit_s(&p, "\x80\x02}");
+    emit_str(&p, "t");
+    emit_tensor(&p, 0, 9, one, one);
+    emit_s(&p, "s.");
+    open_pickle("9 dims", &p, "9 dims", NULL);
+
+    p.n = 0;  // sizes whose product overflows 64 bits
+    int64_t big[3] = {(int64_t)1 << 40, (int64_t)1 << 40, (int64_t)1 << 40}, s1[3] = {0, 0, 0};
+    emit_s(&p, "\x80\x02}");
+    emit_str(&p, "t");
+    emit_tensor(&p, 0, 3, big, s1);
+    emit_s(&p, "s.");
+    open_pickle("numel overflow", &p, "overflow", NULL);
+
+    p.n = 0;  // two elements from offset 15 of 16: the second is outside the storage
+    emit_s(&p, "\x80\x02}");
+    emit_str(&p, "t");
+    emit_tensor(&p, 15, 1, two, one);
+    emit_s(&p, "s.");
+    open_pickle("past the storage", &p, "addresses element 16", NULL);
+
+    p.n = 0;  // stride 0 (an expanded tensor): valid, not contiguous, copied element by element
+    emit_s(&p, "\x80\x02}(");
+    emit_str(&p, "t");
+    emit_tensor(&p, 15, 1, two, zero);
+    emit_str(&p, "t");  // the same name again: pth_find returns the first
+    emit_tensor(&p, 3, 1, two, one);
+    emit_s(&p, "\x80\x02");  // a repeated PROTO is harmless
+    emit_s(&p, "u.");
+    PthFile *f = open_pickle("stride 0", &p, NULL, &keep);
+    if (f) {
+        PthTensorInfo info;
+        float v[2] = {0, 0};
+        CHECK(pth_count(f) == 2 && pth_find(f, "t") == 0, "duplicate names: pth_find should return the first");
+        CHECK_OK(pth_info(f, 0, &info));
+        CHECK(!info.contiguous && !info.supported && info.span_nbytes == 4 && info.nbytes == 8,
+              "stride 0: contiguous %d supported %d span %zu nbytes %zu", info.contiguous, info.supported,
+              info.span_nbytes, info.nbytes);
+        CHECK_OK(pth_copy_contiguous(f, 0, v, sizeof v));
+        CHECK(v[0] == 15 && v[1] == 15, "stride 0 copy gives %g %g", v[0], v[1]);
+        Tensor t;
+        CHECK(pth_get(f, "t", &t) == AGPT_ERR_UNSUPPORTED, "pth_get of a stride-0 tensor should be unsupported");
+        pth_close(f);
+    }
+    free(keep);
+
+    p.n = 0;  // a dict that holds itself, and a tensor: the walk visits it once
+    emit_s(&p, "\x80\x02}");
+    emit(&p, "q\0", 2);
+    emit_str(&p, "self");
+    emit(&p, "h\0s", 3);
+    emit_str(&p, "t");
+    emit_tensor(&p, 0, 1, two, one);
+    emit_s(&p, "s.");
+    keep = NULL;
+    f = open_pickle("cyclic dict", &p, NULL, &keep);
+    if (f) CHECK(pth_count(f) == 1 && pth_find(f, "t") == 0, "cyclic dict: %d tensors", pth_count(f));
+    pth_close(f);
+    free(keep);
+
+    p.n = 0;  // dicts nested 70 deep
+    emit_s(&p, "\x80\x02");
+    for (int i = 0; i < 70; i++) emit_s(&p, "}"), emit_str(&p, "k");
+    emit_s(&p, "}");
+    for (int i = 0; i < 70; i++) emit_s(&p, "s");
+    emit_s(&p, ".");
+    open_pickle("nested 70 deep", &p, "nested more than", NULL);
+
+    p.n = 0;  // protocol 4 STACK_GLOBAL of posix.system
+    emit_s(&p, "\x80\x04\x8c\x05posix\x8c\x06system\x93");
+    open_pickle("posix.system", &p, "'posix.system'", NULL);
+
+    p.n = 0;  // a memo index no pickle of this size can reach
+    emit_s(&p, "\x80\x02}r\xff\xff\xff\x7f.");
+    open_pickle("huge memo index", &p, "memo index", NULL);
+
+    p.n = 0;
+    emit_s(&p, "\x80\x02h\x05.");
+    open_pickle("unset memo entry", &p, "never stored", NULL);
+
+    p.n = 0;
+    emit_s(&p, "\x80\x02}");
+    open_pickle("no STOP", &p, "without STOP", NULL);
+
+    p.n = 0;
+    emit_s(&p, "\x80\x02].");
+    open_pickle("root is a list", &p, "not a dict", NULL);
+
+    p.n = 0;  // a persistent id naming a storage the archive lacks
+    emit_s(&p, "\x80\x02}");
+    emit_str(&p, "t");
+    emit_s(&p, "(");
+    emit_str(&p, "storage");
+    emit_s(&p, "ctorch\nHalfStorage\n");
+    emit_str(&p, "7");
+    emit_str(&p, "cpu");
+    emit_s(&p, "K\x01tQs.");
+    open_pickle("missing storage", &p, "no entry archive/data/7", NULL);
+}
+
 int main(void) {
     size_t json_len;
     char *json = (char *)read_file(data_path("expected.json"), &json_len);
@@ -277,6 +480,8 @@ int main(void) {
     CHECK_ERR(pth_open_memory("PK\3\4", 4, &f));
     CHECK(pth_count(NULL) == 0 && pth_find(NULL, "x") == -1, "NULL handles");
     pth_close(NULL);
+
+    hand_built_pickles();
 
     // The corrupt corpus: nothing may crash, and every refusal carries a message.
     corrupt_corpus("params.pt", 3000, 1);

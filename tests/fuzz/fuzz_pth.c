@@ -1,4 +1,4 @@
-// libFuzzer target for the torch.save checkpoint reader (runtime/pth.c, runtime/zip.c). Any input must either
+// libFuzzer target for the torch.save checkpoint reader (runtime/pth.c, pickle.c, zip.c). Any input must either
 // be refused with a message or open into tensors whose every addressed byte lies inside the input (or an
 // inflated copy); the sanitizers turn a read outside it into a crash.
 // Two modes, by the input's first byte: 'P' (a zip, "PK...") goes to pth_open_memory as it is; any other first
