@@ -16,6 +16,8 @@ def main():
     ours, peer = (json.load(open(p)) for p in args[:2])
     if ours.get("bench") == "vit":
         return compare_vit(ours, peer, md_path)
+    if ours.get("bench") == "llama":
+        return compare_llama(ours, peer, md_path)
     by_name = {op["name"]: op for op in peer["ops"]}
     head = f"| op | agpt us | torch us | speedup | agpt fraction | torch fraction |\n|---|---:|---:|---:|---:|---:|"
     rows = []
@@ -46,6 +48,37 @@ def compare_vit(ours, peer, md_path):
         if p:
             lines.append(f"| {r['batch']} | {r['images_per_s']:.2f} | {p['images_per_s']:.2f} | "
                          f"{r['images_per_s'] / p['images_per_s']:.2f} | {r['fraction']:.2f} |")
+    text = "\n".join(lines)
+    print(text)
+    if md_path:
+        with open(md_path, "w") as f:
+            f.write(text + "\n")
+
+
+def compare_llama(ours, peer, md_path):
+    """Prefill and decode tokens/s per batch size, agpt's fractions of its measured limits (matmul for the prefill,
+    copy for the decode), and the speedup over PyTorch (HF transformers) at the same layer count."""
+    by_batch = {r["batch"]: r for r in peer["runs"]}
+    scaled = ours["layers"] != 32
+    lines = [f"LLaMA-7B shapes ({ours['layers']} of 32 layers, {ours['dtype']}, {ours['device']}, {ours['threads']} "
+             f"threads; torch: {peer.get('layers')} layers, {peer.get('threads')} threads): prompt {ours['prompt']} "
+             f"tokens, {ours['decode_steps']} decode steps; matmul {ours['matmul_tflops']:.3f} TFLOP/s, copy "
+             f"{ours['copy_gbps']:.1f} GB/s", "",
+             "| batch | agpt prefill tok/s | torch prefill tok/s | speedup | agpt fraction of matmul | "
+             "agpt decode tok/s | torch decode tok/s | speedup | agpt fraction of copy |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in ours["runs"]:
+        p = by_batch.get(r["batch"])
+        if p:
+            lines.append(f"| {r['batch']} | {r['prefill_tokens_per_s']:.1f} | {p['prefill_tokens_per_s']:.1f} | "
+                         f"{r['prefill_tokens_per_s'] / p['prefill_tokens_per_s']:.2f} | {r['prefill_fraction']:.2f} | "
+                         f"{r['decode_tokens_per_s']:.2f} | {p['decode_tokens_per_s']:.2f} | "
+                         f"{r['decode_tokens_per_s'] / p['decode_tokens_per_s']:.2f} | {r['decode_fraction']:.2f} |")
+    if scaled:
+        lines += ["", f"tokens/s at {ours['layers']} layers as measured; agpt scaled to 32 layers (by FLOPs and "
+                  "bytes, not measured): " + ", ".join(
+                      f"batch {r['batch']}: prefill {r['prefill_tokens_per_s_32_layers_scaled']:.1f}, decode "
+                      f"{r['decode_tokens_per_s_32_layers_scaled']:.2f} tok/s" for r in ours["runs"])]
     text = "\n".join(lines)
     print(text)
     if md_path:

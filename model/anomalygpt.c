@@ -10,7 +10,8 @@ Status anomalygpt_open(AnomalyGPT *a, Engine *e, const char *model, const char *
                        const char *tokenizer_path, DType dtype, int max_seq) {
     memset(a, 0, sizeof *a);
     a->max_seq = max_seq;
-    AGPT_TRY(vision_model_open(&a->vision, e, model, overlays, n_overlays, dtype, 1));
+    // A batch of 8 lets up to 8 normal references go through the encoder together.
+    AGPT_TRY(vision_model_open(&a->vision, e, model, overlays, n_overlays, dtype, 8));
     WeightStore *w = &a->vision.weights;
     Status s = llama_load(&a->llm, w);
     if (s == AGPT_OK) s = prompt_learner_load(&a->prompts, w);
@@ -59,6 +60,9 @@ static Status append_text(AnomalyGPT *a, const char *text, int32_t single_id, Te
     Status s = AGPT_OK;
     if (text) {
         s = sp_encode(a->tokenizer, text, ids, cap, &n);
+        if (s == AGPT_ERR_ARG && n > cap)
+            s = AGPT_FAIL(AGPT_ERR_ARG, "the prompt needs %d tokens but the model was opened for a context of %d: "
+                          "shorten the conversation (or reset it) or open the model with a longer context", n, cap);
     } else {
         ids[0] = single_id;
         n = 1;

@@ -443,3 +443,64 @@ Status llama_generate_greedy(Engine *e, const Llama *m, KvCache *c, const Tensor
         AGPT_TRY(llama_decode_step(e, m, c, &tok, &logits));
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Random weights at any size, for benchmarks (agpt bench llama): the same structures as a loaded model, without
+// a file. One pool of standard normals, as large as the largest tensor plus a margin, is drawn once; each
+// tensor is a window of it at a random offset, scaled (1/sqrt(fan_in) for the projections, 0.02 for the
+// embeddings, 1 + 0.02 x for the norms). Drawing 7B normals would take longer than the benchmark itself.
+
+Status llama_init_random(Llama *m, WeightStore *w, int hidden, int heads, int intermediate, int layers, int vocab,
+                         uint64_t seed) {
+    memset(m, 0, sizeof *m);
+    m->block = (LlamaBlockConfig){.dim = hidden, .heads = heads, .hidden = intermediate, .eps = 1e-6f,
+                                  .rope_base = 10000.0f};
+    AGPT_TRY(llama_block_config_check(&m->block));
+    AGPT_CHECK_ARG(layers >= 1 && vocab >= 1, "llama_init_random: %d layers and vocab %d must be >= 1", layers,
+                   vocab);
+    m->layers = layers, m->vocab = vocab;
+    const int64_t C = hidden, I = intermediate, V = vocab;
+    size_t biggest = (size_t)(V * C > I * C ? V * C : I * C), margin = 1 << 20;
+    float *pool = NULL, *buf = NULL;
+    Rng rng;
+    rng_seed(&rng, seed);
+    Status s = mem_host_alloc((biggest + margin) * sizeof(float), (void **)&pool);
+    if (s == AGPT_OK) s = mem_host_alloc(biggest * sizeof(float), (void **)&buf);
+    if (s == AGPT_OK) {
+        rng_fill_normal(&rng, pool, biggest + margin, 0.0f, 1.0f);
+        m->layer = calloc((size_t)layers, sizeof *m->layer);
+        if (!m->layer) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory for %d layer records", layers);
+    }
+#define RANDOM(scale, offset, out, ...)                                                                         \
+    do {                                                                                                        \
+        if (s != AGPT_OK) break;                                                                                \
+        const int64_t shape_[] = {__VA_ARGS__};                                                                 \
+        int nd_ = (int)(sizeof shape_ / sizeof shape_[0]);                                                      \
+        size_t n_ = 1;                                                                                          \
+        for (int d_ = 0; d_ < nd_; d_++) n_ *= (size_t)shape_[d_];                                              \
+        const float *src_ = pool + rng_u64(&rng) % (biggest + margin - n_ + 1);                                 \
+        for (size_t i_ = 0; i_ < n_; i_++) buf[i_] = (offset) + (scale) * src_[i_];                             \
+        s = weights_upload(w, buf, nd_, shape_, (out));                                                         \
+    } while (0)
+    const float wc = 1.0f / sqrtf((float)C), wi = 1.0f / sqrtf((float)I);
+    RANDOM(0.02f, 0.0f, &m->embed, V, C);
+    for (int l = 0; l < layers; l++) {
+        LlamaBlockWeights *b = &m->layer[l];
+        RANDOM(0.02f, 1.0f, &b->input_norm, C);
+        RANDOM(wc, 0.0f, &b->wq, C, C);
+        RANDOM(wc, 0.0f, &b->wk, C, C);
+        RANDOM(wc, 0.0f, &b->wv, C, C);
+        RANDOM(wc, 0.0f, &b->wo, C, C);
+        RANDOM(0.02f, 1.0f, &b->post_norm, C);
+        RANDOM(wc, 0.0f, &b->w_gate, I, C);
+        RANDOM(wc, 0.0f, &b->w_up, I, C);
+        RANDOM(wi, 0.0f, &b->w_down, C, I);
+    }
+    RANDOM(0.02f, 1.0f, &m->norm, C);
+    RANDOM(wc, 0.0f, &m->lm_head, V, C);
+#undef RANDOM
+    mem_host_free(pool);
+    mem_host_free(buf);
+    if (s != AGPT_OK) llama_free(m);
+    return s;
+}

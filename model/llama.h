@@ -97,3 +97,8 @@ Status llama_embed_tokens(Engine *e, const Llama *m, const int32_t *ids, int n, 
 // max_new ids; *n_out is the count written. The cache must hold T + max_new - 1 positions.
 Status llama_generate_greedy(Engine *e, const Llama *m, KvCache *c, const Tensor *embeds, int max_new,
                              const int32_t *stop_ids, int n_stop, int32_t *out_ids, int *n_out);
+
+// Random weights at any size (benchmarks): hidden C, heads, intermediate I, layers, vocab V, the same structures
+// as llama_load makes, uploaded through the store (weights_init with no file). No LoRA. Deterministic per seed.
+Status llama_init_random(Llama *m, WeightStore *w, int hidden, int heads, int intermediate, int layers, int vocab,
+                         uint64_t seed);

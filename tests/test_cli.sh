@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The agpt command as a user runs it: help, info on a model file, bench ops (quick), and clear errors for
-# bad input. Usage: tests/test_cli.sh path/to/agpt tests/data
+# bad input; with LLaMA's tokenizer in shared/data, map --ask and chat on a complete small model.
+# Usage: tests/test_cli.sh path/to/agpt tests/data [shared/data] [path/to/make_test_model]
 set -u
 agpt=$1
 data=$2
+shared=${3:-$data/../../../shared/data}
+make_test_model=${4:-}
 passed=0
 failed=0
 tmp=$(mktemp -d)
@@ -93,6 +96,64 @@ if [ -f "$ib/model.safetensors" ]; then
         --model "$tmp/bad.safetensors" -o "$tmp/maps" "$ib/query.png"
     expect_fail "map bad reference" "reference" "$agpt" map --device cpu --model "$ib/model.safetensors" \
         --reference "$tmp/bad.png" -o "$tmp/maps" "$ib/query.png"
+fi
+
+# The whole AnomalyGPT on the small golden model (vision + LLaMA parts from tests/data, made into one file by
+# make_test_model): map --ask must give PyTorch's greedy answer; chat must hold a conversation from a pipe.
+if [ -n "$make_test_model" ] && [ -x "$make_test_model" ] && [ -f "$shared/llama-tokenizer.model" ] &&
+    [ -f "$data/anomalygpt/parts.safetensors" ]; then
+    tok="$shared/llama-tokenizer.model"
+    ib="$data/imagebind"
+    mkdir -p "$tmp/model"
+    check "make_test_model" "$make_test_model" "$tmp/model" "$data"
+    m="$tmp/model/model.safetensors"
+    if [ -f "$m" ]; then
+        # The golden answer: greedy, 24 new tokens, the golden prompt as the question.
+        check "map --ask" "$agpt" map --device cpu --model "$m" --tokenizer "$tok" --greedy --max-new 24 \
+            --ask "$(cat "$tmp/model/prompt.txt")" -o "$tmp/askmaps" "$ib/query.png"
+        grep -qF "\"answer\":$(cat "$tmp/model/answer.json")" "$tmp/out" && grep -q '"class":"bottle"' "$tmp/out" &&
+            [ -s "$tmp/askmaps/query.heatmap.png" ] ||
+            { failed=$((failed + 1)); echo "FAIL map --ask answer (want $(cat "$tmp/model/answer.json"))"; cat "$tmp/out"; }
+        # Sampling (the web demo's defaults) answers each image.
+        check "map --ask sampling" "$agpt" map --device cpu --model "$m" --tokenizer "$tok" --max-new 8 --seed 7 \
+            --ask "Is there any anomaly?" -o "$tmp/askmaps" "$ib/query.png" "$ib/ref0.png"
+        [ "$(grep -c '"answer":"' "$tmp/out")" -eq 2 ] ||
+            { failed=$((failed + 1)); echo "FAIL map --ask sampling: two answers"; cat "$tmp/out"; }
+        expect_fail "map --ask without tokenizer" "tokenizer" "$agpt" map --device cpu --model "$m" --ask "Why?" \
+            -o "$tmp/askmaps" "$ib/query.png"
+        # chat from a pipe: two turns, /reset, another image, a missing image (an error, the chat goes on), /quit.
+        printf '%s\n' "$(cat "$tmp/model/prompt.txt")" "Where is the defect?" /reset "/image $ib/ref0.png" \
+            "Is there any anomaly in the image?" "/image $tmp/none.png" "And now?" /bogus /quit "not asked" |
+            "$agpt" chat --device cpu --model "$m" --tokenizer "$tok" --greedy --max-new 24 "$ib/query.png" \
+                >"$tmp/chat.out" 2>"$tmp/chat.err"
+        rc=$?
+        if [ $rc -eq 0 ] && [ "$(wc -l <"$tmp/chat.out")" -eq 4 ] && [ "$(grep -c '^\[score' "$tmp/chat.err")" -eq 4 ] &&
+            [ "$(head -n 1 "$tmp/chat.out")" = "$(cat "$tmp/model/answer.txt")" ] &&
+            grep -q "none.png" "$tmp/chat.err" && grep -q "unknown command '/bogus'" "$tmp/chat.err" &&
+            [ "$(grep -c 'history cleared' "$tmp/chat.err")" -eq 2 ] && ! grep -q '^> ' "$tmp/chat.out"; then
+            passed=$((passed + 1))
+        else
+            failed=$((failed + 1)); echo "FAIL chat conversation (exit $rc)"; cat "$tmp/chat.out" "$tmp/chat.err"
+        fi
+        # A reference (few-shot map), a turn that outgrows the context (an error, then it goes on), EOF to end.
+        long=$(for i in $(seq 300); do printf 'word '; done)
+        printf '%s\n' "Is there any anomaly?" "$long" "/references clear" "Is there any anomaly?" |
+            "$agpt" chat --device cpu --model "$m" --tokenizer "$tok" --greedy --max-new 8 --context 128 \
+                --reference "$ib/ref1.png" "$ib/query.png" >"$tmp/chat.out" 2>"$tmp/chat.err"
+        rc=$?
+        if [ $rc -eq 0 ] && [ "$(wc -l <"$tmp/chat.out")" -eq 2 ] && grep -q "few-shot, 1 reference" "$tmp/chat.err" &&
+            grep -q "error.*context" "$tmp/chat.err" && grep -q "class object" "$tmp/chat.err"; then
+            passed=$((passed + 1))
+        else
+            failed=$((failed + 1)); echo "FAIL chat with a reference and a too-long turn (exit $rc)"
+            cat "$tmp/chat.out" "$tmp/chat.err"
+        fi
+        expect_fail "chat without tokenizer" "required" "$agpt" chat --device cpu --model "$m" "$ib/query.png"
+        expect_fail "chat missing image" "none.png" "$agpt" chat --device cpu --model "$m" --tokenizer "$tok" \
+            "$tmp/none.png" </dev/null
+    fi
+else
+    echo "skipped map --ask and chat (needs make_test_model and $shared/llama-tokenizer.model)"
 fi
 
 echo "$passed passed, $failed failed"

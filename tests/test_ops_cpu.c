@@ -543,6 +543,8 @@ int main(void) {
             test_matmul_case(1, 33, 47, 80, ta, tb, false, ta == tb);
             test_matmul_case(3, 17, 9, 64, ta, tb, true, false);
             test_matmul_case(3, 17, 9, 64, ta, tb, false, true);
+            test_matmul_case(1, 1, 47, 80, ta, tb, false, true);  // one row: the sgemv path of a decode step
+            test_matmul_case(3, 1, 9, 64, ta, tb, true, false);
             test_matmul_backward_case(1, ta, tb, false);
             test_matmul_backward_case(3, ta, tb, true);
             test_matmul_backward_case(3, ta, tb, false);

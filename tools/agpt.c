@@ -28,8 +28,11 @@ static void usage(FILE *f) {
             "                             bandwidth and matmul rate (agpt bench ops --help)\n"
             "  map --model M [--reference R ...] [--class NAME] -o DIR IMAGE...\n"
             "                             anomaly maps (heatmap PNG, raw float map) and image scores\n"
+            "                             (--ask \"QUESTION\" --tokenizer F: also the model's answer)\n"
+            "  chat --model M --tokenizer F [--reference R ...] IMAGE\n"
+            "                             a conversation about an image in the terminal (agpt chat --help)\n"
             "\n"
-            "Later: detect, chat, serve, train, eval, convert (see README.md).\n");
+            "Later: detect, serve, train, eval, convert (see README.md).\n");
 }
 
 int main(int argc, char **argv) {
@@ -60,6 +63,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "info") == 0) return cmd_info(argc - i, argv + i);
     if (strcmp(cmd, "bench") == 0) return cmd_bench(argc - i, argv + i);
     if (strcmp(cmd, "map") == 0) return cmd_map(argc - i, argv + i);
+    if (strcmp(cmd, "chat") == 0) return cmd_chat(argc - i, argv + i);
     if (strcmp(cmd, "help") == 0) {
         usage(stdout);
         return 0;

@@ -100,9 +100,11 @@ static void usage(void) {
 }
 
 int cmd_bench_vit(int argc, char **argv);
+int cmd_bench_llama(int argc, char **argv);
 
 int cmd_bench(int argc, char **argv) {
     if (argc >= 2 && strcmp(argv[1], "vit") == 0) return cmd_bench_vit(argc - 1, argv + 1);
+    if (argc >= 2 && strcmp(argv[1], "llama") == 0) return cmd_bench_llama(argc - 1, argv + 1);
     if (argc < 2 || strcmp(argv[1], "ops") != 0) {
         if (argc >= 2 && strcmp(argv[1], "--help") == 0) { usage(); return 0; }
         fprintf(stderr, "agpt bench: 'agpt bench ops' or 'agpt bench vit'\n");

@@ -1,7 +1,9 @@
 // agpt map: anomaly maps and image scores for images, zero-shot (a class name) or few-shot (normal references).
 // For each image it writes <out>/<name>.heatmap.png (the map over the image the model saw), <out>/<name>.map.
 // safetensors (the raw [S,S] float32 map) and prints one JSON line; a failed image prints a JSON line with
-// "error" and the others go on. Exit status 0 only if every image was processed.
+// "error" and the others go on. Exit status 0 only if every image was processed. With --ask the whole AnomalyGPT is
+// loaded and each line also has the model's "answer" to that question about the image (one turn, no history);
+// the map is then the one the answer was made from (the class the question names, or the few-shot map).
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <libgen.h>
@@ -10,6 +12,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "model/anomalygpt.h"
 #include "model/vision_model.h"
 #include "runtime/log.h"
 #include "runtime/memory.h"
@@ -33,8 +36,13 @@ static void usage(FILE *f) {
             "                   shorter side + center crop (the reference's inference path)\n"
             "  --fuse-text-map  with references: the mean of the few-shot and zero-shot maps (off: the reference)\n"
             "  --rotate-references  also use each reference turned 90/180/270 degrees (off: the reference)\n"
-            "  --device cpu|cuda, --dtype f32|f16|bf16 (cuda; default bf16), --threads N\n"
-            "  -o, --out DIR    where heatmaps and raw maps go (created if missing)\n");
+            "  --device cpu|cuda, --dtype f32|f16|bf16 (cuda; default f16, as the reference), --threads N\n"
+            "  -o, --out DIR    where heatmaps and raw maps go (created if missing)\n"
+            "  --ask \"TEXT\"     also answer this question about each image (loads the LLM; needs --tokenizer); the\n"
+            "                   zero-shot map then uses the class the question names, as the reference does\n"
+            "  --tokenizer F    LLaMA's SentencePiece tokenizer.model (with --ask)\n"
+            "  --greedy | --temperature T --top-p P --top-k K --seed S   decoding for --ask (default: sampling with\n"
+            "                   1.0, 0.01, 50, seed 42 per image, as the web demo); --max-new N (512), --context N (2048)\n");
 }
 
 static Status ensure_dir(const char *dir) {
@@ -90,8 +98,11 @@ int cmd_map(int argc, char **argv) {
     const char *model = NULL, *class_name = "object", *out_dir = NULL, *clip_vocab = NULL;
     const char *overlays[MAX_LIST], *refs[MAX_LIST], *inputs[MAX_LIST];
     int n_overlays = 0, n_refs = 0, n_inputs = 0, threads = 0, squash = 0, fuse = 0, rotate = 0;
+    const char *ask = NULL, *sp_model = NULL;
+    int max_new = 512, context = 2048;
+    SamplerConfig scfg = sampler_default_config();
     Device dev = cuda_device_count() > 0 ? DEV_CUDA : DEV_CPU;
-    DType dt = DT_BF16;
+    DType dt = DT_F16;  // the reference runs the whole model in fp16 (model.half()); bf16 keeps 3 fewer mantissa bits
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
 #define VALUE() do { if (!(v = cli_value(argc, argv, &i, "map"))) return 2; } while (0)
@@ -102,6 +113,15 @@ int cmd_map(int argc, char **argv) {
         else if (!strcmp(a, "--class")) { VALUE(); class_name = v; }
         else if (!strcmp(a, "--clip-vocab")) { VALUE(); clip_vocab = v; }
         else if (!strcmp(a, "-o") || !strcmp(a, "--out")) { VALUE(); out_dir = v; }
+        else if (!strcmp(a, "--ask")) { VALUE(); ask = v; }
+        else if (!strcmp(a, "--tokenizer")) { VALUE(); sp_model = v; }
+        else if (!strcmp(a, "--greedy")) scfg.greedy = true;
+        else if (!strcmp(a, "--temperature")) { VALUE(); scfg.temperature = strtof(v, NULL); }
+        else if (!strcmp(a, "--top-p")) { VALUE(); scfg.top_p = strtof(v, NULL); }
+        else if (!strcmp(a, "--top-k")) { VALUE(); scfg.top_k = atoi(v); }
+        else if (!strcmp(a, "--seed")) { VALUE(); scfg.seed = strtoull(v, NULL, 10); }
+        else if (!strcmp(a, "--max-new")) { VALUE(); max_new = atoi(v); }
+        else if (!strcmp(a, "--context")) { VALUE(); context = atoi(v); }
         else if (!strcmp(a, "--squash")) squash = 1;
         else if (!strcmp(a, "--fuse-text-map")) fuse = 1;
         else if (!strcmp(a, "--rotate-references")) rotate = 1;
@@ -126,30 +146,44 @@ int cmd_map(int argc, char **argv) {
         usage(stderr);
         return 2;
     }
+    if (ask && !sp_model) {
+        fprintf(stderr, "agpt map: --ask needs --tokenizer (LLaMA's tokenizer.model)\n");
+        return 2;
+    }
+    if (ask && (max_new < 1 || max_new > 1024)) { fprintf(stderr, "agpt map: --max-new must be in [1, 1024]\n"); return 2; }
     Status s = ensure_dir(out_dir);
     if (s) return cli_report("map", s);
 
     Engine eng;
     if ((s = engine_create(&eng, dev, 0, threads, 1))) return cli_report("map", s);
-    VisionModel vm;
+    static AnomalyGPT agpt;  // with --ask: the whole model; its .vision is the VisionModel used below
+    static VisionModel vision;
+    VisionModel *vm = ask ? &agpt.vision : &vision;
+    Sampler sampler = {0};
     int batch = n_refs * (rotate ? 4 : 1);
     if (batch < 1) batch = 1;
     double t0 = timer_now_s();
-    if ((s = vision_model_open(&vm, &eng, model, overlays, n_overlays, dt, batch))) {
+    s = ask ? anomalygpt_open(&agpt, &eng, model, overlays, n_overlays, sp_model, dt, context)
+            : vision_model_open(vm, &eng, model, overlays, n_overlays, dt, batch);
+    if (s == AGPT_OK && ask && !scfg.greedy && (s = sampler_init(&sampler, &scfg, agpt.llm.vocab)))
+        anomalygpt_close(&agpt);
+    if (s) {
         engine_destroy(&eng);
         return cli_report("map", s);
     }
-    if (squash) vm.mode = PREPROCESS_SQUASH;
-    vm.fuse_text_map = fuse;
-    vm.augment_rotations = rotate;
+    if (squash) vm->mode = PREPROCESS_SQUASH;
+    vm->fuse_text_map = fuse;
+    vm->augment_rotations = rotate;
     ClipTokenizer *tokenizer = NULL;
     if (clip_vocab) {
         if ((s = clip_tokenizer_load_file(clip_vocab, &tokenizer))) {
-            vision_model_close(&vm);
+            sampler_free(&sampler);
+            if (ask) anomalygpt_close(&agpt);
+            else vision_model_close(vm);
             engine_destroy(&eng);
             return cli_report("map", s);
         }
-        vision_model_set_tokenizer(&vm, tokenizer);
+        vision_model_set_tokenizer(vm, tokenizer);
     }
     double t_load = timer_now_s() - t0;
     int rc = 0;
@@ -158,14 +192,14 @@ int cmd_map(int argc, char **argv) {
         int loaded = 0;
         for (; loaded < n_refs; loaded++)
             if ((s = image_load(refs[loaded], &ref_images[loaded]))) break;
-        if (s == AGPT_OK) s = vision_model_set_references(&vm, ref_images, n_refs);
+        if (s == AGPT_OK) s = vision_model_set_references(vm, ref_images, n_refs);
         for (int i = 0; i < loaded; i++) image_free(&ref_images[i]);
         if (s) {
             rc = cli_report("map", agpt_add_context(s, "reference images"));
             goto done;
         }
     }
-    int S = vm.vision.image;
+    int S = vm->vision.image;
     float *map = NULL;
     if ((s = mem_host_alloc((size_t)S * S * sizeof(float), (void **)&map))) {
         rc = cli_report("map", s);
@@ -173,7 +207,7 @@ int cmd_map(int argc, char **argv) {
     }
     const Tensor *features;
     const char *used_class = class_name;
-    if ((n_refs == 0 || fuse) && (s = vision_model_class_features(&vm, class_name, &features, &used_class))) {
+    if (!ask && (n_refs == 0 || fuse) && (s = vision_model_class_features(vm, class_name, &features, &used_class))) {
         rc = cli_report("map", s);
         mem_host_free(map);
         goto done;
@@ -184,6 +218,8 @@ int cmd_map(int argc, char **argv) {
         double t1 = timer_now_s();
         Image img;
         float score = 0;
+        const char *img_class = used_class;
+        AnomalyAnswer ans = {.map = map};
         char stem[256], heat[4096], raw[4096];
         stem_of(inputs[i], stem, sizeof stem);
         // Two inputs with one file name (MVTec's test/<defect>/000.png) must not overwrite each other's outputs:
@@ -199,15 +235,23 @@ int cmd_map(int argc, char **argv) {
         }
         s = image_load(inputs[i], &img);
         if (s == AGPT_OK) {
-            s = vision_model_map(&vm, &img, 1, used_class, map, &score);
-            if (s == AGPT_OK) s = write_outputs(&vm, &img, map, out_dir, stem, heat, raw, sizeof heat);
+            if (ask) {  // the answer's own map and score: the vision model runs once
+                if (!scfg.greedy) rng_seed(&sampler.rng, scfg.seed);  // each image's answer independent of order
+                s = anomalygpt_ask(&agpt, &img, NULL, 0, ask, scfg.greedy ? NULL : &sampler, max_new, &ans);
+                score = ans.score;
+                img_class = ans.class_name;
+            } else {
+                s = vision_model_map(vm, &img, 1, used_class, map, &score);
+            }
+            if (s == AGPT_OK) s = write_outputs(vm, &img, map, out_dir, stem, heat, raw, sizeof heat);
             image_free(&img);
         }
         if (s == AGPT_OK) {
             cJSON_AddNumberToObject(line, "score", score);
             cJSON_AddStringToObject(line, "mode", !n_refs ? "zero-shot" : fuse ? "few-shot+zero-shot" : "few-shot");
             if (n_refs) cJSON_AddNumberToObject(line, "references", n_refs * (rotate ? 4 : 1));
-            if (!n_refs || fuse) cJSON_AddStringToObject(line, "class", used_class);
+            if (!n_refs || fuse) cJSON_AddStringToObject(line, "class", img_class);
+            if (ask) cJSON_AddStringToObject(line, "answer", ans.text ? ans.text : "");
             cJSON_AddStringToObject(line, "heatmap", heat);
             cJSON_AddStringToObject(line, "map", raw);
             cJSON_AddNumberToObject(line, "ms", 1e3 * (timer_now_s() - t1));
@@ -215,12 +259,15 @@ int cmd_map(int argc, char **argv) {
             cJSON_AddStringToObject(line, "error", agpt_last_error());
             rc = 1;
         }
+        free(ans.text);
         print_json_line(line);
     }
     mem_host_free(map);
     LOG_I("%d image(s) in %.2f s after a %.2f s load", n_inputs, timer_now_s() - t0 - t_load, t_load);
 done:
-    vision_model_close(&vm);
+    sampler_free(&sampler);
+    if (ask) anomalygpt_close(&agpt);
+    else vision_model_close(vm);
     clip_tokenizer_free(tokenizer);
     engine_destroy(&eng);
     return rc;

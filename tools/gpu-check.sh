@@ -59,12 +59,25 @@ PYTHONUNBUFFERED=1 timeout 150 python3 bench/peers/torch_vit.py --device cuda --
     --json "$out/torch-vit.json" 2>&1 | tee "$out/torch-vit.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+step "agpt bench llama (LLaMA-7B shapes, 32 layers, bf16, prompt 80, decode batch 1, 32)"
+timeout 180 build-gpu/agpt bench llama --device cuda --dtype bf16 --batch 1 --batch 32 \
+    --json "$out/agpt-llama.json" 2>&1 | tee "$out/agpt-llama.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "PyTorch peer: LLaMA-7B shapes, HF LlamaForCausalLM (bf16)"
+PYTHONUNBUFFERED=1 timeout 180 python3 bench/peers/torch_llama.py --device cuda --dtype bf16 --batch 1 --batch 32 \
+    --json "$out/torch-llama.json" 2>&1 | tee "$out/torch-llama.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 step "ratios (speedup > 1: agpt faster)"
 if [ -f "$out/agpt-ops.json" ] && [ -f "$out/torch-ops.json" ]; then
     python3 bench/compare.py "$out/agpt-ops.json" "$out/torch-ops.json" --md "$out/ops-table.md"
 fi
 if [ -f "$out/agpt-vit.json" ] && [ -f "$out/torch-vit.json" ]; then
     python3 bench/compare.py "$out/agpt-vit.json" "$out/torch-vit.json" --md "$out/vit-table.md"
+fi
+if [ -f "$out/agpt-llama.json" ] && [ -f "$out/torch-llama.json" ]; then
+    python3 bench/compare.py "$out/agpt-llama.json" "$out/torch-llama.json" --md "$out/llama-table.md"
 fi
 echo
 echo "gpu-check: $([ $status -eq 0 ] && echo ok || echo FAILED); results in $out"

@@ -1,0 +1,266 @@
+// agpt bench llama: the LLaMA-7B language model (random weights at Vicuna-7B's shapes: width 4096, 32 heads, MLP
+// 11008, vocab 32001) with its KV cache: prefill tokens/s for a prompt of P tokens, as a fraction of the dense
+// matmul rate, and decode tokens/s, as a fraction of the copy bandwidth (bytes of weights and KV read per step
+// over the step time), both limits measured in the same run. bench/peers/torch_llama.py runs the same model
+// (HF LlamaForCausalLM) in PyTorch. With fewer than 32 layers (the f32 CPU backend cannot hold 7B: 27 GB) the
+// 32-layer numbers are scaled by the FLOPs (prefill) and bytes (decode) of the model, and are labelled so.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/ops.h"
+#include "model/llama.h"
+#include "runtime/memory.h"
+#include "runtime/timer.h"
+#include "tools/cli.h"
+
+enum { C_DIM = 4096, N_HEADS = 32, I_DIM = 11008, VOCAB = 32001, FULL_LAYERS = 32 };
+
+static Status sync_all(Engine *e) {
+    AGPT_TRY(engine_synchronize(e));
+    if (e->device != DEV_CPU) AGPT_TRY(cuda_synchronize());
+    return AGPT_OK;
+}
+
+// The matmul rate of this device in this dtype: a square GEMM of side n, best of a few runs.
+static Status matmul_rate(Engine *e, DType dt, int n, double *tflops) {
+    Arena a;
+    AGPT_TRY(arena_init(&a, e->device, (size_t)3 * n * n * dtype_size(dt) + 4 * AGPT_ALIGN));
+    Tensor x, y, z;
+    Status s = arena_tensor(&a, dt, 2, (int64_t[]){n, n}, &x);
+    if (!s) s = arena_tensor(&a, dt, 2, (int64_t[]){n, n}, &y);
+    if (!s) s = arena_tensor(&a, dt, 2, (int64_t[]){n, n}, &z);
+    if (!s) s = tensor_zero(&x);
+    if (!s) s = tensor_zero(&y);
+    double best = 1e30;
+    for (int i = 0; i < 4 && !s; i++) {
+        double t0 = timer_now_s();
+        s = op_matmul(e, &z, &x, &y, NULL, false, false, 1.0f, 0.0f);
+        if (!s) s = engine_synchronize(e);
+        double t = timer_now_s() - t0;
+        if (i > 0 && t < best) best = t;  // the first run warms up
+    }
+    arena_free(&a);
+    *tflops = 2.0 * n * n * (double)n / best / 1e12;
+    return s;
+}
+
+// The copy bandwidth: one buffer of n elements copied to another (bytes read + written), best of a few runs.
+static Status copy_rate(Engine *e, DType dt, int64_t n, double *gbps) {
+    Arena a;
+    AGPT_TRY(arena_init(&a, e->device, (size_t)2 * n * dtype_size(dt) + 4 * AGPT_ALIGN));
+    Tensor x, y;
+    Status s = arena_tensor(&a, dt, 1, (int64_t[]){n}, &x);
+    if (!s) s = arena_tensor(&a, dt, 1, (int64_t[]){n}, &y);
+    if (!s) s = tensor_zero(&x);
+    if (!s) s = sync_all(e);
+    double best = 1e30;
+    for (int i = 0; i < 5 && !s; i++) {
+        double t0 = timer_now_s();
+        s = tensor_copy(&y, &x);
+        if (!s) s = sync_all(e);
+        double t = timer_now_s() - t0;
+        if (i > 0 && t < best) best = t;
+    }
+    arena_free(&a);
+    *gbps = 2.0 * (double)n * dtype_size(dt) / best / 1e9;
+    return s;
+}
+
+// Work of the model at `layers` layers: prefill FLOPs of B sequences of T tokens (causal attention counted as
+// the half it computes, lm_head on the last token only, as llama_prefill does), and the bytes one decode step
+// reads at `pos` tokens already in the cache (every weight once, the keys and values of pos + 1 positions).
+static double layer_flops(int T) {
+    double C = C_DIM, I = I_DIM;
+    return 2.0 * T * (4 * C * C + 3 * C * I) + 2.0 * C * T * (T + 1.0);
+}
+static double prefill_flops(int layers, int B, int T) {
+    return B * (layers * layer_flops(T) + 2.0 * VOCAB * C_DIM);
+}
+static double layer_weight_bytes(size_t es) { return ((4.0 * C_DIM + 3.0 * I_DIM) * C_DIM + 2 * C_DIM) * es; }
+static double step_bytes(int layers, int B, double mean_kv_positions, size_t es) {
+    double weights = layers * layer_weight_bytes(es) + ((double)VOCAB * C_DIM + C_DIM) * es;  // + lm_head, norm
+    double kv = 2.0 * layers * B * mean_kv_positions * C_DIM * es;
+    return weights + kv + (double)B * C_DIM * es;  // + the embedding rows
+}
+
+int cmd_bench_llama(int argc, char **argv) {
+    Device dev = cuda_device_count() > 0 ? DEV_CUDA : DEV_CPU;
+    int dtype_arg = -1, iters = 0, layers = 0, threads = 0, prompt = 80, steps = 0;
+    int batches[8] = {0}, n_batches = 0;
+    const char *json_path = NULL;
+    for (int i = 1; i < argc; i++) {
+        const char *v;
+        if (!strcmp(argv[i], "--device")) {
+            if (!(v = cli_value(argc, argv, &i, "bench llama"))) return 2;
+            if (strcmp(v, "cpu") && strcmp(v, "cuda")) {
+                fprintf(stderr, "agpt bench llama: --device cpu|cuda\n");
+                return 2;
+            }
+            dev = strcmp(v, "cuda") ? DEV_CPU : DEV_CUDA;
+        } else if (!strcmp(argv[i], "--dtype")) {
+            if (!(v = cli_value(argc, argv, &i, "bench llama"))) return 2;
+            dtype_arg = dtype_from_name(v);
+            if (dtype_arg < 0 || !dtype_is_float((DType)dtype_arg)) {
+                fprintf(stderr, "agpt bench llama: --dtype f32|f16|bf16\n");
+                return 2;
+            }
+        } else if (!strcmp(argv[i], "--batch")) {
+            if (!(v = cli_value(argc, argv, &i, "bench llama"))) return 2;
+            if (n_batches == 8 || atoi(v) < 1) {
+                fprintf(stderr, "agpt bench llama: --batch N (N >= 1, up to 8 times)\n");
+                return 2;
+            }
+            batches[n_batches++] = atoi(v);
+        } else if (!strcmp(argv[i], "--iters")) {
+            if (!(v = cli_value(argc, argv, &i, "bench llama"))) return 2;
+            iters = atoi(v);
+            if (iters < 1) { fprintf(stderr, "agpt bench llama: --iters must be >= 1\n"); return 2; }
+        } else if (!strcmp(argv[i], "--layers")) {
+            if (!(v = cli_value(argc, argv, &i, "bench llama"))) return 2;
+            layers = atoi(v);
+            if (layers < 1 || layers > 256) {
+                fprintf(stderr, "agpt bench llama: --layers must be 1..256\n");
+                return 2;
+            }
+        } else if (!strcmp(argv[i], "--prompt")) {
+            if (!(v = cli_value(argc, argv, &i, "bench llama"))) return 2;
+            prompt = atoi(v);
+            if (prompt < 1 || prompt > 4096) {
+                fprintf(stderr, "agpt bench llama: --prompt must be 1..4096\n");
+                return 2;
+            }
+        } else if (!strcmp(argv[i], "--decode")) {
+            if (!(v = cli_value(argc, argv, &i, "bench llama"))) return 2;
+            steps = atoi(v);
+            if (steps < 1 || steps > 4096) {
+                fprintf(stderr, "agpt bench llama: --decode must be 1..4096\n");
+                return 2;
+            }
+        } else if (!strcmp(argv[i], "--threads")) {
+            if (!(v = cli_value(argc, argv, &i, "bench llama"))) return 2;
+            threads = atoi(v);
+        } else if (!strcmp(argv[i], "--json")) {
+            if (!(json_path = cli_value(argc, argv, &i, "bench llama"))) return 2;
+        } else {
+            printf("usage: agpt bench llama [--device cpu|cuda] [--dtype f32|f16|bf16] [--layers N] [--prompt P]\n"
+                   "                        [--decode N] [--batch B]... [--iters N] [--threads N] [--json FILE]\n"
+                   "  LLaMA-7B shapes with random weights (width 4096, 32 heads, MLP 11008, vocab 32001), --layers\n"
+                   "  of them (32 on CUDA; 4 on the CPU, where 7B in f32 needs 27 GB): prefill of B sequences of P\n"
+                   "  tokens (80 by default) in tokens/s and as a fraction of the square-GEMM rate, then --decode\n"
+                   "  steps (32 on CUDA, 8 on the CPU) in tokens/s and as a fraction of the copy bandwidth (bytes\n"
+                   "  of weights + KV read per step over the step time). Both limits are measured in the same run.\n"
+                   "  Below 32 layers the 32-layer figures are scaled by FLOPs / bytes, not measured.\n");
+            return strcmp(argv[i], "--help") ? 2 : 0;
+        }
+    }
+    DType dt = dtype_arg >= 0 ? (DType)dtype_arg : (dev == DEV_CUDA ? DT_BF16 : DT_F32);
+    if (dev == DEV_CPU && dt != DT_F32) {
+        fprintf(stderr, "agpt bench llama: the CPU backend computes in f32; use --dtype f32\n");
+        return 2;
+    }
+    if (!layers) layers = dev == DEV_CUDA ? FULL_LAYERS : 4;
+    if (!n_batches) batches[0] = 1, n_batches = 1;
+    if (!iters) iters = dev == DEV_CUDA ? 5 : 2;
+    if (!steps) steps = dev == DEV_CUDA ? 32 : 8;
+    size_t es = dtype_size(dt);
+    Engine eng;
+    Status s = engine_create(&eng, dev, 0, threads, 7);
+    if (s) return cli_report("bench llama", s);
+    WeightStore ws;
+    weights_init(&ws, &eng, dt, NULL, "random LLaMA-7B");
+    Llama m;
+    memset(&m, 0, sizeof m);
+    double t0 = timer_now_s();
+    s = llama_init_random(&m, &ws, C_DIM, N_HEADS, I_DIM, layers, VOCAB, 7);
+    if (s) goto fail;
+    printf("agpt bench llama: LLaMA-7B shapes, %d of %d layers, random weights (%.2f GB, made in %.1f s), %s %s, "
+           "%d threads\n", layers, FULL_LAYERS, (double)ws.bytes / 1e9, timer_now_s() - t0, device_name(dev),
+           dtype_name(dt), eng.num_threads);
+    if (layers != FULL_LAYERS)
+        printf("  %d layers measured; the 32-layer columns are scaled by the model's FLOPs (prefill) and bytes "
+               "(decode), not measured (32 layers in %s: %.1f GB)\n", layers, dtype_name(dt),
+               (FULL_LAYERS * layer_weight_bytes(es) + 2.0 * VOCAB * C_DIM * es) / 1e9);
+    double rate = 0, bw = 0;
+    if ((s = matmul_rate(&eng, dt, dev == DEV_CUDA ? 8192 : 2048, &rate))) goto fail;
+    if ((s = copy_rate(&eng, dt, dev == DEV_CUDA ? ((int64_t)256 << 20) : ((int64_t)64 << 20), &bw))) goto fail;
+    printf("limits: matmul %.3f TFLOP/s, copy %.1f GB/s; prompt %d tokens, %d decode steps, %d prefill iterations\n",
+           rate, bw, prompt, steps, iters);
+    printf("%6s | %12s %10s %9s %12s %12s | %12s %10s %9s %12s %12s\n", "batch", "prefill tok/s", "TFLOP/s", "fraction",
+           "ms/layer", "32L tok/s", "decode tok/s", "GB/s", "fraction", "ms/layer", "32L tok/s");
+    FILE *jf = json_path ? fopen(json_path, "w") : NULL;
+    if (json_path && !jf) { s = AGPT_FAIL(AGPT_ERR_IO, "cannot write %s", json_path); goto fail; }
+    if (jf) fprintf(jf, "{\"bench\": \"llama\", \"device\": \"%s\", \"dtype\": \"%s\", \"layers\": %d, "
+                    "\"threads\": %d, "
+                    "\"prompt\": %d, \"decode_steps\": %d, \"matmul_tflops\": %.4f, \"copy_gbps\": %.3f, "
+                    "\"weight_gb\": %.3f, \"runs\": [", device_name(dev), dtype_name(dt), layers, eng.num_threads,
+                    prompt, steps, rate, bw, (double)ws.bytes / 1e9);
+    for (int bi = 0; bi < n_batches; bi++) {
+        int B = batches[bi];
+        KvCache cache;
+        Arena arena;
+        memset(&arena, 0, sizeof arena);
+        int max_seq = prompt + 1 + steps;  // the prompt, one warm-up step, the timed steps
+        if ((s = kv_cache_create(&cache, &eng, &m, B, max_seq))) goto fail_json;
+        s = arena_init(&arena, dev, (size_t)B * prompt * C_DIM * es + 4 * AGPT_ALIGN);
+        Tensor embeds;
+        int32_t *ids = malloc((size_t)B * prompt * sizeof *ids);
+        if (!s && !ids) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory for %d token ids", B * prompt);
+        for (int i = 0; !s && i < B * prompt; i++) ids[i] = (int32_t)((i * 7919 + 1) % VOCAB);
+        if (!s) s = arena_tensor(&arena, dt, 3, (int64_t[]){B, prompt, C_DIM}, &embeds);
+        if (!s) s = llama_embed_tokens(&eng, &m, ids, B * prompt, &embeds);
+        // prefill: a warm-up, then the timed iterations (each restarts the cache)
+        if (!s) s = llama_prefill(&eng, &m, &cache, &embeds, &cache.logits);
+        if (!s) s = sync_all(&eng);
+        double tp = timer_now_s();
+        for (int it = 0; it < iters && !s; it++) s = llama_prefill(&eng, &m, &cache, &embeds, &cache.logits);
+        if (!s) s = sync_all(&eng);
+        double prefill_s = (timer_now_s() - tp) / iters;
+        // decode: one warm-up step, then the timed steps; the same tokens each step (no argmax read-back)
+        if (!s) s = llama_decode_step(&eng, &m, &cache, ids, &cache.logits);
+        if (!s) s = sync_all(&eng);
+        int pos0 = cache.pos;
+        double td = timer_now_s();
+        for (int it = 0; it < steps && !s; it++) s = llama_decode_step(&eng, &m, &cache, ids, &cache.logits);
+        if (!s) s = sync_all(&eng);
+        double step_s = (timer_now_s() - td) / steps;
+        free(ids);
+        arena_free(&arena);
+        kv_cache_free(&cache);
+        if (s) goto fail_json;
+        // prefill: FLOPs over the time; decode: bytes read per step (KV at the mean cache length) over the time
+        double pf = prefill_flops(layers, B, prompt), pf32 = prefill_flops(FULL_LAYERS, B, prompt);
+        double p_tps = B * prompt / prefill_s, p_tf = pf / prefill_s / 1e12;
+        double p_layer_ms = prefill_s * layer_flops(prompt) * B / pf * 1e3, p_tps32 = p_tps * pf / pf32;
+        double mean_kv = pos0 + (steps + 1) / 2.0;  // positions read per step: pos + 1 at pos = pos0 .. pos0+steps-1
+        double sb = step_bytes(layers, B, mean_kv, es), sb32 = step_bytes(FULL_LAYERS, B, mean_kv, es);
+        double d_tps = B / step_s, d_gbps = sb / step_s / 1e9;
+        double layer_b = layer_weight_bytes(es) + 2.0 * B * mean_kv * C_DIM * es;
+        double d_layer_ms = step_s * layer_b / sb * 1e3, d_tps32 = d_tps * sb / sb32;
+        printf("%6d | %13.1f %10.3f %9.2f %12.2f %12.1f | %12.2f %10.1f %9.2f %12.2f %12.2f\n", B, p_tps, p_tf,
+               p_tf / rate, p_layer_ms, p_tps32, d_tps, d_gbps, d_gbps / bw, d_layer_ms, d_tps32);
+        if (jf) fprintf(jf, "%s{\"batch\": %d, \"prefill_s\": %.6f, \"prefill_tokens_per_s\": %.3f, "
+                        "\"prefill_tflops\": %.4f, \"prefill_fraction\": %.4f, \"prefill_ms_per_layer\": %.4f, "
+                        "\"prefill_tokens_per_s_32_layers_scaled\": %.3f, \"decode_step_s\": %.6f, "
+                        "\"decode_tokens_per_s\": %.4f, \"decode_gbps\": %.3f, \"decode_fraction\": %.4f, "
+                        "\"decode_ms_per_layer\": %.4f, \"decode_tokens_per_s_32_layers_scaled\": %.4f}",
+                        bi ? ", " : "", B, prefill_s, p_tps, p_tf, p_tf / rate, p_layer_ms, p_tps32, step_s, d_tps,
+                        d_gbps, d_gbps / bw, d_layer_ms, d_tps32);
+    }
+    if (layers != FULL_LAYERS) printf("(32L columns: scaled from %d layers, not measured)\n", layers);
+    if (jf) {
+        fprintf(jf, "]}\n");
+        fclose(jf);
+    }
+    llama_free(&m);
+    weights_free(&ws);
+    engine_destroy(&eng);
+    return 0;
+fail_json:
+    if (jf) fclose(jf);
+fail:
+    llama_free(&m);
+    weights_free(&ws);
+    engine_destroy(&eng);
+    return cli_report("bench llama", s);
+}
