@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "runtime/text.h"
+
 // ---------------------------------------------------------------------------------------------------------
 // What a persistent id and GLOBAL may name.
 
@@ -32,20 +34,6 @@ typedef enum Global {
     G_TENSOR_TYPE,                   // torch.Tensor, only as _rebuild_from_type_v2's new_type
     G_STORAGE_BASE,  // + storage type index
 } Global;
-
-enum { SHOWN_MAX = 96 };
-
-// Names come from untrusted files: cut long ones and hide control bytes so a message stays one line.
-static const char *shown(const char *s, char buf[SHOWN_MAX]) {
-    size_t i = 0;
-    for (; s[i] && i < SHOWN_MAX - 4; i++) {
-        unsigned char c = (unsigned char)s[i];
-        buf[i] = (c < 0x20 || c == 0x7f) ? '?' : (char)c;
-    }
-    if (s[i]) memcpy(buf + i, "...", 3), i += 3;
-    buf[i] = 0;
-    return buf;
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // Pickle values. They live only while the pickle is read; the tensors found are copied out by the walk.

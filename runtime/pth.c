@@ -1,20 +1,18 @@
-// torch.save checkpoint reader: the file (mmap), the zip container (runtime/zip.c), the archive's layout, and
-// the accessors. The pickle inside is read by runtime/pickle.c, which executes nothing. Everything in the
-// file is untrusted, and a bad file yields a message naming the file and what is wrong, never a crash.
-#define _POSIX_C_SOURCE 200809L  // open flags, mmap, strdup under -std=c11
+// torch.save checkpoint reader: the file (runtime/mapped_file.c), the zip container (runtime/zip.c), the
+// archive's layout, and the accessors. The pickle inside is read by runtime/pickle.c, which executes nothing.
+// Everything in the file is untrusted, and a bad file yields a message naming the file and what is wrong,
+// never a crash.
+#define _POSIX_C_SOURCE 200809L  // strdup under -std=c11
 
 #include "runtime/pth.h"
 
-#include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
+#include "runtime/mapped_file.h"
 #include "runtime/pickle.h"
+#include "runtime/text.h"
 #include "runtime/zip.h"
 
 // ---------------------------------------------------------------------------------------------------------
@@ -22,29 +20,15 @@
 
 struct PthFile {
     char *path;                      // for messages: the file path, or "<memory>"
-    const uint8_t *base;
+    const uint8_t *base;             // the whole file (map.data) or the caller's buffer
     size_t size;
-    bool mapped;
+    MappedFile map;                  // unmapped on close; empty for pth_open_memory
     Zip *zip;
     char *prefix;                    // the archive's top folder, e.g. "archive"
     PthTensor *tensors;              // [n] in pickle order
     int n;
     int *by_name;                    // [n] indices sorted by (name, index)
 };
-
-enum { SHOWN_MAX = 96 };
-
-// Names come from untrusted files: cut long ones and hide control bytes so a message stays one line.
-static const char *shown(const char *s, char buf[SHOWN_MAX]) {
-    size_t i = 0;
-    for (; s[i] && i < SHOWN_MAX - 4; i++) {
-        unsigned char c = (unsigned char)s[i];
-        buf[i] = (c < 0x20 || c == 0x7f) ? '?' : (char)c;
-    }
-    if (s[i]) memcpy(buf + i, "...", 3), i += 3;
-    buf[i] = 0;
-    return buf;
-}
 
 static Status oom(const PthFile *f, const char *what) {
     return AGPT_FAIL(AGPT_ERR_OOM, "%s: out of host memory while reading %s", f->path, what);
@@ -198,45 +182,17 @@ Status pth_open(const char *path, PthFile **out) {
     AGPT_CHECK_ARG(out != NULL, "pth_open: out is NULL");
     *out = NULL;
     AGPT_CHECK_ARG(path != NULL, "pth_open: path is NULL");
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return AGPT_FAIL(AGPT_ERR_IO, "cannot open %s: %s%s", path, strerror(errno),
-                         errno == ENOENT ? "; check the path" : "");
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        int err = errno;
-        close(fd);
-        return AGPT_FAIL(AGPT_ERR_IO, "cannot stat %s: %s", path, strerror(err));
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        close(fd);
-        return AGPT_FAIL(AGPT_ERR_IO, "%s is not a regular file (a directory or device?); give the path of a "
-                         ".pt/.pth/.bin checkpoint", path);
-    }
-    if (sb.st_size == 0) {
-        close(fd);
-        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s is empty (0 bytes); it was not written completely, or is not a "
-                         "checkpoint", path);
-    }
-    if ((uint64_t)sb.st_size > SIZE_MAX) {
-        close(fd);
-        return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "%s is too large to map in this address space", path);
-    }
-    size_t size = (size_t)sb.st_size;
-    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
-    int map_err = errno;
-    close(fd);  // the mapping keeps the file alive
-    if (map == MAP_FAILED)
-        return AGPT_FAIL(AGPT_ERR_IO, "cannot map %s (%zu bytes): %s", path, size, strerror(map_err));
+    MappedFile map;
+    AGPT_TRY(mapped_file_open(path, "a .pt/.pth/.bin checkpoint", &map));
     PthFile *f = calloc(1, sizeof *f);
     if (!f || !(f->path = strdup(path))) {
         free(f);
-        munmap(map, size);
+        mapped_file_close(&map);
         return AGPT_FAIL(AGPT_ERR_OOM, "%s: out of host memory", path);
     }
-    f->base = map;
-    f->size = size;
-    f->mapped = true;
+    f->map = map;
+    f->base = map.data;
+    f->size = map.size;
     Status s = parse_file(f);
     if (s != AGPT_OK) {
         pth_close(f);
@@ -252,7 +208,7 @@ void pth_close(PthFile *f) {
     free(f->by_name);
     free(f->prefix);
     zip_close(f->zip);  // after the tensors: inflated storages belong to the zip
-    if (f->mapped) munmap((void *)f->base, f->size);
+    mapped_file_close(&f->map);
     free(f->path);
     free(f);
 }

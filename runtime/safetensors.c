@@ -1,7 +1,7 @@
 // safetensors reader and writer. The header is untrusted input: every number, string and range is checked
 // before anything points into the data, and a bad file yields a message that names the file, the tensor
 // and what is wrong, never a crash.
-#define _POSIX_C_SOURCE 200809L  // open flags, fsync, mmap, strdup under -std=c11
+#define _POSIX_C_SOURCE 200809L  // open flags, fsync, strdup under -std=c11
 
 #include "runtime/safetensors.h"
 
@@ -12,9 +12,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
+
+#include "runtime/mapped_file.h"
+#include "runtime/text.h"
 
 // ---------------------------------------------------------------------------------------------------------
 // The dtypes of the format. Sizes are in bits because F4 and F6 pack several elements per byte; knowing
@@ -60,9 +61,9 @@ typedef struct StTensor {
 
 struct SafeTensors {
     char *path;                 // for messages: the file path, or "<memory>"
-    const uint8_t *base;        // the whole file (mapped) or the caller's buffer
+    const uint8_t *base;        // the whole file (map.data) or the caller's buffer
     size_t size;
-    bool mapped;                // munmap on close
+    MappedFile map;             // unmapped on close; empty for st_open_memory
     const uint8_t *data;        // the data section: base + 8 + header length
     size_t data_size;
     StTensor *tensors;          // [n] in header order
@@ -75,21 +76,8 @@ struct SafeTensors {
 };
 
 // ---------------------------------------------------------------------------------------------------------
-// Message helpers. Names come from untrusted files: cut long ones and hide control bytes, so a message
-// stays one readable line however hostile the file.
-
-enum { SHOWN_MAX = 96 };
-
-static const char *shown(const char *s, char buf[SHOWN_MAX]) {
-    size_t i = 0;
-    for (; s[i] && i < SHOWN_MAX - 4; i++) {
-        unsigned char c = (unsigned char)s[i];
-        buf[i] = (c < 0x20 || c == 0x7f) ? '?' : (char)c;
-    }
-    if (s[i]) memcpy(buf + i, "...", 3), i += 3;
-    buf[i] = 0;
-    return buf;
-}
+// Message helpers. Names come from untrusted files: shown() (runtime/text.h) cuts long ones and hides
+// control bytes, so a message stays one readable line however hostile the file.
 
 static const char *format_shape(int ndim, const int64_t *shape, char *buf, size_t cap) {
     size_t n = (size_t)snprintf(buf, cap, "[");
@@ -488,47 +476,17 @@ Status st_open(const char *path, SafeTensors **out) {
     AGPT_CHECK_ARG(out != NULL, "st_open: out is NULL");
     *out = NULL;
     AGPT_CHECK_ARG(path != NULL, "st_open: path is NULL");
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return AGPT_FAIL(AGPT_ERR_IO, "cannot open %s: %s%s", path, strerror(errno),
-                         errno == ENOENT ? "; check the path" : "");
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        int err = errno;
-        close(fd);
-        return AGPT_FAIL(AGPT_ERR_IO, "cannot stat %s: %s", path, strerror(err));
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        close(fd);
-        return AGPT_FAIL(AGPT_ERR_IO, "%s is not a regular file (a directory or device?); give the path of a "
-                         ".safetensors file", path);
-    }
-    if (sb.st_size == 0) {
-        close(fd);
-        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s is empty (0 bytes); it was not written completely, or is not a "
-                         "model file", path);
-    }
-    if ((uint64_t)sb.st_size > SIZE_MAX) {
-        close(fd);
-        return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "%s is too large to map in this address space", path);
-    }
-    size_t size = (size_t)sb.st_size;
-    // MAP_PRIVATE + PROT_READ: the weights are shared with the page cache, and nothing can write to the file.
-    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
-    int map_err = errno;
-    close(fd);  // the mapping keeps the file alive
-    if (map == MAP_FAILED)
-        return AGPT_FAIL(AGPT_ERR_IO, "cannot map %s (%zu bytes): %s", path, size, strerror(map_err));
-
+    MappedFile map;
+    AGPT_TRY(mapped_file_open(path, "a .safetensors file", &map));
     SafeTensors *st = calloc(1, sizeof *st);
     if (!st || !(st->path = strdup(path))) {
         free(st);
-        munmap(map, size);
+        mapped_file_close(&map);
         return oom(path, "the file");
     }
-    st->base = map;
-    st->size = size;
-    st->mapped = true;
+    st->map = map;
+    st->base = map.data;
+    st->size = map.size;
     Status s = parse_file(st);
     if (s != AGPT_OK) {
         st_close(st);
@@ -553,7 +511,7 @@ void st_close(SafeTensors *st) {
     free(st->meta_keys);
     free(st->meta_values);
     free(st->meta_by_key);
-    if (st->mapped) munmap((void *)st->base, st->size);
+    mapped_file_close(&st->map);
     free(st->path);
     free(st);
 }

@@ -13,38 +13,7 @@
 #include "model/clip_tokenizer.h"
 #include "runtime/timer.h"
 #include "tests/test.h"
-
-#ifndef AGPT_SHARED_DATA
-#define AGPT_SHARED_DATA "../shared/data"
-#endif
-#ifndef AGPT_TEST_DATA
-#define AGPT_TEST_DATA "tests/data"
-#endif
-
-static uint8_t *read_file(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 1 << 20, len = 0;
-    uint8_t *p = malloc(cap);
-    for (size_t got; p && (got = fread(p + len, 1, cap - len, f)) > 0;) {
-        len += got;
-        if (len == cap) {
-            uint8_t *q = realloc(p, cap *= 2);
-            if (!q) free(p);
-            p = q;
-        }
-    }
-    fclose(f);
-    *n = len;
-    return p;
-}
-
-static int write_file(const char *path, const void *p, size_t n) {
-    FILE *f = fopen(path, "wb");
-    if (!f) return -1;
-    size_t w = n ? fwrite(p, 1, n, f) : 0;
-    return (fclose(f) == 0 && w == n) ? 0 : -1;
-}
+#include "tests/test_util.h"
 
 // One gzip member of `n` bytes appended to out (capacity checked by the caller: n + 1024 is plenty).
 static size_t gzip_member(const uint8_t *src, size_t n, uint8_t *out) {
@@ -210,7 +179,7 @@ static void check_long_inputs(const ClipTokenizer *tok) {
 // The same merges from memory (gzip, plain text, two gzip members) give the same tokenizer; broken files are errors.
 static void check_loading(const ClipTokenizer *tok, const char *vocab_path, const char *tmp_dir) {
     size_t gz_n = 0;
-    uint8_t *gz = read_file(vocab_path, &gz_n);
+    uint8_t *gz = test_read_file(vocab_path, &gz_n);
     CHECK(gz && gz_n > 1000, "read %s", vocab_path);
     if (!gz) return;
     const char *probe =
@@ -240,7 +209,7 @@ static void check_loading(const ClipTokenizer *tok, const char *vocab_path, cons
     CHECK(m && same_tokens(tok, m, probe), "plain-text merges from memory tokenize like the file");
     clip_tokenizer_free(m);
     m = NULL;
-    CHECK(write_file(path, text, text_n) == 0, "write %s", path);
+    CHECK(test_write_file(path, text, text_n) == 0, "write %s", path);
     CHECK_OK(clip_tokenizer_load_file(path, &m));
     CHECK(m && same_tokens(tok, m, probe), "a plain-text merges file tokenizes like the gzip one");
     clip_tokenizer_free(m);
@@ -266,11 +235,11 @@ static void check_loading(const ClipTokenizer *tok, const char *vocab_path, cons
     CHECK_ERR(clip_tokenizer_load_memory(gz, 0, &bad));
     CHECK_ERR(clip_tokenizer_load_memory("", 0, &bad));
     snprintf(path, sizeof path, "%s/truncated.gz", tmp_dir);
-    CHECK(write_file(path, gz, gz_n / 2) == 0, "write %s", path);
+    CHECK(test_write_file(path, gz, gz_n / 2) == 0, "write %s", path);
     CHECK_ERR(clip_tokenizer_load_file(path, &bad));
     printf("  truncated gzip: %s\n", agpt_last_error());
     snprintf(path, sizeof path, "%s/trailer.gz", tmp_dir);
-    CHECK(write_file(path, gz, gz_n - 4) == 0, "write %s", path);
+    CHECK(test_write_file(path, gz, gz_n - 4) == 0, "write %s", path);
     CHECK_ERR(clip_tokenizer_load_file(path, &bad));
 
     uint8_t *flipped = malloc(gz_n);
@@ -279,7 +248,7 @@ static void check_loading(const ClipTokenizer *tok, const char *vocab_path, cons
         flipped[gz_n / 3] ^= 0x5a;  // deflate data error or a CRC mismatch, either way an error
         CHECK_ERR(clip_tokenizer_load_memory(flipped, gz_n, &bad));
         snprintf(path, sizeof path, "%s/flipped.gz", tmp_dir);
-        CHECK(write_file(path, flipped, gz_n) == 0, "write %s", path);
+        CHECK(test_write_file(path, flipped, gz_n) == 0, "write %s", path);
         CHECK_ERR(clip_tokenizer_load_file(path, &bad));
         memcpy(flipped, "\x1f\x8b garbage after the magic", 26);
         CHECK_ERR(clip_tokenizer_load_memory(flipped, 26, &bad));
@@ -294,7 +263,7 @@ static void check_loading(const ClipTokenizer *tok, const char *vocab_path, cons
     }
 
     snprintf(path, sizeof path, "%s/empty.txt.gz", tmp_dir);
-    CHECK(write_file(path, "", 0) == 0, "write %s", path);
+    CHECK(test_write_file(path, "", 0) == 0, "write %s", path);
     CHECK_ERR(clip_tokenizer_load_file(path, &bad));
     printf("  empty file: %s\n", agpt_last_error());
     snprintf(path, sizeof path, "%s/no/such/file.gz", tmp_dir);
@@ -329,7 +298,7 @@ static void check_loading(const ClipTokenizer *tok, const char *vocab_path, cons
         uint8_t *z = malloc(edited + 1024);
         size_t zn = z ? gzip_member(edit, edited, z) : 0;
         snprintf(path, sizeof path, "%s/malformed.txt.gz", tmp_dir);
-        CHECK(zn && write_file(path, z, zn) == 0, "write %s", path);
+        CHECK(zn && test_write_file(path, z, zn) == 0, "write %s", path);
         CHECK_ERR(clip_tokenizer_load_file(path, &bad));
         free(z);
     }

@@ -21,25 +21,12 @@
 #include "runtime/memory.h"
 #include "runtime/safetensors.h"
 #include "test.h"
+#include "test_util.h"
 
 #define SHAPE(...) ((const int64_t[]){__VA_ARGS__})
 
 static char dir[1024];
 static SafeTensors *base, *lora, *golden;
-
-// A golden tensor as host f32 (caller frees); NULL (and a failure) when absent.
-static float *golden_f32(const char *name, int64_t *n) {
-    Tensor t;
-    if (st_get(golden, name, &t) != AGPT_OK) {
-        printf("FAIL missing golden %s: %s\n", name, agpt_last_error());
-        test_failed++;
-        return NULL;
-    }
-    *n = tensor_numel(&t);
-    float *out = malloc((size_t)*n * sizeof(float));
-    convert_host(out, DT_F32, t.data, t.dtype, (size_t)*n);
-    return out;
-}
 
 static int32_t *golden_i32(const char *name, int64_t *n) {
     Tensor t;
@@ -59,27 +46,10 @@ static int golden_meta_int(const char *key) {
     return v ? atoi(v) : -1;
 }
 
-// A device tensor back to host f32 (caller frees).
-static float *to_host(const Tensor *t) {
-    int64_t n = tensor_numel(t);
-    float *out = malloc((size_t)n * sizeof(float));
-    void *raw = malloc(tensor_nbytes(t));
-    Tensor h = *t;
-    h.device = DEV_CPU;
-    h.data = raw;
-    if (tensor_copy(&h, t) != AGPT_OK) {
-        for (int64_t i = 0; i < n; i++) out[i] = NAN;
-    } else {
-        convert_host(out, DT_F32, raw, t->dtype, (size_t)n);
-    }
-    free(raw);
-    return out;
-}
-
 // rel L2 of the rows [row0, row0 + rows) of a [*, V] golden against the device tensor t [rows, V].
 static double compare_rows(const char *what, const Tensor *t, const float *want, int64_t row0, double tol) {
     int64_t n = tensor_numel(t);
-    float *got = to_host(t);
+    float *got = test_to_host_f32(t);
     double err = rel_l2(got, want + row0 * t->shape[1], n);
     printf("  %-44s rel_l2 %.3g (tol %.0e)\n", what, err, tol);
     CHECK(err <= tol, "%s: rel_l2 %.3g > %.0e", what, err, tol);
@@ -160,9 +130,9 @@ static void run(Engine *e, DType dt, double tol, bool strict_tokens, const char 
         int B = (int)embeds.shape[0];
         int64_t n_pre = 0, n_steps = 0, n_tok = 0;
         snprintf(name, sizeof name, "%sprefill_logits", prefixes[p]);
-        float *pre = golden_f32(name, &n_pre);
+        float *pre = test_golden_f32(golden, name, &n_pre);
         snprintf(name, sizeof name, "%sstep_logits", prefixes[p]);
-        float *steps = golden_f32(name, &n_steps);
+        float *steps = test_golden_f32(golden, name, &n_steps);
         snprintf(name, sizeof name, "%sstep_tokens", prefixes[p]);
         int32_t *toks = golden_i32(name, &n_tok);
         if (pre && steps && toks) {
@@ -176,7 +146,7 @@ static void run(Engine *e, DType dt, double tol, bool strict_tokens, const char 
             int argmax_agree = 0, argmax_total = 0;
             for (int st = 0; st <= S; st++) {
                 // tokens of step st: golden [B,S] (b2) or [S] (b1); our argmax of the previous logits
-                float *got = to_host(&logits);
+                float *got = test_to_host_f32(&logits);
                 for (int b = 0; b < B && st < S; b++) {
                     int32_t best = 0;
                     for (int v = 1; v < V; v++)
@@ -245,10 +215,11 @@ static void run(Engine *e, DType dt, double tol, bool strict_tokens, const char 
             CHECK_OK(arena_tensor(&io, mdt, 2, SHAPE(1, m0.vocab), &logits));
             CHECK_OK(llama_prefill(e, &m0, &c, &embeds, &logits));
             int64_t n = 0, n1 = 0;
-            float *want = golden_f32("nolora.prefill_logits", &n), *merged = golden_f32("b1.prefill_logits", &n1);
+            float *want = test_golden_f32(golden, "nolora.prefill_logits", &n);
+            float *merged = test_golden_f32(golden, "b1.prefill_logits", &n1);
             if (want && merged) {
                 compare_rows("no LoRA: prefill logits vs HF adapter off", &logits, want, 0, tol);
-                float *got = to_host(&logits);
+                float *got = test_to_host_f32(&logits);
                 double d = rel_l2(got, merged, n1);
                 printf("  %-44s rel_l2 %.3g (must be > 1e-2)\n", "no LoRA vs LoRA-merged golden", d);
                 CHECK(d > 1e-2, "the LoRA merge makes no difference (rel %.3g)", d);
@@ -324,7 +295,7 @@ static double prefill_with_lora_file(Engine *e, const char *path, int *rank, flo
     Arena io = {0};
     Tensor embeds, logits;
     int64_t n = 0;
-    float *want = golden_f32("b1.prefill_logits", &n);
+    float *want = test_golden_f32(golden, "b1.prefill_logits", &n);
     Status s = weights_add_file(&ws, base, "llama base golden");
     if (s == AGPT_OK) s = llama_load(&m, &ws);
     if (s == AGPT_OK) {
@@ -335,7 +306,7 @@ static double prefill_with_lora_file(Engine *e, const char *path, int *rank, flo
         if (s == AGPT_OK) s = arena_tensor(&io, DT_F32, 2, SHAPE(1, m.vocab), &logits);
         if (s == AGPT_OK) s = llama_prefill(e, &m, &c, &embeds, &logits);
         if (s == AGPT_OK && want) {
-            float *got = to_host(&logits);
+            float *got = test_to_host_f32(&logits);
             err = rel_l2(got, want, n);
             free(got);
         }

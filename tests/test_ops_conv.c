@@ -7,32 +7,11 @@
 #include "kernels/ops.h"
 #include "runtime/rng.h"
 #include "test.h"
+#define TEST_NAME_WIDTH 72
+#include "test_util.h"
 
 static Rng rng;
 static Engine eng;
-
-static float *randf(int64_t n, float scale) {
-    float *x = malloc((size_t)n * sizeof(float));
-    for (int64_t i = 0; i < n; i++) x[i] = scale * rng_normal(&rng);
-    return x;
-}
-
-static float *poisoned(int64_t n) {
-    float *x = malloc((size_t)(n ? n : 1) * sizeof(float));  // never NULL: an empty tensor still has data
-    for (int64_t i = 0; i < n; i++) x[i] = NAN;
-    return x;
-}
-
-static Tensor T1(float *p, int64_t a) { return tensor_1d(p, DT_F32, DEV_CPU, a); }
-static Tensor T4(float *p, int64_t a, int64_t b, int64_t c, int64_t d) {
-    return tensor_4d(p, DT_F32, DEV_CPU, a, b, c, d);
-}
-
-static void check_close_d(const char *name, const float *out, const double *ref, int64_t n, double tol) {
-    double e = rel_l2_d(out, ref, n);
-    printf("  %-72s rel_l2 %.3g (tol %.0e)\n", name, e, tol);
-    CHECK(e <= tol, "%s: rel_l2 %.3g > %.0e", name, e, tol);
-}
 
 // ---- conv2d ------------------------------------------------------------------------------------------------
 
@@ -69,13 +48,15 @@ static void test_conv2d(int64_t B, int64_t Cin, int64_t H, int64_t W, int64_t Co
     // Inputs like the prompt learner's: maps in [0, 2], weights at PyTorch's default init scale 1/sqrt(fan_in).
     float *x = malloc((size_t)nx * sizeof(float));
     rng_fill_uniform(&rng, x, (size_t)nx, 0.0f, 2.0f);
-    float *w = randf(nw, 1.0f / sqrtf((float)(Cin * k * k))), *b = bias ? randf(Cout, 0.5f) : NULL;
-    float *out = poisoned(no);
+    float *w = test_randn(&rng, nw, 1.0f / sqrtf((float)(Cin * k * k))),
+          *b = bias ? test_randn(&rng, Cout, 0.5f) : NULL;
+    float *out = test_poisoned(no);
     double *ref = malloc((size_t)no * sizeof(double));
     ref_conv2d(ref, x, w, b, B, Cin, H, W, Cout, k, p);
-    Tensor tx = T4(x, B, Cin, H, W), tw = T4(w, Cout, Cin, k, k), tb = T1(b, Cout), to = T4(out, B, Cout, Ho, Wo);
+    Tensor tx = cpu_f32_4d(x, B, Cin, H, W), tw = cpu_f32_4d(w, Cout, Cin, k, k), tb = cpu_f32_1d(b, Cout),
+           to = cpu_f32_4d(out, B, Cout, Ho, Wo);
     CHECK_OK(op_conv2d(&eng, &to, &tx, &tw, bias ? &tb : NULL, p));
-    check_close_d(name, out, ref, no, 1e-5);  // DESIGN.md's per-op fp32 tolerance; measured <= 4e-7
+    CHECK_CLOSE_D(name, out, ref, no, 1e-5);  // DESIGN.md's per-op fp32 tolerance; measured <= 4e-7
     free(x), free(w), free(b), free(out), free(ref);
 }
 
@@ -84,16 +65,16 @@ static void test_conv2d(int64_t B, int64_t Cin, int64_t H, int64_t W, int64_t Co
 static void test_relu(int64_t n, bool in_place) {
     char name[96];
     snprintf(name, sizeof name, "relu n=%lld%s", (long long)n, in_place ? " in place" : "");
-    float *x = randf(n, 1.0f), *out = in_place ? x : poisoned(n);
+    float *x = test_randn(&rng, n, 1.0f), *out = in_place ? x : test_poisoned(n);
     x[0] = NAN;  // torch.relu keeps NaN
     if (n > 2) x[2] = -0.0f;
     double *ref = malloc((size_t)n * sizeof(double));
     for (int64_t i = 0; i < n; i++) ref[i] = x[i] > 0 ? x[i] : 0.0;
-    Tensor tx = T1(x, n), to = T1(out, n);
+    Tensor tx = cpu_f32_1d(x, n), to = cpu_f32_1d(out, n);
     CHECK_OK(op_relu(&eng, &to, &tx));
     CHECK(isnan(out[0]), "%s: NaN did not stay NaN", name);
     out[0] = 0.0f, ref[0] = 0.0;
-    check_close_d(name, out, ref, n, 0.0);  // exact
+    CHECK_CLOSE_D(name, out, ref, n, 0.0);  // exact
     int bad = 0;
     for (int64_t i = 0; i < n; i++) bad += out[i] < 0.0f;
     CHECK(bad == 0, "%s: %d negative outputs", name, bad);
@@ -106,7 +87,7 @@ static void test_maxpool(int64_t B, int64_t C, int64_t H, int64_t W) {
     snprintf(name, sizeof name, "maxpool2x2 [%lld,%lld,%lld,%lld]", (long long)B, (long long)C, (long long)H,
              (long long)W);
     const int64_t Ho = H / 2, Wo = W / 2, nx = B * C * H * W, no = B * C * Ho * Wo;
-    float *x = randf(nx, 1.0f), *out = poisoned(no);
+    float *x = test_randn(&rng, nx, 1.0f), *out = test_poisoned(no);
     double *ref = malloc((size_t)(no ? no : 1) * sizeof(double));
     for (int64_t c = 0; c < B * C; c++)
         for (int64_t oy = 0; oy < Ho; oy++)
@@ -116,9 +97,9 @@ static void test_maxpool(int64_t B, int64_t C, int64_t H, int64_t W) {
                     for (int j = 0; j < 2; j++) m = fmax(m, x[(c * H + 2 * oy + i) * W + 2 * ox + j]);
                 ref[(c * Ho + oy) * Wo + ox] = m;
             }
-    Tensor tx = T4(x, B, C, H, W), to = T4(out, B, C, Ho, Wo);
+    Tensor tx = cpu_f32_4d(x, B, C, H, W), to = cpu_f32_4d(out, B, C, Ho, Wo);
     CHECK_OK(op_maxpool2x2(&eng, &to, &tx));
-    check_close_d(name, out, ref, no, 0.0);  // a selection: exact
+    CHECK_CLOSE_D(name, out, ref, no, 0.0);  // a selection: exact
     // A NaN anywhere in a window wins, as in PyTorch's max_pool2d (the last element of window (0,0)).
     if (Ho > 0 && Wo > 0) {
         x[W + 1] = NAN;
@@ -132,11 +113,14 @@ static void test_maxpool(int64_t B, int64_t C, int64_t H, int64_t W) {
 // ---- argument checks ---------------------------------------------------------------------------------------
 
 static void test_errors(void) {
-    float *a = randf(1 << 16, 1.0f), *b = poisoned(1 << 16);
-    Tensor x = T4(a, 2, 3, 8, 8), w = T4(a, 4, 3, 3, 3), bias = T1(a, 4), out = T4(b, 2, 4, 8, 8);
+    float *a = test_randn(&rng, 1 << 16, 1.0f), *b = test_poisoned(1 << 16);
+    Tensor x = cpu_f32_4d(a, 2, 3, 8, 8), w = cpu_f32_4d(a, 4, 3, 3, 3), bias = cpu_f32_1d(a, 4),
+           out = cpu_f32_4d(b, 2, 4, 8, 8);
     CHECK_OK(op_conv2d(&eng, &out, &x, &w, &bias, 1));
-    Tensor w_cin = T4(a, 4, 2, 3, 3), w_rect = T4(a, 4, 3, 3, 5), bias_bad = T1(a, 5), out_bad = T4(b, 2, 4, 6, 6);
-    Tensor x3 = tensor_3d(a, DT_F32, DEV_CPU, 3, 8, 8), w_big = T4(a, 4, 3, 11, 11), out_1 = T4(b, 2, 4, 1, 1);
+    Tensor w_cin = cpu_f32_4d(a, 4, 2, 3, 3), w_rect = cpu_f32_4d(a, 4, 3, 3, 5), bias_bad = cpu_f32_1d(a, 5),
+           out_bad = cpu_f32_4d(b, 2, 4, 6, 6);
+    Tensor x3 = tensor_3d(a, DT_F32, DEV_CPU, 3, 8, 8), w_big = cpu_f32_4d(a, 4, 3, 11, 11),
+           out_1 = cpu_f32_4d(b, 2, 4, 1, 1);
     CHECK_ERR(op_conv2d(&eng, &out, &x, &w_cin, &bias, 1));     // Cin differs
     CHECK_ERR(op_conv2d(&eng, &out, &x, &w_rect, &bias, 1));    // non-square kernel
     CHECK_ERR(op_conv2d(&eng, &out, &x, &w, &bias_bad, 1));     // bias of the wrong size
@@ -144,7 +128,7 @@ static void test_errors(void) {
     CHECK_ERR(op_conv2d(&eng, &out, &x3, &w, &bias, 1));        // 3-D x
     CHECK_ERR(op_conv2d(&eng, &out, &x, &w, &bias, -1));        // negative padding
     CHECK_ERR(op_conv2d(&eng, &out_1, &x, &w_big, &bias, 1));   // kernel larger than the padded image
-    Tensor alias = T4(a, 2, 4, 8, 8);
+    Tensor alias = cpu_f32_4d(a, 2, 4, 8, 8);
     CHECK_ERR(op_conv2d(&eng, &alias, &x, &w, &bias, 1));       // out aliasing x
     Tensor w_bf16 = tensor_4d(a, DT_BF16, DEV_CPU, 4, 3, 3, 3);
     CHECK_ERR(op_conv2d(&eng, &out, &x, &w_bf16, &bias, 1));    // dtype mismatch
@@ -152,11 +136,12 @@ static void test_errors(void) {
     x_gpu.device = DEV_CUDA;
     CHECK_ERR(op_conv2d(&eng, &out, &x_gpu, &w, &bias, 1));     // wrong device
     // relu: shapes differ
-    Tensor r1 = T1(a, 16), r2 = T1(b, 17);
+    Tensor r1 = cpu_f32_1d(a, 16), r2 = cpu_f32_1d(b, 17);
     CHECK_ERR(op_relu(&eng, &r2, &r1));
     // maxpool: out not half the size (floor), 3-D input, aliasing
-    Tensor px = T4(a, 1, 2, 7, 9), po = T4(b, 1, 2, 3, 4), po_ceil = T4(b, 1, 2, 4, 5), po_c = T4(b, 1, 3, 3, 4);
-    Tensor px3 = tensor_3d(a, DT_F32, DEV_CPU, 2, 7, 9), po_alias = T4(a, 1, 2, 3, 4);
+    Tensor px = cpu_f32_4d(a, 1, 2, 7, 9), po = cpu_f32_4d(b, 1, 2, 3, 4), po_ceil = cpu_f32_4d(b, 1, 2, 4, 5),
+           po_c = cpu_f32_4d(b, 1, 3, 3, 4);
+    Tensor px3 = tensor_3d(a, DT_F32, DEV_CPU, 2, 7, 9), po_alias = cpu_f32_4d(a, 1, 2, 3, 4);
     CHECK_OK(op_maxpool2x2(&eng, &po, &px));
     CHECK_ERR(op_maxpool2x2(&eng, &po_ceil, &px));
     CHECK_ERR(op_maxpool2x2(&eng, &po_c, &px));

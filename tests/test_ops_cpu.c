@@ -6,43 +6,13 @@
 #include "runtime/memory.h"
 #include "runtime/rng.h"
 #include "test.h"
+#define TEST_NAME_WIDTH 52
+#include "test_util.h"
 
 static Rng rng;
 static Engine eng;
 
 // ---- helpers ---------------------------------------------------------------------------------------------
-
-static float *randf(int64_t n, float scale) {
-    float *x = malloc((size_t)n * sizeof(float));
-    for (int64_t i = 0; i < n; i++) x[i] = scale * rng_normal(&rng);
-    return x;
-}
-
-// An output buffer poisoned with NaN, so an op that forgets to write an element fails.
-static float *poisoned(int64_t n) {
-    float *x = malloc((size_t)n * sizeof(float));
-    for (int64_t i = 0; i < n; i++) x[i] = NAN;
-    return x;
-}
-
-static double *to_double(const float *x, int64_t n) {
-    double *d = malloc((size_t)n * sizeof(double));
-    for (int64_t i = 0; i < n; i++) d[i] = x[i];
-    return d;
-}
-
-static Tensor T1(float *p, int64_t a) { return tensor_1d(p, DT_F32, DEV_CPU, a); }
-static Tensor T2(float *p, int64_t a, int64_t b) { return tensor_2d(p, DT_F32, DEV_CPU, a, b); }
-static Tensor T3(float *p, int64_t a, int64_t b, int64_t c) { return tensor_3d(p, DT_F32, DEV_CPU, a, b, c); }
-static Tensor T4(float *p, int64_t a, int64_t b, int64_t c, int64_t d) {
-    return tensor_4d(p, DT_F32, DEV_CPU, a, b, c, d);
-}
-
-static void check_close_d(const char *name, const float *out, const double *ref, int64_t n, double tol) {
-    double e = rel_l2_d(out, ref, n);
-    printf("  %-52s rel_l2 %.3g (tol %.0e)\n", name, e, tol);
-    CHECK(e <= tol, "%s: rel_l2 %.3g > %.0e", name, e, tol);
-}
 
 // A double-precision forward: reads its inputs through ctx, returns loss = sum(out * g).
 typedef double (*LossFn)(void *ctx);
@@ -83,16 +53,16 @@ static void test_matmul_case(int64_t batch, int64_t M, int64_t N, int64_t K, boo
     char name[128];
     snprintf(name, sizeof name, "matmul b%lld %lldx%lldx%lld ta%d tb%d%s%s", (long long)batch, (long long)M,
              (long long)N, (long long)K, ta, tb, b_batched ? " batched-b" : "", with_bias ? " bias" : "");
-    float *a = randf(batch * M * K, 1), *b = randf((b_batched ? batch : 1) * K * N, 1);
-    float *bias = with_bias ? randf(N, 1) : NULL, *c = poisoned(batch * M * N);
+    float *a = test_randn(&rng, batch * M * K, 1), *b = test_randn(&rng, (b_batched ? batch : 1) * K * N, 1);
+    float *bias = with_bias ? test_randn(&rng, N, 1) : NULL, *c = test_poisoned(batch * M * N);
     double *ref = malloc((size_t)(batch * M * N) * sizeof(double));
     ref_matmul(ref, a, b, bias, batch, M, N, K, ta, tb, b_batched);
-    Tensor ta_t = batch > 1 ? T3(a, batch, ta ? K : M, ta ? M : K) : T2(a, ta ? K : M, ta ? M : K);
-    Tensor tb_t = b_batched ? T3(b, batch, tb ? N : K, tb ? K : N) : T2(b, tb ? N : K, tb ? K : N);
-    Tensor tc = batch > 1 ? T3(c, batch, M, N) : T2(c, M, N);
-    Tensor tbias = T1(bias, N);
+    Tensor ta_t = batch > 1 ? cpu_f32_3d(a, batch, ta ? K : M, ta ? M : K) : cpu_f32_2d(a, ta ? K : M, ta ? M : K);
+    Tensor tb_t = b_batched ? cpu_f32_3d(b, batch, tb ? N : K, tb ? K : N) : cpu_f32_2d(b, tb ? N : K, tb ? K : N);
+    Tensor tc = batch > 1 ? cpu_f32_3d(c, batch, M, N) : cpu_f32_2d(c, M, N);
+    Tensor tbias = cpu_f32_1d(bias, N);
     CHECK_OK(op_matmul(&eng, &tc, &ta_t, &tb_t, with_bias ? &tbias : NULL, ta, tb, 1.0f, 0.0f));
-    check_close_d(name, c, ref, batch * M * N, 1e-5);
+    CHECK_CLOSE_D(name, c, ref, batch * M * N, 1e-5);
 
     // alpha and beta: c2 = 0.5 * op(a)op(b) + 2 * c_prev
     float *c2 = malloc((size_t)(batch * M * N) * sizeof(float));
@@ -101,10 +71,10 @@ static void test_matmul_case(int64_t batch, int64_t M, int64_t N, int64_t K, boo
         c2[i] = (float)i * 0.01f;
         ref2[i] = 0.5 * (ref[i] - (with_bias ? bias[i % N] : 0)) + 2.0 * c2[i] + (with_bias ? bias[i % N] : 0);
     }
-    Tensor tc2 = batch > 1 ? T3(c2, batch, M, N) : T2(c2, M, N);
+    Tensor tc2 = batch > 1 ? cpu_f32_3d(c2, batch, M, N) : cpu_f32_2d(c2, M, N);
     CHECK_OK(op_matmul(&eng, &tc2, &ta_t, &tb_t, with_bias ? &tbias : NULL, ta, tb, 0.5f, 2.0f));
     snprintf(name + strlen(name), sizeof name - strlen(name), " a.5 b2");
-    check_close_d(name, c2, ref2, batch * M * N, 1e-5);
+    CHECK_CLOSE_D(name, c2, ref2, batch * M * N, 1e-5);
     free(a), free(b), free(bias), free(c), free(ref), free(c2), free(ref2);
 }
 
@@ -134,28 +104,29 @@ static double matmul_loss(void *p) {
 static void test_matmul_backward_case(int64_t batch, bool ta, bool tb, bool b_batched) {
     int64_t M = 5, N = 4, K = 3;
     int64_t na = batch * M * K, nb = (b_batched ? batch : 1) * K * N, nc = batch * M * N;
-    float *a = randf(na, 1), *b = randf(nb, 1), *g = randf(nc, 1);
-    float *da = poisoned(na), *db = poisoned(nb);
-    Tensor ta_t = batch > 1 ? T3(a, batch, ta ? K : M, ta ? M : K) : T2(a, ta ? K : M, ta ? M : K);
-    Tensor tb_t = b_batched ? T3(b, batch, tb ? N : K, tb ? K : N) : T2(b, tb ? N : K, tb ? K : N);
+    float *a = test_randn(&rng, na, 1), *b = test_randn(&rng, nb, 1), *g = test_randn(&rng, nc, 1);
+    float *da = test_poisoned(na), *db = test_poisoned(nb);
+    Tensor ta_t = batch > 1 ? cpu_f32_3d(a, batch, ta ? K : M, ta ? M : K) : cpu_f32_2d(a, ta ? K : M, ta ? M : K);
+    Tensor tb_t = b_batched ? cpu_f32_3d(b, batch, tb ? N : K, tb ? K : N) : cpu_f32_2d(b, tb ? N : K, tb ? K : N);
     Tensor tda = ta_t, tdb = tb_t;
     tda.data = da, tdb.data = db;
-    Tensor tg = batch > 1 ? T3(g, batch, M, N) : T2(g, M, N);
+    Tensor tg = batch > 1 ? cpu_f32_3d(g, batch, M, N) : cpu_f32_2d(g, M, N);
     CHECK_OK(op_matmul_backward(&eng, &tda, &tdb, &tg, &ta_t, &tb_t, ta, tb, false));
-    MatmulCtx ctx = {to_double(a, na), to_double(b, nb), to_double(g, nc), batch, M, N, K, ta, tb, b_batched};
+    MatmulCtx ctx = {
+        test_to_double(a, na), test_to_double(b, nb), test_to_double(g, nc), batch, M, N, K, ta, tb, b_batched};
     double *fa = finite_diff(matmul_loss, &ctx, ctx.a, na), *fb = finite_diff(matmul_loss, &ctx, ctx.b, nb);
     char name[96];
     snprintf(name, sizeof name, "matmul_backward b%lld ta%d tb%d%s da", (long long)batch, ta, tb,
              b_batched ? " batched-b" : "");
-    check_close_d(name, da, fa, na, 1e-5);
+    CHECK_CLOSE_D(name, da, fa, na, 1e-5);
     name[strlen(name) - 2] = 0;
     strcat(name, "db");
-    check_close_d(name, db, fb, nb, 1e-5);
+    CHECK_CLOSE_D(name, db, fb, nb, 1e-5);
     // accumulate = true adds the same gradient again
     CHECK_OK(op_matmul_backward(&eng, &tda, &tdb, &tg, &ta_t, &tb_t, ta, tb, true));
     for (int64_t i = 0; i < nb; i++) fb[i] *= 2;
     strcat(name, " accumulated");
-    check_close_d(name, db, fb, nb, 1e-5);
+    CHECK_CLOSE_D(name, db, fb, nb, 1e-5);
     free(a), free(b), free(g), free(da), free(db), free(fa), free(fb), free(ctx.a), free(ctx.b), free(ctx.g);
 }
 
@@ -178,14 +149,16 @@ static double linear_loss(void *p) {
 
 static void test_linear(void) {
     int64_t B = 2, T = 3, K = 6, N = 5, rows = B * T;
-    float *x = randf(rows * K, 1), *w = randf(N * K, 1), *bias = randf(N, 1), *g = randf(rows * N, 1);
-    float *y = poisoned(rows * N), *dx = poisoned(rows * K);
+    float *x = test_randn(&rng, rows * K, 1), *w = test_randn(&rng, N * K, 1), *bias = test_randn(&rng, N, 1),
+          *g = test_randn(&rng, rows * N, 1);
+    float *y = test_poisoned(rows * N), *dx = test_poisoned(rows * K);
     float *dw = calloc((size_t)(N * K), sizeof(float)), *db = calloc((size_t)N, sizeof(float));
-    Tensor tx = T3(x, B, T, K), tw = T2(w, N, K), tb = T1(bias, N), ty = T3(y, B, T, N), tg = T3(g, B, T, N);
-    Tensor tdx = T3(dx, B, T, K), tdw = T2(dw, N, K), tdb = T1(db, N);
+    Tensor tx = cpu_f32_3d(x, B, T, K), tw = cpu_f32_2d(w, N, K), tb = cpu_f32_1d(bias, N), ty = cpu_f32_3d(y, B, T, N),
+           tg = cpu_f32_3d(g, B, T, N);
+    Tensor tdx = cpu_f32_3d(dx, B, T, K), tdw = cpu_f32_2d(dw, N, K), tdb = cpu_f32_1d(db, N);
     CHECK_OK(op_linear(&eng, &ty, &tx, &tw, &tb));
-    LinearCtx ctx = {to_double(x, rows * K), to_double(w, N * K), to_double(bias, N), to_double(g, rows * N), rows,
-                     K, N};
+    LinearCtx ctx = {test_to_double(x, rows * K), test_to_double(w, N * K), test_to_double(bias, N),
+                     test_to_double(g, rows * N), rows, K, N};
     double *ref = malloc((size_t)(rows * N) * sizeof(double));
     for (int64_t r = 0; r < rows; r++)
         for (int64_t n = 0; n < N; n++) {
@@ -193,25 +166,25 @@ static void test_linear(void) {
             for (int64_t k = 0; k < K; k++) s += (double)x[r * K + k] * w[n * K + k];
             ref[r * N + n] = s;
         }
-    check_close_d("linear [2,3,6] @ [5,6]^T + b", y, ref, rows * N, 1e-6);
+    CHECK_CLOSE_D("linear [2,3,6] @ [5,6]^T + b", y, ref, rows * N, 1e-6);
     CHECK_OK(op_linear_backward(&eng, &tdx, &tdw, &tdb, &tg, &tx, &tw));
     double *fx = finite_diff(linear_loss, &ctx, ctx.x, rows * K);
     double *fw = finite_diff(linear_loss, &ctx, ctx.w, N * K);
     double *fb = finite_diff(linear_loss, &ctx, ctx.bias, N);
-    check_close_d("linear_backward dx", dx, fx, rows * K, 1e-5);
-    check_close_d("linear_backward dw", dw, fw, N * K, 1e-5);
-    check_close_d("linear_backward dbias", db, fb, N, 1e-5);
+    CHECK_CLOSE_D("linear_backward dx", dx, fx, rows * K, 1e-5);
+    CHECK_CLOSE_D("linear_backward dw", dw, fw, N * K, 1e-5);
+    CHECK_CLOSE_D("linear_backward dbias", db, fb, N, 1e-5);
     // A second call accumulates into dw and db but overwrites dx.
     CHECK_OK(op_linear_backward(&eng, &tdx, &tdw, &tdb, &tg, &tx, &tw));
     for (int64_t i = 0; i < N * K; i++) fw[i] *= 2;
     for (int64_t i = 0; i < N; i++) fb[i] *= 2;
-    check_close_d("linear_backward dx overwritten", dx, fx, rows * K, 1e-5);
-    check_close_d("linear_backward dw accumulated", dw, fw, N * K, 1e-5);
-    check_close_d("linear_backward dbias accumulated", db, fb, N, 1e-5);
+    CHECK_CLOSE_D("linear_backward dx overwritten", dx, fx, rows * K, 1e-5);
+    CHECK_CLOSE_D("linear_backward dw accumulated", dw, fw, N * K, 1e-5);
+    CHECK_CLOSE_D("linear_backward dbias accumulated", db, fb, N, 1e-5);
     // wrong shapes are errors, not crashes
-    Tensor bad_w = T2(w, K, N);
+    Tensor bad_w = cpu_f32_2d(w, K, N);
     CHECK_ERR(op_linear(&eng, &ty, &tx, &bad_w, &tb));
-    Tensor bad_y = T3(y, B, T, N - 1);
+    Tensor bad_y = cpu_f32_3d(y, B, T, N - 1);
     CHECK_ERR(op_linear(&eng, &bad_y, &tx, &tw, &tb));
     free(x), free(w), free(bias), free(g), free(y), free(dx), free(dw), free(db), free(ref), free(fx), free(fw),
         free(fb), free(ctx.x), free(ctx.w), free(ctx.bias), free(ctx.g);
@@ -252,40 +225,42 @@ static void test_norm(bool layernorm, int64_t rows, int64_t C, bool with_grad) {
     const char *nm = layernorm ? "layernorm" : "rmsnorm";
     float eps = layernorm ? 1e-6f : 1e-6f;
     int64_t n = rows * C;
-    float *x = randf(n, 1), *w = randf(C, 1), *b = randf(C, 1), *y = poisoned(n);
+    float *x = test_randn(&rng, n, 1), *w = test_randn(&rng, C, 1), *b = test_randn(&rng, C, 1), *y = test_poisoned(n);
     for (int64_t i = 0; i < n; i++) x[i] += 0.5f;  // a non-zero mean, so LayerNorm's centring matters
-    float *mean = poisoned(rows), *rstd = poisoned(rows);
-    Tensor tx = T2(x, rows, C), tw = T1(w, C), tb = T1(b, C), ty = T2(y, rows, C);
-    Tensor tmean = T1(mean, rows), trstd = T1(rstd, rows);
+    float *mean = test_poisoned(rows), *rstd = test_poisoned(rows);
+    Tensor tx = cpu_f32_2d(x, rows, C), tw = cpu_f32_1d(w, C), tb = cpu_f32_1d(b, C), ty = cpu_f32_2d(y, rows, C);
+    Tensor tmean = cpu_f32_1d(mean, rows), trstd = cpu_f32_1d(rstd, rows);
     if (layernorm) CHECK_OK(op_layernorm(&eng, &ty, &tmean, &trstd, &tx, &tw, &tb, eps));
     else CHECK_OK(op_rmsnorm(&eng, &ty, &trstd, &tx, &tw, eps));
-    NormCtx ctx = {to_double(x, n), to_double(w, C), layernorm ? to_double(b, C) : NULL, NULL, rows, C, eps};
+    NormCtx ctx = {
+        test_to_double(x, n), test_to_double(w, C), layernorm ? test_to_double(b, C) : NULL, NULL, rows, C, eps};
     double *ref = malloc((size_t)n * sizeof(double));
     ref_norm(&ctx, ref);
     char name[96];
     snprintf(name, sizeof name, "%s %lldx%lld", nm, (long long)rows, (long long)C);
-    check_close_d(name, y, ref, n, 1e-6);
+    CHECK_CLOSE_D(name, y, ref, n, 1e-6);
     if (with_grad) {
-        float *g = randf(n, 1), *dx = poisoned(n);
+        float *g = test_randn(&rng, n, 1), *dx = test_poisoned(n);
         float *dw = calloc((size_t)C, sizeof(float)), *db = calloc((size_t)C, sizeof(float));
-        Tensor tg = T2(g, rows, C), tdx = T2(dx, rows, C), tdw = T1(dw, C), tdb = T1(db, C);
+        Tensor tg = cpu_f32_2d(g, rows, C), tdx = cpu_f32_2d(dx, rows, C), tdw = cpu_f32_1d(dw, C),
+               tdb = cpu_f32_1d(db, C);
         if (layernorm) CHECK_OK(op_layernorm_backward(&eng, &tdx, &tdw, &tdb, &tg, &tx, &tw, &tmean, &trstd));
         else CHECK_OK(op_rmsnorm_backward(&eng, &tdx, &tdw, &tg, &tx, &tw, &trstd));
-        ctx.g = to_double(g, n);
+        ctx.g = test_to_double(g, n);
         double *fx = finite_diff(norm_loss, &ctx, ctx.x, n), *fw = finite_diff(norm_loss, &ctx, ctx.w, C);
         snprintf(name, sizeof name, "%s_backward %lldx%lld dx", nm, (long long)rows, (long long)C);
-        check_close_d(name, dx, fx, n, 1e-5);
+        CHECK_CLOSE_D(name, dx, fx, n, 1e-5);
         snprintf(name, sizeof name, "%s_backward %lldx%lld dw", nm, (long long)rows, (long long)C);
-        check_close_d(name, dw, fw, C, 1e-5);
+        CHECK_CLOSE_D(name, dw, fw, C, 1e-5);
         if (layernorm) {
             double *fb = finite_diff(norm_loss, &ctx, ctx.b, C);
             snprintf(name, sizeof name, "%s_backward %lldx%lld db", nm, (long long)rows, (long long)C);
-            check_close_d(name, db, fb, C, 1e-5);
+            CHECK_CLOSE_D(name, db, fb, C, 1e-5);
             free(fb);
         }
         free(g), free(dx), free(dw), free(db), free(fx), free(fw), free(ctx.g);
     }
-    Tensor bad_w = T1(w, C - 1);
+    Tensor bad_w = cpu_f32_1d(w, C - 1);
     if (layernorm) CHECK_ERR(op_layernorm(&eng, &ty, NULL, NULL, &tx, &bad_w, &tb, eps));
     else CHECK_ERR(op_rmsnorm(&eng, &ty, NULL, &tx, &bad_w, eps));
     free(x), free(w), free(b), free(y), free(mean), free(rstd), free(ref), free(ctx.x), free(ctx.w), free(ctx.b);
@@ -330,30 +305,30 @@ static void test_activation(int kind, int64_t rows, int64_t C, bool with_grad) {
     const char *names[] = {"gelu", "swiglu", "softmax"};
     int64_t n = rows * C;
     float scale = 0.7f;
-    float *x = randf(n, 2), *u = randf(n, 1), *y = poisoned(n);
-    Tensor tx = T2(x, rows, C), tu = T2(u, rows, C), ty = T2(y, rows, C);
+    float *x = test_randn(&rng, n, 2), *u = test_randn(&rng, n, 1), *y = test_poisoned(n);
+    Tensor tx = cpu_f32_2d(x, rows, C), tu = cpu_f32_2d(u, rows, C), ty = cpu_f32_2d(y, rows, C);
     if (kind == 0) CHECK_OK(op_gelu(&eng, &ty, &tx));
     else if (kind == 1) CHECK_OK(op_swiglu(&eng, &ty, &tx, &tu));
     else CHECK_OK(op_softmax(&eng, &ty, &tx, scale));
-    ActCtx ctx = {kind, to_double(x, n), to_double(u, n), NULL, rows, C, scale};
+    ActCtx ctx = {kind, test_to_double(x, n), test_to_double(u, n), NULL, rows, C, scale};
     double *ref = calloc((size_t)n, sizeof(double));
     ref_act(&ctx, ref);
     char name[96];
     snprintf(name, sizeof name, "%s %lldx%lld", names[kind], (long long)rows, (long long)C);
-    check_close_d(name, y, ref, n, 1e-6);
+    CHECK_CLOSE_D(name, y, ref, n, 1e-6);
     if (with_grad) {
-        float *g = randf(n, 1), *dx = poisoned(n), *du = poisoned(n);
-        Tensor tg = T2(g, rows, C), tdx = T2(dx, rows, C), tdu = T2(du, rows, C);
+        float *g = test_randn(&rng, n, 1), *dx = test_poisoned(n), *du = test_poisoned(n);
+        Tensor tg = cpu_f32_2d(g, rows, C), tdx = cpu_f32_2d(dx, rows, C), tdu = cpu_f32_2d(du, rows, C);
         if (kind == 0) CHECK_OK(op_gelu_backward(&eng, &tdx, &tg, &tx));
         else if (kind == 1) CHECK_OK(op_swiglu_backward(&eng, &tdx, &tdu, &tg, &tx, &tu));
         else CHECK_OK(op_softmax_backward(&eng, &tdx, &tg, &ty, scale));
-        ctx.g = to_double(g, n);
+        ctx.g = test_to_double(g, n);
         double *fx = finite_diff(act_loss, &ctx, ctx.x, n);
         snprintf(name, sizeof name, "%s_backward %lldx%lld dx", names[kind], (long long)rows, (long long)C);
-        check_close_d(name, dx, fx, n, 1e-5);
+        CHECK_CLOSE_D(name, dx, fx, n, 1e-5);
         if (kind == 1) {
             double *fu = finite_diff(act_loss, &ctx, ctx.u, n);
-            check_close_d("swiglu_backward dup", du, fu, n, 1e-5);
+            CHECK_CLOSE_D("swiglu_backward dup", du, fu, n, 1e-5);
             free(fu);
         }
         free(g), free(dx), free(du), free(fx), free(ctx.g);
@@ -409,31 +384,34 @@ static double attn_loss(void *p) {
 static void test_attention(int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t D, bool causal, bool with_grad) {
     int64_t nq = B * Tq * H * D, nk = B * Tk * H * D;
     float scale = 1.0f / sqrtf((float)D);
-    float *q = randf(nq, 1), *k = randf(nk, 1), *v = randf(nk, 1), *o = poisoned(nq);
-    Tensor tq = T4(q, B, Tq, H, D), tk = T4(k, B, Tk, H, D), tv = T4(v, B, Tk, H, D), to = T4(o, B, Tq, H, D);
+    float *q = test_randn(&rng, nq, 1), *k = test_randn(&rng, nk, 1), *v = test_randn(&rng, nk, 1),
+          *o = test_poisoned(nq);
+    Tensor tq = cpu_f32_4d(q, B, Tq, H, D), tk = cpu_f32_4d(k, B, Tk, H, D), tv = cpu_f32_4d(v, B, Tk, H, D),
+           to = cpu_f32_4d(o, B, Tq, H, D);
     CHECK_OK(op_attention(&eng, &to, &tq, &tk, &tv, causal, scale));
-    AttnCtx ctx = {to_double(q, nq), to_double(k, nk), to_double(v, nk), NULL, B, Tq, Tk, H, D, causal, scale};
+    AttnCtx ctx = {
+        test_to_double(q, nq), test_to_double(k, nk), test_to_double(v, nk), NULL, B, Tq, Tk, H, D, causal, scale};
     double *ref = malloc((size_t)nq * sizeof(double));
     ref_attention(&ctx, ref);
     char name[96];
     snprintf(name, sizeof name, "attention B%lld Tq%lld Tk%lld H%lld D%lld%s", (long long)B, (long long)Tq,
              (long long)Tk, (long long)H, (long long)D, causal ? " causal" : "");
-    check_close_d(name, o, ref, nq, 1e-5);
+    CHECK_CLOSE_D(name, o, ref, nq, 1e-5);
     if (with_grad) {
-        float *g = randf(nq, 1), *dq = poisoned(nq), *dk = poisoned(nk), *dv = poisoned(nk);
-        Tensor tg = T4(g, B, Tq, H, D), tdq = T4(dq, B, Tq, H, D), tdk = T4(dk, B, Tk, H, D),
-               tdv = T4(dv, B, Tk, H, D);
+        float *g = test_randn(&rng, nq, 1), *dq = test_poisoned(nq), *dk = test_poisoned(nk), *dv = test_poisoned(nk);
+        Tensor tg = cpu_f32_4d(g, B, Tq, H, D), tdq = cpu_f32_4d(dq, B, Tq, H, D), tdk = cpu_f32_4d(dk, B, Tk, H, D),
+               tdv = cpu_f32_4d(dv, B, Tk, H, D);
         CHECK_OK(op_attention_backward(&eng, &tdq, &tdk, &tdv, &tg, &tq, &tk, &tv, causal, scale));
-        ctx.g = to_double(g, nq);
+        ctx.g = test_to_double(g, nq);
         double *fq = finite_diff(attn_loss, &ctx, ctx.q, nq), *fk = finite_diff(attn_loss, &ctx, ctx.k, nk),
                *fv = finite_diff(attn_loss, &ctx, ctx.v, nk);
         char gname[128];
         snprintf(gname, sizeof gname, "%s dq", name);
-        check_close_d(gname, dq, fq, nq, 1e-5);
+        CHECK_CLOSE_D(gname, dq, fq, nq, 1e-5);
         snprintf(gname, sizeof gname, "%s dk", name);
-        check_close_d(gname, dk, fk, nk, 1e-5);
+        CHECK_CLOSE_D(gname, dk, fk, nk, 1e-5);
         snprintf(gname, sizeof gname, "%s dv", name);
-        check_close_d(gname, dv, fv, nk, 1e-5);
+        CHECK_CLOSE_D(gname, dv, fv, nk, 1e-5);
         free(g), free(dq), free(dk), free(dv), free(fq), free(fk), free(fv), free(ctx.g);
     }
     free(q), free(k), free(v), free(o), free(ref), free(ctx.q), free(ctx.k), free(ctx.v);
@@ -456,25 +434,25 @@ static void ref_rope(double *out, const double *x, const int32_t *pos, int64_t B
 static void test_rope(void) {
     int64_t B = 2, T = 5, H = 3, D = 16, n = B * T * H * D;
     int32_t pos[10] = {0, 1, 2, 3, 4, 100, 101, 102, 103, 2047};
-    float *x = randf(n, 1), *y = poisoned(n), *back = poisoned(n);
-    Tensor tx = T4(x, B, T, H, D), ty = T4(y, B, T, H, D), tback = T4(back, B, T, H, D);
+    float *x = test_randn(&rng, n, 1), *y = test_poisoned(n), *back = test_poisoned(n);
+    Tensor tx = cpu_f32_4d(x, B, T, H, D), ty = cpu_f32_4d(y, B, T, H, D), tback = cpu_f32_4d(back, B, T, H, D);
     Tensor tpos = tensor_2d(pos, DT_I32, DEV_CPU, B, T);
     CHECK_OK(op_rope(&eng, &ty, &tx, &tpos, 10000.0f));
-    double *xd = to_double(x, n), *ref = malloc((size_t)n * sizeof(double));
+    double *xd = test_to_double(x, n), *ref = malloc((size_t)n * sizeof(double));
     ref_rope(ref, xd, pos, B, T, H, D, 10000.0, 1);
     // Positions up to 2047: the float angle loses ~1e-4 absolute, as HF's float32 RoPE does.
-    check_close_d("rope B2 T5 H3 D16 positions to 2047", y, ref, n, 2e-5);
+    CHECK_CLOSE_D("rope B2 T5 H3 D16 positions to 2047", y, ref, n, 2e-5);
     // The backward is the inverse rotation: applying it to the output gives the input back, and it is the
     // transpose of the forward (the gradient of sum(g * rope(x)) is rope^-1(g)).
     CHECK_OK(op_rope_backward(&eng, &tback, &ty, &tpos, 10000.0f));
     CHECK_CLOSE(back, x, n, 1e-6, "rope_backward(rope(x)) == x");
     ref_rope(ref, xd, pos, B, T, H, D, 10000.0, -1);
     CHECK_OK(op_rope_backward(&eng, &tback, &tx, &tpos, 10000.0f));
-    check_close_d("rope_backward vs double inverse rotation", back, ref, n, 2e-5);
+    CHECK_CLOSE_D("rope_backward vs double inverse rotation", back, ref, n, 2e-5);
     // in place
     CHECK_OK(op_rope(&eng, &tx, &tx, &tpos, 10000.0f));
     CHECK_CLOSE(x, y, n, 0, "rope in place equals out of place");
-    Tensor odd = T4(x, B, T, H * 2, D / 2 - 1);
+    Tensor odd = cpu_f32_4d(x, B, T, H * 2, D / 2 - 1);
     Tensor wrong_pos = tensor_2d(pos, DT_F32, DEV_CPU, B, T);
     CHECK_ERR(op_rope(&eng, &ty, &tx, &wrong_pos, 10000.0f));
     (void)odd;
@@ -485,15 +463,15 @@ static void test_rope(void) {
 
 static void test_small_ops(void) {
     int64_t n = 1000;
-    float *a = randf(n, 1), *b = randf(n, 1), *c = poisoned(n);
+    float *a = test_randn(&rng, n, 1), *b = test_randn(&rng, n, 1), *c = test_poisoned(n);
     double *ref = malloc((size_t)n * sizeof(double));
-    Tensor ta = T2(a, 10, 100), tb = T2(b, 10, 100), tc = T2(c, 10, 100);
+    Tensor ta = cpu_f32_2d(a, 10, 100), tb = cpu_f32_2d(b, 10, 100), tc = cpu_f32_2d(c, 10, 100);
     CHECK_OK(op_add(&eng, &tc, &ta, &tb));
     for (int64_t i = 0; i < n; i++) ref[i] = (double)a[i] + b[i];
-    check_close_d("add", c, ref, n, 1e-7);
+    CHECK_CLOSE_D("add", c, ref, n, 1e-7);
     CHECK_OK(op_scale(&eng, &tc, -3.0f));
     for (int64_t i = 0; i < n; i++) ref[i] *= -3.0;
-    check_close_d("scale", c, ref, n, 1e-7);
+    CHECK_CLOSE_D("scale", c, ref, n, 1e-7);
     double ss = 0, want = 0;
     for (int64_t i = 0; i < n; i++) want += (double)a[i] * a[i];
     CHECK_OK(op_sum_squares(&eng, &ss, &ta));
@@ -515,7 +493,7 @@ static void test_small_ops(void) {
     CHECK(bad == 0, "cast f32->f16->f32: %d mismatches", bad);
 
     // The interface refuses what it cannot do, with a message.
-    Tensor wrong_shape = T2(b, 100, 10);
+    Tensor wrong_shape = cpu_f32_2d(b, 100, 10);
     CHECK_ERR(op_add(&eng, &tc, &ta, &wrong_shape));
     Tensor on_gpu = ta;
     on_gpu.device = DEV_CUDA;
@@ -524,11 +502,11 @@ static void test_small_ops(void) {
     Tensor missing = ta;
     missing.data = NULL;
     CHECK_ERR(op_gelu(&eng, &tc, &missing));
-    Tensor m1 = T2(a, 10, 100), m2 = T2(b, 10, 100), m3 = T2(c, 10, 10);
+    Tensor m1 = cpu_f32_2d(a, 10, 100), m2 = cpu_f32_2d(b, 10, 100), m3 = cpu_f32_2d(c, 10, 10);
     CHECK_ERR(op_matmul(&eng, &m3, &m1, &m2, NULL, false, false, 1, 0));  // inner dims differ
-    Tensor q = T4(a, 1, 5, 2, 10), k = T4(b, 1, 4, 2, 10), o = T4(c, 1, 5, 2, 10);
+    Tensor q = cpu_f32_4d(a, 1, 5, 2, 10), k = cpu_f32_4d(b, 1, 4, 2, 10), o = cpu_f32_4d(c, 1, 5, 2, 10);
     CHECK_ERR(op_attention(&eng, &o, &q, &k, &k, true, 1));  // 5 queries over 4 keys
-    Tensor q0 = T4(a, 1, 0, 2, 10), o0 = T4(c, 1, 0, 2, 10);
+    Tensor q0 = cpu_f32_4d(a, 1, 0, 2, 10), o0 = cpu_f32_4d(c, 1, 0, 2, 10);
     CHECK_OK(op_attention(&eng, &o0, &q0, &k, &k, true, 1));  // no queries: nothing to do, no crash
     free(a), free(b), free(c), free(ref), free(h);
 }

@@ -8,38 +8,15 @@
 #include "runtime/rng.h"
 #include "runtime/safetensors.h"
 #include "test.h"
+#define TEST_NAME_WIDTH 60
+#include "test_util.h"
 
 static Rng rng;
 static Engine eng;
 
 // ---- helpers ---------------------------------------------------------------------------------------------
 
-static float *randf(int64_t n, float scale) {
-    float *x = malloc((size_t)n * sizeof(float));
-    for (int64_t i = 0; i < n; i++) x[i] = scale * rng_normal(&rng);
-    return x;
-}
-
-static float *poisoned(int64_t n) {
-    float *x = malloc((size_t)n * sizeof(float));
-    for (int64_t i = 0; i < n; i++) x[i] = NAN;
-    return x;
-}
-
 static double *dvec(int64_t n) { return malloc((size_t)n * sizeof(double)); }
-
-static Tensor T1(float *p, int64_t a) { return tensor_1d(p, DT_F32, DEV_CPU, a); }
-static Tensor T2(float *p, int64_t a, int64_t b) { return tensor_2d(p, DT_F32, DEV_CPU, a, b); }
-static Tensor T3(float *p, int64_t a, int64_t b, int64_t c) { return tensor_3d(p, DT_F32, DEV_CPU, a, b, c); }
-static Tensor T4(float *p, int64_t a, int64_t b, int64_t c, int64_t d) {
-    return tensor_4d(p, DT_F32, DEV_CPU, a, b, c, d);
-}
-
-static void check_close_d(const char *name, const float *out, const double *ref, int64_t n, double tol) {
-    double e = rel_l2_d(out, ref, n);
-    printf("  %-60s rel_l2 %.3g (tol %.0e)\n", name, e, tol);
-    CHECK(e <= tol, "%s: rel_l2 %.3g > %.0e", name, e, tol);
-}
 
 // ---- l2_normalize ----------------------------------------------------------------------------------------
 
@@ -49,7 +26,7 @@ static void test_l2_normalize(int64_t rows, int64_t C, float eps, bool zero_row,
     snprintf(name, sizeof name, "l2_normalize [%lld,%lld] eps %g%s%s", (long long)rows, (long long)C, (double)eps,
              zero_row ? " zero row" : "", in_place ? " in place" : "");
     const int64_t n = rows * C;
-    float *x = randf(n, 3.0f);
+    float *x = test_randn(&rng, n, 3.0f);
     if (zero_row) memset(x + C, 0, (size_t)C * sizeof(float));
     double *ref = dvec(n);
     for (int64_t r = 0; r < rows; r++) {
@@ -58,10 +35,10 @@ static void test_l2_normalize(int64_t rows, int64_t C, float eps, bool zero_row,
         double d = fmax(sqrt(ss), eps);
         for (int64_t i = 0; i < C; i++) ref[r * C + i] = x[r * C + i] / d;
     }
-    float *out = in_place ? x : poisoned(n);
-    Tensor tx = T2(x, rows, C), to = T2(out, rows, C);
+    float *out = in_place ? x : test_poisoned(n);
+    Tensor tx = cpu_f32_2d(x, rows, C), to = cpu_f32_2d(out, rows, C);
     CHECK_OK(op_l2_normalize(&eng, &to, &tx, eps));
-    check_close_d(name, out, ref, n, 1e-6);
+    CHECK_CLOSE_D(name, out, ref, n, 1e-6);
     if (zero_row) {
         int bad = 0;
         for (int64_t i = 0; i < C; i++) bad += out[C + i] != 0.0f;
@@ -74,7 +51,7 @@ static void test_l2_normalize(int64_t rows, int64_t C, float eps, bool zero_row,
 // eps = 0 is plain division, as the reference's x / x.norm(): a zero row becomes NaN there too.
 static void test_l2_normalize_eps0_zero_row(void) {
     float x[8] = {1, 2, 3, 4, 0, 0, 0, 0}, out[8];
-    Tensor tx = T2(x, 2, 4), to = T2(out, 2, 4);
+    Tensor tx = cpu_f32_2d(x, 2, 4), to = cpu_f32_2d(out, 2, 4);
     CHECK_OK(op_l2_normalize(&eng, &to, &tx, 0.0f));
     CHECK(isnan(out[4]) && isnan(out[7]) && fabsf(out[3] - 4.0f / sqrtf(30.0f)) < 1e-7f,
           "l2_normalize eps 0: zero row should be NaN (plain division), got %g", (double)out[4]);
@@ -114,12 +91,12 @@ static void test_upsample(int64_t B, int64_t C, int64_t h, int64_t w, int64_t H,
     snprintf(name, sizeof name, "upsample_bilinear [%lld,%lld,%lld,%lld] -> %lldx%lld", (long long)B, (long long)C,
              (long long)h, (long long)w, (long long)H, (long long)W);
     const int64_t nin = B * C * h * w, nout = B * C * H * W;
-    float *x = randf(nin, 5.0f), *out = poisoned(nout);
+    float *x = test_randn(&rng, nin, 5.0f), *out = test_poisoned(nout);
     double *ref = dvec(nout);
     ref_upsample(ref, x, B * C, h, w, H, W);
-    Tensor tx = T4(x, B, C, h, w), to = T4(out, B, C, H, W);
+    Tensor tx = cpu_f32_4d(x, B, C, h, w), to = cpu_f32_4d(out, B, C, H, W);
     CHECK_OK(op_upsample_bilinear(&eng, &to, &tx));
-    check_close_d(name, out, ref, nout, 1e-6);
+    CHECK_CLOSE_D(name, out, ref, nout, 1e-6);
     if (h == H && w == W) {
         CHECK(memcmp(out, x, (size_t)nin * sizeof(float)) == 0, "%s: the identity resize is not a copy", name);
     }
@@ -143,12 +120,12 @@ static void test_max_dot(int64_t Q, int64_t R, int64_t D, bool plant, bool norma
     char name[128];
     snprintf(name, sizeof name, "max_dot Q=%lld R=%lld D=%lld%s%s", (long long)Q, (long long)R, (long long)D,
              plant ? " planted tail" : "", normalised ? " cosine" : "");
-    float *q = randf(Q * D, 1.0f), *r = randf(R * D, 1.0f), *out = poisoned(Q);
+    float *q = test_randn(&rng, Q * D, 1.0f), *r = test_randn(&rng, R * D, 1.0f), *out = test_poisoned(Q);
     if (plant)
         for (int64_t k = 0; k < 3 && k < Q && k < R; k++)
             for (int64_t i = 0; i < D; i++) r[(R - 1 - k) * D + i] = 2.0f * q[k * D + i];
     if (normalised) {
-        Tensor tq = T2(q, Q, D), tr = T2(r, R, D);
+        Tensor tq = cpu_f32_2d(q, Q, D), tr = cpu_f32_2d(r, R, D);
         CHECK_OK(op_l2_normalize(&eng, &tq, &tq, 1e-8f));
         CHECK_OK(op_l2_normalize(&eng, &tr, &tr, 1e-8f));
     }
@@ -162,9 +139,9 @@ static void test_max_dot(int64_t Q, int64_t R, int64_t D, bool plant, bool norma
         }
         ref[i] = m;
     }
-    Tensor tq = T2(q, Q, D), tr = T2(r, R, D), to = T1(out, Q);
+    Tensor tq = cpu_f32_2d(q, Q, D), tr = cpu_f32_2d(r, R, D), to = cpu_f32_1d(out, Q);
     CHECK_OK(op_max_dot(&eng, &to, &tq, &tr));
-    check_close_d(name, out, ref, Q, 1e-5);
+    CHECK_CLOSE_D(name, out, ref, Q, 1e-5);
     free(q), free(r), free(out), free(ref);
 }
 
@@ -174,7 +151,7 @@ static void test_softmax2(int64_t B, int64_t N, float scale) {
     char name[128];
     snprintf(name, sizeof name, "softmax2_class1 [%lld,2,%lld] logits x%g", (long long)B, (long long)N,
              (double)scale);
-    float *l = malloc((size_t)(B * 2 * N) * sizeof(float)), *out = poisoned(B * N);
+    float *l = malloc((size_t)(B * 2 * N) * sizeof(float)), *out = test_poisoned(B * N);
     rng_fill_uniform(&rng, l, (size_t)(B * 2 * N), -scale, scale);
     double *ref = dvec(B * N);
     for (int64_t b = 0; b < B; b++)
@@ -182,9 +159,9 @@ static void test_softmax2(int64_t B, int64_t N, float scale) {
             double l0 = l[(b * 2) * N + i], l1 = l[(b * 2 + 1) * N + i];
             ref[b * N + i] = 1.0 / (1.0 + exp(l0 - l1));
         }
-    Tensor tl = T3(l, B, 2, N), to = T2(out, B, N);
+    Tensor tl = cpu_f32_3d(l, B, 2, N), to = cpu_f32_2d(out, B, N);
     CHECK_OK(op_softmax2_class1(&eng, &to, &tl));
-    check_close_d(name, out, ref, B * N, 1e-6);
+    CHECK_CLOSE_D(name, out, ref, B * N, 1e-6);
     // Saturated pixels: exactly 0 or 1 at +-100 (no inf/inf), and never outside [0, 1].
     int bad = 0;
     for (int64_t i = 0; i < B * N; i++) bad += !(out[i] >= 0.0f && out[i] <= 1.0f);
@@ -196,18 +173,18 @@ static void test_softmax2(int64_t B, int64_t N, float scale) {
 
 static void test_axpy_affine(void) {
     const int64_t n = 4 * 224 * 224 + 3;
-    float *x = randf(n, 1.0f), *y = randf(n, 1.0f);
+    float *x = test_randn(&rng, n, 1.0f), *y = test_randn(&rng, n, 1.0f);
     double *ref = dvec(n);
     for (int64_t i = 0; i < n; i++) ref[i] = y[i] + 0.25 * x[i];
-    Tensor tx = T1(x, n), ty = T1(y, n);
+    Tensor tx = cpu_f32_1d(x, n), ty = cpu_f32_1d(y, n);
     CHECK_OK(op_axpy(&eng, &ty, &tx, 0.25f));
-    check_close_d("axpy y += 0.25 x", y, ref, n, 1e-7);
+    CHECK_CLOSE_D("axpy y += 0.25 x", y, ref, n, 1e-7);
     for (int64_t i = 0; i < n; i++) ref[i] = 1.0 - (double)y[i];
     CHECK_OK(op_affine(&eng, &ty, -1.0f, 1.0f));
-    check_close_d("affine y = 1 - y", y, ref, n, 1e-7);
+    CHECK_CLOSE_D("affine y = 1 - y", y, ref, n, 1e-7);
     for (int64_t i = 0; i < n; i++) ref[i] = 0.25 * (double)y[i] - 3.0;
     CHECK_OK(op_affine(&eng, &ty, 0.25f, -3.0f));
-    check_close_d("affine y = 0.25 y - 3", y, ref, n, 1e-7);
+    CHECK_CLOSE_D("affine y = 0.25 y - 3", y, ref, n, 1e-7);
     free(x), free(y), free(ref);
 }
 
@@ -220,8 +197,8 @@ static void test_im2patches(int64_t B, int64_t C, int64_t H, int64_t W, int p) {
     snprintf(name, sizeof name, "im2patches [%lld,%lld,%lld,%lld] p=%d", (long long)B, (long long)C, (long long)H,
              (long long)W, p);
     const int64_t n = B * C * H * W, np = (H / p) * (W / p), cols = C * p * p;
-    float *img = randf(n, 1.0f), *out = poisoned(n);
-    Tensor ti = T4(img, B, C, H, W), to = T3(out, B, np, cols);
+    float *img = test_randn(&rng, n, 1.0f), *out = test_poisoned(n);
+    Tensor ti = cpu_f32_4d(img, B, C, H, W), to = cpu_f32_3d(out, B, np, cols);
     CHECK_OK(op_im2patches(&eng, &to, &ti, p));
     int64_t bad = 0;
     for (int64_t b = 0; b < B; b++)
@@ -239,22 +216,24 @@ static void test_im2patches(int64_t B, int64_t C, int64_t H, int64_t W, int p) {
 // ---- argument checks --------------------------------------------------------------------------------------
 
 static void test_errors(void) {
-    float *a = randf(4096, 1.0f), *b = poisoned(4096);
+    float *a = test_randn(&rng, 4096, 1.0f), *b = test_poisoned(4096);
     // l2_normalize: shape mismatch, negative or NaN eps
-    Tensor x = T2(a, 4, 8), o = T2(b, 4, 8), o_bad = T2(b, 8, 4);
+    Tensor x = cpu_f32_2d(a, 4, 8), o = cpu_f32_2d(b, 4, 8), o_bad = cpu_f32_2d(b, 8, 4);
     CHECK_ERR(op_l2_normalize(&eng, &o_bad, &x, 1e-8f));
     CHECK_ERR(op_l2_normalize(&eng, &o, &x, -1.0f));
     CHECK_ERR(op_l2_normalize(&eng, &o, &x, NAN));
     // upsample: not 4-D, batch/channels differ, empty source to a non-empty output, aliasing
-    Tensor u_in = T4(a, 1, 2, 4, 4), u3 = T3(b, 2, 8, 8), u_c = T4(b, 1, 3, 8, 8), u_empty = T4(a, 1, 2, 0, 4);
-    Tensor u_ok = T4(b, 1, 2, 8, 8), u_alias = T4(a, 1, 2, 8, 8);
+    Tensor u_in = cpu_f32_4d(a, 1, 2, 4, 4), u3 = cpu_f32_3d(b, 2, 8, 8), u_c = cpu_f32_4d(b, 1, 3, 8, 8),
+           u_empty = cpu_f32_4d(a, 1, 2, 0, 4);
+    Tensor u_ok = cpu_f32_4d(b, 1, 2, 8, 8), u_alias = cpu_f32_4d(a, 1, 2, 8, 8);
     CHECK_ERR(op_upsample_bilinear(&eng, &u3, &u_in));
     CHECK_ERR(op_upsample_bilinear(&eng, &u_c, &u_in));
     CHECK_ERR(op_upsample_bilinear(&eng, &u_ok, &u_empty));
     CHECK_ERR(op_upsample_bilinear(&eng, &u_alias, &u_in));
     // max_dot: widths differ, out not [Q], no references, 3-D query
-    Tensor q = T2(a, 4, 8), r = T2(a + 32, 5, 8), r_w = T2(a + 32, 4, 10), out_q = T1(b, 4), out_bad = T1(b, 5);
-    Tensor r_none = T2(a + 32, 0, 8), q3 = T3(a, 1, 4, 8), out_2d = T2(b, 4, 1);
+    Tensor q = cpu_f32_2d(a, 4, 8), r = cpu_f32_2d(a + 32, 5, 8), r_w = cpu_f32_2d(a + 32, 4, 10),
+           out_q = cpu_f32_1d(b, 4), out_bad = cpu_f32_1d(b, 5);
+    Tensor r_none = cpu_f32_2d(a + 32, 0, 8), q3 = cpu_f32_3d(a, 1, 4, 8), out_2d = cpu_f32_2d(b, 4, 1);
     CHECK_ERR(op_max_dot(&eng, &out_q, &q, &r_w));
     CHECK_ERR(op_max_dot(&eng, &out_bad, &q, &r));
     CHECK_ERR(op_max_dot(&eng, &out_2d, &q, &r));
@@ -262,15 +241,16 @@ static void test_errors(void) {
     CHECK_ERR(op_max_dot(&eng, &out_q, &q3, &r));
     CHECK_OK(op_max_dot(&eng, &out_q, &q, &r));
     // softmax2: 3 classes, out of the wrong shape
-    Tensor l3 = T3(a, 2, 3, 16), l2 = T3(a, 2, 2, 16), s_ok = T2(b, 2, 16), s_bad = T2(b, 2, 32);
+    Tensor l3 = cpu_f32_3d(a, 2, 3, 16), l2 = cpu_f32_3d(a, 2, 2, 16), s_ok = cpu_f32_2d(b, 2, 16),
+           s_bad = cpu_f32_2d(b, 2, 32);
     CHECK_ERR(op_softmax2_class1(&eng, &s_ok, &l3));
     CHECK_ERR(op_softmax2_class1(&eng, &s_bad, &l2));
     // axpy: shapes differ
-    Tensor y1 = T1(b, 16), x1 = T1(a, 17);
+    Tensor y1 = cpu_f32_1d(b, 16), x1 = cpu_f32_1d(a, 17);
     CHECK_ERR(op_axpy(&eng, &y1, &x1, 1.0f));
     // im2patches: H not a multiple of p, out of the wrong shape, p < 1, not 4-D
-    Tensor img = T4(a, 1, 3, 28, 42), img_h = T4(a, 1, 3, 30, 28), img3 = T3(a, 3, 28, 42);
-    Tensor pout = T3(b, 1, 6, 588), pout_bad = T3(b, 1, 6, 587), pout_h = T3(b, 1, 4, 588);
+    Tensor img = cpu_f32_4d(a, 1, 3, 28, 42), img_h = cpu_f32_4d(a, 1, 3, 30, 28), img3 = cpu_f32_3d(a, 3, 28, 42);
+    Tensor pout = cpu_f32_3d(b, 1, 6, 588), pout_bad = cpu_f32_3d(b, 1, 6, 587), pout_h = cpu_f32_3d(b, 1, 4, 588);
     CHECK_ERR(op_im2patches(&eng, &pout_h, &img_h, 14));
     CHECK_ERR(op_im2patches(&eng, &pout_bad, &img, 14));
     CHECK_ERR(op_im2patches(&eng, &pout, &img, 0));
@@ -329,10 +309,11 @@ static void test_golden(void) {
     const float *up_want = golden(st, "map.up", 2 * nr * 224), *p_want = golden(st, "map.p", nr * 224);
     if (x && up_want && p_want && rows_t.dtype == DT_I32) {
         const int32_t *rows = rows_t.data;
-        float *xin = malloc(2 * 16 * 16 * sizeof(float)), *up = poisoned(2 * 224 * 224), *p = poisoned(224 * 224);
+        float *xin = malloc(2 * 16 * 16 * sizeof(float)), *up = test_poisoned(2 * 224 * 224),
+              *p = test_poisoned(224 * 224);
         memcpy(xin, x, 2 * 16 * 16 * sizeof(float));
-        Tensor tx = T4(xin, 1, 2, 16, 16), tup = T4(up, 1, 2, 224, 224);
-        Tensor tl = T3(up, 1, 2, 224 * 224), tp = T2(p, 1, 224 * 224);
+        Tensor tx = cpu_f32_4d(xin, 1, 2, 16, 16), tup = cpu_f32_4d(up, 1, 2, 224, 224);
+        Tensor tl = cpu_f32_3d(up, 1, 2, 224 * 224), tp = cpu_f32_2d(p, 1, 224 * 224);
         CHECK_OK(op_upsample_bilinear(&eng, &tup, &tx));
         CHECK_OK(op_softmax2_class1(&eng, &tp, &tl));
         float *up_sel = malloc((size_t)(2 * nr * 224) * sizeof(float)), *p_sel = malloc((size_t)(nr * 224) * 4);
@@ -355,9 +336,9 @@ static void test_golden(void) {
     // A small odd resize (PyTorch takes its channels-last vectorised kernel here: rounding may differ).
     const float *xs = golden(st, "small.x", 2 * 3 * 5 * 7), *small_want = golden(st, "small.out", 2 * 3 * 9 * 11);
     if (xs && small_want) {
-        float *xin = malloc(2 * 3 * 5 * 7 * sizeof(float)), *out = poisoned(2 * 3 * 9 * 11);
+        float *xin = malloc(2 * 3 * 5 * 7 * sizeof(float)), *out = test_poisoned(2 * 3 * 9 * 11);
         memcpy(xin, xs, 2 * 3 * 5 * 7 * sizeof(float));
-        Tensor tx = T4(xin, 2, 3, 5, 7), to = T4(out, 2, 3, 9, 11);
+        Tensor tx = cpu_f32_4d(xin, 2, 3, 5, 7), to = cpu_f32_4d(out, 2, 3, 9, 11);
         CHECK_OK(op_upsample_bilinear(&eng, &to, &tx));
         check_close("torch: interpolate [2,3,5,7] -> 9x11", out, small_want, 2 * 3 * 9 * 11, 1e-6);
         free(xin), free(out);
@@ -367,9 +348,9 @@ static void test_golden(void) {
     const float *q = golden(st, "cos.query", 48 * 64), *r = golden(st, "cos.refs", 80 * 64);
     const float *cos_want = golden(st, "cos.max", 48);
     if (q && r && cos_want) {
-        float *qn = poisoned(48 * 64), *rn = poisoned(80 * 64), *out = poisoned(48);
-        Tensor tq = T2((float *)q, 48, 64), tr = T2((float *)r, 80, 64);
-        Tensor tqn = T2(qn, 48, 64), trn = T2(rn, 80, 64), to = T1(out, 48);
+        float *qn = test_poisoned(48 * 64), *rn = test_poisoned(80 * 64), *out = test_poisoned(48);
+        Tensor tq = cpu_f32_2d((float *)q, 48, 64), tr = cpu_f32_2d((float *)r, 80, 64);
+        Tensor tqn = cpu_f32_2d(qn, 48, 64), trn = cpu_f32_2d(rn, 80, 64), to = cpu_f32_1d(out, 48);
         CHECK_OK(op_l2_normalize(&eng, &tqn, &tq, 1e-8f));
         CHECK_OK(op_l2_normalize(&eng, &trn, &tr, 1e-8f));
         CHECK_OK(op_max_dot(&eng, &to, &tqn, &trn));

@@ -11,43 +11,14 @@
 #include "runtime/memory.h"
 #include "runtime/safetensors.h"
 #include "test.h"
+#include "test_util.h"
 
 static SafeTensors *golden;
-
-// A golden tensor as host f32 (caller frees), or NULL (counted as a failure).
-static float *golden_f32(const char *name, int64_t *n) {
-    Tensor t;
-    if (st_get(golden, name, &t) != AGPT_OK) {
-        CHECK(0, "missing golden %s: %s", name, agpt_last_error());
-        return NULL;
-    }
-    *n = tensor_numel(&t);
-    float *out = malloc((size_t)*n * sizeof(float));
-    convert_host(out, DT_F32, t.data, t.dtype, (size_t)*n);
-    return out;
-}
-
-// A tensor on any device in any float dtype, back to host f32 (caller frees); NaN when the copy fails.
-static float *to_host(const Tensor *t) {
-    int64_t n = tensor_numel(t);
-    float *out = malloc((size_t)n * sizeof(float));
-    void *raw = malloc(tensor_nbytes(t));
-    Tensor h = *t;
-    h.device = DEV_CPU;
-    h.data = raw;
-    if (tensor_copy(&h, t) != AGPT_OK) {
-        for (int64_t i = 0; i < n; i++) out[i] = NAN;
-    } else {
-        convert_host(out, DT_F32, raw, t->dtype, (size_t)n);
-    }
-    free(raw);
-    return out;
-}
 
 // Uploads a golden tensor into `dst` (already carved, the store's dtype, the engine's device).
 static Status upload_golden(const char *name, Tensor *dst) {
     int64_t n = 0;
-    float *h = golden_f32(name, &n);
+    float *h = test_golden_f32(golden, name, &n);
     if (!h) return AGPT_FAIL(AGPT_ERR_ARG, "golden %s missing", name);
     if (n != tensor_numel(dst)) {
         free(h);
@@ -60,16 +31,6 @@ static Status upload_golden(const char *name, Tensor *dst) {
     Status s = tensor_copy(dst, &src);
     free(raw), free(h);
     return s;
-}
-
-static void compare(const char *what, const Tensor *t, const char *golden_name, double tol) {
-    int64_t n = 0;
-    float *want = golden_f32(golden_name, &n);
-    if (!want) return;
-    float *got = to_host(t);
-    CHECK(tensor_numel(t) == n, "%s: %lld elements vs golden %lld", what, (long long)tensor_numel(t), (long long)n);
-    if (tensor_numel(t) == n) CHECK_CLOSE(got, want, n, tol, what);
-    free(want), free(got);
 }
 
 static void run(Engine *e, DType dt, double tol, const char *label) {
@@ -117,11 +78,11 @@ static void run(Engine *e, DType dt, double tol, const char *label) {
           arena.used - used_before);
     CHECK(arena.peak - used_before <= bytes, "prompt_learner_forward used %zu arena bytes, more than the %zu "
           "prompt_learner_arena_bytes promised", arena.peak - used_before, bytes);
-    compare("prompts [2,18,32] (all)", &prompts, "golden.prompts", tol);
+    test_compare_golden(golden, "prompts [2,18,32] (all)", &prompts, "golden.prompts", tol);
     // The two halves separately: base prompts are a copy (exact in f32), the map-derived ones the conv stack.
     {
         int64_t n = 0;
-        float *want = golden_f32("golden.prompts", &n), *got = to_host(&prompts);
+        float *want = test_golden_f32(golden, "golden.prompts", &n), *got = test_to_host_f32(&prompts);
         if (want && n == (int64_t)B * PROMPT_TOKENS * D) {
             for (int b = 0; b < B; b++) {
                 const int64_t base = (int64_t)b * PROMPT_TOKENS * D;
@@ -137,10 +98,10 @@ static void run(Engine *e, DType dt, double tol, const char *label) {
     // The input map as 3-D [B,S,S] gives the same.
     Tensor map3 = tensor_3d(map.data, dt, e->device, B, S, S);
     CHECK_OK(prompt_learner_forward(e, &p, &arena, &map3, &prompts));
-    compare("prompts from a [B,S,S] map", &prompts, "golden.prompts", tol);
+    test_compare_golden(golden, "prompts from a [B,S,S] map", &prompts, "golden.prompts", tol);
 
     CHECK_OK(image_token_forward(e, &lp, &cls, &token));
-    compare("llama_proj image token [2,1,32]", &token, "golden.image_token", tol);
+    test_compare_golden(golden, "llama_proj image token [2,1,32]", &token, "golden.image_token", tol);
 
     // Bad shapes are errors, not crashes.
     Tensor small = tensor_4d(map.data, dt, e->device, 1, 1, 100, 100);

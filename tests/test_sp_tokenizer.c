@@ -15,38 +15,7 @@
 #include "model/sp_tokenizer.h"
 #include "runtime/timer.h"
 #include "tests/test.h"
-
-#ifndef AGPT_SHARED_DATA
-#define AGPT_SHARED_DATA "../shared/data"
-#endif
-#ifndef AGPT_TEST_DATA
-#define AGPT_TEST_DATA "tests/data"
-#endif
-
-static uint8_t *read_file(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 1 << 20, len = 0;
-    uint8_t *p = malloc(cap);
-    for (size_t got; p && (got = fread(p + len, 1, cap - len, f)) > 0;) {
-        len += got;
-        if (len == cap) {
-            uint8_t *q = realloc(p, cap *= 2);
-            if (!q) free(p);
-            p = q;
-        }
-    }
-    fclose(f);
-    *n = len;
-    return p;
-}
-
-static int write_file(const char *path, const void *p, size_t n) {
-    FILE *f = fopen(path, "wb");
-    if (!f) return -1;
-    size_t w = n ? fwrite(p, 1, n, f) : 0;
-    return (fclose(f) == 0 && w == n) ? 0 : -1;
-}
+#include "tests/test_util.h"
 
 // Hex text -> bytes (NUL-terminated); returns the length or -1.
 static long unhex(const char *s, size_t n, char *out) {
@@ -160,7 +129,7 @@ static void print_section(const char *name, const GoldenStats *g) {
 // The golden file: LLaMA's model first, then "M" sections for variants of it (bytes appended to the model file).
 static void test_goldens(const SpTokenizer *base, const uint8_t *model, size_t model_len, const char *path) {
     size_t len = 0;
-    char *data = (char *)read_file(path, &len);
+    char *data = (char *)test_read_file(path, &len);
     CHECK(data != NULL, "golden file %s is missing (make it with tests/reference/make_sp_tokenizer_goldens.py)",
           path);
     if (!data) return;
@@ -468,9 +437,9 @@ static void test_bad_models(const uint8_t *model, size_t len) {
     int fd = mkstemp(path);
     if (fd >= 0) {
         close(fd);
-        CHECK(write_file(path, "", 0) == 0, "write %s", path);
+        CHECK(test_write_file(path, "", 0) == 0, "write %s", path);
         CHECK_ERR(sp_load_file(path, &t));
-        CHECK(write_file(path, png, sizeof png) == 0, "write %s", path);
+        CHECK(test_write_file(path, png, sizeof png) == 0, "write %s", path);
         CHECK_ERR(sp_load_file(path, &t));
         unlink(path);
     }
@@ -479,7 +448,7 @@ static void test_bad_models(const uint8_t *model, size_t len) {
 int main(int argc, char **argv) {
     const char *model_path = argc > 1 ? argv[1] : AGPT_SHARED_DATA "/llama-tokenizer.model";
     size_t len = 0;
-    uint8_t *model = read_file(model_path, &len);
+    uint8_t *model = test_read_file(model_path, &len);
     if (!model) {
         printf("skipped: %s not found\n", model_path);
         return TEST_SKIP;

@@ -15,6 +15,7 @@
 #include "runtime/memory.h"
 #include "runtime/safetensors.h"
 #include "test.h"
+#include "test_util.h"
 
 static char dir[1024];
 static SafeTensors *golden;
@@ -38,47 +39,6 @@ static Status write_token_table(const char *path) {
     Status s = st_write(path, &e, 1, NULL, 0);
     free(table);
     return s;
-}
-
-// A golden tensor as host f32 (caller frees).
-static float *golden_f32(const char *name, int64_t *n) {
-    Tensor t;
-    if (st_get(golden, name, &t) != AGPT_OK) {
-        printf("FAIL missing golden %s: %s\n", name, agpt_last_error());
-        test_failed++;
-        return NULL;
-    }
-    *n = tensor_numel(&t);
-    float *out = malloc((size_t)*n * sizeof(float));
-    convert_host(out, DT_F32, t.data, t.dtype, (size_t)*n);
-    return out;
-}
-
-// A device tensor back to host f32 (caller frees).
-static float *to_host(const Tensor *t) {
-    int64_t n = tensor_numel(t);
-    float *out = malloc((size_t)n * sizeof(float));
-    void *raw = malloc(tensor_nbytes(t));
-    Tensor h = *t;
-    h.device = DEV_CPU;
-    h.data = raw;
-    if (tensor_copy(&h, t) != AGPT_OK) {
-        for (int64_t i = 0; i < n; i++) out[i] = NAN;
-    } else {
-        convert_host(out, DT_F32, raw, t->dtype, (size_t)n);
-    }
-    free(raw);
-    return out;
-}
-
-static void compare(const char *what, const Tensor *t, const char *golden_name, double tol) {
-    int64_t n = 0;
-    float *want = golden_f32(golden_name, &n);
-    if (!want) return;
-    float *got = to_host(t);
-    CHECK(tensor_numel(t) == n, "%s: %lld elements vs golden %lld", what, (long long)tensor_numel(t), (long long)n);
-    if (tensor_numel(t) == n) CHECK_CLOSE(got, want, n, tol, what);
-    free(want), free(got);
 }
 
 static Status load_image_tensor(Engine *e, const char *name, DType dt, float *staging, Tensor *dst_row) {
@@ -134,13 +94,13 @@ static void run(Engine *e, DType dt, double tol, const char *label) {
     free(staging);
     CHECK_OK(vision_forward(e, &v, &arena, &images, &emb, taps));
     Tensor emb0 = tensor_rows_view(&emb, 0, 1);
-    compare("vision embedding", &emb0, "golden.embedding", tol);
+    test_compare_golden(golden, "vision embedding", &emb0, "golden.embedding", tol);
     for (int i = 0; i < VISION_TAPS; i++) {
         char what[64], gname[64];
         snprintf(what, sizeof what, "tap %d (after block %d)", i, v.taps[i]);
         snprintf(gname, sizeof gname, "golden.tap.%d", i);
         Tensor q = tensor_rows_view(&taps[i], 0, T);
-        compare(what, &q, gname, tol);
+        test_compare_golden(golden, what, &q, gname, tol);
         // the references' taps: images 1 and 2 of the batch
         ref_taps[i] = tensor_3d((char *)taps[i].data + (size_t)T * C * dtype_size(ws.dtype), ws.dtype, e->device,
                                 2, T, C);
@@ -166,18 +126,20 @@ static void run(Engine *e, DType dt, double tol, const char *label) {
         memcpy(ids_copy, ids.data, tensor_nbytes(&ids));
         CHECK_OK(text_forward(e, &t, &arena, ids_copy, PROMPT_SENTENCES, &text_emb));
         free(ids_copy);
-        if (c == 0) compare("text encoder, 24 'bottle' sentences", &text_emb, "golden.text_emb.bottle", tol);
+        if (c == 0)
+            test_compare_golden(golden, "text encoder, 24 'bottle' sentences", &text_emb, "golden.text_emb.bottle",
+                                tol);
         CHECK_OK(prompt_ensemble(e, &text_emb, &features));
         snprintf(gname, sizeof gname, "golden.text_features.%s", classes[c]);
         snprintf(what, sizeof what, "text features '%s'", classes[c]);
-        compare(what, &features, gname, tol);
+        test_compare_golden(golden, what, &features, gname, tol);
         CHECK_OK(anomaly_map_text(e, &d, &arena, q_taps, &features, &map));
-        if (c == 0) compare("zero-shot map 'bottle'", &map, "golden.map_text.bottle", tol);
+        if (c == 0) test_compare_golden(golden, "zero-shot map 'bottle'", &map, "golden.map_text.bottle", tol);
         float score = NAN;
         CHECK_OK(anomaly_map_scores(&map, &score));
         snprintf(gname, sizeof gname, "golden.score_text.%s", classes[c]);
         int64_t n;
-        float *want = golden_f32(gname, &n);
+        float *want = test_golden_f32(golden, gname, &n);
         if (want) {
             printf("  score '%s' %.6f vs %.6f\n", classes[c], (double)score, (double)want[0]);
             CHECK(fabsf(score - want[0]) <= tol * 10 * fabsf(want[0]), "score '%s' %g vs %g", classes[c],
@@ -190,7 +152,7 @@ static void run(Engine *e, DType dt, double tol, const char *label) {
     FewShotRefs refs;
     CHECK_OK(fewshot_refs_build(e, ref_taps, &refs));
     CHECK_OK(anomaly_map_fewshot(e, &refs, &arena, q_taps, &map));
-    compare("few-shot map (k=2)", &map, "golden.map_fewshot", tol);
+    test_compare_golden(golden, "few-shot map (k=2)", &map, "golden.map_fewshot", tol);
     fewshot_refs_free(&refs);
 
     arena_free(&arena);
@@ -240,8 +202,8 @@ static void run_tokenizer_and_model(const char *table_path) {
         CHECK_OK(vision_model_class_features(&vm, "metal_nut", &f, &used));
         if (f) {
             CHECK(strcmp(used, "metal nut") == 0, "class name used: %s", used);
-            compare("VisionModel features 'metal nut' (tokenizer + text encoder)", f, "golden.text_features.metal nut",
-                    1e-4);
+            test_compare_golden(golden, "VisionModel features 'metal nut' (tokenizer + text encoder)", f,
+                                "golden.text_features.metal nut", 1e-4);
         }
         vision_model_close(&vm);
     } else {
@@ -270,7 +232,7 @@ static void run_tokenizer_and_model(const char *table_path) {
             for (int i = 0; i < 224 * 224; i++) mean += map[i];
             mean /= 224 * 224;
             int64_t n;
-            float *want = golden_f32(cases[c].golden, &n);
+            float *want = test_golden_f32(golden, cases[c].golden, &n);
             if (want) {
                 printf("  %-44s max %.6f (torch %.6f) mean %.6f (torch %.6f)\n", cases[c].what, (double)score,
                        (double)want[0], mean, (double)want[1]);
