@@ -888,3 +888,37 @@ Status op_maxpool2x2(Engine *e, Tensor *out, const Tensor *x) {
     cpu_maxpool2x2(F(out), CF(x), B * C, H, W);
     return AGPT_OK;
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// embedding lookup
+
+Status op_embedding(Engine *e, Tensor *out, const Tensor *table, const Tensor *ids) {
+    const char *op = "op_embedding";
+    AGPT_TRY(check_tensor(e, table, op, "table"));
+    DType dt = table->dtype;
+    AGPT_TRY(check_float(e, table, dt, op, "table"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    char a[96], b[96], c[96];
+    AGPT_CHECK_ARG(ids && ids->data, "op_embedding: ids are missing");
+    AGPT_CHECK_ARG(ids->device == DEV_CPU && ids->dtype == DT_I32 && ids->ndim == 1,
+                   "op_embedding: ids is %s, expected a host i32 tensor [N] (token ids stay on the CPU)",
+                   DESC(ids, a));
+    AGPT_CHECK_ARG(table->ndim == 2, "op_embedding: table %s must be [V,C]", DESC(table, a));
+    const int64_t V = table->shape[0], C = table->shape[1], N = ids->shape[0];
+    AGPT_CHECK_ARG(out->ndim == 2 && out->shape[0] == N && out->shape[1] == C,
+                   "op_embedding: out is %s, expected [%lld,%lld] for ids %s and table %s", DESC(out, b),
+                   (long long)N, (long long)C, DESC(ids, c), DESC(table, a));
+    const int32_t *id = (const int32_t *)ids->data;
+    for (int64_t i = 0; i < N; i++)
+        AGPT_CHECK_ARG(id[i] >= 0 && id[i] < V, "op_embedding: ids[%lld] = %d is outside the table's %lld rows "
+                       "[0,%lld) (table %s)", (long long)i, id[i], (long long)V, (long long)V, DESC(table, a));
+    if (N == 0 || C == 0) return AGPT_OK;
+    AGPT_CHECK_ARG(out->data != table->data, "op_embedding: out must not alias table");
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_embedding(e, dt, out->data, table->data, id, N, C);
+#endif
+    }
+    cpu_embedding(F(out), CF(table), id, N, C);
+    return AGPT_OK;
+}

@@ -135,3 +135,13 @@ Status op_relu(Engine *e, Tensor *out, const Tensor *x);
 // 2x2 max pooling, stride 2, floor (PyTorch MaxPool2d(2)): x [B,C,H,W] -> out [B,C,H/2,W/2]; an odd last
 // row or column is dropped. A NaN in a window wins. out must not alias x.
 Status op_maxpool2x2(Engine *e, Tensor *out, const Tensor *x);
+
+// ---- embedding lookup -------------------------------------------------------------------------------------
+
+// Row gather: out[i] = table[ids[i]] for i < N. table [V,C] and out [N,C] share the dtype (f32 on the CPU;
+// f32, f16 or bf16 on CUDA) and live on the engine's device; ids is an i32 tensor [N] that is always on the
+// host (DEV_CPU), since callers hold token ids there. Every id must be in [0,V): checked on the host, and a bad
+// one fails naming the id and its position. On CUDA the ids go to the device through e->workspace with one
+// stream-ordered copy (in chunks if they do not fit), then one gather kernel; the caller may reuse the ids
+// buffer as soon as the call returns. out must not alias table.
+Status op_embedding(Engine *e, Tensor *out, const Tensor *table, const Tensor *ids);

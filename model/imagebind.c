@@ -307,12 +307,19 @@ Status text_forward(Engine *e, const TextEncoder *t, Arena *arena, const int32_t
     Tensor x, rows, rows_ln;
     TRY_OR_RESET(arena_tensor(arena, dt, 3, SHAPE(N, T, C), &x));
     Tensor pos = tensor_2d(t->pos.data, dt, e->device, T, C);  // the first T positions
+    {
+        // The ids actually used, the first T of each sentence, gathered in one op_embedding over [N*T,C].
+        int32_t *used = malloc((size_t)N * (size_t)T * sizeof(int32_t));
+        if (!used) TRY_OR_RESET(AGPT_FAIL(AGPT_ERR_OOM, "text_forward: no memory for %d x %d token ids", N, T));
+        for (int n = 0; n < N; n++)
+            memcpy(used + (size_t)n * T, ids + (size_t)n * ctx, (size_t)T * sizeof(int32_t));
+        Tensor id = tensor_1d(used, DT_I32, DEV_CPU, (int64_t)N * T);
+        Tensor flat = tensor_2d(x.data, dt, x.device, (int64_t)N * T, C);
+        s = op_embedding(e, &flat, &t->token_emb, &id);
+        free(used);
+        TRY_OR_RESET(s);
+    }
     for (int n = 0; n < N; n++) {
-        for (int i = 0; i < T; i++) {
-            Tensor dst = tensor_rows_view(&x, (int64_t)n * T + i, 1);
-            Tensor src = tensor_rows_view(&t->token_emb, ids[(size_t)n * ctx + i], 1);
-            TRY_OR_RESET(tensor_copy(&dst, &src));
-        }
         Tensor xn = tensor_rows_view(&x, (int64_t)n * T, T);
         TRY_OR_RESET(op_add(e, &xn, &xn, &pos));
     }

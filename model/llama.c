@@ -388,13 +388,8 @@ Status llama_embed_tokens(Engine *e, const Llama *m, const int32_t *ids, int n, 
         AGPT_CHECK_ARG(ids[i] >= 0 && ids[i] < m->vocab, "llama_embed_tokens: token id %d (at %d) is outside the "
                        "vocabulary of %d", ids[i], i, m->vocab);
     Tensor flat = tensor_2d(out->data, out->dtype, out->device, n, m->block.dim);
-    if (e->device != DEV_CPU) AGPT_TRY(engine_synchronize(e));
-    for (int i = 0; i < n; i++) {  // one row copy per token: n is the batch, or a short prompt piece
-        Tensor dst = rows_of(&flat, i, 1), src = rows_of(&m->embed, ids[i], 1);
-        AGPT_TRY(tensor_copy(&dst, &src));
-    }
-    if (e->device != DEV_CPU) AGPT_TRY(cuda_synchronize());
-    return AGPT_OK;
+    Tensor id = tensor_1d((void *)ids, DT_I32, DEV_CPU, n);  // host ids: op_embedding stages them itself
+    return op_embedding(e, &flat, &m->embed, &id);
 }
 
 Status llama_decode_step(Engine *e, const Llama *m, KvCache *c, const int32_t *tokens, Tensor *logits) {

@@ -703,6 +703,53 @@ static void run_vision(DType dt) {
     printf("== vision %s done in %.1f s ==\n", dtype_name(dt), timer_now_s() - t0);
 }
 
+// ---- embedding lookup: host ids staged through the engine's workspace, then one gather --------------------
+
+// cuda_embedding against cpu_embedding on the same rounded table: a pure copy, exact in every dtype. off = 1
+// misaligns table and out (scalar path); pinned puts the ids in page-locked memory (a truly async copy).
+static void test_embedding(DType dt, int64_t V, int64_t C, int64_t N, int off, bool pinned) {
+    begin_case("embedding %s V=%lld C=%lld N=%lld%s%s", dtype_name(dt), (long long)V, (long long)C, (long long)N,
+               off ? " misaligned" : "", pinned ? " pinned ids" : "");
+    float *table = rand_n(V * C, dt, 1.0f);
+    int32_t *ids = NULL;
+    if (pinned) {
+        if (mem_pinned_alloc((size_t)N * sizeof(int32_t), (void **)&ids) != AGPT_OK) die("pinned allocation");
+    } else {
+        ids = host_alloc((size_t)N * sizeof(int32_t));
+    }
+    for (int64_t i = 0; i < N; i++) ids[i] = (int32_t)(rng_u64(&rng) % (uint64_t)V);
+    ids[0] = 0, ids[N - 1] = (int32_t)(V - 1);
+    void *dtable = dev_in(table, V * C, dt, off), *dout = dev_out(N * C, dt, off);
+    float *ref = hvec(N * C);
+    cpu_embedding(ref, table, ids, N, C);
+    if (cuda_synchronize() != AGPT_OK) die("upload synchronise");
+    Status st = cuda_embedding(&eng, dt, dout, dtable, ids, N, C);
+    // The ids may be overwritten as soon as the call returns.
+    for (int64_t i = 0; i < N; i++) ids[i] = -1;
+    bool ok = op_ok(st, "cuda_embedding");
+    if (pinned) mem_pinned_free(ids);
+    if (ok) expect_exact("out", fetch(dout, N * C, dt), ref, N * C);
+}
+
+static void run_embedding(DType dt) {
+    double t0 = timer_now_s();
+    printf("== embedding %s ==\n", dtype_name(dt));
+    test_embedding(dt, 32000, 4096, 7, 0, false);    // LLaMA-7B's table, a short prompt piece
+    test_embedding(dt, 32000, 4096, 1, 0, true);     // a decode step, ids in page-locked memory
+    test_embedding(dt, 49408, 1024, 154, 0, false);  // ImageBind's text table, two sentences
+    test_embedding(dt, 100, 33, 1000, 1, false);     // odd width, misaligned: the scalar path
+    test_embedding(dt, 7, 8, 5, 1, true);
+    // More ids than the workspace holds: the copy and gather go in chunks.
+    if (dt == DT_F32) test_embedding(dt, 3, 1, (int64_t)(eng.workspace_bytes / sizeof(int32_t)) + 5, 0, false);
+    begin_case("embedding %s errors", dtype_name(dt));
+    int dummy = 0;
+    CHECK_ERR(cuda_embedding(&eng, DT_I32, &dummy, &dummy, &dummy, 1, 1));
+    CHECK_ERR(cuda_embedding(&eng, dt, &dummy, &dummy, &dummy, 1, 0));
+    CHECK_ERR(cuda_embedding(&eng, dt, &dummy, &dummy, &dummy, -1, 4));
+    release_all();
+    printf("== embedding %s done in %.1f s ==\n", dtype_name(dt), timer_now_s() - t0);
+}
+
 // ---- the run -------------------------------------------------------------------------------------------------
 
 static const int64_t kWidths[] = {1280, 4096, 5120, 11008};  // ViT width, LLaMA width, ViT MLP, LLaMA MLP
@@ -927,6 +974,9 @@ int main(void) {
     run_conv(DT_F32);
     run_conv(DT_BF16);
     run_conv(DT_F16);
+    run_embedding(DT_F32);
+    run_embedding(DT_BF16);
+    run_embedding(DT_F16);
     engine_destroy(&eng);
     return test_summary();
 }

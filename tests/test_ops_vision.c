@@ -360,6 +360,60 @@ static void test_golden(void) {
     st_close(st);
 }
 
+// ---- embedding lookup ------------------------------------------------------------------------------------
+
+// op_embedding against a direct row loop, on a poisoned output; then its argument checks.
+static void test_embedding(int64_t V, int64_t C, int64_t N) {
+    char name[128];
+    snprintf(name, sizeof name, "embedding V=%lld C=%lld N=%lld", (long long)V, (long long)C, (long long)N);
+    float *table = test_randn(&rng, V * C, 1.0f), *out = test_poisoned(N * C);
+    float *ref = malloc((size_t)(N * C + 1) * sizeof(float));
+    int32_t *ids = malloc((size_t)(N + 1) * sizeof(int32_t));
+    for (int64_t i = 0; i < N; i++) ids[i] = (int32_t)(rng_u64(&rng) % (uint64_t)V);
+    if (N > 1) ids[0] = 0, ids[N - 1] = (int32_t)(V - 1);  // both ends of the table
+    for (int64_t i = 0; i < N; i++)
+        for (int64_t c = 0; c < C; c++) ref[i * C + c] = table[ids[i] * C + c];
+    Tensor tt = cpu_f32_2d(table, V, C), to = cpu_f32_2d(out, N, C), ti = tensor_1d(ids, DT_I32, DEV_CPU, N);
+    CHECK_OK(op_embedding(&eng, &to, &tt, &ti));
+    int bad = 0;
+    for (int64_t i = 0; i < N * C; i++) bad += memcmp(&out[i], &ref[i], sizeof(float)) != 0;
+    printf("  %-60s %d of %lld elements differ\n", name, bad, (long long)(N * C));
+    CHECK(bad == 0, "%s: %d elements differ from the row loop", name, bad);
+    free(table), free(out), free(ref), free(ids);
+}
+
+static void test_embedding_errors(void) {
+    float table[4 * 3], out[2 * 3];
+    for (int i = 0; i < 12; i++) table[i] = (float)i;
+    int32_t ids[2] = {1, 3}, neg[2] = {1, -1}, big[2] = {4, 0};
+    float fids[2] = {1, 3};
+    Tensor tt = cpu_f32_2d(table, 4, 3), to = cpu_f32_2d(out, 2, 3);
+    Tensor ti = tensor_1d(ids, DT_I32, DEV_CPU, 2), tneg = tensor_1d(neg, DT_I32, DEV_CPU, 2),
+           tbig = tensor_1d(big, DT_I32, DEV_CPU, 2), tf = cpu_f32_1d(fids, 2);
+    Tensor to_n = cpu_f32_2d(out, 3, 2), to_c = cpu_f32_2d(out, 1, 3), t3 = cpu_f32_3d(table, 1, 4, 3),
+           ti2 = tensor_2d(ids, DT_I32, DEV_CPU, 1, 2), ti_dev = tensor_1d(ids, DT_I32, DEV_CUDA, 2);
+    CHECK_OK(op_embedding(&eng, &to, &tt, &ti));
+    CHECK(out[0] == 3 && out[2] == 5 && out[3] == 9 && out[5] == 11, "embedding [4,3] ids {1,3}: got %g %g %g %g",
+          (double)out[0], (double)out[2], (double)out[3], (double)out[5]);
+    CHECK_ERR(op_embedding(&eng, &to, &tt, &tneg));  // id -1
+    CHECK(strstr(agpt_last_error(), "ids[1] = -1") != NULL, "embedding: the message should name the bad id and "
+          "its position: %s", agpt_last_error());
+    CHECK_ERR(op_embedding(&eng, &to, &tt, &tbig));  // id V
+    CHECK(strstr(agpt_last_error(), "ids[0] = 4") != NULL, "embedding: the message should name the bad id and "
+          "its position: %s", agpt_last_error());
+    CHECK_ERR(op_embedding(&eng, &to, &tt, &tf));      // f32 ids
+    CHECK_ERR(op_embedding(&eng, &to, &tt, &ti2));     // 2-D ids
+    CHECK_ERR(op_embedding(&eng, &to, &tt, &ti_dev));  // ids on the device
+    CHECK_ERR(op_embedding(&eng, &to, &tt, NULL));
+    CHECK_ERR(op_embedding(&eng, &to_n, &tt, &ti));    // out [3,2]
+    CHECK_ERR(op_embedding(&eng, &to_c, &tt, &ti));    // out has 1 row for 2 ids
+    CHECK_ERR(op_embedding(&eng, &to, &t3, &ti));      // 3-D table
+    Tensor alias = cpu_f32_2d(table, 2, 3);
+    CHECK_ERR(op_embedding(&eng, &alias, &tt, &ti));   // out aliases table
+    Tensor t0 = tensor_1d(ids, DT_I32, DEV_CPU, 0), o0 = cpu_f32_2d(out, 0, 3);
+    CHECK_OK(op_embedding(&eng, &o0, &tt, &t0));       // no ids: nothing to do
+}
+
 int main(void) {
     rng_seed(&rng, 7);
     CHECK_OK(engine_create(&eng, DEV_CPU, 0, 0, 7));
@@ -400,6 +454,13 @@ int main(void) {
     test_im2patches(1, 3, 28, 42, 14);
     test_im2patches(2, 2, 6, 4, 2);
     test_im2patches(1, 1, 3, 3, 1);
+
+    printf("embedding\n");
+    test_embedding(49408, 256, 77 * 2);  // ImageBind's text vocabulary, two sentences
+    test_embedding(4096, 4096, 7);       // LLaMA-7B's width, a short prompt piece
+    test_embedding(5, 3, 1);
+    test_embedding(1, 1, 4);
+    test_embedding_errors();
 
     printf("argument checks\n");
     test_errors();

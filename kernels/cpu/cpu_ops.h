@@ -71,3 +71,7 @@ Status cpu_conv2d(float *out, const float *x, const float *w, const float *bias,
 void cpu_relu(float *out, const float *x, int64_t n);  // out may alias x
 // x [BC,H,W] -> out [BC,H/2,W/2], 2x2 windows, floor.
 void cpu_maxpool2x2(float *out, const float *x, int64_t BC, int64_t H, int64_t W);
+
+// ---- embedding lookup (kernels/cpu/embedding.c) -------------------------------------------------------------
+// out[i] = table[ids[i]] for i < N: table [V,C], out [N,C]; ids already checked to be in [0,V).
+void cpu_embedding(float *out, const float *table, const int32_t *ids, int64_t N, int64_t C);

@@ -78,6 +78,13 @@ Status cuda_relu(Engine *e, DType dt, void *out, const void *x, int64_t n);  // 
 // x [BC,H,W] -> out [BC,H/2,W/2], 2x2 windows, floor; a NaN in a window wins.
 Status cuda_maxpool2x2(Engine *e, DType dt, void *out, const void *x, int64_t BC, int64_t H, int64_t W);
 
+// ---- embedding lookup (kernels/cuda/embedding.cu) ----
+// out[i] = table[ids[i]] for i < N: table [V,C] and out [N,C] on the device; ids_host is i32 host memory, already
+// checked to be in [0,V). The ids go through e->workspace (cudaMemcpyAsync on the engine's stream, in chunks when
+// they do not fit), then one gather kernel per chunk. ids_host may be reused once the call returns.
+Status cuda_embedding(Engine *e, DType dt, void *out, const void *table, const int32_t *ids_host, int64_t N,
+                      int64_t C);
+
 #ifdef __cplusplus
 }
 #endif
