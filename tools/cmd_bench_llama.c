@@ -12,60 +12,11 @@
 #include "model/llama.h"
 #include "runtime/memory.h"
 #include "runtime/timer.h"
+#include "tools/bench_limits.h"
 #include "tools/cli.h"
 
 enum { C_DIM = 4096, N_HEADS = 32, I_DIM = 11008, VOCAB = 32001, FULL_LAYERS = 32 };
 
-static Status sync_all(Engine *e) {
-    AGPT_TRY(engine_synchronize(e));
-    if (e->device != DEV_CPU) AGPT_TRY(cuda_synchronize());
-    return AGPT_OK;
-}
-
-// The matmul rate of this device in this dtype: a square GEMM of side n, best of a few runs.
-static Status matmul_rate(Engine *e, DType dt, int n, double *tflops) {
-    Arena a;
-    AGPT_TRY(arena_init(&a, e->device, (size_t)3 * n * n * dtype_size(dt) + 4 * AGPT_ALIGN));
-    Tensor x, y, z;
-    Status s = arena_tensor(&a, dt, 2, (int64_t[]){n, n}, &x);
-    if (!s) s = arena_tensor(&a, dt, 2, (int64_t[]){n, n}, &y);
-    if (!s) s = arena_tensor(&a, dt, 2, (int64_t[]){n, n}, &z);
-    if (!s) s = tensor_zero(&x);
-    if (!s) s = tensor_zero(&y);
-    double best = 1e30;
-    for (int i = 0; i < 4 && !s; i++) {
-        double t0 = timer_now_s();
-        s = op_matmul(e, &z, &x, &y, NULL, false, false, 1.0f, 0.0f);
-        if (!s) s = engine_synchronize(e);
-        double t = timer_now_s() - t0;
-        if (i > 0 && t < best) best = t;  // the first run warms up
-    }
-    arena_free(&a);
-    *tflops = 2.0 * n * n * (double)n / best / 1e12;
-    return s;
-}
-
-// The copy bandwidth: one buffer of n elements copied to another (bytes read + written), best of a few runs.
-static Status copy_rate(Engine *e, DType dt, int64_t n, double *gbps) {
-    Arena a;
-    AGPT_TRY(arena_init(&a, e->device, (size_t)2 * n * dtype_size(dt) + 4 * AGPT_ALIGN));
-    Tensor x, y;
-    Status s = arena_tensor(&a, dt, 1, (int64_t[]){n}, &x);
-    if (!s) s = arena_tensor(&a, dt, 1, (int64_t[]){n}, &y);
-    if (!s) s = tensor_zero(&x);
-    if (!s) s = sync_all(e);
-    double best = 1e30;
-    for (int i = 0; i < 5 && !s; i++) {
-        double t0 = timer_now_s();
-        s = tensor_copy(&y, &x);
-        if (!s) s = sync_all(e);
-        double t = timer_now_s() - t0;
-        if (i > 0 && t < best) best = t;
-    }
-    arena_free(&a);
-    *gbps = 2.0 * (double)n * dtype_size(dt) / best / 1e9;
-    return s;
-}
 
 // Work of the model at `layers` layers: prefill FLOPs of B sequences of T tokens (causal attention counted as
 // the half it computes, lm_head on the last token only, as llama_prefill does), and the bytes one decode step
@@ -182,8 +133,8 @@ int cmd_bench_llama(int argc, char **argv) {
                "(decode), not measured (32 layers in %s: %.1f GB)\n", layers, dtype_name(dt),
                (FULL_LAYERS * layer_weight_bytes(es) + 2.0 * VOCAB * C_DIM * es) / 1e9);
     double rate = 0, bw = 0;
-    if ((s = matmul_rate(&eng, dt, dev == DEV_CUDA ? 8192 : 2048, &rate))) goto fail;
-    if ((s = copy_rate(&eng, dt, dev == DEV_CUDA ? ((int64_t)256 << 20) : ((int64_t)64 << 20), &bw))) goto fail;
+    if ((s = bench_matmul_rate(&eng, dt, dev == DEV_CUDA ? 8192 : 2048, &rate))) goto fail;
+    if ((s = bench_copy_rate(&eng, dt, dev == DEV_CUDA ? ((int64_t)256 << 20) : ((int64_t)64 << 20), &bw))) goto fail;
     printf("limits: matmul %.3f TFLOP/s, copy %.1f GB/s; prompt %d tokens, %d decode steps, %d prefill iterations\n",
            rate, bw, prompt, steps, iters);
     printf("%6s | %12s %10s %9s %12s %12s | %12s %10s %9s %12s %12s\n", "batch", "prefill tok/s", "TFLOP/s", "fraction",
@@ -211,18 +162,18 @@ int cmd_bench_llama(int argc, char **argv) {
         if (!s) s = llama_embed_tokens(&eng, &m, ids, B * prompt, &embeds);
         // prefill: a warm-up, then the timed iterations (each restarts the cache)
         if (!s) s = llama_prefill(&eng, &m, &cache, &embeds, &cache.logits);
-        if (!s) s = sync_all(&eng);
+        if (!s) s = bench_sync(&eng);
         double tp = timer_now_s();
         for (int it = 0; it < iters && !s; it++) s = llama_prefill(&eng, &m, &cache, &embeds, &cache.logits);
-        if (!s) s = sync_all(&eng);
+        if (!s) s = bench_sync(&eng);
         double prefill_s = (timer_now_s() - tp) / iters;
         // decode: one warm-up step, then the timed steps; the same tokens each step (no argmax read-back)
         if (!s) s = llama_decode_step(&eng, &m, &cache, ids, &cache.logits);
-        if (!s) s = sync_all(&eng);
+        if (!s) s = bench_sync(&eng);
         int pos0 = cache.pos;
         double td = timer_now_s();
         for (int it = 0; it < steps && !s; it++) s = llama_decode_step(&eng, &m, &cache, ids, &cache.logits);
-        if (!s) s = sync_all(&eng);
+        if (!s) s = bench_sync(&eng);
         double step_s = (timer_now_s() - td) / steps;
         free(ids);
         arena_free(&arena);

@@ -8,30 +8,8 @@
 #include "model/imagebind.h"
 #include "runtime/memory.h"
 #include "runtime/timer.h"
+#include "tools/bench_limits.h"
 #include "tools/cli.h"
-
-// The matmul rate of this device in this dtype: a square GEMM of side n, best of a few runs.
-static Status matmul_rate(Engine *e, DType dt, int n, double *tflops) {
-    Arena a;
-    AGPT_TRY(arena_init(&a, e->device, (size_t)3 * n * n * dtype_size(dt) + 4 * AGPT_ALIGN));
-    Tensor x, y, z;
-    Status s = arena_tensor(&a, dt, 2, (int64_t[]){n, n}, &x);
-    if (!s) s = arena_tensor(&a, dt, 2, (int64_t[]){n, n}, &y);
-    if (!s) s = arena_tensor(&a, dt, 2, (int64_t[]){n, n}, &z);
-    if (!s) s = tensor_zero(&x);
-    if (!s) s = tensor_zero(&y);
-    double best = 1e30;
-    for (int i = 0; i < 4 && !s; i++) {
-        double t0 = timer_now_s();
-        s = op_matmul(e, &z, &x, &y, NULL, false, false, 1.0f, 0.0f);
-        if (!s) s = engine_synchronize(e);
-        double t = timer_now_s() - t0;
-        if (i > 0 && t < best) best = t;  // the first run warms up
-    }
-    arena_free(&a);
-    *tflops = 2.0 * n * n * (double)n / best / 1e12;
-    return s;
-}
 
 int cmd_bench_vit(int argc, char **argv) {
     Device dev = cuda_device_count() > 0 ? DEV_CUDA : DEV_CPU;
@@ -100,7 +78,7 @@ int cmd_bench_vit(int argc, char **argv) {
            "threads\n", layers, (double)ws.bytes / 1e9, timer_now_s() - t0, device_name(dev), dtype_name(dt),
            eng.num_threads);
     double rate = 0;
-    if ((s = matmul_rate(&eng, dt, dev == DEV_CUDA ? 8192 : 2048, &rate))) goto fail;
+    if ((s = bench_matmul_rate(&eng, dt, dev == DEV_CUDA ? 8192 : 2048, &rate))) goto fail;
     double flops = vision_flops_per_image(&v);
     printf("matmul rate (limit): %.3f TFLOP/s; one image is %.1f GFLOP\n", rate, flops / 1e9);
     printf("%8s %14s %12s %12s %10s\n", "batch", "s/image", "images/s", "TFLOP/s", "fraction");
