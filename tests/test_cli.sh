@@ -108,6 +108,13 @@ if [ -n "$make_test_model" ] && [ -x "$make_test_model" ] && [ -f "$shared/llama
     check "make_test_model" "$make_test_model" "$tmp/model" "$data"
     m="$tmp/model/model.safetensors"
     if [ -f "$m" ]; then
+        # info shows every part of a complete model and its cached class names.
+        check "info complete model" "$agpt" info "$m"
+        for part in "vision encoder" "patch decoder" "prompt learner" "llama_proj" "LoRA (unmerged)" "language model"; do
+            grep -q "^  $part  *[0-9]" "$tmp/out" || { failed=$((failed + 1)); echo "FAIL info lists part '$part'"; }
+        done
+        grep -q "cached class names (2): 'bottle' 'object'" "$tmp/out" ||
+            { failed=$((failed + 1)); echo "FAIL info lists cached class names"; grep cached "$tmp/out"; }
         # The golden answer: greedy, 24 new tokens, the golden prompt as the question.
         check "map --ask" "$agpt" map --device cpu --model "$m" --tokenizer "$tok" --greedy --max-new 24 \
             --ask "$(cat "$tmp/model/prompt.txt")" -o "$tmp/askmaps" "$ib/query.png"

@@ -35,18 +35,59 @@ static int print_model(const char *path) {
         if (strlen(value) > 120) printf("  %-24s (%zu bytes)\n", key, strlen(value));
         else printf("  %-24s %s\n", key, value);
     }
-    int64_t per_dtype[DT_COUNT] = {0};
-    int64_t total = 0;
-    int n = st_count(st);
+    // Parameters per part of AnomalyGPT (by key prefix) and per dtype; st_info covers every tensor, the 5-D
+    // Conv3d stem included.
+    enum { PARTS = 9 };
+    static const char *part_names[PARTS] = {"vision encoder", "text encoder", "patch decoder", "prompt learner",
+                                            "llama_proj", "LoRA (unmerged)", "language model",
+                                            "cached class features", "other"};
+    static const char *prefixes[PARTS][4] = {
+        {"modality_preprocessors.vision.", "modality_trunks.vision.", "modality_heads.vision.", NULL},
+        {"modality_preprocessors.text.", "modality_trunks.text.", "modality_heads.text.",
+         "modality_postprocessors.text."},
+        {"image_decoder.", NULL},
+        {"prompt_learner.", NULL},
+        {"llama_proj.", NULL},
+        {NULL},  // LoRA: any key with "lora_A" or "lora_B"
+        {"model.", "lm_head.", "llama_model.", NULL},
+        {"text_features.", NULL},
+        {NULL}};
+    int64_t per_part[PARTS] = {0}, per_dtype[DT_COUNT] = {0}, total = 0;
+    int n = st_count(st), classes = 0;
     for (int i = 0; i < n; i++) {
-        Tensor t;
-        if (st_get(st, st_name(st, i), &t) != AGPT_OK) continue;  // unsupported dtype: counted below
-        per_dtype[t.dtype] += tensor_numel(&t);
-        total += tensor_numel(&t);
+        StInfo info;
+        if (st_info(st, i, &info) != AGPT_OK) continue;
+        int64_t numel = 1;
+        for (int d = 0; d < info.ndim; d++) numel *= info.shape[d];
+        total += numel;
+        int dt = dtype_from_name(strcmp(info.dtype, "F32") == 0 ? "f32" : strcmp(info.dtype, "F16") == 0 ? "f16"
+                                 : strcmp(info.dtype, "BF16") == 0 ? "bf16" : strcmp(info.dtype, "I32") == 0 ? "i32"
+                                 : strcmp(info.dtype, "U8") == 0 ? "u8" : "?");
+        if (dt >= 0) per_dtype[dt] += numel;
+        int part = PARTS - 1;
+        if (strstr(info.name, "lora_A") || strstr(info.name, "lora_B")) {
+            part = 5;
+        } else {
+            for (int p = 0; p < PARTS - 1 && part == PARTS - 1; p++)
+                for (int k = 0; k < 4 && prefixes[p][k]; k++)
+                    if (strncmp(info.name, prefixes[p][k], strlen(prefixes[p][k])) == 0) part = p;
+        }
+        per_part[part] += numel;
+        classes += part == 7;
     }
     printf("tensors: %d, parameters: %lld (%.3f B)\n", n, (long long)total, (double)total / 1e9);
+    printf("by part:\n");
+    for (int p = 0; p < PARTS; p++)
+        if (per_part[p]) printf("  %-24s %lld\n", part_names[p], (long long)per_part[p]);
+    printf("by dtype:\n");
     for (int d = 0; d < DT_COUNT; d++)
-        if (per_dtype[d]) printf("  %-5s %lld\n", dtype_name((DType)d), (long long)per_dtype[d]);
+        if (per_dtype[d]) printf("  %-24s %lld\n", dtype_name((DType)d), (long long)per_dtype[d]);
+    if (classes) {
+        printf("cached class names (%d):", classes);
+        for (int i = 0; i < n; i++)
+            if (strncmp(st_name(st, i), "text_features.", 14) == 0) printf(" '%s'", st_name(st, i) + 14);
+        printf("\n");
+    }
     int shown = n < 40 ? n : 40;
     for (int i = 0; i < shown; i++) {
         Tensor t;
