@@ -223,6 +223,7 @@ void kv_cache_free(KvCache *c) {
     arena_free(&c->arena);
     free(c->k);
     free(c->v);
+    free(c->seq_pos);
     mem_host_free(c->host_positions);
     mem_host_free(c->host_logits);
     mem_host_free(c->host_raw);
@@ -246,7 +247,8 @@ Status kv_cache_create(KvCache *c, Engine *e, const Llama *m, int max_batch, int
     }
     c->k = calloc((size_t)m->layers, sizeof(Tensor));
     c->v = calloc((size_t)m->layers, sizeof(Tensor));
-    if (!c->k || !c->v) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory for %d layer records", m->layers);
+    c->seq_pos = calloc((size_t)max_batch, sizeof(int));
+    if (!c->k || !c->v || !c->seq_pos) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory for %d layer records", m->layers);
     for (int l = 0; s == AGPT_OK && l < m->layers; l++) {
         s = arena_tensor(&c->arena, dt, 2, SHAPE(rows, C), &c->k[l]);
         if (s == AGPT_OK) s = arena_tensor(&c->arena, dt, 2, SHAPE(rows, C), &c->v[l]);
@@ -273,15 +275,18 @@ static Tensor as4(const Tensor *t, int64_t B, int64_t T, int H, int D) {
     return tensor_4d(t->data, t->dtype, t->device, B, T, H, D);
 }
 
-// Runs the Tn tokens per sequence already in c->x (rows b*Tn + t) at positions c->pos.. through every layer,
-// appending their keys and values to the cache, and writes the logits of each sequence's last token to
-// logits [batch, V].
-static Status forward_tokens(Engine *e, const Llama *m, KvCache *c, int Tn, Tensor *logits) {
-    const int B = c->batch, pos = c->pos, C = m->block.dim, H = m->block.heads, D = C / H;
-    const int64_t rows = (int64_t)B * Tn, maxT = c->max_seq;
+// Runs the tokens already in c->x through every layer: lens[b] tokens of sequence b (Tn each when lens is NULL)
+// at rows off_b.. (off_b the sum of the lengths before it, packed; equal lengths give rows b*Tn + t), at
+// positions c->seq_pos[b].., appending their keys and values to the cache, and writes the logits of each
+// sequence's last token to logits [batch, V].
+static Status forward_tokens(Engine *e, const Llama *m, KvCache *c, const int *lens, int Tn, Tensor *logits) {
+#define LEN(b) (lens ? lens[b] : Tn)
+    const int B = c->batch, C = m->block.dim, H = m->block.heads, D = C / H;
+    const int64_t maxT = c->max_seq;
     const float scale = 1.0f / sqrtf((float)D);
+    int64_t rows = 0;
     for (int b = 0; b < B; b++)
-        for (int t = 0; t < Tn; t++) c->host_positions[b * Tn + t] = pos + t;
+        for (int t = 0; t < LEN(b); t++) c->host_positions[rows++] = c->seq_pos[b] + t;
     Tensor hp = tensor_1d(c->host_positions, DT_I32, DEV_CPU, rows);
     Tensor positions = tensor_1d(c->positions.data, DT_I32, e->device, rows);
     AGPT_TRY(copy_ordered(e, &positions, &hp));
@@ -289,27 +294,30 @@ static Status forward_tokens(Engine *e, const Llama *m, KvCache *c, int Tn, Tens
     Tensor x = rows_of(&c->x, 0, rows), n = rows_of(&c->n, 0, rows), q = rows_of(&c->q, 0, rows);
     Tensor att = rows_of(&c->att, 0, rows), tmp = rows_of(&c->tmp, 0, rows);
     Tensor gate = rows_of(&c->gate, 0, rows), up = rows_of(&c->up, 0, rows), act = rows_of(&c->act, 0, rows);
-    Tensor q4 = as4(&q, B, Tn, H, D);
+    Tensor q4 = as4(&q, 1, rows, H, D);  // RoPE is per token: one row of `rows` tokens, each at its position
     for (int l = 0; l < m->layers; l++) {
         const LlamaBlockWeights *w = &m->layer[l];
         // attention: q for all sequences at once; k, v straight into each sequence's cache rows
         AGPT_TRY(op_rmsnorm(e, &n, NULL, &x, &w->input_norm, m->block.eps));
         AGPT_TRY(op_linear(e, &q, &n, &w->wq, NULL));
         AGPT_TRY(op_rope(e, &q4, &q4, &positions, m->block.rope_base));
-        for (int b = 0; b < B; b++) {
-            Tensor nb = rows_of(&n, (int64_t)b * Tn, Tn);
-            Tensor kb = rows_of(&c->k[l], b * maxT + pos, Tn), vb = rows_of(&c->v[l], b * maxT + pos, Tn);
-            Tensor kb4 = as4(&kb, 1, Tn, H, D);
-            Tensor pb = tensor_2d((int32_t *)c->positions.data + (int64_t)b * Tn, DT_I32, e->device, 1, Tn);
+        for (int b = 0, off = 0; b < B; off += LEN(b), b++) {
+            const int Tb = LEN(b), pos = c->seq_pos[b];
+            Tensor nb = rows_of(&n, off, Tb);
+            Tensor kb = rows_of(&c->k[l], b * maxT + pos, Tb), vb = rows_of(&c->v[l], b * maxT + pos, Tb);
+            Tensor kb4 = as4(&kb, 1, Tb, H, D);
+            Tensor pb = tensor_2d((int32_t *)c->positions.data + off, DT_I32, e->device, 1, Tb);
             AGPT_TRY(op_linear(e, &kb, &nb, &w->wk, NULL));
             AGPT_TRY(op_linear(e, &vb, &nb, &w->wv, NULL));
             AGPT_TRY(op_rope(e, &kb4, &kb4, &pb, m->block.rope_base));
         }
-        for (int b = 0; b < B; b++) {
-            Tensor qb = rows_of(&q, (int64_t)b * Tn, Tn), ab = rows_of(&att, (int64_t)b * Tn, Tn);
-            Tensor kall = rows_of(&c->k[l], b * maxT, pos + Tn), vall = rows_of(&c->v[l], b * maxT, pos + Tn);
-            Tensor qb4 = as4(&qb, 1, Tn, H, D), ab4 = as4(&ab, 1, Tn, H, D);
-            Tensor k4 = as4(&kall, 1, pos + Tn, H, D), v4 = as4(&vall, 1, pos + Tn, H, D);
+        for (int b = 0, off = 0; b < B; off += LEN(b), b++) {
+            // causal with the offset Tk - Tq = pos: query t sees the sequence's keys 0..pos+t
+            const int Tb = LEN(b), pos = c->seq_pos[b];
+            Tensor qb = rows_of(&q, off, Tb), ab = rows_of(&att, off, Tb);
+            Tensor kall = rows_of(&c->k[l], b * maxT, pos + Tb), vall = rows_of(&c->v[l], b * maxT, pos + Tb);
+            Tensor qb4 = as4(&qb, 1, Tb, H, D), ab4 = as4(&ab, 1, Tb, H, D);
+            Tensor k4 = as4(&kall, 1, pos + Tb, H, D), v4 = as4(&vall, 1, pos + Tb, H, D);
             AGPT_TRY(op_attention(e, &ab4, &qb4, &k4, &v4, true, scale));
         }
         AGPT_TRY(op_linear(e, &tmp, &att, &w->wo, NULL));
@@ -322,14 +330,32 @@ static Status forward_tokens(Engine *e, const Llama *m, KvCache *c, int Tn, Tens
         AGPT_TRY(op_linear(e, &tmp, &act, &w->w_down, NULL));
         AGPT_TRY(op_add(e, &x, &x, &tmp));
     }
-    c->pos = pos + Tn;
+    c->pos = 0;
+    for (int b = 0; b < B; b++) {
+        c->seq_pos[b] += LEN(b);
+        if (c->seq_pos[b] > c->pos) c->pos = c->seq_pos[b];
+    }
     // Final norm and lm_head on each sequence's last token only.
     Tensor last = rows_of(&c->last, 0, B);
-    for (int b = 0; b < B; b++) {
-        Tensor xb = rows_of(&x, (int64_t)b * Tn + Tn - 1, 1), lb = rows_of(&last, b, 1);
+    for (int b = 0, off = 0; b < B; off += LEN(b), b++) {
+        Tensor xb = rows_of(&x, off + LEN(b) - 1, 1), lb = rows_of(&last, b, 1);
         AGPT_TRY(op_rmsnorm(e, &lb, NULL, &xb, &m->norm, m->block.eps));
     }
     return op_linear(e, logits, &last, &m->lm_head, NULL);
+#undef LEN
+}
+
+// Empties the cache (a failed pass leaves it half-written: it must not be extended).
+static void cache_reset(KvCache *c) {
+    c->batch = 0, c->pos = 0;
+    for (int b = 0; b < c->max_batch; b++) c->seq_pos[b] = 0;
+}
+
+// forward_tokens with Tn tokens for each of the cache's sequences.
+static Status forward_equal(Engine *e, const Llama *m, KvCache *c, int Tn, Tensor *logits) {
+    Status s = forward_tokens(e, m, c, NULL, Tn, logits);
+    if (s != AGPT_OK) cache_reset(c);
+    return s;
 }
 
 static Status check_logits(const Llama *m, const KvCache *c, const Tensor *logits, int B, const char *fn) {
@@ -349,12 +375,40 @@ Status llama_prefill(Engine *e, const Llama *m, KvCache *c, const Tensor *embeds
     AGPT_CHECK_ARG(B >= 1 && B <= c->max_batch && T >= 1 && T <= c->max_seq, "llama_prefill: %d sequences of %d "
                    "tokens, but the cache holds up to %d of up to %d", B, T, c->max_batch, c->max_seq);
     AGPT_TRY(check_logits(m, c, logits_last, B, "llama_prefill"));
+    cache_reset(c);
     c->batch = B;
-    c->pos = 0;
     Tensor x = rows_of(&c->x, 0, (int64_t)B * T);
-    AGPT_TRY(copy_ordered(e, &x, embeds));
-    Status s = forward_tokens(e, m, c, T, logits_last);
-    if (s != AGPT_OK) c->batch = 0, c->pos = 0;  // a half-written cache must not be extended
+    Status s = copy_ordered(e, &x, embeds);
+    if (s != AGPT_OK) {
+        cache_reset(c);
+        return s;
+    }
+    return forward_equal(e, m, c, T, logits_last);
+}
+
+Status llama_prefill_varlen(Engine *e, const Llama *m, KvCache *c, const Tensor *embeds, const int *lengths, int B,
+                            Tensor *logits_last) {
+    char d[96];
+    AGPT_CHECK_ARG(lengths && B >= 1 && B <= c->max_batch, "llama_prefill_varlen: %d sequences, but the cache holds "
+                   "up to %d", B, c->max_batch);
+    int64_t total = 0;
+    for (int b = 0; b < B; b++) {
+        AGPT_CHECK_ARG(lengths[b] >= 1 && lengths[b] <= c->max_seq, "llama_prefill_varlen: sequence %d has %d "
+                       "tokens; each needs 1 to %d (the cache's max_seq)", b, lengths[b], c->max_seq);
+        total += lengths[b];
+    }
+    AGPT_CHECK_ARG(embeds->ndim == 2 && embeds->shape[0] == total && embeds->shape[1] == m->block.dim &&
+                   embeds->dtype == c->dtype && embeds->device == e->device,
+                   "llama_prefill_varlen: embeds %s, expected %s[%lld,%d] (the lengths' sum, packed) on %s",
+                   tensor_describe(embeds, d, sizeof d), dtype_name(c->dtype), (long long)total, m->block.dim,
+                   device_name(e->device));
+    AGPT_TRY(check_logits(m, c, logits_last, B, "llama_prefill_varlen"));
+    cache_reset(c);
+    c->batch = B;
+    Tensor x = rows_of(&c->x, 0, total);
+    Status s = copy_ordered(e, &x, embeds);
+    if (s == AGPT_OK) s = forward_tokens(e, m, c, lengths, 0, logits_last);
+    if (s != AGPT_OK) cache_reset(c);
     return s;
 }
 
@@ -370,12 +424,10 @@ Status llama_extend(Engine *e, const Llama *m, KvCache *c, int keep, const Tenso
     AGPT_CHECK_ARG(T >= 1 && keep + T <= c->max_seq, "llama_extend: %d cached + %d new positions exceed the cache "
                    "of %d", keep, T, c->max_seq);
     AGPT_TRY(check_logits(m, c, logits_last, 1, "llama_extend"));
-    c->pos = keep;  // the positions after `keep` are overwritten
+    c->pos = c->seq_pos[0] = keep;  // the positions after `keep` are overwritten
     Tensor x = rows_of(&c->x, 0, T);
     AGPT_TRY(copy_ordered(e, &x, embeds));
-    Status s = forward_tokens(e, m, c, T, logits_last);
-    if (s != AGPT_OK) c->batch = 0, c->pos = 0;
-    return s;
+    return forward_equal(e, m, c, T, logits_last);
 }
 
 Status llama_embed_tokens(Engine *e, const Llama *m, const int32_t *ids, int n, Tensor *out) {
@@ -399,9 +451,7 @@ Status llama_decode_step(Engine *e, const Llama *m, KvCache *c, const int32_t *t
     AGPT_TRY(check_logits(m, c, logits, c->batch, "llama_decode_step"));
     Tensor x = rows_of(&c->x, 0, c->batch);
     AGPT_TRY(llama_embed_tokens(e, m, tokens, c->batch, &x));
-    Status s = forward_tokens(e, m, c, 1, logits);
-    if (s != AGPT_OK) c->batch = 0, c->pos = 0;
-    return s;
+    return forward_equal(e, m, c, 1, logits);
 }
 
 // The first index of the largest value, as torch.argmax.

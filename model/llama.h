@@ -21,8 +21,10 @@
 //   model.layers.N.self_attn.P.lora_X.weight                                  plain
 // The first form that has layer 0's q_proj A is used for every layer.
 //
-// Batches: every sequence in a batch has the same length and position (no padding, no per-sequence offsets).
-// The cache keeps each sequence's keys contiguous, so attention runs one sequence at a time over its prefix.
+// Batches: llama_prefill takes sequences of one length; llama_prefill_varlen takes sequences of different
+// lengths packed without padding. The cache keeps each sequence's position (seq_pos) and its keys contiguous, so
+// attention runs one sequence at a time over its own prefix, and a decode step appends one token to every
+// sequence, each at its own position.
 #pragma once
 #include <stdint.h>
 
@@ -52,7 +54,9 @@ void llama_free(Llama *m);
 typedef struct KvCache {
     int max_batch, max_seq;
     int batch;                  // sequences in the cache (set by the prefill)
-    int pos;                    // tokens in the cache per sequence
+    int pos;                    // tokens in the cache per sequence: the largest of seq_pos (all equal after
+                                // llama_prefill; after llama_prefill_varlen each sequence has its own)
+    int *seq_pos;               // host [max_batch]: tokens in the cache of sequence b
     DType dtype;
     Arena arena;                // all device tensors below
     Tensor *k, *v;              // [layers] each [max_batch * max_seq, C]: sequence b's position t at row b*max_seq+t
@@ -78,11 +82,18 @@ size_t kv_cache_bytes(const Llama *m, int max_batch, int max_seq);
 // Starts B sequences from input embeddings: embeds [B,T,C] -> logits_last [B,V], the logits of each sequence's
 // last position. Positions are 0..T-1; the cache is reset first.
 Status llama_prefill(Engine *e, const Llama *m, KvCache *c, const Tensor *embeds, Tensor *logits_last);
-// Appends one token per sequence (tokens: host [batch]) and writes its logits [batch,V].
+// Starts B sequences of different lengths: embeds [sum lengths, C] holds sequence 0's lengths[0] rows, then
+// sequence 1's, ... (packed, no padding); lengths host [B], each 1..max_seq. logits_last [B,V] gets the logits
+// of each sequence's last token. Sequence b has positions 0..lengths[b]-1; the cache is reset first. Each
+// sequence's logits and later decode steps equal those of running it alone.
+Status llama_prefill_varlen(Engine *e, const Llama *m, KvCache *c, const Tensor *embeds, const int *lengths, int B,
+                            Tensor *logits_last);
 // Keeps the first `keep` cached positions of a single sequence and runs `embeds` [1,T,C] after them (positions
 // keep .. keep+T-1): a prefill that reuses an unchanged prefix, e.g. the image and the earlier turns of a chat.
 Status llama_extend(Engine *e, const Llama *m, KvCache *c, int keep, const Tensor *embeds, Tensor *logits_last);
 
+// Appends one token per sequence (tokens: host [batch]), each at its sequence's position seq_pos[b], and writes
+// its logits [batch,V]. Every sequence must have room (seq_pos[b] < max_seq).
 Status llama_decode_step(Engine *e, const Llama *m, KvCache *c, const int32_t *tokens, Tensor *logits);
 // Gathers rows of embed_tokens: ids host [n] -> out [n,C] (any tensor of n*C elements of the model's dtype).
 Status llama_embed_tokens(Engine *e, const Llama *m, const int32_t *ids, int n, Tensor *out);

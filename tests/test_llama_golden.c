@@ -4,7 +4,9 @@
 // logits (batch 1 and 2), each decode step's logits over the KV cache, greedy generation token for token (with
 // a stop id that never occurs, one that ends the output early, and the default stops), the base model without
 // LoRA, the PandaGPT LoRA key form and the alpha default, and bad inputs (a missing tensor, a wrong shape,
-// incomplete or misshapen LoRA, misuse of the cache). On the CPU, and on CUDA (f32 and
+// incomplete or misshapen LoRA, misuse of the cache). Sequences of different lengths in one batch
+// (llama_prefill_varlen, then decode steps at per-sequence positions) against each sequence run alone: 13 rows
+// of b1.embeds and 9 rows of b2.embeds' second sequence, in both orders. On the CPU, and on CUDA (f32 and
 // bf16) when a GPU exists.
 //
 // Usage: test_llama_golden [data_dir]   (default AGPT_TEST_DATA; the files are in <data_dir>/llama)
@@ -94,6 +96,128 @@ static void check_generation(Engine *e, const Llama *m, KvCache *c, const Tensor
     free(want);
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Sequences of different lengths in one batch
+
+#define VL_STEPS 4  // greedy decode steps after the prefill
+
+static int32_t argmax_row(const float *x, int n) {
+    int32_t best = 0;
+    for (int i = 1; i < n; i++)
+        if (x[i] > x[best]) best = i;
+    return best;
+}
+
+// Uploads host f32 rows [rows, cols] as dtype dt into an arena tensor of the given shape.
+static Status upload_host(Arena *io, DType dt, const float *host, int ndim, const int64_t *shape, Tensor *out) {
+    AGPT_TRY(arena_tensor(io, dt, ndim, shape, out));
+    int64_t n = tensor_numel(out);
+    void *buf = malloc((size_t)n * 4);
+    convert_host(buf, dt, host, DT_F32, (size_t)n);
+    Tensor h = tensor_make(buf, dt, DEV_CPU, ndim, shape);
+    Status s = tensor_copy(out, &h);
+    free(buf);
+    return s;
+}
+
+// Two sequences (13 rows of b1.embeds, 9 rows of b2.embeds[1]) prefilled together by llama_prefill_varlen, in
+// both orders, then VL_STEPS greedy decode steps with each sequence fed its own argmax: every step's logits
+// within `tol` (rel L2) of running the sequence alone through llama_prefill / llama_decode_step, and the same
+// tokens (when strict). Then the length checks and a decode step refused when one sequence's cache is full.
+static void check_varlen(Engine *e, const Llama *m, KvCache *c, Arena *io, double tol, bool strict_tokens) {
+    const int C = m->block.dim, V = m->vocab;
+    DType mdt = m->embed.dtype;
+    int64_t n1 = 0, n2 = 0;
+    float *e1 = test_golden_f32(golden, "b1.embeds", &n1), *e2 = test_golden_f32(golden, "b2.embeds", &n2);
+    if (!e1 || !e2 || n1 < 13 * C || n2 < (13 + 9) * C) {
+        CHECK(0, "varlen: b1.embeds / b2.embeds missing or too short");
+        free(e1), free(e2);
+        return;
+    }
+    const int len[2] = {13, 9};
+    const float *src[2] = {e1, e2 + (n2 / 2)};  // b2.embeds [2,T,C]: its second sequence
+    size_t mark = arena_mark(io);
+    float *alone = malloc((size_t)2 * (VL_STEPS + 1) * V * sizeof(float));  // [seq][step][V]
+    int32_t alone_tok[2][VL_STEPS + 1];
+    // Each sequence alone.
+    for (int q = 0; q < 2; q++) {
+        Tensor emb, logits;
+        CHECK_OK(upload_host(io, mdt, src[q], 3, SHAPE(1, len[q], C), &emb));
+        CHECK_OK(arena_tensor(io, mdt, 2, SHAPE(1, V), &logits));
+        CHECK_OK(llama_prefill(e, m, c, &emb, &logits));
+        for (int st = 0; st <= VL_STEPS; st++) {
+            float *got = test_to_host_f32(&logits);
+            float *row = alone + ((size_t)q * (VL_STEPS + 1) + st) * V;
+            memcpy(row, got, (size_t)V * sizeof(float));
+            free(got);
+            alone_tok[q][st] = argmax_row(row, V);
+            if (st < VL_STEPS) CHECK_OK(llama_decode_step(e, m, c, &alone_tok[q][st], &logits));
+        }
+    }
+    // Together, in both orders: order 0 is {13, 9}, order 1 is {9, 13}.
+    for (int order = 0; order < 2; order++) {
+        int seq[2] = {order, 1 - order}, lengths[2] = {len[seq[0]], len[seq[1]]};
+        float *packed = malloc((size_t)(lengths[0] + lengths[1]) * C * sizeof(float));
+        memcpy(packed, src[seq[0]], (size_t)lengths[0] * C * sizeof(float));
+        memcpy(packed + (size_t)lengths[0] * C, src[seq[1]], (size_t)lengths[1] * C * sizeof(float));
+        Tensor emb, logits;
+        CHECK_OK(upload_host(io, mdt, packed, 2, SHAPE(lengths[0] + lengths[1], C), &emb));
+        free(packed);
+        CHECK_OK(arena_tensor(io, mdt, 2, SHAPE(2, V), &logits));
+        CHECK_OK(llama_prefill_varlen(e, m, c, &emb, lengths, 2, &logits));
+        double worst = 0;
+        int tok_agree = 0, tok_total = 0;
+        for (int st = 0; st <= VL_STEPS; st++) {
+            CHECK(c->batch == 2 && c->seq_pos[0] == lengths[0] + st && c->seq_pos[1] == lengths[1] + st &&
+                  c->pos == (lengths[0] > lengths[1] ? lengths[0] : lengths[1]) + st,
+                  "varlen step %d: batch %d, seq_pos {%d,%d}, pos %d", st, c->batch, c->seq_pos[0], c->seq_pos[1],
+                  c->pos);
+            float *got = test_to_host_f32(&logits);
+            int32_t feed[2];
+            for (int b = 0; b < 2; b++) {
+                const float *want = alone + ((size_t)seq[b] * (VL_STEPS + 1) + st) * V;
+                double err = rel_l2(got + (size_t)b * V, want, V);
+                if (err > worst) worst = err;
+                CHECK(err <= tol, "varlen order %d step %d sequence %d: rel_l2 %.3g > %.0e vs alone", order, st, b,
+                      err, tol);
+                feed[b] = argmax_row(got + (size_t)b * V, V);
+                tok_agree += feed[b] == alone_tok[seq[b]][st];
+                tok_total++;
+                // feed what the sequence alone generated, so the steps stay comparable even when not strict
+                feed[b] = alone_tok[seq[b]][st];
+            }
+            free(got);
+            if (st < VL_STEPS) CHECK_OK(llama_decode_step(e, m, c, feed, &logits));
+        }
+        char what[96];
+        snprintf(what, sizeof what, "varlen {%d,%d}: prefill + %d steps vs alone", lengths[0], lengths[1], VL_STEPS);
+        printf("  %-44s rel_l2 max %.3g (tol %.0e), tokens %d of %d agree\n", what, worst, tol, tok_agree, tok_total);
+        if (strict_tokens) CHECK(tok_agree == tok_total, "%s: greedy tokens differ", what);
+    }
+    // Lengths that do not fit, and a sequence whose cache is full.
+    {
+        int64_t rows = c->max_seq + 3;
+        float *zeros = calloc((size_t)rows * C, sizeof(float));
+        Tensor emb, logits;
+        CHECK_OK(upload_host(io, mdt, zeros, 2, SHAPE(rows, C), &emb));
+        CHECK_OK(arena_tensor(io, mdt, 2, SHAPE(2, V), &logits));
+        int full[2] = {c->max_seq, 3}, sum_wrong[2] = {c->max_seq, 2}, zero[2] = {0, (int)rows};
+        int over[2] = {c->max_seq + 1, 2}, three[3] = {1, 1, (int)rows - 2};
+        int32_t toks[2] = {5, 6};
+        CHECK_ERR(llama_prefill_varlen(e, m, c, &emb, sum_wrong, 2, &logits));  // the rows are not the sum
+        CHECK_ERR(llama_prefill_varlen(e, m, c, &emb, zero, 2, &logits));       // an empty sequence
+        CHECK_ERR(llama_prefill_varlen(e, m, c, &emb, over, 2, &logits));       // longer than the cache
+        CHECK_ERR(llama_prefill_varlen(e, m, c, &emb, three, 3, &logits));      // more sequences than the cache
+        CHECK_OK(llama_prefill_varlen(e, m, c, &emb, full, 2, &logits));
+        CHECK(c->seq_pos[0] == c->max_seq && c->seq_pos[1] == 3, "seq_pos {%d,%d}", c->seq_pos[0], c->seq_pos[1]);
+        CHECK_ERR(llama_decode_step(e, m, c, toks, &logits));                   // sequence 0 has no room
+        free(zeros);
+    }
+    free(alone);
+    free(e1), free(e2);
+    arena_reset_to(io, mark);
+}
+
 static void run(Engine *e, DType dt, double tol, bool strict_tokens, const char *label) {
     printf("== %s ==\n", label);
     WeightStore ws;
@@ -172,6 +296,9 @@ static void run(Engine *e, DType dt, double tol, bool strict_tokens, const char 
         }
         free(pre), free(steps), free(toks);
     }
+
+    // Sequences of different lengths in one batch, against each alone (same engine and dtype).
+    check_varlen(e, &m, &c, &io, dt == DT_F32 ? 1e-5 : 1e-2, strict_tokens);
 
     // Greedy generation: a stop id that never occurs (all 40 tokens), one that ends the output early.
     Tensor gen;
