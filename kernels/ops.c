@@ -922,3 +922,30 @@ Status op_embedding(Engine *e, Tensor *out, const Tensor *table, const Tensor *i
     cpu_embedding(F(out), CF(table), id, N, C);
     return AGPT_OK;
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// sampling
+
+Status op_sample(Engine *e, int32_t *token, const Tensor *logits, float temperature, int top_k, float top_p,
+                 double uniform, bool greedy) {
+    const char *op = "op_sample";
+    AGPT_CHECK_ARG(token != NULL, "op_sample: token is missing");
+    AGPT_TRY(check_tensor(e, logits, op, "logits"));
+    AGPT_TRY(check_float(e, logits, logits->dtype, op, "logits"));
+    char a[96];
+    const int64_t V = tensor_numel(logits);
+    AGPT_CHECK_ARG(logits->ndim >= 1 && V >= 1 && V == logits->shape[logits->ndim - 1] && V <= INT32_MAX,
+                   "op_sample: logits %s must be one row [V] with 1 <= V < 2^31", DESC(logits, a));
+    if (!greedy) {
+        AGPT_CHECK_ARG(temperature > 0 && top_p > 0 && top_p <= 1,
+                       "op_sample: temperature must be > 0 and top-p in (0, 1] (got %g, %g)", (double)temperature,
+                       (double)top_p);
+        AGPT_CHECK_ARG(uniform >= 0 && uniform < 1, "op_sample: uniform %g is outside [0, 1)", uniform);
+    }
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_sample(e, logits->dtype, token, logits->data, V, temperature, top_k, top_p, uniform, greedy);
+#endif
+    }
+    return cpu_sample(token, CF(logits), V, temperature, top_k, top_p, uniform, greedy);
+}

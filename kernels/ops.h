@@ -145,3 +145,17 @@ Status op_maxpool2x2(Engine *e, Tensor *out, const Tensor *x);
 // stream-ordered copy (in chunks if they do not fit), then one gather kernel; the caller may reuse the ids
 // buffer as soon as the call returns. out must not alias table.
 Status op_embedding(Engine *e, Tensor *out, const Tensor *table, const Tensor *ids);
+
+// ---- sampling ---------------------------------------------------------------------------------------------
+
+// One next token from logits [V] (f32 on the CPU; f32, f16 or bf16 on CUDA; on the engine's device), written to
+// *token on the host. The semantics of model/sampler.h: greedy is the first maximum (torch.argmax) and ignores
+// the other arguments; otherwise scores = logits / temperature (skipped at exactly 1.0), top-k (<= 0 disables)
+// keeps every score at least the k-th largest, top-p in (0, 1] (1 disables) removes the ascending order's tokens
+// while their cumulative probability stays <= 1 - top_p (never the largest), then the inverse CDF of the
+// renormalised distribution at `uniform` (in [0,1), drawn by the caller's seeded RNG) picks the token. For the
+// same logits and uniform both backends return the token model/sampler.c does (up to float rounding of the
+// exponentials at an exact boundary). A NaN logit is AGPT_ERR_ARG. On CUDA one block does the work with
+// scratch in e->workspace (a bitonic sort of (score, id) pairs), then the call waits for the token.
+Status op_sample(Engine *e, int32_t *token, const Tensor *logits, float temperature, int top_k, float top_p,
+                 double uniform, bool greedy);

@@ -18,6 +18,7 @@
 #include "kernels/cpu/cpu_ops.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/engine.h"
+#include "kernels/ops.h"
 #include "runtime/dtype.h"
 #include "runtime/memory.h"
 #include "runtime/rng.h"
@@ -953,6 +954,75 @@ static void run_conv(DType dt) {
     printf("== prompt learner ops %s done in %.1f s ==\n", dtype_name(dt), timer_now_s() - t0);
 }
 
+// ---- sampling: op_sample on the GPU against cpu_sample on the same values ----
+// The logits are stored as dt on the device and rounded to dt on the host, so both sides see identical values;
+// for many uniforms and the reference's settings (and others) the token must be the same.
+static void test_sample(DType dt, int64_t V, float std, bool plant_ties) {
+    begin_case("sample %s V=%lld std %.1f%s", dtype_name(dt), (long long)V, (double)std,
+               plant_ties ? " ties" : "");
+    float *x = rand_n(V, dt, std);
+    if (plant_ties) {  // several tokens tie for the maximum, as bf16 logits often do
+        float mx = x[0];
+        for (int64_t i = 1; i < V; i++) mx = fmaxf(mx, x[i]);
+        for (int64_t i = V / 3; i < V; i += V / 7 + 1) x[i] = mx;
+    }
+    void *dx = dev_in(x, V, dt, 0);
+    Tensor lt = tensor_1d(dx, dt, DEV_CUDA, V);
+    const struct { float t; int k; float p; bool greedy; } cfgs[] = {
+        {1.0f, 50, 0.01f, false}, {1.0f, 50, 0.1f, false}, {1.0f, 0, 0.9f, false}, {0.7f, 40, 0.95f, false},
+        {1.3f, 5, 1.0f, false},   {1.0f, 0, 1.0f, false},  {1.0f, 1, 0.5f, false}, {1.0f, 0, 1.0f, true}};
+    int diff = 0, total = 0, errors = 0;
+    for (size_t c = 0; c < sizeof cfgs / sizeof cfgs[0]; c++)
+        for (int d = 0; d < (cfgs[c].greedy ? 1 : 40); d++) {
+            double u = (double)(rng_u64(&rng) >> 11) * (1.0 / 9007199254740992.0);
+            int32_t want = -1, got = -2;
+            if (cpu_sample(&want, x, V, cfgs[c].t, cfgs[c].k, cfgs[c].p, u, cfgs[c].greedy) != AGPT_OK) die("cpu_sample");
+            if (cuda_synchronize() != AGPT_OK) die("upload synchronise");
+            Status s = op_sample(&eng, &got, &lt, cfgs[c].t, cfgs[c].k, cfgs[c].p, u, cfgs[c].greedy);
+            if (s != AGPT_OK) {
+                printf("  op_sample: %s\n", agpt_last_error());
+                agpt_clear_error();
+                errors++;
+            }
+            if (got != want && diff < 5)
+                printf("  T %.1f top-k %d top-p %.2f%s u %.17g: GPU %d, CPU %d\n", (double)cfgs[c].t, cfgs[c].k,
+                       (double)cfgs[c].p, cfgs[c].greedy ? " greedy" : "", u, got, want);
+            diff += got != want;
+            total++;
+        }
+    bool ok = diff == 0 && errors == 0;
+    printf("%s %-70s %d of %d tokens differ, %d errors\n", ok ? "PASS" : "FAIL", case_name, diff, total, errors);
+    if (ok) test_passed++;
+    else test_failed++;
+}
+
+static void test_sample_errors(void) {
+    begin_case("sample errors");
+    float h[4] = {1, 3, NAN, 2};
+    void *d = dev_in(h, 4, DT_F32, 0);
+    Tensor lt = tensor_1d(d, DT_F32, DEV_CUDA, 4), host = tensor_1d(h, DT_F32, DEV_CPU, 4);
+    int32_t t = -1;
+    if (cuda_synchronize() != AGPT_OK) die("upload synchronise");
+    CHECK_ERR(op_sample(&eng, &t, &lt, 1.0f, 0, 1.0f, 0.5, false));  // NaN
+    CHECK_ERR(op_sample(&eng, &t, &lt, 1.0f, 0, 1.0f, 0.5, true));
+    CHECK_ERR(op_sample(&eng, &t, &host, 1.0f, 0, 1.0f, 0.5, false));  // logits on the wrong device
+    CHECK_ERR(op_sample(&eng, &t, &lt, 1.0f, 0, 0.0f, 0.5, false));
+    printf("sample errors: %d passed, %d failed so far\n", test_passed, test_failed);
+}
+
+static void run_sample(DType dt) {
+    double t0 = timer_now_s();
+    printf("== sampling %s ==\n", dtype_name(dt));
+    test_sample(dt, 32001, 3.0f, false);  // the LLaMA-7B vocabulary (with the image-patch token)
+    test_sample(dt, 32001, 3.0f, true);
+    test_sample(dt, 32001, 0.3f, false);  // flat: top-p 0.9 keeps thousands of tokens
+    test_sample(dt, 1000, 2.0f, true);
+    test_sample(dt, 7, 1.0f, false);
+    test_sample(dt, 1, 1.0f, false);
+    release_all();
+    printf("== sampling %s done in %.1f s ==\n", dtype_name(dt), timer_now_s() - t0);
+}
+
 int main(void) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (cuda_device_count() == 0) {
@@ -977,6 +1047,9 @@ int main(void) {
     run_embedding(DT_F32);
     run_embedding(DT_BF16);
     run_embedding(DT_F16);
+    run_sample(DT_F32);
+    run_sample(DT_BF16);
+    test_sample_errors();
     engine_destroy(&eng);
     return test_summary();
 }

@@ -4,9 +4,34 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/ops.h"
 #include "model/sampler.h"
 #include "runtime/safetensors.h"
 #include "test.h"
+
+// op_sample on the CPU engine against the sampler: for each row, draws with the sampler's seed, the same
+// 53-bit uniforms handed to op_sample, the same token every time.
+static void check_op_sample(Engine *cpu, const SamplerConfig *cfg, const float *lg, int rows, int V, int draws) {
+    Sampler s;
+    CHECK_OK(sampler_init(&s, cfg, V));
+    Rng ur;
+    rng_seed(&ur, cfg->seed);
+    int diff = 0, errors = 0;
+    for (int r = 0; r < rows; r++) {
+        Tensor row = tensor_1d((void *)(lg + (size_t)r * V), DT_F32, DEV_CPU, V);
+        for (int d = 0; d < draws; d++) {
+            int32_t want = -1, got = -2;
+            errors += sampler_next(&s, lg + (size_t)r * V, &want) != AGPT_OK;
+            double u = cfg->greedy ? 0.5 : (double)(rng_u64(&ur) >> 11) * (1.0 / 9007199254740992.0);
+            errors += op_sample(cpu, &got, &row, cfg->temperature, cfg->top_k, cfg->top_p, u, cfg->greedy) != AGPT_OK;
+            diff += got != want;
+        }
+    }
+    CHECK(errors == 0 && diff == 0, "op_sample (CPU) %s T %.1f top-k %d top-p %.2f: %d of %d tokens differ from "
+          "the sampler's, %d errors", cfg->greedy ? "greedy" : "sampled", (double)cfg->temperature, cfg->top_k,
+          (double)cfg->top_p, diff, rows * draws, errors);
+    sampler_free(&s);
+}
 
 int main(int argc, char **argv) {
     char path[1024];
@@ -22,6 +47,8 @@ int main(int argc, char **argv) {
     float *lg = malloc((size_t)rows * V * sizeof(float)), *probs = malloc((size_t)V * sizeof(float));
     memcpy(lg, logits.data, (size_t)rows * V * sizeof(float));
     const char *cfgs = st_metadata(st, "configs");
+    Engine cpu;
+    CHECK_OK(engine_create(&cpu, DEV_CPU, 0, 1, 1));
     for (int c = 0; cfgs && *cfgs; c++) {
         SamplerConfig cfg = sampler_default_config();
         cfg.temperature = strtof(cfgs, (char **)&cfgs), cfgs++;
@@ -46,6 +73,7 @@ int main(int argc, char **argv) {
             CHECK_CLOSE(probs, w, V, 1e-5, label);
         }
         sampler_free(&s);
+        check_op_sample(&cpu, &cfg, lg, rows, V, 100);
     }
 
     // Draws: reproducible for a seed, only from kept tokens, with about the right frequencies.
@@ -88,6 +116,30 @@ int main(int argc, char **argv) {
     sampler_free(&a);
     cfg.greedy = false, cfg.top_p = 0;
     CHECK_ERR(sampler_init(&a, &cfg, 4));
+
+    // op_sample on the CPU engine: more settings (greedy, top-k only, top-p only, T != 1, nothing filtered),
+    // the same token as the sampler; then ties, NaN and refused arguments.
+    const SamplerConfig more[] = {{.greedy = true},
+                                  {.temperature = 1.0f, .top_k = 50, .top_p = 1.0f, .seed = 7},
+                                  {.temperature = 0.7f, .top_k = 0, .top_p = 0.9f, .seed = 8},
+                                  {.temperature = 1.3f, .top_k = 5, .top_p = 0.5f, .seed = 9},
+                                  {.temperature = 1.0f, .top_k = 0, .top_p = 1.0f, .seed = 10},
+                                  {.temperature = 2.0f, .top_k = 1, .top_p = 0.01f, .seed = 11}};
+    for (size_t i = 0; i < sizeof more / sizeof more[0]; i++) check_op_sample(&cpu, &more[i], lg, rows, V, 100);
+    float tie4[4] = {1, 3, 3, 2};
+    Tensor t4 = tensor_1d(tie4, DT_F32, DEV_CPU, 4);
+    CHECK_OK(op_sample(&cpu, &t, &t4, 1.0f, 0, 1.0f, 0.0, true));
+    CHECK(t == 1, "op_sample greedy picks the first maximum (got %d)", t);
+    CHECK_OK(op_sample(&cpu, &t, &t4, 1.0f, 1, 1.0f, 0.75, false));  // top-k 1 keeps both 3s
+    CHECK(t == 2, "op_sample top-k 1 keeps the tie with the k-th value (got %d, want 2)", t);
+    CHECK_ERR(op_sample(&cpu, &t, &t4, 1.0f, 0, 0.0f, 0.5, false));   // top-p 0
+    CHECK_ERR(op_sample(&cpu, &t, &t4, 0.0f, 0, 1.0f, 0.5, false));   // temperature 0
+    CHECK_ERR(op_sample(&cpu, &t, &t4, 1.0f, 0, 1.0f, 1.0, false));   // uniform outside [0, 1)
+    CHECK_ERR(op_sample(&cpu, NULL, &t4, 1.0f, 0, 1.0f, 0.5, false));
+    tie4[2] = NAN;
+    CHECK_ERR(op_sample(&cpu, &t, &t4, 1.0f, 0, 1.0f, 0.5, false));
+    CHECK_ERR(op_sample(&cpu, &t, &t4, 1.0f, 0, 1.0f, 0.5, true));
+    engine_destroy(&cpu);
     free(lg), free(probs), free(counts);
     st_close(st);
     return test_summary();

@@ -75,3 +75,19 @@ void cpu_maxpool2x2(float *out, const float *x, int64_t BC, int64_t H, int64_t W
 // ---- embedding lookup (kernels/cpu/embedding.c) -------------------------------------------------------------
 // out[i] = table[ids[i]] for i < N: table [V,C], out [N,C]; ids already checked to be in [0,V).
 void cpu_embedding(float *out, const float *table, const int32_t *ids, int64_t N, int64_t C);
+
+// ---- sampling (kernels/cpu/sample.c): the one host implementation, model/sampler.c calls it too ------------
+// HF's warpers over logits [V] (f32, V >= 1): scores = logits / temperature (skipped at exactly 1.0); top-k
+// (<= 0 or >= V disables) removes every score below the k-th largest; top-p (< 1) removes the ascending order's
+// tokens while their cumulative probability is <= 1 - top_p, never the largest. probs [V] gets the renormalised
+// distribution (0 for removed tokens); order [V] (ids sorted ascending) and scratch [V] are work space.
+// A NaN logit is AGPT_ERR_ARG.
+Status cpu_sample_distribution(float *probs, int32_t *order, float *scratch, const float *logits, int64_t V,
+                               float temperature, int top_k, float top_p);
+// Inverse CDF over probs [V] in id order with uniform in [0,1); the last token with mass takes any remainder.
+int32_t cpu_sample_draw(const float *probs, int64_t V, double uniform);
+// The first maximum (torch.argmax); a NaN logit is AGPT_ERR_ARG.
+Status cpu_sample_greedy(int32_t *token, const float *logits, int64_t V);
+// greedy ? cpu_sample_greedy : cpu_sample_distribution then cpu_sample_draw, with malloc'd scratch (OOM fails).
+Status cpu_sample(int32_t *token, const float *logits, int64_t V, float temperature, int top_k, float top_p,
+                  double uniform, bool greedy);

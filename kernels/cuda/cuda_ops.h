@@ -85,6 +85,14 @@ Status cuda_maxpool2x2(Engine *e, DType dt, void *out, const void *x, int64_t BC
 Status cuda_embedding(Engine *e, DType dt, void *out, const void *table, const int32_t *ids_host, int64_t N,
                       int64_t C);
 
+// ---- sampling (kernels/cuda/sample.cu) ----
+// One token from logits [V] on the device with the semantics of cpu_sample (kernels/cpu/cpu_ops.h): one block,
+// a bitonic sort of (score, id) pairs and double prefix sums in e->workspace (about 24 bytes per token; a
+// vocabulary that does not fit is AGPT_ERR_UNSUPPORTED). Writes *token on the host, so it synchronises the
+// engine's stream. A NaN logit is AGPT_ERR_ARG.
+Status cuda_sample(Engine *e, DType dt, int32_t *token, const void *logits, int64_t V, float temperature,
+                   int top_k, float top_p, double uniform, bool greedy);
+
 #ifdef __cplusplus
 }
 #endif
