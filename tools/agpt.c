@@ -1,5 +1,6 @@
 // agpt: AnomalyGPT inference, training and tools in one binary.
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "runtime/log.h"
@@ -16,6 +17,44 @@ const char *cli_value(int argc, char **argv, int *i, const char *cmd) {
         return NULL;
     }
     return argv[++*i];
+}
+
+int cli_engine_option(int argc, char **argv, int *i, const char *cmd, Device *device, DType *dtype, int *threads) {
+    const char *a = argv[*i], *v;
+    if (strcmp(a, "--device") && strcmp(a, "--dtype") && strcmp(a, "--threads")) return 0;
+    if (!(v = cli_value(argc, argv, i, cmd))) return -1;
+    if (!strcmp(a, "--device")) {
+        if (strcmp(v, "cpu") && strcmp(v, "cuda")) {
+            fprintf(stderr, "agpt %s: --device cpu|cuda\n", cmd);
+            return -1;
+        }
+        *device = strcmp(v, "cuda") ? DEV_CPU : DEV_CUDA;
+    } else if (!strcmp(a, "--dtype")) {
+        int d = dtype_from_name(v);
+        if (d < 0 || !dtype_is_float((DType)d)) {
+            fprintf(stderr, "agpt %s: --dtype f32|f16|bf16\n", cmd);
+            return -1;
+        }
+        *dtype = (DType)d;
+    } else {
+        *threads = atoi(v);
+    }
+    return 1;
+}
+
+int cli_sampling_option(int argc, char **argv, int *i, const char *cmd, SamplerConfig *cfg) {
+    const char *a = argv[*i], *v;
+    if (!strcmp(a, "--greedy")) {
+        cfg->greedy = true;
+        return 1;
+    }
+    if (strcmp(a, "--temperature") && strcmp(a, "--top-p") && strcmp(a, "--top-k") && strcmp(a, "--seed")) return 0;
+    if (!(v = cli_value(argc, argv, i, cmd))) return -1;
+    if (!strcmp(a, "--temperature")) cfg->temperature = strtof(v, NULL);
+    else if (!strcmp(a, "--top-p")) cfg->top_p = strtof(v, NULL);
+    else if (!strcmp(a, "--top-k")) cfg->top_k = atoi(v);
+    else cfg->seed = strtoull(v, NULL, 10);
+    return 1;
 }
 
 static void usage(FILE *f) {

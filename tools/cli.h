@@ -1,6 +1,8 @@
 // The agpt command: one binary, one function per subcommand. Only this layer prints errors and exits.
 #pragma once
+#include "model/sampler.h"
 #include "runtime/status.h"
+#include "runtime/tensor.h"
 
 int cmd_info(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
@@ -11,3 +13,10 @@ int cmd_chat(int argc, char **argv);
 int cli_report(const char *cmd, Status s);
 // Value of "--name VALUE" style options; advances *i. Returns NULL (and reports) when the value is missing.
 const char *cli_value(int argc, char **argv, int *i, const char *cmd);
+
+// Options that every model command shares. Each returns 1 when argv[*i] was one of its options (consumed, with
+// its value), 0 when it was not, and -1 for a missing or bad value (already reported).
+//   engine:   --device cpu|cuda, --dtype f32|f16|bf16, --threads N
+//   sampling: --greedy, --temperature T, --top-p P, --top-k K, --seed S
+int cli_engine_option(int argc, char **argv, int *i, const char *cmd, Device *device, DType *dtype, int *threads);
+int cli_sampling_option(int argc, char **argv, int *i, const char *cmd, SamplerConfig *cfg);

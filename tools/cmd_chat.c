@@ -180,6 +180,10 @@ int cmd_chat(int argc, char **argv) {
     Device dev = cuda_device_count() > 0 ? DEV_CUDA : DEV_CPU;
     DType dt = DT_F16;  // the reference runs the whole model in fp16 (model.half())
     for (int i = 1; i < argc; i++) {
+        int shared = cli_engine_option(argc, argv, &i, "chat", &dev, &dt, &threads);
+        if (!shared) shared = cli_sampling_option(argc, argv, &i, "chat", &scfg);
+        if (shared < 0) return 2;
+        if (shared) continue;
         const char *a = argv[i], *v;
 #define VALUE() do { if (!(v = cli_value(argc, argv, &i, "chat"))) return 2; } while (0)
 #define PUSH(list, n) do { if ((n) == MAX_LIST) { fprintf(stderr, "agpt chat: at most %d of %s\n", MAX_LIST, a); return 2; } (list)[(n)++] = v; } while (0)
@@ -187,25 +191,10 @@ int cmd_chat(int argc, char **argv) {
         else if (!strcmp(a, "--weights")) { VALUE(); PUSH(overlays, n_overlays); }
         else if (!strcmp(a, "--tokenizer")) { VALUE(); tokenizer = v; }
         else if (!strcmp(a, "--reference")) { VALUE(); PUSH(refs, n_refs); }
-        else if (!strcmp(a, "--greedy")) scfg.greedy = true;
-        else if (!strcmp(a, "--temperature")) { VALUE(); scfg.temperature = strtof(v, NULL); }
-        else if (!strcmp(a, "--top-p")) { VALUE(); scfg.top_p = strtof(v, NULL); }
-        else if (!strcmp(a, "--top-k")) { VALUE(); scfg.top_k = atoi(v); }
-        else if (!strcmp(a, "--seed")) { VALUE(); scfg.seed = strtoull(v, NULL, 10); }
         else if (!strcmp(a, "--max-new")) { VALUE(); max_new = atoi(v); }
         else if (!strcmp(a, "--context")) { VALUE(); context = atoi(v); }
         else if (!strcmp(a, "--squash")) squash = 1;
-        else if (!strcmp(a, "--threads")) { VALUE(); threads = atoi(v); }
-        else if (!strcmp(a, "--device")) {
-            VALUE();
-            if (strcmp(v, "cpu") && strcmp(v, "cuda")) { fprintf(stderr, "agpt chat: --device cpu|cuda\n"); return 2; }
-            dev = strcmp(v, "cuda") ? DEV_CPU : DEV_CUDA;
-        } else if (!strcmp(a, "--dtype")) {
-            VALUE();
-            int d = dtype_from_name(v);
-            if (d < 0 || !dtype_is_float((DType)d)) { fprintf(stderr, "agpt chat: --dtype f32|f16|bf16\n"); return 2; }
-            dt = (DType)d;
-        } else if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); return 0; }
+        else if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); return 0; }
         else if (a[0] == '-') { fprintf(stderr, "agpt chat: unknown option '%s'\n", a); usage(stderr); return 2; }
         else if (image) { fprintf(stderr, "agpt chat: one image (got '%s' and '%s')\n", image, a); return 2; }
         else image = a;

@@ -104,6 +104,10 @@ int cmd_map(int argc, char **argv) {
     Device dev = cuda_device_count() > 0 ? DEV_CUDA : DEV_CPU;
     DType dt = DT_F16;  // the reference runs the whole model in fp16 (model.half()); bf16 keeps 3 fewer mantissa bits
     for (int i = 1; i < argc; i++) {
+        int shared = cli_engine_option(argc, argv, &i, "map", &dev, &dt, &threads);
+        if (!shared) shared = cli_sampling_option(argc, argv, &i, "map", &scfg);
+        if (shared < 0) return 2;
+        if (shared) continue;
         const char *a = argv[i], *v;
 #define VALUE() do { if (!(v = cli_value(argc, argv, &i, "map"))) return 2; } while (0)
 #define PUSH(list, n) do { if ((n) == MAX_LIST) { fprintf(stderr, "agpt map: at most %d of %s\n", MAX_LIST, a); return 2; } (list)[(n)++] = v; } while (0)
@@ -115,27 +119,12 @@ int cmd_map(int argc, char **argv) {
         else if (!strcmp(a, "-o") || !strcmp(a, "--out")) { VALUE(); out_dir = v; }
         else if (!strcmp(a, "--ask")) { VALUE(); ask = v; }
         else if (!strcmp(a, "--tokenizer")) { VALUE(); sp_model = v; }
-        else if (!strcmp(a, "--greedy")) scfg.greedy = true;
-        else if (!strcmp(a, "--temperature")) { VALUE(); scfg.temperature = strtof(v, NULL); }
-        else if (!strcmp(a, "--top-p")) { VALUE(); scfg.top_p = strtof(v, NULL); }
-        else if (!strcmp(a, "--top-k")) { VALUE(); scfg.top_k = atoi(v); }
-        else if (!strcmp(a, "--seed")) { VALUE(); scfg.seed = strtoull(v, NULL, 10); }
         else if (!strcmp(a, "--max-new")) { VALUE(); max_new = atoi(v); }
         else if (!strcmp(a, "--context")) { VALUE(); context = atoi(v); }
         else if (!strcmp(a, "--squash")) squash = 1;
         else if (!strcmp(a, "--fuse-text-map")) fuse = 1;
         else if (!strcmp(a, "--rotate-references")) rotate = 1;
-        else if (!strcmp(a, "--threads")) { VALUE(); threads = atoi(v); }
-        else if (!strcmp(a, "--device")) {
-            VALUE();
-            if (strcmp(v, "cpu") && strcmp(v, "cuda")) { fprintf(stderr, "agpt map: --device cpu|cuda\n"); return 2; }
-            dev = strcmp(v, "cuda") ? DEV_CPU : DEV_CUDA;
-        } else if (!strcmp(a, "--dtype")) {
-            VALUE();
-            int d = dtype_from_name(v);
-            if (d < 0 || !dtype_is_float((DType)d)) { fprintf(stderr, "agpt map: --dtype f32|f16|bf16\n"); return 2; }
-            dt = (DType)d;
-        } else if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); return 0; }
+        else if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); return 0; }
         else if (a[0] == '-') { fprintf(stderr, "agpt map: unknown option '%s'\n", a); usage(stderr); return 2; }
         else { v = a; PUSH(inputs, n_inputs); }
 #undef VALUE

@@ -132,6 +132,20 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// This thread's share of the sum of squares of a row of C elements, read V at a time with a block-strided loop
+// (the row-norm kernels' first pass; block_sum finishes it).
+template <typename T, int V>
+__device__ __forceinline__ float thread_sum_squares(const T *row, int64_t C) {
+    float ss = 0.0f;
+    for (int64_t i = (int64_t)threadIdx.x * V; i < C; i += (int64_t)blockDim.x * V) {
+        float v[V];
+        load_vec<T, V>(row + i, v);
+#pragma unroll
+        for (int j = 0; j < V; j++) ss += v[j] * v[j];
+    }
+    return ss;
+}
+
 // Sum over the whole block, returned to every thread. blockDim.x must be a multiple of 32 (at most 1024).
 // `scratch` is 32 floats of shared memory; the leading __syncthreads makes back-to-back calls with the
 // same scratch safe.

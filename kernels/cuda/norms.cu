@@ -217,13 +217,7 @@ __global__ void rmsnorm_kernel(T *out, float *rstd, const T *x, const T *w, int6
     T *outr = out + row * C;
     const int64_t step = (int64_t)blockDim.x * V;
 
-    float ss = 0.0f;
-    for (int64_t i = (int64_t)threadIdx.x * V; i < C; i += step) {
-        float v[V];
-        load_vec<T, V>(xr + i, v);
-#pragma unroll
-        for (int j = 0; j < V; j++) ss += v[j] * v[j];
-    }
+    const float ss = thread_sum_squares<T, V>(xr, C);
     const float rs = 1.0f / sqrtf(block_sum(ss, scratch) / (float)C + eps);
 
     for (int64_t i = (int64_t)threadIdx.x * V; i < C; i += step) {

@@ -27,13 +27,7 @@ __global__ void l2_normalize_kernel(T *out, const T *x, int64_t C, float eps) {
     const T *xr = x + row * C;
     T *outr = out + row * C;
     const int64_t step = (int64_t)blockDim.x * V;
-    float ss = 0.0f;
-    for (int64_t i = (int64_t)threadIdx.x * V; i < C; i += step) {
-        float v[V];
-        load_vec<T, V>(xr + i, v);
-#pragma unroll
-        for (int j = 0; j < V; j++) ss += v[j] * v[j];
-    }
+    const float ss = thread_sum_squares<T, V>(xr, C);
     // block_sum synchronises after every thread's reads: the writes below may overwrite x (out aliasing x).
     const float norm = sqrtf(block_sum(ss, scratch));
     const float d = norm < eps ? eps : norm;  // clamp_min: a NaN norm stays NaN
