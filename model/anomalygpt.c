@@ -4,7 +4,22 @@
 #include <string.h>
 
 #include "kernels/ops.h"
+#include "model/model_file.h"
 #include "runtime/log.h"
+#include "runtime/timer.h"
+
+// The SentencePiece model: the file given, else the one embedded in the model file.
+static Status load_tokenizer(AnomalyGPT *a, const char *model, const char *tokenizer_path) {
+    if (tokenizer_path) return sp_load_file(tokenizer_path, &a->tokenizer);
+    const void *bytes;
+    size_t n;
+    AGPT_TRY(model_file_blob(&a->vision.weights, MODEL_TENSOR_SP_TOKENIZER, &bytes, &n));
+    if (!bytes)
+        return AGPT_FAIL(AGPT_ERR_ARG, "%s embeds no LLaMA tokenizer: pass --tokenizer tokenizer.model (from the "
+                         "Vicuna directory), or convert the model again with it", model);
+    Status s = sp_load_memory(bytes, n, &a->tokenizer);
+    return s == AGPT_OK ? s : agpt_add_context(s, "%s: the embedded tokenizer (%s)", model, MODEL_TENSOR_SP_TOKENIZER);
+}
 
 Status anomalygpt_open(AnomalyGPT *a, Engine *e, const char *model, const char *const *overlays, int n_overlays,
                        const char *tokenizer_path, DType dtype, int max_seq) {
@@ -21,7 +36,7 @@ Status anomalygpt_open(AnomalyGPT *a, Engine *e, const char *model, const char *
         s = AGPT_FAIL(AGPT_ERR_FORMAT, "%s: the parts do not fit: LLM width %d, prompt learner %d, llama_proj "
                       "%d->%d, vision embedding %d", model, a->llm.block.dim, a->prompts.dim, a->proj.in_dim,
                       a->proj.out_dim, a->vision.vision.embed);
-    if (s == AGPT_OK) s = sp_load_file(tokenizer_path, &a->tokenizer);
+    if (s == AGPT_OK) s = load_tokenizer(a, model, tokenizer_path);
     if (s == AGPT_OK) s = kv_cache_create(&a->cache, e, &a->llm, 1, max_seq);
     if (s == AGPT_OK) {
         a->cached_rows = malloc((size_t)max_seq * a->llm.block.dim * dtype_size(a->vision.weights.dtype));
@@ -85,7 +100,7 @@ Status anomalygpt_input(AnomalyGPT *a, const Image *image, const char *prompt_te
     VisionModel *v = &a->vision;
     int S = v->vision.image, C = a->llm.block.dim;
     DType dt = v->weights.dtype;
-    *class_name = v->refs.k > 0 ? "" : conversation_class_name(prompt_text);
+    *class_name = v->refs.k > 0 ? "" : a->map_class ? a->map_class : conversation_class_name(prompt_text);
     float *host_map = map ? map : malloc((size_t)S * S * sizeof(float));
     if (!host_map) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the map");
     Status s = vision_model_map(v, image, 1, *class_name, host_map, score);
@@ -167,9 +182,13 @@ Status anomalygpt_ask(AnomalyGPT *a, const Image *image, const ConversationTurn 
     char *prompt_text = conversation_prompt_text(history, n_history, input);
     if (!prompt_text) return AGPT_ERR_OOM;
     Tensor embeds;
+    double t0 = timer_now_s();
     Status s = anomalygpt_input(a, image, prompt_text, &embeds, out->map, &out->score, &out->class_name);
     free(prompt_text);
     AGPT_TRY(s);
+    if ((s = engine_synchronize(e))) return s;
+    double t1 = timer_now_s();
+    out->vision_ms = 1e3 * (t1 - t0);
     int T = (int)embeds.shape[1], V = a->llm.vocab;
     out->prefix_tokens = T;
     AGPT_CHECK_ARG(T + max_new - 1 <= a->max_seq, "the prompt (%d tokens) and %d new tokens do not fit the "
@@ -213,7 +232,8 @@ Status anomalygpt_ask(AnomalyGPT *a, const Image *image, const ConversationTurn 
     int eos = sp_eos_id(a->tokenizer);
     bool hashes = false;
     for (int i = 0; s == AGPT_OK && i < max_new; i++) {
-        s = read_logits(a, &dev_logits, logits);
+        s = read_logits(a, &dev_logits, logits);  // waits for the device: the times below are real
+        if (i == 0) out->prefill_ms = 1e3 * (timer_now_s() - t1);
         int32_t tok = 0;
         if (s == AGPT_OK) {
             if (sampler) {
@@ -238,6 +258,7 @@ Status anomalygpt_ask(AnomalyGPT *a, const Image *image, const ConversationTurn 
     }
     free(logits);
     AGPT_TRY(s);
+    out->decode_ms = 1e3 * (timer_now_s() - t1) - out->prefill_ms;
     // decode(outputs[:-2], skip_special_tokens=True): drop the last two tokens, skip control ids and rows the
     // tokenizer does not have (Vicuna v0's 32001st row).
     int answer_len = out->n_tokens >= 2 ? out->n_tokens - 2 : 0, n = 0;

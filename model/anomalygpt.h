@@ -29,11 +29,15 @@ typedef struct AnomalyGPT {
     // keep the KV cache of the rows a new turn shares with what the cache already holds. The rows compared are
     // the LLM input embeddings themselves, so a new image, map or history simply shares fewer of them.
     bool reuse_cache;
+    // Option beyond the reference: the class whose text features make the zero-shot map (NULL: the reference's
+    // rule, the first of its class names the prompt text contains, else 'object'). Not owned.
+    const char *map_class;
     void *cached_rows;      // host [max_seq, C] in the compute dtype: the rows fed to the cache, in order
     int cached_len;         // how many of them the cache holds
 } AnomalyGPT;
 
-// Opens the model (and layered files), loads every part; the SentencePiece model comes from tokenizer_path.
+// Opens the model (and layered files), loads every part; the SentencePiece model comes from tokenizer_path,
+// or, when it is NULL, from the model file (model_file.h).
 Status anomalygpt_open(AnomalyGPT *a, Engine *e, const char *model, const char *const *overlays, int n_overlays,
                        const char *tokenizer_path, DType dtype, int max_seq);
 void anomalygpt_close(AnomalyGPT *a);
@@ -47,6 +51,9 @@ typedef struct AnomalyAnswer {
     int n_tokens;
     int prefix_tokens;         // length of the LLM input
     int reused_tokens;         // of those, how many came from the cache (reuse_cache)
+    double vision_ms;          // preprocessing, encoder, map, prompt learner, input assembly
+    double prefill_ms;         // the LLM over the input, to the first logits
+    double decode_ms;          // the remaining tokens
 } AnomalyAnswer;
 
 // The LLM input for an image and a prompt text: embeds [1,T,C] in the model's arena (valid until the next

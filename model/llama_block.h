@@ -86,3 +86,51 @@ Status llama_block_forward(Engine *e, const LlamaBlockConfig *c, const LlamaBloc
 Status llama_block_backward(Engine *e, const LlamaBlockConfig *c, const LlamaBlockWeights *w, LlamaBlockWeights *g,
                             const LlamaBlockActs *a, LlamaBlockScratch *s, const Tensor *x,
                             const Tensor *positions, const Tensor *dout, Tensor *dx);
+
+// ---- LoRA kept apart (training) ----------------------------------------------------------------------------
+// The same layer with LoRA on q, k, v and o as PEFT computes it in training (anomalygpt-reference.md 5.2):
+//   proj(x) = W x + scaling * B (A x),   A [r,C] (lora_A), B [C,r] (lora_B), scaling = lora_alpha / r
+// (dropout 0). The base weights are frozen: the backward gives no gradient for them or the norm weights, only
+// dA, dB (when asked) and dx.
+
+enum { LLAMA_LORA_Q, LLAMA_LORA_K, LLAMA_LORA_V, LLAMA_LORA_O, LLAMA_LORA_PROJ };
+
+// One layer's factors; the same struct holds their gradients.
+typedef struct LlamaLoraWeights {
+    Tensor a[LLAMA_LORA_PROJ];  // [r,C]  self_attn.{q,k,v,o}_proj.lora_A.weight
+    Tensor b[LLAMA_LORA_PROJ];  // [C,r]  self_attn.{q,k,v,o}_proj.lora_B.weight
+} LlamaLoraWeights;
+
+// What the LoRA branch saves for the backward, besides LlamaBlockActs.
+typedef struct LlamaLoraActs {
+    Tensor u[LLAMA_LORA_PROJ];  // [B,T,r]  A x of each projection (x = n1 for q, k, v; att for o)
+} LlamaLoraActs;
+
+// Scratch for the LoRA branch's backward; one can serve every layer.
+typedef struct LlamaLoraScratch {
+    Tensor d_u;        // [B,T,r]  gradient at A x
+    Tensor d_norm;     // [C]      where the frozen norm weights' gradients go (op_rmsnorm_backward always
+                       //          writes one); never read
+} LlamaLoraScratch;
+
+// Bytes an Arena needs for llama_block_lora_acts_carve plus llama_block_lora_scratch_carve (f32-sized).
+size_t llama_block_lora_bytes(const LlamaBlockConfig *c, int rank, int B, int T);
+Status llama_block_lora_acts_carve(const LlamaBlockConfig *c, int rank, int B, int T, DType dt, Arena *arena,
+                                   LlamaLoraActs *la);
+Status llama_block_lora_scratch_carve(const LlamaBlockConfig *c, int rank, int B, int T, DType dt, Arena *arena,
+                                      LlamaLoraScratch *ls);
+
+// Forward with LoRA: as llama_block_forward, with q, k, v, o = W x + scaling * B (A x). lora's factors must be
+// [r,C] and [C,r] with r the rank la was carved for.
+Status llama_block_lora_forward(Engine *e, const LlamaBlockConfig *c, const LlamaBlockWeights *w,
+                                const LlamaLoraWeights *lora, float scaling, LlamaBlockActs *a, LlamaLoraActs *la,
+                                const Tensor *x, const Tensor *positions);
+
+// Backward of the forward just run on x. dout [B,T,C] is the gradient at a->out; dx [B,T,C] is overwritten
+// and may alias dout. dA and dB are accumulated (+=) into glora, or skipped when glora is NULL (frozen LoRA,
+// as in AnomalyGPT, where only dx is wanted). The base and norm weights get no gradient.
+Status llama_block_lora_backward(Engine *e, const LlamaBlockConfig *c, const LlamaBlockWeights *w,
+                                 const LlamaLoraWeights *lora, float scaling, LlamaLoraWeights *glora,
+                                 const LlamaBlockActs *a, const LlamaLoraActs *la, LlamaBlockScratch *s,
+                                 LlamaLoraScratch *ls, const Tensor *x, const Tensor *positions, const Tensor *dout,
+                                 Tensor *dx);

@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "kernels/ops.h"
+#include "model/model_file.h"
 #include "runtime/log.h"
 #include "runtime/memory.h"
 
@@ -21,6 +22,12 @@ Status vision_model_open(VisionModel *m, Engine *e, const char *path, const char
     if (s == AGPT_OK) s = st_open(path, &m->files[m->n_files++]);
     if (s != AGPT_OK) {
         m->n_files--;  // the failed slot holds NULL
+        vision_model_close(m);
+        return s;
+    }
+    for (int i = 0; i < m->n_files && s == AGPT_OK; i++)
+        s = model_file_check_version(m->files[i], i < n_overlays ? overlays[i] : path);
+    if (s != AGPT_OK) {
         vision_model_close(m);
         return s;
     }
@@ -82,6 +89,7 @@ static void free_device(Engine *e, void *p) {
 void vision_model_close(VisionModel *m) {
     for (int i = 0; i < m->n_classes; i++) free_device(m->engine, m->classes[i].features.data);
     fewshot_refs_free(&m->refs);
+    clip_tokenizer_free(m->own_tokenizer);
     if (m->arena.base) arena_free(&m->arena);
     vision_free(&m->vision);
     text_free(&m->text);
@@ -117,30 +125,60 @@ static Status clone_to_device(Engine *e, const Tensor *src, DType dt, Tensor *ou
 
 void vision_model_set_tokenizer(VisionModel *m, const ClipTokenizer *tokenizer) { m->tokenizer = tokenizer; }
 
-// The prompt ensemble of a class name through the text encoder: 24 sentences -> [2,E] owned features.
-static Status compute_class_features(VisionModel *m, const char *name, Tensor *out) {
-    AGPT_CHECK_ARG(m->text.context == CLIP_CONTEXT_LENGTH, "the text encoder's context is %d tokens, the CLIP "
-                   "tokenizer writes %d", m->text.context, CLIP_CONTEXT_LENGTH);
+size_t class_features_arena_bytes(const TextEncoder *t) {
+    return text_arena_bytes(t, PROMPT_SENTENCES) + (size_t)PROMPT_SENTENCES * t->embed * sizeof(float) +
+           2 * AGPT_ALIGN;
+}
+
+Status class_features_compute(Engine *e, const TextEncoder *t, const ClipTokenizer *tokenizer, Arena *arena,
+                              const char *name, Tensor *features) {
+    AGPT_CHECK_ARG(t->context == CLIP_CONTEXT_LENGTH, "the text encoder's context is %d tokens, the CLIP "
+                   "tokenizer writes %d", t->context, CLIP_CONTEXT_LENGTH);
+    AGPT_CHECK_ARG(features->ndim == 2 && features->shape[0] == 2 && features->shape[1] == t->embed,
+                   "class features: want [2,%d]", t->embed);
     char sentences[PROMPT_SENTENCES][256];
     int n = prompt_sentences(name, sentences, PROMPT_SENTENCES);
     int32_t ids[PROMPT_SENTENCES][CLIP_CONTEXT_LENGTH];
     for (int i = 0; i < n; i++) {
         ClipTokens tok;
-        AGPT_TRY(clip_tokenize_ex(m->tokenizer, sentences[i], &tok));
+        AGPT_TRY(clip_tokenize_ex(tokenizer, sentences[i], &tok));
         if (tok.truncated) LOG_W("class '%s': prompt '%s' is longer than %d tokens and was cut", name, sentences[i],
                                  CLIP_CONTEXT_LENGTH);
         memcpy(ids[i], tok.ids, sizeof ids[i]);
     }
+    size_t mark = arena_mark(arena);
+    Tensor emb;
+    Status s = arena_tensor(arena, features->dtype, 2, (int64_t[]){PROMPT_SENTENCES, t->embed}, &emb);
+    if (s == AGPT_OK) s = text_forward(e, t, arena, &ids[0][0], n, &emb);
+    if (s == AGPT_OK) s = prompt_ensemble(e, &emb, features);
+    arena_reset_to(arena, mark);
+    return s;
+}
+
+// The prompt ensemble of a class name through the text encoder: 24 sentences -> [2,E] owned features.
+static Status compute_class_features(VisionModel *m, const char *name, Tensor *out) {
     DType dt = m->weights.dtype;
     size_t mark = arena_mark(&m->arena);
-    Tensor emb, features;
-    Status s = arena_tensor(&m->arena, dt, 2, (int64_t[]){PROMPT_SENTENCES, m->text.embed}, &emb);
-    if (s == AGPT_OK) s = arena_tensor(&m->arena, dt, 2, (int64_t[]){2, m->text.embed}, &features);
-    if (s == AGPT_OK) s = text_forward(m->engine, &m->text, &m->arena, &ids[0][0], n, &emb);
-    if (s == AGPT_OK) s = prompt_ensemble(m->engine, &emb, &features);
+    Tensor features;
+    Status s = arena_tensor(&m->arena, dt, 2, (int64_t[]){2, m->text.embed}, &features);
+    if (s == AGPT_OK) s = class_features_compute(m->engine, &m->text, m->tokenizer, &m->arena, name, &features);
     if (s == AGPT_OK) s = clone_to_device(m->engine, &features, dt, out);
     arena_reset_to(&m->arena, mark);
     return s;
+}
+
+// The CLIP vocabulary embedded in the model file, loaded the first time a class name needs it.
+static Status embedded_tokenizer(VisionModel *m) {
+    if (m->tokenizer) return AGPT_OK;
+    const void *bytes;
+    size_t n;
+    AGPT_TRY(model_file_blob(&m->weights, MODEL_TENSOR_CLIP_BPE, &bytes, &n));
+    if (!bytes) return AGPT_OK;
+    Status s = clip_tokenizer_load_memory(bytes, n, &m->own_tokenizer);
+    if (s != AGPT_OK) return agpt_add_context(s, "%s: the embedded CLIP vocabulary (%s)", m->weights.file_name,
+                                              MODEL_TENSOR_CLIP_BPE);
+    m->tokenizer = m->own_tokenizer;
+    return AGPT_OK;
 }
 
 Status vision_model_class_features(VisionModel *m, const char *name, const Tensor **features,
@@ -159,18 +197,20 @@ Status vision_model_class_features(VisionModel *m, const char *name, const Tenso
                    VISION_MODEL_MAX_CLASSES);
     ClassFeatures *cf = &m->classes[m->n_classes];
     snprintf(cf->name, sizeof cf->name, "%s", clean);
-    snprintf(key, sizeof key, "text_features.%s", clean);
+    snprintf(key, sizeof key, MODEL_TEXT_FEATURES_PREFIX "%s", clean);
     int E = m->decoder.out_dim;
     if (weights_has(&m->weights, key)) {
         AGPT_TRY(weights_load(&m->weights, key, 2, (int64_t[]){2, E}, &cf->features));
         // weights_load keeps it in the store; copy so that every class entry owns its tensor alike
         Tensor loaded = cf->features;
         AGPT_TRY(clone_to_device(m->engine, &loaded, loaded.dtype, &cf->features));
-    } else if (m->has_text && m->tokenizer) {
-        AGPT_TRY(compute_class_features(m, clean, &cf->features));
     } else if (m->has_text) {
-        return AGPT_FAIL(AGPT_ERR_ARG, "class '%s' is not cached in the model file; computing its text features "
-                         "needs the CLIP vocabulary (bpe_simple_vocab_16e6.txt.gz): pass --clip-vocab FILE", clean);
+        AGPT_TRY(embedded_tokenizer(m));
+        if (!m->tokenizer)
+            return AGPT_FAIL(AGPT_ERR_ARG, "class '%s' is not cached in the model file; computing its text features "
+                             "needs the CLIP vocabulary (bpe_simple_vocab_16e6.txt.gz): pass --clip-vocab FILE, or "
+                             "convert the model with --clip-vocab so that it is embedded", clean);
+        AGPT_TRY(compute_class_features(m, clean, &cf->features));
     } else {
         if (strcmp(clean, "object") == 0)
             return AGPT_FAIL(AGPT_ERR_FORMAT, "the model file has neither a text encoder nor cached features for "
@@ -241,6 +281,7 @@ static Status encode(VisionModel *m, int n, Tensor taps[VISION_TAPS], Tensor *em
 
 Status vision_model_set_references(VisionModel *m, const Image *refs, int k) {
     fewshot_refs_free(&m->refs);
+    clip_tokenizer_free(m->own_tokenizer);
     if (k == 0) return AGPT_OK;
     int turns = m->augment_rotations ? 4 : 1;
     AGPT_CHECK_ARG(k * turns <= m->max_batch, "%d reference images%s but the model was opened for batches of %d; "

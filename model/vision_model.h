@@ -23,7 +23,8 @@ typedef struct VisionModel {
     VisionEncoder vision;
     TextEncoder text;
     bool has_text;              // the file holds the text encoder (else only cached class features are usable)
-    const ClipTokenizer *tokenizer;  // for class names not cached in the file; not owned (vision_model_set_tokenizer)
+    const ClipTokenizer *tokenizer;  // for class names not cached in the file: set, or own_tokenizer
+    ClipTokenizer *own_tokenizer;    // the vocabulary embedded in the model file, loaded on first need
     PatchDecoder decoder;
     int max_batch;              // images per vision_forward call
     Arena arena;
@@ -45,7 +46,8 @@ Status vision_model_open(VisionModel *m, Engine *e, const char *path, const char
                          DType dtype, int max_batch);
 void vision_model_close(VisionModel *m);
 
-// The CLIP tokenizer used to compute features of class names the file does not cache. Not owned.
+// The CLIP tokenizer used to compute features of class names the file does not cache. Not owned. Without
+// one, the vocabulary embedded in the model file (model_file.h) is used when there is one.
 void vision_model_set_tokenizer(VisionModel *m, const ClipTokenizer *tokenizer);
 
 // The [2,E] text features of a class name: cached in the model file ("text_features.<name>"), computed
@@ -53,6 +55,13 @@ void vision_model_set_tokenizer(VisionModel *m, const ClipTokenizer *tokenizer);
 // falls back to "object", as the reference does for names it does not know; *used_name says which was used.
 Status vision_model_class_features(VisionModel *m, const char *name, const Tensor **features,
                                    const char **used_name);
+
+// The prompt ensemble of a class name through a text encoder (2.3): its 24 sentences -> features [2,E] (any
+// tensor of the engine's device and the encoder's dtype), temporaries from `arena` (class_features_arena_bytes).
+// What vision_model_class_features computes for names the file does not cache, and what agpt convert caches.
+Status class_features_compute(Engine *e, const TextEncoder *t, const ClipTokenizer *tokenizer, Arena *arena,
+                              const char *name, Tensor *features);
+size_t class_features_arena_bytes(const TextEncoder *t);
 
 // Sets the few-shot references (k images, any sizes: each is preprocessed like a query). k = 0 clears them,
 // returning to the zero-shot text map. With augment_rotations, k*4 images go through the encoder, so the model

@@ -57,8 +57,8 @@ if [ -f "$ib/model.safetensors" ]; then
     check "map zero-shot" "$agpt" map --device cpu --model "$ib/model.safetensors" --class bottle -o "$tmp/maps" "$ib/query.png"
     close_to "$(score_of "$tmp/out")" 0.979187 && [ -s "$tmp/maps/query.heatmap.png" ] && [ -s "$tmp/maps/query.map.safetensors" ] ||
         { failed=$((failed + 1)); echo "FAIL map zero-shot output (want score 0.979187 and two files)"; cat "$tmp/out"; ls "$tmp/maps"; }
-    "$agpt" info "$tmp/maps/query.map.safetensors" >"$tmp/info" 2>&1 && grep -q "anomaly_map .*f32\[224,224\]" "$tmp/info" ||
-        { failed=$((failed + 1)); echo "FAIL raw map is f32[224,224]"; cat "$tmp/info"; }
+    "$agpt" info "$tmp/maps/query.map.safetensors" >"$tmp/info" 2>&1 && grep -q "anomaly_map .*F32\[224,224\]" "$tmp/info" ||
+        { failed=$((failed + 1)); echo "FAIL raw map is F32[224,224]"; cat "$tmp/info"; }
     check "map few-shot" "$agpt" map --device cpu --model "$ib/model.safetensors" --reference "$ib/ref0.png" \
         --reference "$ib/ref1.png" -o "$tmp/maps" "$ib/query.png"
     close_to "$(score_of "$tmp/out")" 0.271330 && grep -q '"mode":"few-shot"' "$tmp/out" ||

@@ -62,16 +62,20 @@ static void usage(FILE *f) {
             "usage: agpt [--log-level error|warn|info|debug] <command> [options]\n"
             "\n"
             "commands:\n"
+            "  detect --model M [--reference R ...] [--class NAME] [--out DIR] IMAGES_OR_FOLDERS...\n"
+            "                             the line command: verdict, score, answer and map per image, JSON lines\n"
+            "  convert --imagebind F --vicuna DIR --pandagpt F --anomalygpt F -o M.safetensors\n"
+            "                             the official checkpoints -> one agpt model file (agpt convert --help)\n"
             "  info [MODEL.safetensors]   build, devices and threads; with a file, its config and tensors\n"
             "  bench ops [options]        time each op at model sizes, as fractions of the measured copy\n"
             "                             bandwidth and matmul rate (agpt bench ops --help)\n"
             "  map --model M [--reference R ...] [--class NAME] -o DIR IMAGE...\n"
             "                             anomaly maps (heatmap PNG, raw float map) and image scores\n"
             "                             (--ask \"QUESTION\" --tokenizer F: also the model's answer)\n"
-            "  chat --model M --tokenizer F [--reference R ...] IMAGE\n"
+            "  chat --model M [--reference R ...] IMAGE\n"
             "                             a conversation about an image in the terminal (agpt chat --help)\n"
             "\n"
-            "Later: detect, serve, train, eval, convert (see README.md).\n");
+            "Later: serve, train, eval (see README.md).\n");
 }
 
 int main(int argc, char **argv) {
@@ -103,6 +107,8 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "bench") == 0) return cmd_bench(argc - i, argv + i);
     if (strcmp(cmd, "map") == 0) return cmd_map(argc - i, argv + i);
     if (strcmp(cmd, "chat") == 0) return cmd_chat(argc - i, argv + i);
+    if (strcmp(cmd, "convert") == 0) return cmd_convert(argc - i, argv + i);
+    if (strcmp(cmd, "detect") == 0) return cmd_detect(argc - i, argv + i);
     if (strcmp(cmd, "help") == 0) {
         usage(stdout);
         return 0;

@@ -8,6 +8,8 @@ int cmd_info(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
 int cmd_map(int argc, char **argv);
 int cmd_chat(int argc, char **argv);
+int cmd_convert(int argc, char **argv);
+int cmd_detect(int argc, char **argv);
 
 // Prints "agpt <cmd>: error: <message>" for a failed status and returns the process exit code (1).
 int cli_report(const char *cmd, Status s);

@@ -2,6 +2,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "model/model_file.h"
 #include "runtime/memory.h"
 #include "runtime/safetensors.h"
 #include "runtime/threads.h"
@@ -57,6 +58,10 @@ static int print_model(const char *path) {
     for (int i = 0; i < n; i++) {
         StInfo info;
         if (st_info(st, i, &info) != AGPT_OK) continue;
+        if (!strcmp(info.name, MODEL_TENSOR_SP_TOKENIZER) || !strcmp(info.name, MODEL_TENSOR_CLIP_BPE)) {
+            printf("embedded file: %-36s %zu bytes\n", info.name, info.nbytes);
+            continue;  // files, not parameters
+        }
         int64_t numel = 1;
         for (int d = 0; d < info.ndim; d++) numel *= info.shape[d];
         total += numel;
@@ -90,12 +95,14 @@ static int print_model(const char *path) {
     }
     int shown = n < 40 ? n : 40;
     for (int i = 0; i < shown; i++) {
-        Tensor t;
-        char desc[96];
-        if (st_get(st, st_name(st, i), &t) == AGPT_OK)
-            printf("  %-60s %s\n", st_name(st, i), tensor_describe(&t, desc, sizeof desc));
-        else
-            printf("  %-60s (unsupported: %s)\n", st_name(st, i), agpt_last_error());
+        StInfo info;
+        if (st_info(st, i, &info) != AGPT_OK) continue;
+        char shape[128];
+        int k = snprintf(shape, sizeof shape, "[");
+        for (int d = 0; d < info.ndim && k < (int)sizeof shape - 24; d++)
+            k += snprintf(shape + k, sizeof shape - (size_t)k, d ? ",%lld" : "%lld", (long long)info.shape[d]);
+        snprintf(shape + k, sizeof shape - (size_t)k, "]");
+        printf("  %-60s %s%s\n", info.name, info.dtype, shape);
     }
     if (shown < n) printf("  ... %d more\n", n - shown);
     st_close(st);

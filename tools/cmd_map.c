@@ -20,6 +20,7 @@
 #include "runtime/timer.h"
 #include "tools/cli.h"
 #include "tools/heatmap.h"
+#include "tools/inspect_io.h"
 
 #define MAX_LIST 64
 
@@ -38,60 +39,11 @@ static void usage(FILE *f) {
             "  --rotate-references  also use each reference turned 90/180/270 degrees (off: the reference)\n"
             "  --device cpu|cuda, --dtype f32|f16|bf16 (cuda; default f16, as the reference), --threads N\n"
             "  -o, --out DIR    where heatmaps and raw maps go (created if missing)\n"
-            "  --ask \"TEXT\"     also answer this question about each image (loads the LLM; needs --tokenizer); the\n"
+            "  --ask \"TEXT\"     also answer this question about each image (loads the LLM); the\n"
             "                   zero-shot map then uses the class the question names, as the reference does\n"
-            "  --tokenizer F    LLaMA's SentencePiece tokenizer.model (with --ask)\n"
+            "  --tokenizer F    LLaMA's SentencePiece tokenizer.model (with --ask; default: the one in the model file)\n"
             "  --greedy | --temperature T --top-p P --top-k K --seed S   decoding for --ask (default: sampling with\n"
             "                   1.0, 0.01, 50, seed 42 per image, as the web demo); --max-new N (512), --context N (2048)\n");
-}
-
-static Status ensure_dir(const char *dir) {
-    if (mkdir(dir, 0755) == 0 || errno == EEXIST) {
-        struct stat st;
-        if (stat(dir, &st) == 0 && S_ISDIR(st.st_mode)) return AGPT_OK;
-    }
-    return AGPT_FAIL(AGPT_ERR_IO, "cannot create output directory %s: %s", dir, strerror(errno));
-}
-
-// "path/to/img_01.png" -> "img_01"
-static void stem_of(const char *path, char *out, size_t cap) {
-    const char *base = strrchr(path, '/');
-    base = base ? base + 1 : path;
-    snprintf(out, cap, "%s", base);
-    char *dot = strrchr(out, '.');
-    if (dot && dot != out) *dot = 0;
-}
-
-static Status write_outputs(const VisionModel *m, const Image *img, const float *map, const char *out_dir,
-                            const char *stem, char *heatmap_path, char *map_path, size_t cap) {
-    int S = m->vision.image;
-    if (snprintf(map_path, cap, "%s/%s.map.safetensors", out_dir, stem) >= (int)cap ||
-        snprintf(heatmap_path, cap, "%s/%s.heatmap.png", out_dir, stem) >= (int)cap)
-        return AGPT_FAIL(AGPT_ERR_ARG, "output path %s/%s... is longer than %zu bytes", out_dir, stem, cap);
-    StEntry entry = {"anomaly_map", tensor_2d((void *)map, DT_F32, DEV_CPU, S, S)};
-    const char *meta[] = {"format", "agpt-anomaly-map-1", "preprocess", preprocess_mode_name(m->mode)};
-    AGPT_TRY(st_write(map_path, &entry, 1, meta, 2));
-    uint8_t *crop = NULL, *over = NULL;
-    Status s = mem_host_alloc((size_t)S * S * 3, (void **)&crop);
-    if (s == AGPT_OK) s = mem_host_alloc((size_t)S * S * 3, (void **)&over);
-    if (s == AGPT_OK) s = preprocess_image_u8(img, m->mode, S, RESIZE_PILLOW_10, crop);
-    if (s == AGPT_OK) {
-        heatmap_overlay(crop, map, S, 0.5f, over);
-        s = image_save_png(heatmap_path, S, S, 3, over);
-    }
-    mem_host_free(crop);
-    mem_host_free(over);
-    return s;
-}
-
-static void print_json_line(cJSON *obj) {
-    char *text = cJSON_PrintUnformatted(obj);
-    if (text) {
-        printf("%s\n", text);
-        fflush(stdout);
-        free(text);
-    }
-    cJSON_Delete(obj);
 }
 
 int cmd_map(int argc, char **argv) {
@@ -133,10 +85,6 @@ int cmd_map(int argc, char **argv) {
     if (!model || !out_dir || n_inputs == 0) {
         fprintf(stderr, "agpt map: --model, -o and at least one image are required\n");
         usage(stderr);
-        return 2;
-    }
-    if (ask && !sp_model) {
-        fprintf(stderr, "agpt map: --ask needs --tokenizer (LLaMA's tokenizer.model)\n");
         return 2;
     }
     if (ask && (max_new < 1 || max_new > 1024)) { fprintf(stderr, "agpt map: --max-new must be in [1, 1024]\n"); return 2; }
@@ -232,7 +180,7 @@ int cmd_map(int argc, char **argv) {
             } else {
                 s = vision_model_map(vm, &img, 1, used_class, map, &score);
             }
-            if (s == AGPT_OK) s = write_outputs(vm, &img, map, out_dir, stem, heat, raw, sizeof heat);
+            if (s == AGPT_OK) s = write_map_outputs(vm, &img, map, out_dir, stem, heat, raw, sizeof heat);
             image_free(&img);
         }
         if (s == AGPT_OK) {

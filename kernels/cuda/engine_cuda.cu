@@ -1,6 +1,75 @@
 // The CUDA side of the engine: the device, one non-blocking stream that every op of this engine runs on,
-// the cuBLASLt handle and its workspace. kernels/engine.c calls these after checking the GPU index.
+// the cuBLASLt handle and its workspace, and (built with cuDNN) a cuDNN handle made on first use. kernels/engine.c
+// calls these after checking the GPU index.
 #include "kernels/cuda/common.cuh"
+
+#ifdef AGPT_WITH_CUDNN
+#include <cudnn.h>
+
+#include <mutex>
+#include <vector>
+
+// Each engine's cuDNN handle, bound to the engine's stream. Made on the first convolution, not in
+// engine_cuda_create: cudnnCreate loads cuDNN's sub-libraries (hundreds of MB), which only the prompt learner
+// needs. Engine (kernels/engine.h) has no slot for it yet, so the handles live here, keyed by the engine's
+// stream (unique per live engine); engine_cuda_destroy releases its engine's handle.
+namespace {
+struct CudnnSlot {
+    void *stream;
+    cudnnHandle_t handle;
+};
+std::mutex g_cudnn_mu;
+std::vector<CudnnSlot> g_cudnn;
+}  // namespace
+
+// Declared in kernels/cuda/conv.cu, its only user.
+Status engine_cuda_cudnn(Engine *e, cudnnHandle_t *out) {
+    *out = NULL;
+    std::lock_guard<std::mutex> lock(g_cudnn_mu);
+    for (const CudnnSlot &s : g_cudnn)
+        if (s.stream == e->stream) {
+            *out = s.handle;
+            return AGPT_OK;
+        }
+    const size_t have = cudnnGetVersion();
+    if (have / 10000 != CUDNN_MAJOR)
+        return AGPT_FAIL(AGPT_ERR_DEVICE, "the cuDNN library loaded is version %zu, but agpt was built against cuDNN "
+                         "%d.%d.%d: put the matching libcudnn.so.%d first on the library path", have, CUDNN_MAJOR,
+                         CUDNN_MINOR, CUDNN_PATCHLEVEL, CUDNN_MAJOR);
+    int prev = -1;
+    CUDA_TRY(cudaGetDevice(&prev));
+    CUDA_TRY(cudaSetDevice(e->gpu_index));  // cudnnCreate binds the handle to the current device
+    cudnnHandle_t h = NULL;
+    cudnnStatus_t st = cudnnCreate(&h);
+    if (st == CUDNN_STATUS_SUCCESS) {
+        st = cudnnSetStream(h, (cudaStream_t)e->stream);
+        if (st != CUDNN_STATUS_SUCCESS) cudnnDestroy(h);
+    }
+    cudaSetDevice(prev);
+    if (st != CUDNN_STATUS_SUCCESS) {
+        char detail[512] = "";
+        cudnnGetLastErrorString(detail, sizeof detail);
+        return AGPT_FAIL(AGPT_ERR_DEVICE, "creating the cuDNN handle on GPU %d failed: %s (%d)%s%s; cuDNN %zu "
+                         "(for CUDA runtime %zu): are its sub-libraries (libcudnn_cnn.so.%d, "
+                         "libcudnn_engines_*.so.%d) installed next to libcudnn.so.%d, and does the driver support "
+                         "that CUDA?", e->gpu_index, cudnnGetErrorString(st), (int)st, detail[0] ? ": " : "",
+                         detail, have, cudnnGetCudartVersion(), CUDNN_MAJOR, CUDNN_MAJOR, CUDNN_MAJOR);
+    }
+    g_cudnn.push_back(CudnnSlot{e->stream, h});
+    *out = h;
+    return AGPT_OK;
+}
+
+static void engine_cuda_cudnn_release(Engine *e) {
+    std::lock_guard<std::mutex> lock(g_cudnn_mu);
+    for (size_t i = 0; i < g_cudnn.size(); i++)
+        if (g_cudnn[i].stream == e->stream) {
+            cudnnDestroy(g_cudnn[i].handle);
+            g_cudnn.erase(g_cudnn.begin() + (long)i);
+            return;
+        }
+}
+#endif
 
 // 32 MiB: what cuBLASLt asks for its split-K and stream-K algorithms on Hopper, and enough scratch for the
 // other ops that borrow it (sum_squares partials, attention-backward row statistics). Those ops use it
@@ -50,6 +119,9 @@ extern "C" Status engine_cuda_create(Engine *e) {
 // cannot pull memory from under a running kernel.
 extern "C" void engine_cuda_destroy(Engine *e) {
     if (e->stream) cudaStreamSynchronize((cudaStream_t)e->stream);
+#ifdef AGPT_WITH_CUDNN
+    if (e->stream) engine_cuda_cudnn_release(e);
+#endif
     if (e->workspace) cudaFree(e->workspace);
     if (e->cublaslt) cublasLtDestroy((cublasLtHandle_t)e->cublaslt);
     if (e->stream) cudaStreamDestroy((cudaStream_t)e->stream);

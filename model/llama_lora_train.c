@@ -1,0 +1,352 @@
+#include "model/llama_lora_train.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/ops.h"
+#include "runtime/log.h"
+
+#define SHAPE(...) ((const int64_t[]){__VA_ARGS__})
+
+static size_t padded(size_t bytes) { return (bytes + AGPT_ALIGN - 1) / AGPT_ALIGN * AGPT_ALIGN; }
+
+// tensor_copy runs on the legacy stream while the ops run on the engine's stream: finish the stream's work
+// before the copy and the copy before the next op (as model/llama.c does).
+static Status copy_ordered(Engine *e, Tensor *dst, const Tensor *src) {
+    if (e->device != DEV_CPU) AGPT_TRY(engine_synchronize(e));
+    AGPT_TRY(tensor_copy(dst, src));
+    if (e->device != DEV_CPU) AGPT_TRY(cuda_synchronize());
+    return AGPT_OK;
+}
+
+static Status meta_float(const WeightStore *w, const char *key, float fallback, float *out) {
+    const char *v = weights_meta(w, key);
+    if (!v) {
+        *out = fallback;
+        return AGPT_OK;
+    }
+    char *end = NULL;
+    double x = strtod(v, &end);
+    if (end == v || *end != 0 || !isfinite(x) || x <= 0)
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: metadata '%s' = '%s' is not a positive number", w->file_name, key, v);
+    *out = (float)x;
+    return AGPT_OK;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Loading
+
+// The key forms model/llama.c merges from, in the same order.
+static const char *const LORA_FORMS[] = {
+    "base_model.model.model.layers.%d.self_attn.%s.lora_%s.weight",
+    "base_model.model.model.layers.%d.self_attn.%s.lora_%s.default.weight",
+    "llama_model.base_model.model.model.layers.%d.self_attn.%s.lora_%s.default.weight",
+    "model.layers.%d.self_attn.%s.lora_%s.weight",
+};
+#define N_LORA_FORMS (int)(sizeof LORA_FORMS / sizeof LORA_FORMS[0])
+static const char *const PROJ[LLAMA_LORA_PROJ] = {"q_proj", "k_proj", "v_proj", "o_proj"};
+
+static void lora_name(char *buf, size_t size, int form, int layer, const char *proj, const char *ab) {
+    snprintf(buf, size, LORA_FORMS[form], layer, proj, ab);
+}
+
+static Status load_base(LlamaLoraTrain *m, WeightStore *w) {
+    const char *emb = "model.embed_tokens.weight";
+    int64_t V = weights_dim(w, emb, 0), C = weights_dim(w, emb, 1);
+    int64_t I = weights_dim(w, "model.layers.0.mlp.gate_proj.weight", 0);
+    if (V < 1 || C < 1)
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: tensor '%s' is missing; is this a LLaMA model file (HF names)?",
+                         w->file_name, emb);
+    if (I < 1)
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: tensor 'model.layers.0.mlp.gate_proj.weight' is missing; no LLaMA "
+                         "layers in this file", w->file_name);
+    int layers = 0;
+    for (char name[128];; layers++) {
+        snprintf(name, sizeof name, "model.layers.%d.self_attn.q_proj.weight", layers);
+        if (!weights_has(w, name)) break;
+    }
+    int heads;
+    float eps = 0, base = 0;
+    AGPT_TRY(weights_meta_int(w, "llama.heads", 32, &heads));
+    AGPT_TRY(meta_float(w, "llama.rms_eps", 1e-6f, &eps));
+    AGPT_TRY(meta_float(w, "llama.rope_base", 10000.0f, &base));
+    m->block = (LlamaBlockConfig){.dim = (int)C, .heads = heads, .hidden = (int)I, .eps = eps, .rope_base = base};
+    Status s = llama_block_config_check(&m->block);
+    if (s != AGPT_OK) return agpt_add_context(s, "%s: LLaMA config from the shapes and metadata llama.heads",
+                                              w->file_name);
+    m->layers = layers;
+    m->vocab = (int)V;
+    m->layer = calloc((size_t)layers, sizeof *m->layer);
+    m->lora = calloc((size_t)layers, sizeof *m->lora);
+    m->grad = calloc((size_t)layers, sizeof *m->grad);
+    if (!m->layer || !m->lora || !m->grad) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for %d layer records", layers);
+    AGPT_TRY(weights_load(w, emb, 2, SHAPE(V, C), &m->embed));
+    for (int l = 0; l < layers; l++) {
+        LlamaBlockWeights *b = &m->layer[l];
+        const char *p = "model.layers";
+        AGPT_TRY(weights_loadf(w, 1, SHAPE(C), &b->input_norm, "%s.%d.input_layernorm.weight", p, l));
+        AGPT_TRY(weights_loadf(w, 2, SHAPE(C, C), &b->wq, "%s.%d.self_attn.q_proj.weight", p, l));
+        AGPT_TRY(weights_loadf(w, 2, SHAPE(C, C), &b->wk, "%s.%d.self_attn.k_proj.weight", p, l));
+        AGPT_TRY(weights_loadf(w, 2, SHAPE(C, C), &b->wv, "%s.%d.self_attn.v_proj.weight", p, l));
+        AGPT_TRY(weights_loadf(w, 2, SHAPE(C, C), &b->wo, "%s.%d.self_attn.o_proj.weight", p, l));
+        AGPT_TRY(weights_loadf(w, 1, SHAPE(C), &b->post_norm, "%s.%d.post_attention_layernorm.weight", p, l));
+        AGPT_TRY(weights_loadf(w, 2, SHAPE(I, C), &b->w_gate, "%s.%d.mlp.gate_proj.weight", p, l));
+        AGPT_TRY(weights_loadf(w, 2, SHAPE(I, C), &b->w_up, "%s.%d.mlp.up_proj.weight", p, l));
+        AGPT_TRY(weights_loadf(w, 2, SHAPE(C, I), &b->w_down, "%s.%d.mlp.down_proj.weight", p, l));
+    }
+    AGPT_TRY(weights_load(w, "model.norm.weight", 1, SHAPE(C), &m->norm));
+    return weights_load(w, "lm_head.weight", 2, SHAPE(V, C), &m->lm_head);
+}
+
+static Status load_lora(LlamaLoraTrain *m, WeightStore *w) {
+    int form = -1;
+    char na[256], nb[256];
+    for (int f = 0; f < N_LORA_FORMS && form < 0; f++) {
+        lora_name(na, sizeof na, f, 0, "q_proj", "A");
+        if (weights_has(w, na)) form = f;
+    }
+    if (form < 0)
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: no LoRA factors (e.g. '%s'); training keeps LoRA apart and needs "
+                         "them for every layer's q, k, v, o", w->file_name, "base_model.model.model.layers.0."
+                         "self_attn.q_proj.lora_A.weight");
+    lora_name(na, sizeof na, form, 0, "q_proj", "A");
+    const int64_t C = m->block.dim, r = weights_dim(w, na, 0);
+    if (r < 1 || r > C) return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: LoRA '%s' has rank %lld, expected 1..%lld",
+                                         w->file_name, na, (long long)r, (long long)C);
+    m->rank = (int)r;
+    AGPT_TRY(meta_float(w, "lora.alpha", (float)r, &m->alpha));
+    m->scaling = m->alpha / (float)r;
+    for (int l = 0; l < m->layers; l++)
+        for (int p = 0; p < LLAMA_LORA_PROJ; p++) {
+            lora_name(na, sizeof na, form, l, PROJ[p], "A");
+            lora_name(nb, sizeof nb, form, l, PROJ[p], "B");
+            Status s = weights_load(w, na, 2, SHAPE(r, C), &m->lora[l].a[p]);
+            if (s == AGPT_OK) s = weights_load(w, nb, 2, SHAPE(C, r), &m->lora[l].b[p]);
+            if (s != AGPT_OK)
+                return agpt_add_context(s, "%s: LoRA of rank %lld for layer 0's q_proj was found, so every layer's "
+                                        "q, k, v, o needs A [%lld,%lld] and B [%lld,%lld]", w->file_name,
+                                        (long long)r, (long long)r, (long long)C, (long long)C, (long long)r);
+        }
+    return AGPT_OK;
+}
+
+static Status alloc_grads(LlamaLoraTrain *m, Engine *e) {
+    const int64_t C = m->block.dim, r = m->rank;
+    DType dt = m->embed.dtype;
+    size_t bytes = (size_t)m->layers * LLAMA_LORA_PROJ * 2 * padded((size_t)(r * C) * sizeof(float));
+    AGPT_TRY(arena_init(&m->grad_arena, e->device, bytes));
+    for (int l = 0; l < m->layers; l++)
+        for (int p = 0; p < LLAMA_LORA_PROJ; p++) {
+            AGPT_TRY(arena_tensor(&m->grad_arena, dt, 2, SHAPE(r, C), &m->grad[l].a[p]));
+            AGPT_TRY(arena_tensor(&m->grad_arena, dt, 2, SHAPE(C, r), &m->grad[l].b[p]));
+        }
+    return llama_lora_train_zero_grad(m);
+}
+
+Status llama_lora_train_load(LlamaLoraTrain *m, WeightStore *w) {
+    memset(m, 0, sizeof *m);
+    Status s = load_base(m, w);
+    if (s == AGPT_OK) s = load_lora(m, w);
+    if (s == AGPT_OK) s = alloc_grads(m, w->engine);
+    if (s != AGPT_OK) {
+        llama_lora_train_free(m);
+        return s;
+    }
+    LOG_D("llama train: dim %d, %d heads, %d layers, MLP %d, vocab %d, LoRA rank %d alpha %g (scaling %g)",
+          m->block.dim, m->block.heads, m->layers, m->block.hidden, m->vocab, m->rank, (double)m->alpha,
+          (double)m->scaling);
+    return AGPT_OK;
+}
+
+void llama_lora_train_free(LlamaLoraTrain *m) {
+    free(m->layer);
+    free(m->lora);
+    free(m->grad);
+    arena_free(&m->grad_arena);
+    memset(m, 0, sizeof *m);
+}
+
+Status llama_lora_train_zero_grad(LlamaLoraTrain *m) {
+    for (int l = 0; l < m->layers; l++)
+        for (int p = 0; p < LLAMA_LORA_PROJ; p++) {
+            AGPT_TRY(tensor_zero(&m->grad[l].a[p]));
+            AGPT_TRY(tensor_zero(&m->grad[l].b[p]));
+        }
+    return AGPT_OK;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Training state
+
+size_t llama_train_state_bytes(const LlamaLoraTrain *m, int B, int T) {
+    size_t rows = (size_t)B * (size_t)T, C = (size_t)m->block.dim, V = (size_t)m->vocab, f = sizeof(float);
+    return (size_t)m->layers * (llama_block_activation_bytes(&m->block, B, T) +
+                                llama_block_lora_bytes(&m->block, m->rank, B, T))
+           + llama_block_scratch_bytes(&m->block, B, T) + llama_block_lora_bytes(&m->block, m->rank, B, T)
+           + 4 * padded(rows * C * f)                  // x0, final_n, d_n, d_x
+           + 2 * padded(rows * f)                      // positions, final_rstd
+           + 2 * padded(rows * V * f);                 // logits, d_logits
+}
+
+Status llama_train_state_create(LlamaTrainState *s, Engine *e, const LlamaLoraTrain *m, int B, int T) {
+    memset(s, 0, sizeof *s);
+    AGPT_CHECK_ARG(B > 0 && T > 0, "llama train: batch %d and tokens %d must be positive", B, T);
+    AGPT_CHECK_ARG(m->layers > 0 && m->rank > 0, "llama train: the model is not loaded");
+    const int64_t C = m->block.dim, V = m->vocab, rows = (int64_t)B * T;
+    DType dt = m->embed.dtype;
+    s->B = B;
+    s->T = T;
+    Status st = arena_init(&s->arena, e->device, llama_train_state_bytes(m, B, T));
+    s->acts = calloc((size_t)m->layers, sizeof *s->acts);
+    s->lora_acts = calloc((size_t)m->layers, sizeof *s->lora_acts);
+    s->host_logits = malloc((size_t)rows * (size_t)V * sizeof(float));
+    s->host_raw = malloc((size_t)rows * (size_t)V * dtype_size(dt));
+    s->host_positions = malloc((size_t)rows * sizeof(int32_t));
+    if (st == AGPT_OK && (!s->acts || !s->lora_acts || !s->host_logits || !s->host_raw || !s->host_positions))
+        st = AGPT_FAIL(AGPT_ERR_OOM, "llama train: no host memory for %lld logits", (long long)(rows * V));
+    Arena *a = &s->arena;
+    for (int l = 0; st == AGPT_OK && l < m->layers; l++) {
+        st = llama_block_acts_carve(&m->block, B, T, dt, a, &s->acts[l]);
+        if (st == AGPT_OK) st = llama_block_lora_acts_carve(&m->block, m->rank, B, T, dt, a, &s->lora_acts[l]);
+    }
+    if (st == AGPT_OK) st = llama_block_scratch_carve(&m->block, B, T, dt, a, &s->scratch);
+    if (st == AGPT_OK) st = llama_block_lora_scratch_carve(&m->block, m->rank, B, T, dt, a, &s->lora_scratch);
+    if (st == AGPT_OK) st = arena_tensor(a, dt, 3, SHAPE(B, T, C), &s->x0);
+    if (st == AGPT_OK) st = arena_tensor(a, DT_I32, 2, SHAPE(B, T), &s->positions);
+    if (st == AGPT_OK) st = arena_tensor(a, dt, 3, SHAPE(B, T, C), &s->final_n);
+    if (st == AGPT_OK) st = arena_tensor(a, DT_F32, 1, SHAPE(rows), &s->final_rstd);
+    if (st == AGPT_OK) st = arena_tensor(a, dt, 3, SHAPE(B, T, V), &s->logits);
+    if (st == AGPT_OK) st = arena_tensor(a, dt, 3, SHAPE(B, T, V), &s->d_logits);
+    if (st == AGPT_OK) st = arena_tensor(a, dt, 3, SHAPE(B, T, C), &s->d_n);
+    if (st == AGPT_OK) st = arena_tensor(a, dt, 3, SHAPE(B, T, C), &s->d_x);
+    if (st == AGPT_OK) st = tensor_zero(&s->lora_scratch.d_norm);  // a sink, but keep it finite
+    if (st == AGPT_OK) {
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < T; t++) s->host_positions[b * T + t] = t;
+        Tensor hp = tensor_2d(s->host_positions, DT_I32, DEV_CPU, B, T);
+        st = copy_ordered(e, &s->positions, &hp);
+    }
+    if (st != AGPT_OK) llama_train_state_free(s);
+    return st;
+}
+
+void llama_train_state_free(LlamaTrainState *s) {
+    arena_free(&s->arena);
+    free(s->acts);
+    free(s->lora_acts);
+    free(s->host_logits);
+    free(s->host_raw);
+    free(s->host_positions);
+    memset(s, 0, sizeof *s);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Forward, loss, backward
+
+// x0 -> L layers -> model.norm -> lm_head.
+static Status forward_from_x0(Engine *e, const LlamaLoraTrain *m, LlamaTrainState *s) {
+    s->have_dlogits = false;
+    const Tensor *x = &s->x0;
+    for (int l = 0; l < m->layers; l++) {
+        AGPT_TRY(llama_block_lora_forward(e, &m->block, &m->layer[l], &m->lora[l], m->scaling, &s->acts[l],
+                                          &s->lora_acts[l], x, &s->positions));
+        x = &s->acts[l].out;
+    }
+    AGPT_TRY(op_rmsnorm(e, &s->final_n, &s->final_rstd, x, &m->norm, m->block.eps));
+    return op_linear(e, &s->logits, &s->final_n, &m->lm_head, NULL);
+}
+
+Status llama_lora_train_forward(Engine *e, const LlamaLoraTrain *m, LlamaTrainState *s, const Tensor *embeds) {
+    s->have_dlogits = false;  // even when refused: the old d logits belong to another forward
+    char d[96];
+    AGPT_CHECK_ARG(embeds->ndim == 3 && embeds->shape[0] == s->B && embeds->shape[1] == s->T &&
+                   embeds->shape[2] == m->block.dim && embeds->dtype == s->x0.dtype,
+                   "llama train: embeds %s, expected %s[%d,%d,%d] (the state was made for that)",
+                   tensor_describe(embeds, d, sizeof d), dtype_name(s->x0.dtype), s->B, s->T, m->block.dim);
+    AGPT_TRY(op_copy(e, &s->x0, embeds));
+    return forward_from_x0(e, m, s);
+}
+
+Status llama_lora_train_forward_tokens(Engine *e, const LlamaLoraTrain *m, LlamaTrainState *s, const int32_t *ids) {
+    s->have_dlogits = false;
+    AGPT_CHECK_ARG(ids, "llama train: token ids are missing");
+    const int64_t rows = (int64_t)s->B * s->T;
+    Tensor tid = tensor_1d((void *)ids, DT_I32, DEV_CPU, rows);
+    Tensor x0 = tensor_2d(s->x0.data, s->x0.dtype, s->x0.device, rows, m->block.dim);
+    AGPT_TRY(op_embedding(e, &x0, &m->embed, &tid));
+    return forward_from_x0(e, m, s);
+}
+
+// On the host (ops.h has no cross-entropy yet): log-sum-exp in double per target row, d logits = (softmax -
+// onehot) / num_items, zero on rows without a target.
+Status llama_lora_train_loss(Engine *e, const LlamaLoraTrain *m, LlamaTrainState *s, const int32_t *labels,
+                             int num_items, float *loss) {
+    s->have_dlogits = false;
+    AGPT_CHECK_ARG(labels, "llama train: labels are missing");
+    const int B = s->B, T = s->T, V = m->vocab;
+    const size_t n = (size_t)B * T * V;
+    DType dt = s->logits.dtype;
+    int targets = 0;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            int32_t y = labels[b * T + t];
+            AGPT_CHECK_ARG(y == -100 || (y >= 0 && y < V), "llama train: labels[%d][%d] = %d is neither -100 nor a "
+                           "token id in [0,%d)", b, t, (int)y, V);
+            if (t > 0 && y != -100) targets++;  // labels[:, 0] is never a target after the shift
+        }
+    const double denom = num_items > 0 ? (double)num_items : (double)targets;
+    Tensor raw = s->logits;
+    raw.device = DEV_CPU;
+    raw.data = s->host_raw;
+    AGPT_TRY(copy_ordered(e, &raw, &s->logits));
+    if (convert_host(s->host_logits, DT_F32, s->host_raw, dt, n) != 0)
+        return AGPT_FAIL(AGPT_ERR_ARG, "llama train: cannot read logits of dtype %s", dtype_name(dt));
+    double total = 0;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            float *row = s->host_logits + ((size_t)b * T + t) * V;
+            int32_t y = t + 1 < T ? labels[b * T + t + 1] : -100;
+            if (y == -100 || denom <= 0) {
+                memset(row, 0, (size_t)V * sizeof(float));
+                continue;
+            }
+            double mx = row[0];
+            for (int i = 1; i < V; i++) mx = row[i] > mx ? row[i] : mx;
+            double sum = 0;
+            for (int i = 0; i < V; i++) sum += exp((double)row[i] - mx);
+            double lse = mx + log(sum);
+            if (!isfinite(lse))
+                return AGPT_FAIL(AGPT_ERR_ARG, "llama train: logits of sequence %d position %d are not finite "
+                                 "(the forward diverged)", b, t);
+            total += lse - row[y];
+            for (int i = 0; i < V; i++) row[i] = (float)(exp((double)row[i] - lse) / denom);
+            row[y] -= (float)(1.0 / denom);
+        }
+    s->n_targets = targets;
+    s->loss = denom > 0 ? (float)(total / denom) : 0.0f;
+    if (loss) *loss = s->loss;
+    if (convert_host(s->host_raw, dt, s->host_logits, DT_F32, n) != 0)
+        return AGPT_FAIL(AGPT_ERR_ARG, "llama train: cannot write d logits as %s", dtype_name(dt));
+    AGPT_TRY(copy_ordered(e, &s->d_logits, &raw));
+    s->have_dlogits = true;
+    return AGPT_OK;
+}
+
+Status llama_lora_train_backward(Engine *e, LlamaLoraTrain *m, LlamaTrainState *s, bool train_lora) {
+    AGPT_CHECK_ARG(s->have_dlogits, "llama train: backward without a loss of the last forward (call "
+                   "llama_lora_train_loss first)");
+    const int L = m->layers;
+    const Tensor *x_last = &s->acts[L - 1].out;
+    AGPT_TRY(op_linear_backward(e, &s->d_n, NULL, NULL, &s->d_logits, &s->final_n, &m->lm_head));
+    // model.norm is frozen: its weight gradient goes to the LoRA scratch's sink.
+    AGPT_TRY(op_rmsnorm_backward(e, &s->d_x, &s->lora_scratch.d_norm, &s->d_n, x_last, &m->norm, &s->final_rstd));
+    for (int l = L - 1; l >= 0; l--) {
+        const Tensor *x = l > 0 ? &s->acts[l - 1].out : &s->x0;
+        AGPT_TRY(llama_block_lora_backward(e, &m->block, &m->layer[l], &m->lora[l], m->scaling,
+                                           train_lora ? &m->grad[l] : NULL, &s->acts[l], &s->lora_acts[l],
+                                           &s->scratch, &s->lora_scratch, x, &s->positions, &s->d_x, &s->d_x));
+    }
+    return AGPT_OK;
+}

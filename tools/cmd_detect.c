@@ -1,0 +1,427 @@
+// agpt detect: the line inspection command. For every image (files, or folders walked recursively) one JSON
+// line on stdout: the verdict, the image score (the map's maximum, as the reference's image AUROC uses), the
+// model's answer, the class and mode of the map, output paths and timings. A failed image gets a line with
+// "ok": false and its error, and the others go on. Progress and a summary (images/s) go to stderr.
+//
+// The verdict is the answer's: "anomalous" when it starts with "Yes", "normal" when it starts with "No" (the
+// reference's accuracy counts 'Yes' / 'No' in the answer), null when it says neither. No threshold is involved.
+// --verdict-only stops generating after a few tokens. A model file without the LLM gives maps and scores only.
+//
+// Exit status: 0 when every image was processed, 1 when some were not (or the model did not load), 2 for a
+// usage error.
+#define _DEFAULT_SOURCE  // DT_DIR, strdup, strcasecmp
+#include <cjson/cJSON.h>
+#include <ctype.h>
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+
+#include "model/anomalygpt.h"
+#include "model/vision_model.h"
+#include "runtime/log.h"
+#include "runtime/memory.h"
+#include "runtime/safetensors.h"
+#include "runtime/timer.h"
+#include "tools/cli.h"
+#include "tools/inspect_io.h"
+
+#define MAX_REFS 64
+#define MAX_OVERLAYS 7
+#define VERDICT_TOKENS 3  // "Yes"/"No" is the answer's first token; a margin for a leading space piece
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: agpt detect --model M.safetensors [options] IMAGES_OR_FOLDERS...\n"
+            "  --model F        the model file (agpt convert); --weights F layers trained weights over it (repeatable)\n"
+            "  --reference F    a normal image of the product: few-shot map (repeatable; the reference uses 1-4)\n"
+            "  --class NAME     the product: its text features make the zero-shot map, and the question names it\n"
+            "  --prompt TEXT    the question (default: \"Is there any anomaly in the image?\", after \"This is a photo of\n"
+            "                   a NAME for anomaly detection, which should be without any damage, flaw, defect, scratch,\n"
+            "                   hole or broken part.\" with --class, as the reference's training prompts)\n"
+            "  --out DIR        write <name>.heatmap.png and <name>.map.safetensors (raw f32 map) per image\n"
+            "  --verdict-only   stop after the verdict (a few tokens) instead of the whole answer\n"
+            "  --max-new N      answer tokens at most (default 512), --context N (2048)\n"
+            "  --tokenizer F, --clip-vocab F   override the tokenizers embedded in the model file\n"
+            "  --squash, --fuse-text-map, --rotate-references   as in agpt map\n"
+            "  --greedy (default) | --temperature T --top-p P --top-k K --seed S\n"
+            "  --device cpu|cuda, --dtype f32|f16|bf16 (cuda; default f16), --threads N\n"
+            "Folders are walked recursively for .png, .jpg and .jpeg files, in name order.\n"
+            "Exit status: 0 every image processed, 1 some failed or the model did not load, 2 usage.\n");
+}
+
+// ---- the list of images -------------------------------------------------------------------------------
+
+typedef struct ImageList {
+    char **paths;
+    char **names;   // output stem: the path under the folder given, '/' -> '_', extension dropped
+    int n, cap;
+} ImageList;
+
+static bool is_image_name(const char *name) {
+    const char *dot = strrchr(name, '.');
+    return dot && (!strcasecmp(dot, ".png") || !strcasecmp(dot, ".jpg") || !strcasecmp(dot, ".jpeg"));
+}
+
+static Status list_push(ImageList *l, const char *path, const char *name) {
+    if (l->n == l->cap) {
+        int cap = l->cap ? 2 * l->cap : 64;
+        char **p = realloc(l->paths, (size_t)cap * sizeof *p), **q = p ? realloc(l->names, (size_t)cap * sizeof *q) : NULL;
+        if (p) l->paths = p;
+        if (q) l->names = q;
+        if (!p || !q) return AGPT_FAIL(AGPT_ERR_OOM, "out of memory listing images");
+        l->cap = cap;
+    }
+    char *a = strdup(path), *b = strdup(name);
+    if (!a || !b) {
+        free(a), free(b);
+        return AGPT_FAIL(AGPT_ERR_OOM, "out of memory listing images");
+    }
+    char *dot = strrchr(b, '.');
+    if (dot && dot != b) *dot = 0;
+    for (char *c = b; *c; c++)
+        if (*c == '/') *c = '_';
+    l->paths[l->n] = a, l->names[l->n] = b;
+    l->n++;
+    return AGPT_OK;
+}
+
+static int cmp_cstr(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+// Walks dir (rel: its path under the folder given) for images, in name order; symlinked folders are not followed.
+static Status walk(ImageList *l, const char *dir, const char *rel, int depth) {
+    if (depth > 32) return AGPT_FAIL(AGPT_ERR_ARG, "%s: folders nested more than 32 deep", dir);
+    DIR *d = opendir(dir);
+    if (!d) return AGPT_FAIL(AGPT_ERR_IO, "cannot read folder %s", dir);
+    char **names = NULL;
+    int n = 0, cap = 0;
+    struct dirent *e;
+    Status s = AGPT_OK;
+    while ((e = readdir(d)) && s == AGPT_OK) {
+        if (e->d_name[0] == '.') continue;  // ., .., hidden files
+        if (n == cap) {
+            cap = cap ? 2 * cap : 64;
+            char **p = realloc(names, (size_t)cap * sizeof *p);
+            if (!p) s = AGPT_FAIL(AGPT_ERR_OOM, "out of memory listing %s", dir);
+            else names = p;
+        }
+        if (s == AGPT_OK && !(names[n++] = strdup(e->d_name))) s = AGPT_FAIL(AGPT_ERR_OOM, "out of memory");
+    }
+    closedir(d);
+    if (s == AGPT_OK) qsort(names, (size_t)n, sizeof *names, cmp_cstr);
+    for (int i = 0; i < n && s == AGPT_OK; i++) {
+        if (!names[i]) continue;
+        char path[4096], sub[4096];
+        if (snprintf(path, sizeof path, "%s/%s", dir, names[i]) >= (int)sizeof path ||
+            snprintf(sub, sizeof sub, "%s%s%s", rel, rel[0] ? "/" : "", names[i]) >= (int)sizeof sub) {
+            s = AGPT_FAIL(AGPT_ERR_ARG, "path %s/%s is too long", dir, names[i]);
+            break;
+        }
+        struct stat sb;
+        if (lstat(path, &sb) != 0) continue;
+        if (S_ISDIR(sb.st_mode)) s = walk(l, path, sub, depth + 1);
+        else if ((S_ISREG(sb.st_mode) || S_ISLNK(sb.st_mode)) && is_image_name(names[i])) s = list_push(l, path, sub);
+    }
+    for (int i = 0; i < n; i++) free(names[i]);
+    free(names);
+    return s;
+}
+
+static void list_free(ImageList *l) {
+    for (int i = 0; i < l->n; i++) free(l->paths[i]), free(l->names[i]);
+    free(l->paths);
+    free(l->names);
+}
+
+// Two inputs with one output name (the same file name given from two folders) get their position appended.
+static char **sort_names;  // qsort has no context argument
+static int cmp_by_name(const void *a, const void *b) {
+    return strcmp(sort_names[*(const int *)a], sort_names[*(const int *)b]);
+}
+
+static Status make_names_unique(ImageList *l) {
+    int *order = malloc(((size_t)l->n + 1) * sizeof *order);
+    bool *dup = calloc((size_t)l->n + 1, sizeof *dup);
+    Status s = AGPT_OK;
+    if (!order || !dup) s = AGPT_FAIL(AGPT_ERR_OOM, "out of memory");
+    for (int i = 0; s == AGPT_OK && i < l->n; i++) order[i] = i;
+    if (s == AGPT_OK) {
+        sort_names = l->names;
+        qsort(order, (size_t)l->n, sizeof *order, cmp_by_name);
+    }
+    for (int k = 1; s == AGPT_OK && k < l->n; k++)
+        if (strcmp(l->names[order[k]], l->names[order[k - 1]]) == 0) dup[order[k]] = dup[order[k - 1]] = true;
+    for (int i = 0; s == AGPT_OK && i < l->n; i++) {
+        if (!dup[i]) continue;
+        size_t len = strlen(l->names[i]) + 16;
+        char *renamed = malloc(len);
+        if (!renamed) {
+            s = AGPT_FAIL(AGPT_ERR_OOM, "out of memory");
+            break;
+        }
+        snprintf(renamed, len, "%s_%d", l->names[i], i);
+        free(l->names[i]);
+        l->names[i] = renamed;
+    }
+    free(order);
+    free(dup);
+    return s;
+}
+
+// ---- verdicts -----------------------------------------------------------------------------------------
+
+// "anomalous" / "normal" from the answer's first word, or NULL when it starts with neither.
+static const char *verdict_of(const char *answer) {
+    if (!answer) return NULL;
+    while (*answer && isspace((unsigned char)*answer)) answer++;
+    if (!strncmp(answer, "Yes", 3) && !isalpha((unsigned char)answer[3])) return "anomalous";
+    if (!strncmp(answer, "No", 2) && !isalpha((unsigned char)answer[2])) return "normal";
+    return NULL;
+}
+
+// The text of every generated token (no stripping): what --verdict-only reads its verdict from.
+static char *raw_text(const AnomalyGPT *a, const AnomalyAnswer *ans) {
+    int32_t ids[VERDICT_TOKENS + 8];
+    int n = 0;
+    for (int i = 0; i < ans->n_tokens && n < (int)(sizeof ids / sizeof ids[0]); i++)
+        if (ans->tokens[i] >= 0 && ans->tokens[i] < sp_vocab_size(a->tokenizer) && ans->tokens[i] != sp_bos_id(a->tokenizer) &&
+            ans->tokens[i] != sp_eos_id(a->tokenizer))
+            ids[n++] = ans->tokens[i];
+    char *text = NULL;
+    return sp_decode(a->tokenizer, ids, n, &text) == AGPT_OK ? text : NULL;
+}
+
+// Whether the model file (or a layered file) holds the language model.
+static bool has_llm(const char *model, const char *const *overlays, int n_overlays) {
+    bool found = false;
+    for (int i = -1; i < n_overlays && !found; i++) {
+        SafeTensors *st = NULL;
+        if (st_open(i < 0 ? model : overlays[i], &st) != AGPT_OK) continue;  // the real open reports errors
+        found = st_find(st, "model.embed_tokens.weight") >= 0;
+        st_close(st);
+    }
+    agpt_clear_error();
+    return found;
+}
+
+int cmd_detect(int argc, char **argv) {
+    const char *model = NULL, *class_name = NULL, *prompt = NULL, *out_dir = NULL, *sp_model = NULL, *clip_vocab = NULL;
+    const char *overlays[MAX_OVERLAYS], *refs[MAX_REFS];
+    int n_overlays = 0, n_refs = 0, threads = 0, max_new = 512, context = 2048;
+    bool verdict_only = false, squash = false, fuse = false, rotate = false;
+    SamplerConfig scfg = sampler_default_config();
+    scfg.greedy = true;  // a line wants the same verdict for the same image
+    Device dev = cuda_device_count() > 0 ? DEV_CUDA : DEV_CPU;
+    DType dt = DT_F16;
+    ImageList images = {0};
+    Status s = AGPT_OK;
+    for (int i = 1; i < argc; i++) {
+        int shared = cli_engine_option(argc, argv, &i, "detect", &dev, &dt, &threads);
+        if (!shared) {
+            bool sampling = strcmp(argv[i], "--greedy") != 0;
+            shared = cli_sampling_option(argc, argv, &i, "detect", &scfg);
+            if (shared > 0 && sampling) scfg.greedy = false;
+        }
+        if (shared < 0) goto usage_error;
+        if (shared) continue;
+        const char *a = argv[i], *v;
+#define VALUE() do { if (!(v = cli_value(argc, argv, &i, "detect"))) goto usage_error; } while (0)
+        if (!strcmp(a, "--model")) { VALUE(); model = v; }
+        else if (!strcmp(a, "--weights")) {
+            VALUE();
+            if (n_overlays == MAX_OVERLAYS) { fprintf(stderr, "agpt detect: at most %d --weights\n", MAX_OVERLAYS); goto usage_error; }
+            overlays[n_overlays++] = v;
+        } else if (!strcmp(a, "--reference")) {
+            VALUE();
+            if (n_refs == MAX_REFS) { fprintf(stderr, "agpt detect: at most %d --reference\n", MAX_REFS); goto usage_error; }
+            refs[n_refs++] = v;
+        }
+        else if (!strcmp(a, "--class")) { VALUE(); class_name = v; }
+        else if (!strcmp(a, "--prompt")) { VALUE(); prompt = v; }
+        else if (!strcmp(a, "--out") || !strcmp(a, "-o")) { VALUE(); out_dir = v; }
+        else if (!strcmp(a, "--tokenizer")) { VALUE(); sp_model = v; }
+        else if (!strcmp(a, "--clip-vocab")) { VALUE(); clip_vocab = v; }
+        else if (!strcmp(a, "--max-new")) { VALUE(); max_new = atoi(v); }
+        else if (!strcmp(a, "--context")) { VALUE(); context = atoi(v); }
+        else if (!strcmp(a, "--verdict-only")) verdict_only = true;
+        else if (!strcmp(a, "--squash")) squash = true;
+        else if (!strcmp(a, "--fuse-text-map")) fuse = true;
+        else if (!strcmp(a, "--rotate-references")) rotate = true;
+        else if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); list_free(&images); return 0; }
+        else if (a[0] == '-' && a[1]) { fprintf(stderr, "agpt detect: unknown option '%s'\n", a); goto usage_error; }
+        else {
+            struct stat sb;
+            if (stat(a, &sb) != 0) { fprintf(stderr, "agpt detect: no such file or folder: %s\n", a); goto usage_error; }
+            if (S_ISDIR(sb.st_mode)) s = walk(&images, a, "", 0);
+            else {
+                char stem[256];
+                stem_of(a, stem, sizeof stem);
+                s = list_push(&images, a, stem);
+            }
+            if (s) { cli_report("detect", s); list_free(&images); return 1; }
+        }
+#undef VALUE
+    }
+    if (!model || images.n == 0) {
+        fprintf(stderr, "agpt detect: --model and at least one image (or a folder holding images) are required\n");
+        goto usage_error;
+    }
+    if (max_new < 1 || max_new > 1024 || context < 64) {
+        fprintf(stderr, "agpt detect: --max-new must be in [1, 1024] and --context at least 64\n");
+        goto usage_error;
+    }
+    if ((s = make_names_unique(&images)) || (out_dir && (s = ensure_dir(out_dir)))) {
+        list_free(&images);
+        return cli_report("detect", s);
+    }
+
+    // The question: the reference's training prompt shape when the product is named.
+    char question[2048];
+    if (prompt) snprintf(question, sizeof question, "%s", prompt);
+    else if (class_name)
+        snprintf(question, sizeof question, "This is a photo of a %s for anomaly detection, which should be without any "
+                 "damage, flaw, defect, scratch, hole or broken part. Is there any anomaly in the image?", class_name);
+    else snprintf(question, sizeof question, "Is there any anomaly in the image?");
+
+    Engine eng;
+    if ((s = engine_create(&eng, dev, 0, threads, 1))) {
+        list_free(&images);
+        return cli_report("detect", s);
+    }
+    static AnomalyGPT agpt;
+    static VisionModel vision;
+    bool llm = has_llm(model, overlays, n_overlays);
+    VisionModel *vm = llm ? &agpt.vision : &vision;
+    Sampler sampler = {0};
+    ClipTokenizer *clip = NULL;
+    int rc = 0, done = 0, failed = 0;
+    float *map = NULL;
+    double t0 = timer_now_s();
+    int batch = n_refs * (rotate ? 4 : 1);
+    s = llm ? anomalygpt_open(&agpt, &eng, model, overlays, n_overlays, sp_model, dt, context)
+            : vision_model_open(vm, &eng, model, overlays, n_overlays, dt, batch > 1 ? batch : 1);
+    bool opened = s == AGPT_OK;
+    if (!llm && opened) LOG_W("%s has no language model: maps and scores only, no verdicts", model);
+    if (s == AGPT_OK && llm && !scfg.greedy) s = sampler_init(&sampler, &scfg, agpt.llm.vocab);
+    if (s == AGPT_OK && clip_vocab && (s = clip_tokenizer_load_file(clip_vocab, &clip)) == AGPT_OK)
+        vision_model_set_tokenizer(vm, clip);
+    if (s == AGPT_OK) {
+        if (squash) vm->mode = PREPROCESS_SQUASH;
+        vm->fuse_text_map = fuse;
+        vm->augment_rotations = rotate;
+        if (llm) agpt.map_class = class_name;
+        s = mem_host_alloc((size_t)vm->vision.image * vm->vision.image * sizeof(float), (void **)&map);
+    }
+    if (s == AGPT_OK && n_refs > 0) {
+        Image ref_images[MAX_REFS];
+        int loaded = 0;
+        for (; loaded < n_refs; loaded++)
+            if ((s = image_load(refs[loaded], &ref_images[loaded]))) break;
+        if (s == AGPT_OK) s = vision_model_set_references(vm, ref_images, n_refs);
+        for (int i = 0; i < loaded; i++) image_free(&ref_images[i]);
+        if (s) s = agpt_add_context(s, "reference images");
+    }
+    const char *map_class = class_name ? class_name : "object";
+    if (s == AGPT_OK && !llm && (n_refs == 0 || fuse)) {  // resolve the class once (cached, computed or 'object')
+        const Tensor *features;
+        s = vision_model_class_features(vm, map_class, &features, &map_class);
+    }
+    if (s != AGPT_OK) {
+        rc = cli_report("detect", s);
+        goto finish;
+    }
+    double t_load = timer_now_s() - t0;
+    LOG_I("detect: %d image(s), model loaded in %.2f s, %s map, %s", images.n, t_load,
+          n_refs ? "few-shot" : "zero-shot", llm ? (verdict_only ? "verdicts" : "verdicts and answers") : "maps only");
+
+    Progress bar;
+    progress_begin(&bar, "detect", images.n);
+    double t_images = timer_now_s();
+    for (int i = 0; i < images.n; i++) {
+        cJSON *line = cJSON_CreateObject();
+        cJSON_AddStringToObject(line, "image", images.paths[i]);
+        double t1 = timer_now_s();
+        Image img;
+        float score = 0;
+        AnomalyAnswer ans = {.map = map};
+        const char *used_class = map_class;
+        char heat[4096], raw[4096];
+        s = image_load(images.paths[i], &img);
+        double load_ms = 1e3 * (timer_now_s() - t1);
+        if (s == AGPT_OK) {
+            if (llm) {
+                if (!scfg.greedy) rng_seed(&sampler.rng, scfg.seed);  // each image's answer independent of order
+                s = anomalygpt_ask(&agpt, &img, NULL, 0, question, scfg.greedy ? NULL : &sampler,
+                                   verdict_only ? VERDICT_TOKENS : max_new, &ans);
+                score = ans.score;
+                used_class = ans.class_name;
+            } else {
+                double tv = timer_now_s();
+                s = vision_model_map(vm, &img, 1, map_class, map, &score);
+                ans.vision_ms = 1e3 * (timer_now_s() - tv);
+            }
+            if (s == AGPT_OK && out_dir) s = write_map_outputs(vm, &img, map, out_dir, images.names[i], heat, raw, sizeof heat);
+            image_free(&img);
+        }
+        if (s == AGPT_OK) {
+            cJSON_AddTrueToObject(line, "ok");
+            const char *verdict = NULL;
+            if (llm) {
+                char *text = verdict_only ? raw_text(&agpt, &ans) : NULL;
+                verdict = verdict_of(verdict_only ? text : ans.text);
+                free(text);
+            }
+            if (verdict) cJSON_AddStringToObject(line, "verdict", verdict);
+            else cJSON_AddNullToObject(line, "verdict");
+            cJSON_AddNumberToObject(line, "score", score);
+            cJSON_AddStringToObject(line, "mode", !n_refs ? "zero-shot" : fuse ? "few-shot+zero-shot" : "few-shot");
+            if (!n_refs || fuse) cJSON_AddStringToObject(line, "class", used_class && used_class[0] ? used_class : map_class);
+            if (llm && !verdict_only) cJSON_AddStringToObject(line, "answer", ans.text ? ans.text : "");
+            if (out_dir) {
+                cJSON_AddStringToObject(line, "heatmap", heat);
+                cJSON_AddStringToObject(line, "map", raw);
+            }
+            cJSON *t = cJSON_AddObjectToObject(line, "ms");
+            cJSON_AddNumberToObject(t, "decode_image", load_ms);
+            cJSON_AddNumberToObject(t, "vision", ans.vision_ms);
+            if (llm) {
+                cJSON_AddNumberToObject(t, "prefill", ans.prefill_ms);
+                cJSON_AddNumberToObject(t, "generate", ans.decode_ms);
+                cJSON_AddNumberToObject(t, "tokens", ans.n_tokens);
+            }
+            cJSON_AddNumberToObject(t, "total", 1e3 * (timer_now_s() - t1));
+            done++;
+        } else {
+            cJSON_AddFalseToObject(line, "ok");
+            cJSON_AddStringToObject(line, "error", agpt_last_error());
+            failed++;
+            rc = 1;
+        }
+        free(ans.text);
+        print_json_line(line);
+        progress_step(&bar, 1);
+    }
+    progress_end(&bar);
+    double seconds = timer_now_s() - t_images;
+    fprintf(stderr, "agpt detect: %d of %d image(s) processed, %d failed, in %.2f s: %.2f images/s (model load %.2f s)\n",
+            done, images.n, failed, seconds, seconds > 0 ? done / seconds : 0.0, t_load);
+
+finish:
+    mem_host_free(map);
+    sampler_free(&sampler);
+    if (opened) {
+        if (llm) anomalygpt_close(&agpt);
+        else vision_model_close(vm);
+    }
+    clip_tokenizer_free(clip);
+    engine_destroy(&eng);
+    list_free(&images);
+    return rc;
+
+usage_error:
+    usage(stderr);
+    list_free(&images);
+    return 2;
+}
