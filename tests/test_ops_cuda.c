@@ -6,6 +6,8 @@
 // inputs upcast to f32 (1e-2). Outputs are poisoned with NaN bytes (0xFF) first, so an element an op forgets
 // to write fails; NaN or inf anywhere fails. Some cases offset every pointer by one element to take the
 // unaligned (non-vector) paths, and some run in place where ops.h allows aliasing. Casts must be bit-exact.
+// Attention: f16/bf16 with D in {64, 80, 128} goes to the flash kernels unless AGPT_ATTENTION=simple; the
+// run_flash cases call the flash kernels directly, so `AGPT_ATTENTION=simple test_ops_cuda` covers both.
 // Without a CUDA device it prints "no CUDA device: skipped" and exits 77.
 #include <math.h>
 #include <stdarg.h>
@@ -491,6 +493,93 @@ static void test_attention_backward(DType dt, int64_t B, int64_t Tq, int64_t Tk,
     expect_close("dq", fetch(d_dq, nq, dt), rdq, nq, tol_for(dt, 1e-5));
     expect_close("dk", fetch(d_dk, nk, dt), rdk, nk, tol_for(dt, 1e-5));
     expect_close("dv", fetch(d_dv, nk, dt), rdv, nk, tol_for(dt, 1e-5));
+}
+
+// ---- fused flash attention (kernels/cuda/flash_attention.cu), called directly ---------------------------------
+// test_attention above goes through cuda_attention's dispatch, which takes these kernels by default for f16/bf16
+// and D in {64, 80, 128}, and the simple kernels under AGPT_ATTENTION=simple: run the binary both ways to cover
+// both. The cases here call cuda_flash_attention* directly, so they test the flash kernels either way.
+//
+// Tolerance: 1e-2 relative L2 (DESIGN.md, bf16/f16 against f32). What the flash kernels add over the simple
+// ones is the rounding of P (forward) and of P and dS (backward) to the storage type before the tensor-core
+// products: about 2^-9 relative per element in bf16, 2^-12 in f16, random in sign, so the expected error is a
+// few 1e-3 in bf16 and well under 1e-3 in f16. Inputs are normal(0, 1.5) for q and k so the rows are peaked.
+
+static void test_flash(DType dt, int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t D, bool causal) {
+    begin_case("flash_attention %s B=%lld Tq=%lld Tk=%lld H=%lld D=%lld%s", dtype_name(dt), (long long)B,
+               (long long)Tq, (long long)Tk, (long long)H, (long long)D, causal ? " causal" : "");
+    const int64_t nq = B * Tq * H * D, nk = B * Tk * H * D;
+    const float scale = 1.0f / sqrtf((float)D);
+    float *q = rand_n(nq, dt, 1.5f), *k = rand_n(nk, dt, 1.5f), *v = rand_n(nk, dt, 1.0f);
+    void *d_q = dev_in(q, nq, dt, 0), *d_k = dev_in(k, nk, dt, 0), *d_v = dev_in(v, nk, dt, 0);
+    void *d_out = dev_out(nq, dt, 0);
+    RUN(cuda_flash_attention(&eng, dt, d_out, d_q, d_k, d_v, B, Tq, Tk, H, D, causal, scale));
+    float *ref = hvec(nq);
+    cpu_attention(ref, q, k, v, B, Tq, Tk, H, D, causal, scale);
+    expect_close("out", fetch(d_out, nq, dt), ref, nq, 1e-2);
+}
+
+static void test_flash_backward(DType dt, int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t D, bool causal) {
+    begin_case("flash_attention_backward %s B=%lld Tq=%lld Tk=%lld H=%lld D=%lld%s", dtype_name(dt),
+               (long long)B, (long long)Tq, (long long)Tk, (long long)H, (long long)D, causal ? " causal" : "");
+    const int64_t nq = B * Tq * H * D, nk = B * Tk * H * D;
+    const float scale = 1.0f / sqrtf((float)D);
+    float *q = rand_n(nq, dt, 1.5f), *k = rand_n(nk, dt, 1.5f), *v = rand_n(nk, dt, 1.0f);
+    float *dout = rand_n(nq, dt, 1.0f);
+    void *d_q = dev_in(q, nq, dt, 0), *d_k = dev_in(k, nk, dt, 0), *d_v = dev_in(v, nk, dt, 0);
+    void *d_dout = dev_in(dout, nq, dt, 0);
+    void *d_dq = dev_out(nq, dt, 0), *d_dk = dev_out(nk, dt, 0), *d_dv = dev_out(nk, dt, 0);
+    RUN(cuda_flash_attention_backward(&eng, dt, d_dq, d_dk, d_dv, d_dout, d_q, d_k, d_v, B, Tq, Tk, H, D, causal,
+                                      scale));
+    float *rdq = hvec(nq), *rdk = hvec(nk), *rdv = hvec(nk);
+    cpu_attention_backward(rdq, rdk, rdv, dout, q, k, v, B, Tq, Tk, H, D, causal, scale);
+    expect_close("dq", fetch(d_dq, nq, dt), rdq, nq, 1e-2);
+    expect_close("dk", fetch(d_dk, nk, dt), rdk, nk, 1e-2);
+    expect_close("dv", fetch(d_dv, nk, dt), rdv, nk, 1e-2);
+}
+
+// Argument errors of the direct entry points: f32, a head dim without a kernel, a misaligned pointer.
+static void test_flash_errors(void) {
+    begin_case("flash errors");
+    printf("== flash attention argument errors ==\n");
+    void *buf = dalloc(64, DT_BF16, 0), *mis = (char *)buf + 2;
+    CHECK_ERR(cuda_flash_attention(&eng, DT_F32, buf, buf, buf, buf, 1, 1, 1, 1, 64, false, 1.0f));
+    CHECK_ERR(cuda_flash_attention(&eng, DT_BF16, buf, buf, buf, buf, 1, 1, 1, 1, 96, false, 1.0f));
+    CHECK_ERR(cuda_flash_attention(&eng, DT_F16, buf, mis, buf, buf, 1, 1, 1, 1, 64, false, 1.0f));
+    CHECK_ERR(cuda_flash_attention_backward(&eng, DT_BF16, buf, buf, buf, buf, buf, buf, buf, 1, 1, 1, 1, 72, false,
+                                            1.0f));
+    CHECK(cuda_flash_attention_supported(DT_BF16, 80, 2, 257, 257, 16), "ViT shape must take the flash path");
+    CHECK(!cuda_flash_attention_supported(DT_F32, 80, 2, 257, 257, 16), "f32 must not take the flash path");
+}
+
+static void run_flash(DType dt) {
+    double t0 = timer_now_s();
+    printf("== flash attention %s (cuda_attention dispatch: %s) ==\n", dtype_name(dt), cuda_attention_impl());
+    // {B, Tq, Tk, H, D, causal}
+    const int64_t fwd[][6] = {
+        {2, 257, 257, 16, 80, 0},                            // ViT-H: 257 tokens, 16 heads of 80
+        {1, 77, 77, 16, 64, 1},    {4, 77, 77, 16, 64, 1},   // CLIP text encoder
+        {1, 1, 1, 32, 128, 1},     {1, 7, 7, 32, 128, 1},    // LLaMA prefill of 1 and 7 tokens
+        {1, 257, 257, 32, 128, 1}, {1, 1000, 1000, 32, 128, 1},
+        {1, 7, 1000, 32, 128, 1},  {2, 100, 400, 8, 128, 1}, // prefill after a cache (causal aligned to the end)
+        {1, 1, 77, 32, 128, 1},    {1, 1, 1000, 32, 128, 1}, // decode over a cache (split-K kernel)
+        {1, 1, 4097, 32, 128, 1},  {32, 1, 1000, 4, 128, 1}, {32, 1, 4097, 4, 128, 1}, {32, 1, 1, 4, 128, 1},
+        {3, 1, 333, 5, 80, 0},     {2, 1, 77, 3, 64, 0},     // decode at the other head dims
+        {2, 9, 13, 3, 64, 0},      {2, 9, 13, 3, 64, 1},     {1, 65, 130, 2, 80, 1}, {1, 129, 129, 2, 128, 0},
+        {2, 5, 3, 3, 128, 1},      // Tk < Tq (direct call only): the first queries see no key and must give 0
+        {1, 64, 64, 1, 80, 1},     {1, 63, 65, 1, 64, 0},
+    };
+    for (size_t i = 0; i < sizeof fwd / sizeof fwd[0]; i++)
+        test_flash(dt, fwd[i][0], fwd[i][1], fwd[i][2], fwd[i][3], fwd[i][4], fwd[i][5] != 0);
+    const int64_t bwd[][6] = {
+        {1, 7, 7, 2, 64, 1},    {2, 33, 45, 3, 80, 0},   {2, 33, 45, 3, 80, 1}, {1, 70, 70, 2, 128, 1},
+        {1, 1, 77, 4, 128, 1},  {1, 65, 65, 1, 64, 0},   {1, 130, 200, 2, 128, 1}, {2, 5, 3, 2, 64, 1},
+        {2, 257, 257, 16, 80, 0}, {1, 77, 77, 16, 64, 1}, {1, 257, 257, 8, 128, 1},
+    };
+    for (size_t i = 0; i < sizeof bwd / sizeof bwd[0]; i++)
+        test_flash_backward(dt, bwd[i][0], bwd[i][1], bwd[i][2], bwd[i][3], bwd[i][4], bwd[i][5] != 0);
+    release_all();
+    printf("== flash attention %s done in %.1f s ==\n", dtype_name(dt), timer_now_s() - t0);
 }
 
 // positions: consecutive from a per-batch start (prefill after a cache), or random in [0, 4096).
@@ -1050,6 +1139,9 @@ int main(void) {
     run_sample(DT_F32);
     run_sample(DT_BF16);
     test_sample_errors();
+    test_flash_errors();
+    run_flash(DT_BF16);
+    run_flash(DT_F16);
     engine_destroy(&eng);
     return test_summary();
 }

@@ -65,7 +65,7 @@ typedef struct OpArgs {
 } OpArgs;
 
 enum { K_COPY, K_MATMUL, K_LINEAR, K_ADD, K_LAYERNORM, K_RMSNORM, K_GELU, K_SWIGLU, K_SOFTMAX, K_ATTENTION,
-       K_ROPE };
+       K_ROPE, K_ATTENTION_CAUSAL };
 
 static Status run_op(BenchCtx *b, void *p) {
     OpArgs *a = p;
@@ -82,6 +82,8 @@ static Status run_op(BenchCtx *b, void *p) {
     case K_SOFTMAX: return op_softmax(e, &a->z, &a->x, 1.0f);
     case K_ATTENTION: return op_attention(e, &a->z, &a->x, &a->y, &a->w, false, 0.1118f);
     case K_ROPE: return op_rope(e, &a->z, &a->x, &a->pos, 10000.0f);
+    case K_ATTENTION_CAUSAL:  // scale 1/sqrt(D) for the two causal head dims, 64 (CLIP text) and 128 (LLaMA)
+        return op_attention(e, &a->z, &a->x, &a->y, &a->w, true, a->x.shape[3] == 64 ? 0.125f : 0.08838834764f);
     }
     return AGPT_FAIL(AGPT_ERR_ARG, "unknown bench op");
 }
@@ -257,6 +259,31 @@ int cmd_bench(int argc, char **argv) {
         a->name = "rope llama 32x128", a->kind = K_ROPE;
         if ((s = NEW(dt, 4, 1, llm_rows, 32, 128) &a->x)) || (s = NEW(dt, 4, 1, llm_rows, 32, 128) &a->z)) ||
             (s = NEW(DT_I32, 2, 1, llm_rows) &a->pos)))
+            goto fail;
+        a->bytes = 2.0 * llm_rows * 4096 * es;
+        // Causal attention: CLIP text (77 tokens, 16 heads of 64, one sequence per ViT image), LLaMA prefill
+        // (4 sequences of llm_rows / 4 tokens, 32 heads of 128) and a LLaMA decode step over an llm_rows cache
+        // (memory-bound: reported as the bytes of K and V read). FLOPs count only the visible pairs.
+        a = &ops[n_ops++];
+        memset(a, 0, sizeof *a);
+        a->name = "attention text 77x16x64 causal", a->kind = K_ATTENTION_CAUSAL;
+        if ((s = NEW(dt, 4, images, 77, 16, 64) &a->x)) || (s = NEW(dt, 4, images, 77, 16, 64) &a->y)) ||
+            (s = NEW(dt, 4, images, 77, 16, 64) &a->w)) || (s = NEW(dt, 4, images, 77, 16, 64) &a->z)))
+            goto fail;
+        a->flops = 4.0 * images * 16 * (77.0 * 78.0 / 2) * 64;
+        a = &ops[n_ops++];
+        memset(a, 0, sizeof *a);
+        int64_t pre_t = llm_rows / 4;
+        a->name = "attention llama prefill causal", a->kind = K_ATTENTION_CAUSAL;
+        if ((s = NEW(dt, 4, 4, pre_t, 32, 128) &a->x)) || (s = NEW(dt, 4, 4, pre_t, 32, 128) &a->y)) ||
+            (s = NEW(dt, 4, 4, pre_t, 32, 128) &a->w)) || (s = NEW(dt, 4, 4, pre_t, 32, 128) &a->z)))
+            goto fail;
+        a->flops = 4.0 * 4 * 32 * ((double)pre_t * (pre_t + 1) / 2) * 128;
+        a = &ops[n_ops++];
+        memset(a, 0, sizeof *a);
+        a->name = "attention llama decode 1xcache", a->kind = K_ATTENTION_CAUSAL;
+        if ((s = NEW(dt, 4, 1, 1, 32, 128) &a->x)) || (s = NEW(dt, 4, 1, llm_rows, 32, 128) &a->y)) ||
+            (s = NEW(dt, 4, 1, llm_rows, 32, 128) &a->w)) || (s = NEW(dt, 4, 1, 1, 32, 128) &a->z)))
             goto fail;
         a->bytes = 2.0 * llm_rows * 4096 * es;
     }

@@ -1,5 +1,9 @@
-// Reference multi-head attention on the GPU, forward and backward: simple, exact, race-free. The fused
-// flash-style kernels come later behind the same calls.
+// Reference multi-head attention on the GPU, forward and backward: simple, exact, race-free; and the dispatch
+// between it and the fused tensor-core kernels of flash_attention.cu. cuda_attention and
+// cuda_attention_backward take the flash kernels for f16/bf16 with D in {64, 80, 128} and 16-byte aligned
+// pointers (the backward also needs its statistics to fit the workspace), and these kernels for everything
+// else (f32, other head dims). AGPT_ATTENTION=simple in the environment (read once per process) sends every
+// call here, so that one GPU run can compare the two on the same inputs.
 //
 //   q: [B,Tq,H,D]   k, v: [B,Tk,H,D]   out: [B,Tq,H,D]      s_ij = scale * q_i . k_j
 //   causal: query i sees keys j <= i + (Tk - Tq)
@@ -19,6 +23,9 @@
 // written by exactly one warp: no atomics, deterministic. When B*H*Tq statistics do not fit the workspace
 // (never at model sizes: 32 MiB holds 4M pairs), the queries are processed in chunks and dk/dv accumulate.
 #include "kernels/cuda/common.cuh"
+
+#include <stdlib.h>
+#include <string.h>
 
 #define ATT_WARPS 4  // warps (queries or keys) per block
 #define ATT_KB 4     // keys (or queries) per inner group
@@ -354,12 +361,35 @@ static Status attention_shape(AttShape *a, const char *fn, int64_t B, int64_t Tq
     return AGPT_OK;
 }
 
+// AGPT_ATTENTION=simple: 1, anything else or unset: 0. Read once; a race between first callers is benign
+// (each stores the same value).
+static int simple_only = -1;
+static bool attention_simple_only(void) {
+    if (simple_only < 0) {
+        const char *v = getenv("AGPT_ATTENTION");
+        simple_only = v && strcmp(v, "simple") == 0 ? 1 : 0;
+    }
+    return simple_only == 1;
+}
+
+extern "C" const char *cuda_attention_impl(void) { return attention_simple_only() ? "simple" : "flash"; }
+
+static bool use_flash(DType dt, int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t D,
+                      std::initializer_list<const void *> ptrs) {
+    if (attention_simple_only() || !cuda_flash_attention_supported(dt, D, B, Tq, Tk, H)) return false;
+    for (const void *p : ptrs)
+        if (!aligned16(p)) return false;
+    return true;
+}
+
 extern "C" Status cuda_attention(Engine *e, DType dt, void *out, const void *q, const void *k, const void *v,
                                  int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t D, bool causal, float scale) {
     CHECK_FLOAT_DT(dt);
     AttShape a;
     AGPT_TRY(attention_shape(&a, "cuda_attention", B, Tq, Tk, H, D, causal, scale));
     if (B == 0 || Tq == 0 || H == 0) return AGPT_OK;
+    if (use_flash(dt, B, Tq, Tk, H, D, {out, q, k, v}))
+        return cuda_flash_attention(e, dt, out, q, k, v, B, Tq, Tk, H, D, causal, scale);
     return DISPATCH_FLOAT(dt, launch_attention_forward, engine_stream(e), out, q, k, v, a);
 }
 
@@ -379,6 +409,9 @@ extern "C" Status cuda_attention_backward(Engine *e, DType dt, void *dq, void *d
         }
         return AGPT_OK;
     }
+    if (use_flash(dt, B, Tq, Tk, H, D, {dq, dk, dv, dout, q, k, v}) && Tk > 0 &&
+        cuda_flash_attention_backward_fits(e, B, Tq, H))
+        return cuda_flash_attention_backward(e, dt, dq, dk, dv, dout, q, k, v, B, Tq, Tk, H, D, causal, scale);
     // lse and delta per (b, h, query) in the workspace, stream-ordered like every other use of it.
     const int64_t cap = (int64_t)(e->workspace_bytes / sizeof(float)) / 2;
     int64_t chunk = cap / (B * H);

@@ -44,6 +44,21 @@ Status cuda_attention(Engine *e, DType dt, void *out, const void *q, const void 
 Status cuda_attention_backward(Engine *e, DType dt, void *dq, void *dk, void *dv, const void *dout, const void *q,
                                const void *k, const void *v, int64_t B, int64_t Tq, int64_t Tk, int64_t H,
                                int64_t D, bool causal, float scale);
+// Which kernels cuda_attention/cuda_attention_backward use for f16/bf16 with D in {64, 80, 128}: "flash" (the
+// default) or "simple" (environment AGPT_ATTENTION=simple, read once). f32 and other D always use "simple".
+const char *cuda_attention_impl(void);
+
+// ---- fused flash attention on tensor cores (kernels/cuda/flash_attention.cu) ----
+// Same layout and semantics as cuda_attention: f16/bf16 only, D in {64, 80, 128}, every pointer 16-byte aligned;
+// anything else is AGPT_ERR_UNSUPPORTED. Tq = 1 takes a split-K decode kernel with partials in e->workspace.
+bool cuda_flash_attention_supported(DType dt, int64_t D, int64_t B, int64_t Tq, int64_t Tk, int64_t H);
+Status cuda_flash_attention(Engine *e, DType dt, void *out, const void *q, const void *k, const void *v, int64_t B,
+                            int64_t Tq, int64_t Tk, int64_t H, int64_t D, bool causal, float scale);
+// The backward keeps 2 * B * H * Tq floats (log-sum-exp, dO.O) in e->workspace; whether they fit:
+bool cuda_flash_attention_backward_fits(Engine *e, int64_t B, int64_t Tq, int64_t H);
+Status cuda_flash_attention_backward(Engine *e, DType dt, void *dq, void *dk, void *dv, const void *dout,
+                                     const void *q, const void *k, const void *v, int64_t B, int64_t Tq, int64_t Tk,
+                                     int64_t H, int64_t D, bool causal, float scale);
 Status cuda_rope(Engine *e, DType dt, void *out, const void *x, const int32_t *positions, int64_t B, int64_t T,
                  int64_t H, int64_t D, float base, int direction);
 
