@@ -5,7 +5,8 @@
 # checkpoint) go through `agpt convert` and `agpt detect`; the maps must match the PyTorch re-expression of the
 # reference pipeline and the answers must be identical. Also: an f16 conversion, a layered partial conversion,
 # folders, and bad inputs. Needs LLaMA's tokenizer.model and CLIP's merges from shared/data (else skipped).
-# Usage: tests/test_e2e.sh path/to/agpt path/to/e2e_check tests/data shared/data
+# Usage (from the repository root: the golden names images by repository paths):
+#   tests/test_e2e.sh path/to/agpt path/to/e2e_check tests/data shared/data
 set -u
 agpt=$1
 check_tool=$2

@@ -20,10 +20,10 @@ static void commands(FILE *f);
 
 static void usage(FILE *f) {
     fprintf(f,
-            "usage: agpt chat --model M.safetensors --tokenizer tokenizer.model [options] IMAGE\n"
+            "usage: agpt chat --model M.safetensors [options] IMAGE\n"
             "  --model F        the model file (vision encoder, decoder, prompt learner, LLaMA)\n"
             "  --weights F      a file of weights layered over the model; repeatable\n"
-            "  --tokenizer F    LLaMA's SentencePiece tokenizer.model\n"
+            "  --tokenizer F    LLaMA's SentencePiece tokenizer.model (default: the one embedded in the model file)\n"
             "  --reference F    a normal image of the product: few-shot map instead of the zero-shot one\n"
             "                   (one: the model is opened for batches of one image, as the web demo uses)\n"
             "  --greedy         argmax decoding instead of sampling\n"
@@ -201,8 +201,8 @@ int cmd_chat(int argc, char **argv) {
 #undef VALUE
 #undef PUSH
     }
-    if (!model || !tokenizer || !image) {
-        fprintf(stderr, "agpt chat: --model, --tokenizer and an image are required\n");
+    if (!model || !image) {
+        fprintf(stderr, "agpt chat: --model and an image are required\n");
         usage(stderr);
         return 2;
     }

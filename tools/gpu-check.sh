@@ -41,6 +41,32 @@ step "tests: gpu and golden"
 (cd build-gpu && timeout 240 ctest -L "gpu|golden" --output-on-failure 2>&1) | tee "$out/ctest-gpu.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+step "kernel variants: the plain attention and our own convolution (the defaults are flash and cuDNN)"
+(AGPT_ATTENTION=simple AGPT_CONV=implicit timeout 120 build-gpu/test_ops_cuda 2>&1) | tail -n 30 | tee "$out/ops-cuda-simple.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+step "end to end on CUDA: convert the official-layout checkpoints, detect, compare with PyTorch's maps and answers"
+e2e=tests/data/e2e
+golden=$e2e/expected.safetensors
+meta() { build-gpu/e2e_check meta "$golden" "$1"; }
+if [ -f ../shared/data/llama-tokenizer.model ] || [ -f shared/data/llama-tokenizer.model ]; then
+    sd=$( [ -d ../shared/data ] && echo ../shared/data || echo shared/data )
+    build-gpu/agpt convert --imagebind $e2e/official/imagebind_huge.pth --vicuna $e2e/official/vicuna \
+        --pandagpt $e2e/official/pandagpt/pytorch_model.pt --anomalygpt $e2e/official/anomalygpt/pytorch_model.pt \
+        --tokenizer $sd/llama-tokenizer.model --clip-vocab $sd/clip-bpe-simple-vocab-16e6.txt.gz --dtype f32 \
+        --vision-heads "$(meta imagebind.vision_heads)" --text-heads "$(meta imagebind.text_heads)" \
+        -o "$out/e2e.safetensors" >"$out/e2e-convert.log" 2>&1 || status=1
+    for dt in f32 f16; do
+        timeout 60 build-gpu/agpt detect --device cuda --dtype $dt --model "$out/e2e.safetensors" --prompt "$(meta case0.prompt)" \
+            --max-new "$(meta case0.max_new)" --out "$out/e2e-$dt" "$(meta case0.image)" >"$out/e2e-$dt.jsonl" 2>&1 || status=1
+        tol=$([ $dt = f32 ] && echo 1e-4 || echo 2e-2)
+        build-gpu/e2e_check map "$golden" case0.map "$out/e2e-$dt/query.map.safetensors" $tol || status=1
+        build-gpu/e2e_check json "$golden" case0.answer "$out/e2e-$dt.jsonl" answer || echo "answer differs in $dt (exact only expected in f32)"
+    done
+else
+    echo "skipped: no shared/data tokenizer on this machine"
+fi
+
 step "agpt bench ops (cuda, bf16)"
 timeout 120 build-gpu/agpt bench ops --device cuda --dtype bf16 --json "$out/agpt-ops.json" 2>&1 | tee "$out/agpt-ops.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
