@@ -155,7 +155,7 @@ if [ -n "$make_test_model" ] && [ -x "$make_test_model" ] && [ -f "$shared/llama
             failed=$((failed + 1)); echo "FAIL chat with a reference and a too-long turn (exit $rc)"
             cat "$tmp/chat.out" "$tmp/chat.err"
         fi
-        expect_fail "chat without tokenizer" "required" "$agpt" chat --device cpu --model "$m" "$ib/query.png"
+        expect_fail "chat without any tokenizer" "embeds no LLaMA tokenizer" "$agpt" chat --device cpu --model "$m" "$ib/query.png"
         expect_fail "chat missing image" "none.png" "$agpt" chat --device cpu --model "$m" --tokenizer "$tok" \
             "$tmp/none.png" </dev/null
     fi
