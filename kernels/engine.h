@@ -29,3 +29,43 @@ Status engine_cuda_create(Engine *e);
 void engine_cuda_destroy(Engine *e);
 Status engine_cuda_synchronize(Engine *e);
 #endif
+
+// CUDA graphs of the engine's stream, so that model/ can record a sequence of ops once and launch it as one unit
+// without seeing CUDA types. `exec` is an instantiated graph (cudaGraphExec_t) held as an opaque pointer, NULL
+// until the first engine_graph_end.
+//   engine_graph_begin: from here the ops issued on this engine (this thread only: capture mode thread-local) are
+//     recorded, not run. Between begin and end nothing may synchronise, allocate device memory or copy through
+//     the legacy stream (tensor_copy, cudaMemcpy): such a call fails and invalidates the capture.
+//   engine_graph_end: ends the recording and makes *exec run it: the first time it instantiates the graph; later
+//     it updates *exec in place (cudaGraphExecUpdate: same topology, new kernel arguments, cheap) and
+//     re-instantiates only when the topology changed. Nothing has run yet.
+//   engine_graph_launch: runs *exec on the engine's stream, asynchronously like any op.
+//   engine_graph_abort: ends a recording that failed halfway and drops it (a no-op when none is open), so the
+//     stream is usable again. Call it when any op between begin and end fails.
+//   engine_graph_destroy: frees *exec (NULL is fine) and sets it to NULL.
+// The CPU engine has no graphs: begin, end and launch fail with AGPT_ERR_UNSUPPORTED (callers check the device
+// first); abort and destroy do nothing.
+#ifdef AGPT_WITH_CUDA
+Status engine_graph_begin(Engine *e);
+Status engine_graph_end(Engine *e, void **exec);
+Status engine_graph_launch(Engine *e, void *exec);
+void engine_graph_abort(Engine *e);
+void engine_graph_destroy(void **exec);
+#else
+static inline Status engine_graph_begin(Engine *e) {
+    (void)e;
+    return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "CUDA graphs need the CUDA backend; this build has none");
+}
+static inline Status engine_graph_end(Engine *e, void **exec) {
+    (void)e, (void)exec;
+    return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "CUDA graphs need the CUDA backend; this build has none");
+}
+static inline Status engine_graph_launch(Engine *e, void *exec) {
+    (void)e, (void)exec;
+    return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "CUDA graphs need the CUDA backend; this build has none");
+}
+static inline void engine_graph_abort(Engine *e) { (void)e; }
+static inline void engine_graph_destroy(void **exec) {
+    if (exec) *exec = NULL;
+}
+#endif

@@ -71,6 +71,19 @@ static Status check_stats(const Engine *e, const Tensor *t, int64_t rows, const 
 // ---------------------------------------------------------------------------------------------------------
 // matmul
 
+// The CPU backend's one mixed-dtype case, in kernels/cpu/matmul.c: a weight operand b stored in bf16 or f16 with
+// f32 a, out and bias (halving the bytes a decode step reads); widened to f32 as it is read, f32 accumulation.
+Status cpu_matmul_lowp(float *c, const float *a, const void *b, DType b_dtype, const float *bias, int64_t batch,
+                       int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, int64_t stride_a,
+                       int64_t stride_b, int64_t stride_c, float alpha, float beta);
+
+// b or a linear weight: of dtype dt like the other operands, or on the CPU with f32 activations also bf16 or f16.
+static Status check_weight(const Engine *e, const Tensor *t, DType dt, const char *op, const char *what) {
+    if (e->device == DEV_CPU && dt == DT_F32 && t && (t->dtype == DT_BF16 || t->dtype == DT_F16))
+        return check_tensor(e, t, op, what);
+    return check_float(e, t, dt, op, what);
+}
+
 typedef struct MatmulDims {
     int64_t batch, M, N, K, stride_a, stride_b, stride_c;
 } MatmulDims;
@@ -108,12 +121,15 @@ Status op_matmul(Engine *e, Tensor *out, const Tensor *a, const Tensor *b, const
     AGPT_TRY(check_tensor(e, a, op, "a"));
     DType dt = a->dtype;
     AGPT_TRY(check_float(e, a, dt, op, "a"));
-    AGPT_TRY(check_float(e, b, dt, op, "b"));
+    AGPT_TRY(check_weight(e, b, dt, op, "b"));
     AGPT_TRY(check_float(e, out, dt, op, "out"));
     MatmulDims d;
     AGPT_TRY(matmul_dims(out, a, b, trans_a, trans_b, &d));
     if (bias) AGPT_TRY(check_vector(e, bias, dt, d.N, op, "bias"));
     if (d.M == 0 || d.N == 0) return AGPT_OK;
+    if (b->dtype != dt)  // only the CPU's bf16/f16 weight passes check_weight with another dtype
+        return cpu_matmul_lowp(F(out), CF(a), b->data, b->dtype, bias ? CF(bias) : NULL, d.batch, d.M, d.N, d.K,
+                               trans_a, trans_b, d.stride_a, d.stride_b, d.stride_c, alpha, beta);
     if (ON_CUDA(e)) {
 #ifdef AGPT_WITH_CUDA
         return cuda_matmul(e, dt, out->data, a->data, b->data, PTR(bias), d.batch, d.M, d.N, d.K, trans_a, trans_b,
@@ -190,7 +206,7 @@ Status op_linear(Engine *e, Tensor *out, const Tensor *x, const Tensor *w, const
     AGPT_TRY(check_tensor(e, x, op, "x"));
     DType dt = x->dtype;
     AGPT_TRY(check_float(e, x, dt, op, "x"));
-    AGPT_TRY(check_float(e, w, dt, op, "w"));
+    AGPT_TRY(check_weight(e, w, dt, op, "w"));
     AGPT_TRY(check_float(e, out, dt, op, "out"));
     char a[96], b[96], c[96];
     int64_t K = tensor_cols(x), rows = tensor_rows(x);
@@ -380,6 +396,71 @@ Status op_rmsnorm_backward(Engine *e, Tensor *dx, Tensor *dw, const Tensor *dout
 #endif
     }
     cpu_rmsnorm_backward(F(dx), F(dw), CF(dout), CF(x), CF(w), CF(rstd), rows, C);
+    return AGPT_OK;
+}
+
+// The add-fused norms' CPU halves live in kernels/cpu/norms.c next to the row code they share.
+void cpu_add_layernorm(float *sum, float *out, float *mean, float *rstd, const float *a, const float *b,
+                       const float *w, const float *bias, int64_t rows, int64_t C, float eps);
+void cpu_add_rmsnorm(float *sum, float *out, float *rstd, const float *a, const float *b, const float *w,
+                     int64_t rows, int64_t C, float eps);
+
+// sum = a + b with a, b, sum alike; out like them and a separate buffer (the fused kernels read the sum back
+// from `sum` while writing `out`).
+static Status check_add_norm(const Engine *e, const Tensor *sum, const Tensor *out, const Tensor *a,
+                             const Tensor *b, const char *op) {
+    AGPT_TRY(check_tensor(e, a, op, "a"));
+    DType dt = a->dtype;
+    AGPT_TRY(check_float(e, a, dt, op, "a"));
+    AGPT_TRY(check_float(e, b, dt, op, "b"));
+    AGPT_TRY(check_float(e, sum, dt, op, "sum"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    AGPT_TRY(check_same_shape(a, b, op, "a and b"));
+    AGPT_TRY(check_same_shape(sum, a, op, "sum and a"));
+    AGPT_TRY(check_same_shape(out, a, op, "out and a"));
+    AGPT_CHECK_ARG(out->data != a->data && out->data != b->data && out->data != sum->data,
+                   "%s: out must be its own buffer (it may not alias a, b or sum; sum may alias a or b)", op);
+    return AGPT_OK;
+}
+
+Status op_add_layernorm(Engine *e, Tensor *sum, Tensor *out, Tensor *mean, Tensor *rstd, const Tensor *a,
+                        const Tensor *b, const Tensor *w, const Tensor *bias, float eps) {
+    const char *op = "op_add_layernorm";
+    AGPT_TRY(check_add_norm(e, sum, out, a, b, op));
+    DType dt = a->dtype;
+    int64_t rows = tensor_rows(a), C = tensor_cols(a);
+    AGPT_TRY(check_vector(e, w, dt, C, op, "weight"));
+    AGPT_TRY(check_vector(e, bias, dt, C, op, "bias"));
+    if (mean) AGPT_TRY(check_stats(e, mean, rows, op, "mean"));
+    if (rstd) AGPT_TRY(check_stats(e, rstd, rows, op, "rstd"));
+    AGPT_CHECK_ARG(eps > 0, "op_add_layernorm: eps must be > 0 (got %g)", (double)eps);
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_add_layernorm(e, dt, sum->data, out->data, mean ? F(mean) : NULL, rstd ? F(rstd) : NULL,
+                                  a->data, b->data, w->data, bias->data, rows, C, eps);
+#endif
+    }
+    cpu_add_layernorm(F(sum), F(out), mean ? F(mean) : NULL, rstd ? F(rstd) : NULL, CF(a), CF(b), CF(w), CF(bias),
+                      rows, C, eps);
+    return AGPT_OK;
+}
+
+Status op_add_rmsnorm(Engine *e, Tensor *sum, Tensor *out, Tensor *rstd, const Tensor *a, const Tensor *b,
+                      const Tensor *w, float eps) {
+    const char *op = "op_add_rmsnorm";
+    AGPT_TRY(check_add_norm(e, sum, out, a, b, op));
+    DType dt = a->dtype;
+    int64_t rows = tensor_rows(a), C = tensor_cols(a);
+    AGPT_TRY(check_vector(e, w, dt, C, op, "weight"));
+    if (rstd) AGPT_TRY(check_stats(e, rstd, rows, op, "rstd"));
+    AGPT_CHECK_ARG(eps > 0, "op_add_rmsnorm: eps must be > 0 (got %g)", (double)eps);
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_add_rmsnorm(e, dt, sum->data, out->data, rstd ? F(rstd) : NULL, a->data, b->data, w->data, rows,
+                                C, eps);
+#endif
+    }
+    cpu_add_rmsnorm(F(sum), F(out), rstd ? F(rstd) : NULL, CF(a), CF(b), CF(w), rows, C, eps);
     return AGPT_OK;
 }
 
@@ -744,6 +825,34 @@ Status op_softmax2_class1(Engine *e, Tensor *out, const Tensor *logits) {
 #endif
     }
     cpu_softmax2_class1(F(out), CF(logits), B, N);
+    return AGPT_OK;
+}
+
+// kernels/cpu/fused_map.c
+void cpu_upsample_softmax2_axpy(float *out, const float *logits, int64_t B, int64_t h, int64_t w, int64_t H,
+                                int64_t W, float alpha);
+
+Status op_upsample_softmax2_axpy(Engine *e, Tensor *out, const Tensor *logits, float alpha) {
+    const char *op = "op_upsample_softmax2_axpy";
+    AGPT_TRY(check_tensor(e, logits, op, "logits"));
+    DType dt = logits->dtype;
+    AGPT_TRY(check_float(e, logits, dt, op, "logits"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    char a[96], b[96];
+    AGPT_CHECK_ARG(logits->ndim == 4 && logits->shape[1] == 2 && out->ndim == 3 && out->shape[0] == logits->shape[0],
+                   "op_upsample_softmax2_axpy: logits %s and out %s, expected [B,2,h,w] and [B,H,W]", DESC(logits, a),
+                   DESC(out, b));
+    int64_t B = logits->shape[0], h = logits->shape[2], w = logits->shape[3], H = out->shape[1], W = out->shape[2];
+    if (B * H * W == 0) return AGPT_OK;
+    AGPT_CHECK_ARG(h > 0 && w > 0, "op_upsample_softmax2_axpy: cannot resize the empty grid %s to %s",
+                   DESC(logits, a), DESC(out, b));
+    AGPT_CHECK_ARG(logits->data != out->data, "op_upsample_softmax2_axpy: out must not alias logits");
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_upsample_softmax2_axpy(e, dt, out->data, logits->data, B, h, w, H, W, alpha);
+#endif
+    }
+    cpu_upsample_softmax2_axpy(F(out), CF(logits), B, h, w, H, W, alpha);
     return AGPT_OK;
 }
 

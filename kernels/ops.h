@@ -45,6 +45,18 @@ Status op_rmsnorm(Engine *e, Tensor *out, Tensor *rstd, const Tensor *x, const T
 Status op_rmsnorm_backward(Engine *e, Tensor *dx, Tensor *dw, const Tensor *dout, const Tensor *x, const Tensor *w,
                            const Tensor *rstd);
 
+// Residual add fused with the norm that follows it (the pre-norm blocks' "x = x + branch; n = norm(x)"):
+//   sum = a + b   (written: it is the residual stream the next add reads)
+//   out = layernorm(sum) * w + bias   /   out = rmsnorm(sum) * w
+// exactly op_add then op_layernorm / op_rmsnorm (bit for bit on the CPU; on CUDA the norm reads the sum as
+// rounded to the storage dtype, as the unfused pair does), but one pass over memory: a and b are read once, sum
+// and out written once. mean/rstd as in op_layernorm/op_rmsnorm (f32 [rows] or NULL), so the backward of the
+// unfused norm applies unchanged. sum may alias a or b; out must alias none of a, b, sum.
+Status op_add_layernorm(Engine *e, Tensor *sum, Tensor *out, Tensor *mean, Tensor *rstd, const Tensor *a,
+                        const Tensor *b, const Tensor *w, const Tensor *bias, float eps);
+Status op_add_rmsnorm(Engine *e, Tensor *sum, Tensor *out, Tensor *rstd, const Tensor *a, const Tensor *b,
+                      const Tensor *w, float eps);
+
 // Exact GELU: out = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)). out may alias x.
 Status op_gelu(Engine *e, Tensor *out, const Tensor *x);
 Status op_gelu_backward(Engine *e, Tensor *dx, const Tensor *dout, const Tensor *x);
@@ -116,6 +128,14 @@ Status op_softmax2_class1(Engine *e, Tensor *out, const Tensor *logits);
 
 // y += alpha * x (same shape).
 Status op_axpy(Engine *e, Tensor *y, const Tensor *x, float alpha);
+// The anomaly map's per-layer step in one pass: out += alpha * softmax2_class1(upsample_bilinear(logits)):
+//   logits [B,2,h,w] (class 0, class 1 score grids) -> out [B,H,W], accumulated; with alpha = 1/L over the L
+//   decoder layers it builds the layer mean. The same arithmetic as op_upsample_bilinear, then op_softmax2_class1
+//   on the result seen as [B,2,H*W], then op_axpy (bit for bit on the CPU), but the two upsampled planes and the
+//   probabilities never go through memory: each output pixel reads its 2 x 4 grid values and out once. On
+//   f16/bf16 it is more accurate than the unfused ops, which round the planes and probabilities to the storage
+//   type. out must not alias logits.
+Status op_upsample_softmax2_axpy(Engine *e, Tensor *out, const Tensor *logits, float alpha);
 // x = a * x + b elementwise, in place.
 Status op_affine(Engine *e, Tensor *x, float a, float b);
 

@@ -1,12 +1,14 @@
 #include "model/anomaly_map.h"
 
 #include <float.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels/ops.h"
 #include "runtime/memory.h"
+#include "runtime/rng.h"
 
 #define SHAPE(...) ((const int64_t[]){__VA_ARGS__})
 
@@ -126,17 +128,14 @@ Status anomaly_map_text(Engine *e, const PatchDecoder *d, Arena *arena, const Te
     size_t mark = arena_mark(arena);
     Status s;
 #define TRY_OR_RESET(expr) do { if ((s = (expr)) != AGPT_OK) { arena_reset_to(arena, mark); return s; } } while (0)
-    Tensor proj, logits, logits_up, prob;
+    Tensor proj, logits;
     TRY_OR_RESET(arena_tensor(arena, dt, 2, SHAPE(N, E), &proj));
     TRY_OR_RESET(arena_tensor(arena, dt, 2, SHAPE(2, N), &logits));
-    TRY_OR_RESET(arena_tensor(arena, dt, 4, SHAPE(1, 2, S, S), &logits_up));
-    TRY_OR_RESET(arena_tensor(arena, dt, 2, SHAPE(1, (int64_t)S * S), &prob));
     TRY_OR_RESET(tensor_zero(map));
     for (int img = 0; img < B; img++) {
         Tensor tf = per_image ? tensor_rows_view(text_features, (int64_t)img * 2, 2)
                               : tensor_2d(text_features->data, dt, e->device, 2, E);
-        Tensor out = tensor_rows_view(map, (int64_t)img * S, S);  // [S,S] of image img
-        Tensor out_flat = tensor_2d(out.data, dt, e->device, 1, (int64_t)S * S);
+        Tensor out = tensor_3d(tensor_rows_view(map, (int64_t)img * S, S).data, dt, e->device, 1, S, S);  // image img
         for (int i = 0; i < VISION_TAPS; i++) {
             Tensor patches = tensor_rows_view(&taps[i], (int64_t)img * T + 1, N);  // CLS dropped
             TRY_OR_RESET(op_linear(e, &proj, &patches, &d->fc_w[i], &d->fc_b[i]));
@@ -144,10 +143,8 @@ Status anomaly_map_text(Engine *e, const PatchDecoder *d, Arena *arena, const Te
             // S^T [2,N] = 100 * t [2,E] @ P^T: already the [2,g,g] layout the upsampling wants.
             TRY_OR_RESET(op_matmul(e, &logits, &tf, &proj, NULL, false, true, 100.0f, 0.0f));
             Tensor grid = tensor_4d(logits.data, dt, e->device, 1, 2, g, g);
-            TRY_OR_RESET(op_upsample_bilinear(e, &logits_up, &grid));
-            Tensor lg = tensor_3d(logits_up.data, dt, e->device, 1, 2, (int64_t)S * S);
-            TRY_OR_RESET(op_softmax2_class1(e, &prob, &lg));
-            TRY_OR_RESET(op_axpy(e, &out_flat, &prob, 1.0f / VISION_TAPS));
+            // map += softmax(upsample(S))[class 1] / 4: the layer mean, one pass over the pixels.
+            TRY_OR_RESET(op_upsample_softmax2_axpy(e, &out, &grid, 1.0f / VISION_TAPS));
         }
     }
     arena_reset_to(arena, mark);
@@ -263,4 +260,33 @@ Status anomaly_map_scores(const Tensor *map, float *scores) {
     }
     mem_host_free(host.data);
     return s;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Random weights at any size, for benchmarks: the same structures as decoder_load makes, without a file.
+
+
+static Status decoder_random_upload(WeightStore *w, Rng *rng, float std, int ndim, const int64_t *shape,
+                                    Tensor *out) {
+    size_t n = 1;
+    for (int i = 0; i < ndim; i++) n *= (size_t)shape[i];
+    float *host = NULL;
+    AGPT_TRY(mem_host_alloc(n * sizeof(float), (void **)&host));
+    rng_fill_normal(rng, host, n, 0.0f, std);
+    Status s = weights_upload(w, host, ndim, shape, out);
+    mem_host_free(host);
+    return s;
+}
+
+Status decoder_init_random(PatchDecoder *d, WeightStore *w, int in_dim, int out_dim, uint64_t seed) {
+    memset(d, 0, sizeof *d);
+    AGPT_CHECK_ARG(in_dim >= 1 && out_dim >= 1, "decoder_init_random: %d -> %d", in_dim, out_dim);
+    Rng rng;
+    rng_seed(&rng, seed);
+    d->in_dim = in_dim, d->out_dim = out_dim;
+    for (int i = 0; i < VISION_TAPS; i++) {
+        AGPT_TRY(decoder_random_upload(w, &rng, 1.0f / sqrtf((float)in_dim), 2, SHAPE(out_dim, in_dim), &d->fc_w[i]));
+        AGPT_TRY(decoder_random_upload(w, &rng, 0.02f, 1, SHAPE(out_dim), &d->fc_b[i]));
+    }
+    return AGPT_OK;
 }

@@ -17,6 +17,8 @@ typedef struct PatchDecoder {
 } PatchDecoder;
 
 Status decoder_load(PatchDecoder *d, WeightStore *w);
+// Random weights (benchmarks): the four Linear(in_dim -> out_dim, bias), uploaded through the store.
+Status decoder_init_random(PatchDecoder *d, WeightStore *w, int in_dim, int out_dim, uint64_t seed);
 
 // The 14 normal then 10 abnormal sentences for a class name ('_' read as ' '), in the reference's order:
 // for each state, for each template. Writes at most `cap` sentences of up to 256 bytes; returns the count.

@@ -1,11 +1,14 @@
 #include "model/anomalygpt.h"
 
+#include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels/ops.h"
 #include "model/model_file.h"
 #include "runtime/log.h"
+#include "runtime/rng.h"
 #include "runtime/timer.h"
 
 // The SentencePiece model: the file given, else the one embedded in the model file.
@@ -19,6 +22,18 @@ static Status load_tokenizer(AnomalyGPT *a, const char *model, const char *token
                          "Vicuna directory), or convert the model again with it", model);
     Status s = sp_load_memory(bytes, n, &a->tokenizer);
     return s == AGPT_OK ? s : agpt_add_context(s, "%s: the embedded tokenizer (%s)", model, MODEL_TENSOR_SP_TOKENIZER);
+}
+
+// The KV cache, the record of the rows it holds and the arena, once every part is loaded.
+static Status open_buffers(AnomalyGPT *a, Engine *e, int max_seq) {
+    AGPT_TRY(kv_cache_create(&a->cache, e, &a->llm, 1, max_seq));
+    a->cached_rows = malloc((size_t)max_seq * a->llm.block.dim * dtype_size(a->vision.weights.dtype));
+    if (!a->cached_rows) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the cache's row record");
+    int S = a->vision.vision.image, C = a->llm.block.dim;
+    size_t bytes = prompt_learner_arena_bytes(&a->prompts, 1, S, S) + (size_t)S * S * sizeof(float) +
+                   (size_t)max_seq * C * sizeof(float) * 2 + (size_t)(PROMPT_TOKENS + 1) * C * sizeof(float) +
+                   16 * AGPT_ALIGN;
+    return arena_init(&a->arena, e->device, bytes);
 }
 
 Status anomalygpt_open(AnomalyGPT *a, Engine *e, const char *model, const char *const *overlays, int n_overlays,
@@ -37,23 +52,105 @@ Status anomalygpt_open(AnomalyGPT *a, Engine *e, const char *model, const char *
                       "%d->%d, vision embedding %d", model, a->llm.block.dim, a->prompts.dim, a->proj.in_dim,
                       a->proj.out_dim, a->vision.vision.embed);
     if (s == AGPT_OK) s = load_tokenizer(a, model, tokenizer_path);
-    if (s == AGPT_OK) s = kv_cache_create(&a->cache, e, &a->llm, 1, max_seq);
-    if (s == AGPT_OK) {
-        a->cached_rows = malloc((size_t)max_seq * a->llm.block.dim * dtype_size(a->vision.weights.dtype));
-        if (!a->cached_rows) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory for the cache's row record");
-    }
-    if (s == AGPT_OK) {
-        int S = a->vision.vision.image, C = a->llm.block.dim;
-        size_t bytes = prompt_learner_arena_bytes(&a->prompts, 1, S, S) + (size_t)S * S * sizeof(float) +
-                       (size_t)max_seq * C * sizeof(float) * 2 + (size_t)(PROMPT_TOKENS + 1) * C * sizeof(float) +
-                       16 * AGPT_ALIGN;
-        s = arena_init(&a->arena, e->device, bytes);
-    }
+    if (s == AGPT_OK) s = open_buffers(a, e, max_seq);
     if (s != AGPT_OK) {
         anomalygpt_close(a);
         return s;
     }
     return AGPT_OK;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Random weights at any size (benchmarks): the same structures as anomalygpt_open makes, without a file.
+
+void anomaly_random_config_full(AnomalyRandomConfig *c) {
+    *c = (AnomalyRandomConfig){.vision_width = 1280, .vision_heads = 16, .vision_layers = 32, .vision_mlp = 5120,
+                               .patch = 14, .image = 224, .embed = 1024, .llm_width = 4096, .llm_heads = 32,
+                               .llm_hidden = 11008, .llm_layers = 32, .vocab = 32001,
+                               .prompt_channels = {4, 16, 64, 256, 1024}, .seed = 7};
+}
+
+// Random [2,E] features, rows L2-normalised as the prompt ensemble's, owned by the class entry (freed by
+// vision_model_close).
+static Status random_class_features(VisionModel *m, const char *name, Rng *rng) {
+    Engine *e = m->engine;
+    int E = m->decoder.out_dim;
+    DType dt = m->weights.dtype;
+    ClassFeatures *cf = &m->classes[m->n_classes];
+    snprintf(cf->name, sizeof cf->name, "%s", name);
+    float *host = malloc((size_t)2 * E * sizeof(float));
+    uint16_t *half = malloc((size_t)2 * E * 2);
+    Status s = host && half ? AGPT_OK : AGPT_FAIL(AGPT_ERR_OOM, "no memory for class features");
+    if (s == AGPT_OK) {
+        rng_fill_normal(rng, host, (size_t)2 * E, 0.0f, 1.0f);
+        for (int r = 0; r < 2; r++) {
+            double ss = 0;
+            for (int j = 0; j < E; j++) ss += (double)host[r * E + j] * host[r * E + j];
+            for (int j = 0; j < E; j++) host[r * E + j] /= (float)sqrt(ss);
+        }
+        cf->features = tensor_2d(NULL, dt, e->device, 2, E);
+        size_t bytes = tensor_nbytes(&cf->features);
+        s = e->device == DEV_CUDA ? mem_device_alloc(bytes, &cf->features.data)
+                                  : mem_host_alloc(bytes, &cf->features.data);
+    }
+    if (s == AGPT_OK) {
+        void *staged = host;
+        if (dt != DT_F32) {
+            convert_host(half, dt, host, DT_F32, (size_t)2 * E);
+            staged = half;
+        }
+        Tensor src = tensor_2d(staged, dt, DEV_CPU, 2, E);
+        m->n_classes++;  // owned from here on, so that vision_model_close frees it
+        s = tensor_copy(&cf->features, &src);
+    }
+    free(host);
+    free(half);
+    return s;
+}
+
+// The vision half of anomalygpt_open from random weights: the encoder, the decoder, the arena for one image
+// (as vision_model_open sizes it, without a text encoder) and random features for 'object'.
+static Status vision_model_init_random(VisionModel *m, Engine *e, const AnomalyRandomConfig *c, DType dtype) {
+    memset(m, 0, sizeof *m);
+    m->engine = e;
+    m->max_batch = 1;
+    m->mode = PREPROCESS_SHORTER_SIDE_CROP;
+    weights_init(&m->weights, e, dtype, NULL, "random AnomalyGPT");
+    AGPT_TRY(vision_init_random(&m->vision, &m->weights, c->vision_width, c->vision_heads, c->vision_layers,
+                                c->vision_mlp, c->patch, c->image, c->embed, c->seed));
+    AGPT_TRY(decoder_init_random(&m->decoder, &m->weights, c->vision_width, c->embed, c->seed + 1));
+    const VisionEncoder *v = &m->vision;
+    int B = m->max_batch, S = v->image, T = v->tokens, C = v->block.dim;
+    size_t f = sizeof(float), io = (size_t)B * 3 * S * S * f + (size_t)B * v->embed * f +
+                                   (size_t)VISION_TAPS * B * T * C * f + 16 * AGPT_ALIGN;
+    size_t temps = vision_arena_bytes(v, B);
+    size_t maps = anomaly_map_arena_bytes(&m->decoder, T, S, 0) + (size_t)2 * B * S * S * f;
+    if (maps > temps) temps = maps;
+    DType dt = m->weights.dtype;
+    AGPT_TRY(arena_init(&m->arena, e->device, io + temps + 8 * AGPT_ALIGN));
+    AGPT_TRY(arena_tensor(&m->arena, dt, 4, (int64_t[]){B, 3, S, S}, &m->images));
+    AGPT_TRY(arena_tensor(&m->arena, dt, 2, (int64_t[]){B, v->embed}, &m->embedding));
+    for (int i = 0; i < VISION_TAPS; i++) AGPT_TRY(arena_tensor(&m->arena, dt, 3, (int64_t[]){B, T, C}, &m->taps[i]));
+    Rng rng;
+    rng_seed(&rng, c->seed + 2);
+    return random_class_features(m, "object", &rng);
+}
+
+Status anomalygpt_init_random(AnomalyGPT *a, Engine *e, const AnomalyRandomConfig *cfg, const char *tokenizer_path,
+                              DType dtype, int max_seq) {
+    memset(a, 0, sizeof *a);
+    a->max_seq = max_seq;
+    AGPT_CHECK_ARG(tokenizer_path, "anomalygpt_init_random: a LLaMA tokenizer.model is needed for the prompt");
+    Status s = vision_model_init_random(&a->vision, e, cfg, dtype);
+    WeightStore *w = &a->vision.weights;
+    if (s == AGPT_OK) s = llama_init_random(&a->llm, w, cfg->llm_width, cfg->llm_heads, cfg->llm_hidden,
+                                            cfg->llm_layers, cfg->vocab, cfg->seed + 3);
+    if (s == AGPT_OK) s = prompt_learner_init_random(&a->prompts, w, cfg->llm_width, cfg->prompt_channels, cfg->seed + 4);
+    if (s == AGPT_OK) s = llama_proj_init_random(&a->proj, w, cfg->embed, cfg->llm_width, cfg->seed + 5);
+    if (s == AGPT_OK) s = sp_load_file(tokenizer_path, &a->tokenizer);
+    if (s == AGPT_OK) s = open_buffers(a, e, max_seq);
+    if (s != AGPT_OK) anomalygpt_close(a);
+    return s;
 }
 
 void anomalygpt_close(AnomalyGPT *a) {
@@ -246,7 +343,7 @@ Status anomalygpt_ask(AnomalyGPT *a, const Image *image, const ConversationTurn 
         if (s != AGPT_OK) break;
         out->tokens[out->n_tokens++] = tok;
         hashes |= tok == CONV_STOP_TOKEN;
-        if (hashes || tok == eos || i + 1 == max_new) break;
+        if ((!a->ignore_stop && (hashes || tok == eos)) || i + 1 == max_new) break;
         s = llama_decode_step(e, &a->llm, &a->cache, &tok, &dev_logits);
         if (s == AGPT_OK) {  // the fed token's row, for the next turn's comparison
             Tensor src = tensor_rows_view(&a->llm.embed, tok, 1);

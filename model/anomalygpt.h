@@ -34,6 +34,9 @@ typedef struct AnomalyGPT {
     const char *map_class;
     void *cached_rows;      // host [max_seq, C] in the compute dtype: the rows fed to the cache, in order
     int cached_len;         // how many of them the cache holds
+    // Option beyond the reference (benchmarks): generate exactly max_new tokens, ignoring the "##" and </s>
+    // stops, so that every run does the same work whatever the weights say.
+    bool ignore_stop;
 } AnomalyGPT;
 
 // Opens the model (and layered files), loads every part; the SentencePiece model comes from tokenizer_path,
@@ -41,6 +44,25 @@ typedef struct AnomalyGPT {
 Status anomalygpt_open(AnomalyGPT *a, Engine *e, const char *model, const char *const *overlays, int n_overlays,
                        const char *tokenizer_path, DType dtype, int max_seq);
 void anomalygpt_close(AnomalyGPT *a);
+
+// Sizes of an AnomalyGPT built from random weights (benchmarks). anomaly_random_config_full gives the real one:
+// ImageBind-H vision (32 x 1280, 16 heads, MLP 5120, patch 14, 224 px, embedding 1024), the decoder 4 x
+// (1280 -> 1024), the prompt learner (4, 16, 64, 256, 1024 -> 4096), llama_proj (1024 -> 4096) and LLaMA-7B
+// (32 x 4096, 32 heads, MLP 11008, vocab 32001).
+typedef struct AnomalyRandomConfig {
+    int vision_width, vision_heads, vision_layers, vision_mlp, patch, image, embed;
+    int llm_width, llm_heads, llm_hidden, llm_layers, vocab;
+    int prompt_channels[PROMPT_CONVS - 1];
+    uint64_t seed;
+} AnomalyRandomConfig;
+void anomaly_random_config_full(AnomalyRandomConfig *cfg);
+
+// An AnomalyGPT of random weights on the engine's device, without a model file: every part at cfg's sizes, no
+// text encoder, and random [2,E] text features cached for the class 'object' (the zero-shot map's class for
+// prompts that name none; set map_class = "object" to use it for any prompt). The LLaMA tokenizer comes from
+// tokenizer_path (required: the prompt needs real token ids). Closed with anomalygpt_close.
+Status anomalygpt_init_random(AnomalyGPT *a, Engine *e, const AnomalyRandomConfig *cfg, const char *tokenizer_path,
+                              DType dtype, int max_seq);
 
 typedef struct AnomalyAnswer {
     float score;               // the map's maximum

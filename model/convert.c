@@ -219,6 +219,36 @@ static const char *first_name(const Checkpoint *c) {
     return ckpt_count(c) && ckpt_tensor(c, 0, &t) == AGPT_OK ? t.name : "none";
 }
 
+// Tensors stream through a buffer of this many elements (32 MB of f32), so memory does not grow with the model.
+#define CONVERT_CHUNK_ELEMS ((int64_t)8 << 20)
+
+// One input tensor to its place in the output: in pieces through `buffer` when it is contiguous, else whole
+// through a temporary of its size (rare: views saved as they were, f64 tensors).
+static Status stream_tensor(const Checkpoint *c, const PlanItem *it, StStream *out, int index, void *buffer,
+                            uint64_t *largest_whole) {
+    CkptTensor t;
+    AGPT_TRY(ckpt_tensor(c, it->tensor, &t));
+    size_t esz = dtype_size(it->dtype);
+    Status s = AGPT_OK;
+    for (int64_t first = 0; first < t.numel && s == AGPT_OK; first += CONVERT_CHUNK_ELEMS) {
+        int64_t count = t.numel - first < CONVERT_CHUNK_ELEMS ? t.numel - first : CONVERT_CHUNK_ELEMS;
+        s = ckpt_read_part(c, it->tensor, it->dtype, first, count, buffer);
+        if (s == AGPT_ERR_UNSUPPORTED && first == 0) break;
+        if (s == AGPT_OK) s = st_stream_write(out, index, (size_t)first * esz, buffer, (size_t)count * esz);
+    }
+    if (s != AGPT_ERR_UNSUPPORTED) return s;
+    agpt_clear_error();
+    size_t bytes = (size_t)t.numel * esz;
+    void *whole = NULL;
+    AGPT_TRY(mem_host_alloc(bytes ? bytes : 1, &whole));
+    if (bytes > *largest_whole) *largest_whole = bytes;
+    s = ckpt_read(c, it->tensor, it->dtype, whole, bytes);
+    if (s == AGPT_OK) s = st_stream_write(out, index, 0, whole, bytes);
+    ckpt_release(c, it->tensor);
+    mem_host_free(whole);
+    return s;
+}
+
 static uint64_t peak_rss_bytes(void) {
     struct rusage ru;
     return getrusage(RUSAGE_SELF, &ru) == 0 ? (uint64_t)ru.ru_maxrss * 1024 : 0;
@@ -458,7 +488,9 @@ Status convert_run(const ConvertOptions *o, ConvertReport *report) {
         entries[i] = (StStreamEntry){.name = it->name, .dtype = st_dtype_name(it->dtype), .ndim = it->ndim};
         memcpy(entries[i].shape, it->shape, sizeof entries[i].shape);
         total += item_bytes(it);
-        if (it->source >= 0 && item_bytes(it) > report->buffer_bytes) report->buffer_bytes = item_bytes(it);
+        uint64_t piece = it->source >= 0 ? item_bytes(it) : 0, cap = (uint64_t)CONVERT_CHUNK_ELEMS * dtype_size(it->dtype);
+        if (piece > cap) piece = cap;
+        if (piece > report->buffer_bytes) report->buffer_bytes = piece;
     }
     s = st_stream_open(o->output, entries, plan.n, kv, n_kv / 2, &out);
     free(entries);
@@ -470,9 +502,7 @@ Status convert_run(const ConvertOptions *o, ConvertReport *report) {
         const PlanItem *it = &plan.items[i];
         uint64_t bytes = item_bytes(it);
         if (it->source >= 0) {
-            s = ckpt_read(src[it->source], it->tensor, it->dtype, buffer, report->buffer_bytes);
-            if (s == AGPT_OK) s = st_stream_write(out, i, 0, buffer, bytes);
-            ckpt_release(src[it->source], it->tensor);
+            s = stream_tensor(src[it->source], it, out, i, buffer, &report->buffer_bytes);
         } else if (it->blob) {
             s = st_stream_write(out, i, 0, it->blob, bytes);
         }

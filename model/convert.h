@@ -17,9 +17,10 @@
 // config (vision.taps, vision.heads, text.heads, llama.heads, llama.rms_eps, llama.rope_base, lora.alpha) and
 // the sources.
 //
-// Memory: tensors stream from the mapped inputs to the output one at a time through one buffer of the largest
-// converted tensor; the input pages are dropped after each tensor. Computing the text features then loads the
-// text encoder (in f32) from the new file.
+// Memory: tensors stream from the mapped inputs to the output in pieces of at most 8M elements through one
+// buffer, and the input pages are dropped after each piece, so memory does not grow with the model (a tensor
+// that is not contiguous in its file goes through a temporary of its size). Computing the text features then
+// loads the text encoder (in f32) from the new file.
 #pragma once
 #include <stdbool.h>
 #include <stdint.h>
@@ -52,7 +53,7 @@ typedef struct ConvertReport {
     int skipped;               // input tensors not used (other modalities, buffers)
     int classes;               // text features written
     uint64_t bytes;            // of the output
-    uint64_t buffer_bytes;     // the streaming buffer: the largest converted tensor
+    uint64_t buffer_bytes;     // the streaming buffer (and the largest whole-tensor temporary, if any)
     uint64_t largest_input_bytes;
     uint64_t peak_rss_stream;  // peak resident memory after streaming the tensors (bytes)
     uint64_t peak_rss;         // peak resident memory at the end (text features included)

@@ -96,11 +96,23 @@ static Status merge_one(Engine *e, WeightStore *w, int form, int layer, const ch
     }
     size_t mark = arena_mark(arena);
     Tensor ta, tb;
-    s = upload_to_arena(e, arena, W->dtype, A, r, in_dim, staging, &ta);
-    if (s == AGPT_OK) s = upload_to_arena(e, arena, W->dtype, B, out_dim, r, staging, &tb);
+    s = upload_to_arena(e, arena, w->dtype, A, r, in_dim, staging, &ta);
+    if (s == AGPT_OK) s = upload_to_arena(e, arena, w->dtype, B, out_dim, r, staging, &tb);
     mem_host_free(A), mem_host_free(B);
-    if (s == AGPT_OK) s = op_matmul(e, W, &tb, &ta, NULL, false, false, alpha / (float)r, 1.0f);
+    // A bf16/f16 matrix on the CPU (weights_set_matrix_dtype): merged in an f32 copy, then rounded once.
+    Tensor Wf = *W;
+    size_t n = (size_t)(out_dim * in_dim);
+    if (s == AGPT_OK && W->dtype != w->dtype) {
+        Wf.dtype = w->dtype, Wf.data = NULL;
+        s = mem_host_alloc(n * dtype_size(w->dtype), &Wf.data);
+        if (s == AGPT_OK) convert_host(Wf.data, Wf.dtype, W->data, W->dtype, n);
+    }
+    if (s == AGPT_OK) s = op_matmul(e, &Wf, &tb, &ta, NULL, false, false, alpha / (float)r, 1.0f);
     if (s == AGPT_OK) s = engine_synchronize(e);  // before the arena's next upload overwrites A and B
+    if (Wf.data != W->data) {
+        if (s == AGPT_OK) convert_host(W->data, W->dtype, Wf.data, Wf.dtype, n);
+        mem_host_free(Wf.data);
+    }
     arena_reset_to(arena, mark);
     return s;
 }
@@ -179,17 +191,17 @@ Status llama_load(Llama *m, WeightStore *w) {
         LlamaBlockWeights *b = &m->layer[l];
         const char *p = "model.layers";
         if (!s) s = weights_loadf(w, 1, SHAPE(C), &b->input_norm, "%s.%d.input_layernorm.weight", p, l);
-        if (!s) s = weights_loadf(w, 2, SHAPE(C, C), &b->wq, "%s.%d.self_attn.q_proj.weight", p, l);
-        if (!s) s = weights_loadf(w, 2, SHAPE(C, C), &b->wk, "%s.%d.self_attn.k_proj.weight", p, l);
-        if (!s) s = weights_loadf(w, 2, SHAPE(C, C), &b->wv, "%s.%d.self_attn.v_proj.weight", p, l);
-        if (!s) s = weights_loadf(w, 2, SHAPE(C, C), &b->wo, "%s.%d.self_attn.o_proj.weight", p, l);
+        if (!s) s = weights_loadf_matrix(w, 2, SHAPE(C, C), &b->wq, "%s.%d.self_attn.q_proj.weight", p, l);
+        if (!s) s = weights_loadf_matrix(w, 2, SHAPE(C, C), &b->wk, "%s.%d.self_attn.k_proj.weight", p, l);
+        if (!s) s = weights_loadf_matrix(w, 2, SHAPE(C, C), &b->wv, "%s.%d.self_attn.v_proj.weight", p, l);
+        if (!s) s = weights_loadf_matrix(w, 2, SHAPE(C, C), &b->wo, "%s.%d.self_attn.o_proj.weight", p, l);
         if (!s) s = weights_loadf(w, 1, SHAPE(C), &b->post_norm, "%s.%d.post_attention_layernorm.weight", p, l);
-        if (!s) s = weights_loadf(w, 2, SHAPE(I, C), &b->w_gate, "%s.%d.mlp.gate_proj.weight", p, l);
-        if (!s) s = weights_loadf(w, 2, SHAPE(I, C), &b->w_up, "%s.%d.mlp.up_proj.weight", p, l);
-        if (!s) s = weights_loadf(w, 2, SHAPE(C, I), &b->w_down, "%s.%d.mlp.down_proj.weight", p, l);
+        if (!s) s = weights_loadf_matrix(w, 2, SHAPE(I, C), &b->w_gate, "%s.%d.mlp.gate_proj.weight", p, l);
+        if (!s) s = weights_loadf_matrix(w, 2, SHAPE(I, C), &b->w_up, "%s.%d.mlp.up_proj.weight", p, l);
+        if (!s) s = weights_loadf_matrix(w, 2, SHAPE(C, I), &b->w_down, "%s.%d.mlp.down_proj.weight", p, l);
     }
     if (s == AGPT_OK) s = weights_load(w, "model.norm.weight", 1, SHAPE(C), &m->norm);
-    if (s == AGPT_OK) s = weights_load(w, "lm_head.weight", 2, SHAPE(V, C), &m->lm_head);
+    if (s == AGPT_OK) s = weights_load_matrix(w, "lm_head.weight", 2, SHAPE(V, C), &m->lm_head);
     if (s == AGPT_OK) s = merge_lora(m, w);
     if (s != AGPT_OK) {
         llama_free(m);
@@ -220,6 +232,7 @@ size_t kv_cache_bytes(const Llama *m, int max_batch, int max_seq) {
 }
 
 void kv_cache_free(KvCache *c) {
+    engine_graph_destroy(&c->graph_exec);
     arena_free(&c->arena);
     free(c->k);
     free(c->v);
@@ -275,21 +288,41 @@ static Tensor as4(const Tensor *t, int64_t B, int64_t T, int H, int D) {
     return tensor_4d(t->data, t->dtype, t->device, B, T, H, D);
 }
 
+static Status forward_ops(Engine *e, const Llama *m, KvCache *c, const int *lens, int Tn, int64_t rows,
+                          const Tensor *positions_all, Tensor *logits);
+
 // Runs the tokens already in c->x through every layer: lens[b] tokens of sequence b (Tn each when lens is NULL)
 // at rows off_b.. (off_b the sum of the lengths before it, packed; equal lengths give rows b*Tn + t), at
 // positions c->seq_pos[b].., appending their keys and values to the cache, and writes the logits of each
-// sequence's last token to logits [batch, V].
-static Status forward_tokens(Engine *e, const Llama *m, KvCache *c, const int *lens, int Tn, Tensor *logits) {
+// sequence's last token to logits [batch, V]. With `graph` the ops after the positions upload are recorded as
+// one CUDA graph and launched as one (KvCache.use_graph says why it is recorded anew each time).
+static Status forward_tokens(Engine *e, const Llama *m, KvCache *c, const int *lens, int Tn, Tensor *logits,
+                             bool graph) {
+    int64_t rows = 0;
+    for (int b = 0; b < c->batch; b++)
+        for (int t = 0; t < (lens ? lens[b] : Tn); t++) c->host_positions[rows++] = c->seq_pos[b] + t;
+    Tensor hp = tensor_1d(c->host_positions, DT_I32, DEV_CPU, rows);
+    Tensor positions = tensor_1d(c->positions.data, DT_I32, e->device, rows);
+    AGPT_TRY(copy_ordered(e, &positions, &hp));
+    if (!graph) return forward_ops(e, m, c, lens, Tn, rows, &positions, logits);
+    AGPT_TRY(engine_graph_begin(e));
+    Status s = forward_ops(e, m, c, lens, Tn, rows, &positions, logits);
+    if (s != AGPT_OK) {
+        engine_graph_abort(e);
+        return s;
+    }
+    AGPT_TRY(engine_graph_end(e, &c->graph_exec));
+    return engine_graph_launch(e, c->graph_exec);
+}
+
+// forward_tokens' ops, from the positions on the device; nothing here synchronises or copies from the host.
+static Status forward_ops(Engine *e, const Llama *m, KvCache *c, const int *lens, int Tn, int64_t rows,
+                          const Tensor *positions_all, Tensor *logits) {
 #define LEN(b) (lens ? lens[b] : Tn)
     const int B = c->batch, C = m->block.dim, H = m->block.heads, D = C / H;
     const int64_t maxT = c->max_seq;
     const float scale = 1.0f / sqrtf((float)D);
-    int64_t rows = 0;
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < LEN(b); t++) c->host_positions[rows++] = c->seq_pos[b] + t;
-    Tensor hp = tensor_1d(c->host_positions, DT_I32, DEV_CPU, rows);
-    Tensor positions = tensor_1d(c->positions.data, DT_I32, e->device, rows);
-    AGPT_TRY(copy_ordered(e, &positions, &hp));
+    const Tensor positions = *positions_all;
 
     Tensor x = rows_of(&c->x, 0, rows), n = rows_of(&c->n, 0, rows), q = rows_of(&c->q, 0, rows);
     Tensor att = rows_of(&c->att, 0, rows), tmp = rows_of(&c->tmp, 0, rows);
@@ -297,8 +330,9 @@ static Status forward_tokens(Engine *e, const Llama *m, KvCache *c, const int *l
     Tensor q4 = as4(&q, 1, rows, H, D);  // RoPE is per token: one row of `rows` tokens, each at its position
     for (int l = 0; l < m->layers; l++) {
         const LlamaBlockWeights *w = &m->layer[l];
-        // attention: q for all sequences at once; k, v straight into each sequence's cache rows
-        AGPT_TRY(op_rmsnorm(e, &n, NULL, &x, &w->input_norm, m->block.eps));
+        // attention: q for all sequences at once; k, v straight into each sequence's cache rows. Layers after
+        // the first got n = RMSNorm(x) from the previous layer's fused closing add.
+        if (l == 0) AGPT_TRY(op_rmsnorm(e, &n, NULL, &x, &w->input_norm, m->block.eps));
         AGPT_TRY(op_linear(e, &q, &n, &w->wq, NULL));
         AGPT_TRY(op_rope(e, &q4, &q4, &positions, m->block.rope_base));
         for (int b = 0, off = 0; b < B; off += LEN(b), b++) {
@@ -321,14 +355,16 @@ static Status forward_tokens(Engine *e, const Llama *m, KvCache *c, const int *l
             AGPT_TRY(op_attention(e, &ab4, &qb4, &k4, &v4, true, scale));
         }
         AGPT_TRY(op_linear(e, &tmp, &att, &w->wo, NULL));
-        AGPT_TRY(op_add(e, &x, &x, &tmp));
-        // MLP
-        AGPT_TRY(op_rmsnorm(e, &n, NULL, &x, &w->post_norm, m->block.eps));
+        // MLP; x += tmp and its RMSNorm in one pass (exactly op_add then op_rmsnorm)
+        AGPT_TRY(op_add_rmsnorm(e, &x, &n, NULL, &x, &tmp, &w->post_norm, m->block.eps));
         AGPT_TRY(op_linear(e, &gate, &n, &w->w_gate, NULL));
         AGPT_TRY(op_linear(e, &up, &n, &w->w_up, NULL));
         AGPT_TRY(op_swiglu(e, &act, &gate, &up));
         AGPT_TRY(op_linear(e, &tmp, &act, &w->w_down, NULL));
-        AGPT_TRY(op_add(e, &x, &x, &tmp));
+        if (l + 1 < m->layers)  // x += tmp, fused with the next layer's input RMSNorm
+            AGPT_TRY(op_add_rmsnorm(e, &x, &n, NULL, &x, &tmp, &m->layer[l + 1].input_norm, m->block.eps));
+        else
+            AGPT_TRY(op_add(e, &x, &x, &tmp));
     }
     c->pos = 0;
     for (int b = 0; b < B; b++) {
@@ -353,7 +389,7 @@ static void cache_reset(KvCache *c) {
 
 // forward_tokens with Tn tokens for each of the cache's sequences.
 static Status forward_equal(Engine *e, const Llama *m, KvCache *c, int Tn, Tensor *logits) {
-    Status s = forward_tokens(e, m, c, NULL, Tn, logits);
+    Status s = forward_tokens(e, m, c, NULL, Tn, logits, false);
     if (s != AGPT_OK) cache_reset(c);
     return s;
 }
@@ -407,7 +443,7 @@ Status llama_prefill_varlen(Engine *e, const Llama *m, KvCache *c, const Tensor 
     c->batch = B;
     Tensor x = rows_of(&c->x, 0, total);
     Status s = copy_ordered(e, &x, embeds);
-    if (s == AGPT_OK) s = forward_tokens(e, m, c, lengths, 0, logits_last);
+    if (s == AGPT_OK) s = forward_tokens(e, m, c, lengths, 0, logits_last, false);
     if (s != AGPT_OK) cache_reset(c);
     return s;
 }
@@ -451,7 +487,9 @@ Status llama_decode_step(Engine *e, const Llama *m, KvCache *c, const int32_t *t
     AGPT_TRY(check_logits(m, c, logits, c->batch, "llama_decode_step"));
     Tensor x = rows_of(&c->x, 0, c->batch);
     AGPT_TRY(llama_embed_tokens(e, m, tokens, c->batch, &x));
-    return forward_equal(e, m, c, 1, logits);
+    Status s = forward_tokens(e, m, c, NULL, 1, logits, c->use_graph && e->device == DEV_CUDA);
+    if (s != AGPT_OK) cache_reset(c);
+    return s;
 }
 
 // The first index of the largest value, as torch.argmax.
@@ -516,7 +554,7 @@ Status llama_init_random(Llama *m, WeightStore *w, int hidden, int heads, int in
         m->layer = calloc((size_t)layers, sizeof *m->layer);
         if (!m->layer) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory for %d layer records", layers);
     }
-#define RANDOM(scale, offset, out, ...)                                                                         \
+#define RANDOM_AS(upload, scale, offset, out, ...)                                                              \
     do {                                                                                                        \
         if (s != AGPT_OK) break;                                                                                \
         const int64_t shape_[] = {__VA_ARGS__};                                                                 \
@@ -525,25 +563,29 @@ Status llama_init_random(Llama *m, WeightStore *w, int hidden, int heads, int in
         for (int d_ = 0; d_ < nd_; d_++) n_ *= (size_t)shape_[d_];                                              \
         const float *src_ = pool + rng_u64(&rng) % (biggest + margin - n_ + 1);                                 \
         for (size_t i_ = 0; i_ < n_; i_++) buf[i_] = (offset) + (scale) * src_[i_];                             \
-        s = weights_upload(w, buf, nd_, shape_, (out));                                                         \
+        s = upload(w, buf, nd_, shape_, (out));                                                                 \
     } while (0)
+#define RANDOM(...) RANDOM_AS(weights_upload, __VA_ARGS__)
+#define RANDOM_MATRIX(...) RANDOM_AS(weights_upload_matrix, __VA_ARGS__)  // an op_linear weight
     const float wc = 1.0f / sqrtf((float)C), wi = 1.0f / sqrtf((float)I);
     RANDOM(0.02f, 0.0f, &m->embed, V, C);
     for (int l = 0; l < layers; l++) {
         LlamaBlockWeights *b = &m->layer[l];
         RANDOM(0.02f, 1.0f, &b->input_norm, C);
-        RANDOM(wc, 0.0f, &b->wq, C, C);
-        RANDOM(wc, 0.0f, &b->wk, C, C);
-        RANDOM(wc, 0.0f, &b->wv, C, C);
-        RANDOM(wc, 0.0f, &b->wo, C, C);
+        RANDOM_MATRIX(wc, 0.0f, &b->wq, C, C);
+        RANDOM_MATRIX(wc, 0.0f, &b->wk, C, C);
+        RANDOM_MATRIX(wc, 0.0f, &b->wv, C, C);
+        RANDOM_MATRIX(wc, 0.0f, &b->wo, C, C);
         RANDOM(0.02f, 1.0f, &b->post_norm, C);
-        RANDOM(wc, 0.0f, &b->w_gate, I, C);
-        RANDOM(wc, 0.0f, &b->w_up, I, C);
-        RANDOM(wi, 0.0f, &b->w_down, C, I);
+        RANDOM_MATRIX(wc, 0.0f, &b->w_gate, I, C);
+        RANDOM_MATRIX(wc, 0.0f, &b->w_up, I, C);
+        RANDOM_MATRIX(wi, 0.0f, &b->w_down, C, I);
     }
     RANDOM(0.02f, 1.0f, &m->norm, C);
-    RANDOM(wc, 0.0f, &m->lm_head, V, C);
+    RANDOM_MATRIX(wc, 0.0f, &m->lm_head, V, C);
 #undef RANDOM
+#undef RANDOM_MATRIX
+#undef RANDOM_AS
     mem_host_free(pool);
     mem_host_free(buf);
     if (s != AGPT_OK) llama_free(m);

@@ -72,6 +72,19 @@ typedef struct KvCache {
     int32_t *host_positions;    // [max_batch * max_seq]
     float *host_logits;         // [max_batch * V]
     void *host_raw;             // [max_batch * V] in the cache dtype, the logits read back
+    // CUDA graphs for llama_decode_step (off by default; set after kv_cache_create; ignored on the CPU). When on,
+    // each decode step's layers are recorded as one CUDA graph and launched as one unit, so the GPU runs the
+    // step's few hundred kernels back to back instead of waiting on each launch. Results are identical: the
+    // graph holds exactly the kernels the plain step launches.
+    // Why it is recorded every step rather than once: the step's kernels take host values that change with the
+    // position (the KV rows written, the attention length Tk), so a graph replayed as captured would be wrong at
+    // the next position. Re-recording costs host time only; engine_graph_end then patches the instantiated graph
+    // in place (cudaGraphExecUpdate, same topology), and instantiates anew only when the shape changed (another
+    // batch size, or an attention kernel choosing another split). Replaying one graph unchanged needs the KV
+    // append and the decode attention to read the cache lengths from device memory (a later change).
+    // The token embedding and the positions upload stay outside the graph (they copy from host memory).
+    bool use_graph;
+    void *graph_exec;           // the instantiated graph (engine_graph_*), NULL until the first graph step
 } KvCache;
 
 Status kv_cache_create(KvCache *c, Engine *e, const Llama *m, int max_batch, int max_seq);

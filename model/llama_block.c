@@ -202,10 +202,10 @@ static Status block_forward(Engine *e, const LlamaBlockConfig *c, const LlamaBlo
     Tensor att = btc(&a->att, B, T, C);
     AGPT_TRY(op_linear(e, &a->h, &att, &w->wo, NULL));
     if (lora) AGPT_TRY(lora_forward(e, lora, LLAMA_LORA_O, scaling, &la->u[LLAMA_LORA_O], &a->h, &att));
-    AGPT_TRY(op_add(e, &a->h, &a->h, x));
+    // h += x, then the MLP branch's RMSNorm of it: one fused pass (exactly op_add then op_rmsnorm)
+    AGPT_TRY(op_add_rmsnorm(e, &a->h, &a->n2, &a->n2_rstd, &a->h, x, &w->post_norm, c->eps));
 
     // MLP branch
-    AGPT_TRY(op_rmsnorm(e, &a->n2, &a->n2_rstd, &a->h, &w->post_norm, c->eps));
     AGPT_TRY(op_linear(e, &a->gate, &a->n2, &w->w_gate, NULL));
     AGPT_TRY(op_linear(e, &a->up, &a->n2, &w->w_up, NULL));
     AGPT_TRY(op_swiglu(e, &a->swiglu, &a->gate, &a->up));

@@ -1,9 +1,12 @@
 #include "model/prompt_learner.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "kernels/ops.h"
+#include "runtime/memory.h"
+#include "runtime/rng.h"
 
 #define SHAPE(...) ((const int64_t[]){__VA_ARGS__})
 
@@ -168,4 +171,54 @@ Status image_token_forward(Engine *e, const LlamaProj *l, const Tensor *cls_emb,
                    (long long)B, l->out_dim);
     Tensor o = tensor_2d(out->data, out->dtype, out->device, B, l->out_dim);  // [B,D]
     return op_linear(e, &o, cls_emb, &l->w, &l->b);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Random weights at any size, for benchmarks: the same structures as the loads make, without a file.
+
+
+static Status random_upload(WeightStore *w, Rng *rng, float std, float mean, int ndim, const int64_t *shape,
+                            Tensor *out) {
+    size_t n = 1;
+    for (int i = 0; i < ndim; i++) n *= (size_t)shape[i];
+    float *host = NULL;
+    AGPT_TRY(mem_host_alloc(n * sizeof(float), (void **)&host));
+    rng_fill_normal(rng, host, n, mean, std);
+    Status s = weights_upload(w, host, ndim, shape, out);
+    mem_host_free(host);
+    return s;
+}
+
+Status prompt_learner_init_random(PromptLearner *p, WeightStore *w, int dim, const int *channels, uint64_t seed) {
+    static const int reference[PROMPT_CONVS - 1] = {4, 16, 64, 256, 1024};
+    memset(p, 0, sizeof *p);
+    AGPT_CHECK_ARG(dim >= 1, "prompt_learner_init_random: dim %d", dim);
+    Rng rng;
+    rng_seed(&rng, seed);
+    p->dim = dim;
+    p->in_channels = 1;
+    int cin = 1;
+    for (int i = 0; i < PROMPT_CONVS; i++) {
+        int cout = i == PROMPT_CONVS - 1 ? dim : (channels ? channels[i] : reference[i]), k = i == PROMPT_CONVS - 1 ? 5 : 3;
+        AGPT_CHECK_ARG(cout >= 1, "prompt_learner_init_random: conv %d has %d channels", i, cout);
+        p->channels[i] = cout, p->kernel[i] = k, p->padding[i] = i == PROMPT_CONVS - 1 ? 0 : 1;
+        float he = sqrtf(2.0f / (float)(cin * k * k));  // He init keeps the activations' scale through the ReLUs
+        AGPT_TRY(random_upload(w, &rng, he, 0.0f, 4, SHAPE(cout, cin, k, k), &p->conv_w[i]));
+        AGPT_TRY(random_upload(w, &rng, 0.01f, 0.0f, 1, SHAPE(cout), &p->conv_b[i]));
+        cin = cout;
+    }
+    AGPT_TRY(random_upload(w, &rng, 1.0f, 0.0f, 2, SHAPE(PROMPT_BASE, dim), &p->base_prompts));  // randn, as the reference
+    float eye[PROMPT_BASE * PROMPT_BASE] = {0};
+    for (int i = 0; i < PROMPT_BASE; i++) eye[i * PROMPT_BASE + i] = 1.0f;
+    return weights_upload(w, eye, 2, SHAPE(PROMPT_BASE, PROMPT_BASE), &p->eye);
+}
+
+Status llama_proj_init_random(LlamaProj *l, WeightStore *w, int in_dim, int out_dim, uint64_t seed) {
+    memset(l, 0, sizeof *l);
+    AGPT_CHECK_ARG(in_dim >= 1 && out_dim >= 1, "llama_proj_init_random: %d -> %d", in_dim, out_dim);
+    Rng rng;
+    rng_seed(&rng, seed);
+    l->in_dim = in_dim, l->out_dim = out_dim;
+    AGPT_TRY(random_upload(w, &rng, 1.0f / sqrtf((float)in_dim), 0.0f, 2, SHAPE(out_dim, in_dim), &l->w));
+    return random_upload(w, &rng, 0.02f, 0.0f, 1, SHAPE(out_dim), &l->b);
 }

@@ -29,6 +29,9 @@ typedef struct PromptLearner {
 } PromptLearner;
 
 Status prompt_learner_load(PromptLearner *p, WeightStore *w);
+// Random weights (benchmarks): the same structures as prompt_learner_load makes, uploaded through the store.
+// channels: the first five convs' output channels (NULL: the reference's 4, 16, 64, 256, 1024); the last is dim.
+Status prompt_learner_init_random(PromptLearner *p, WeightStore *w, int dim, const int *channels, uint64_t seed);
 
 // Arena bytes prompt_learner_forward needs for a batch of maps of H x W pixels.
 size_t prompt_learner_arena_bytes(const PromptLearner *p, int batch, int H, int W);
@@ -45,6 +48,8 @@ typedef struct LlamaProj {
 } LlamaProj;
 
 Status llama_proj_load(LlamaProj *l, WeightStore *w);
+// Random weights (benchmarks): Linear(in_dim -> out_dim, bias).
+Status llama_proj_init_random(LlamaProj *l, WeightStore *w, int in_dim, int out_dim, uint64_t seed);
 
 // cls_emb [B,E] (the L2-normalised vision embedding, vision_forward's output) -> out [B,1,D].
 Status image_token_forward(Engine *e, const LlamaProj *l, const Tensor *cls_emb, Tensor *out);

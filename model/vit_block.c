@@ -129,10 +129,11 @@ Status vit_block_forward(Engine *e, const VitBlockConfig *c, const VitBlockWeigh
     AGPT_TRY(op_attention(e, &a->att, &a->q, &a->k, &a->v, c->causal, scale));
     Tensor att = btc(&a->att, B, T, C);
     AGPT_TRY(op_linear(e, &a->res1, &att, &w->out_proj_w, &w->out_proj_b));
-    AGPT_TRY(op_add(e, &a->res1, &a->res1, x));
+    // res1 += x, then the MLP branch's LN2 of it: one fused pass (exactly op_add then op_layernorm)
+    AGPT_TRY(op_add_layernorm(e, &a->res1, &a->ln2, &a->ln2_mean, &a->ln2_rstd, &a->res1, x, &w->norm_2_w,
+                              &w->norm_2_b, c->eps));
 
     // MLP branch
-    AGPT_TRY(op_layernorm(e, &a->ln2, &a->ln2_mean, &a->ln2_rstd, &a->res1, &w->norm_2_w, &w->norm_2_b, c->eps));
     AGPT_TRY(op_linear(e, &a->fc1, &a->ln2, &w->fc1_w, &w->fc1_b));
     AGPT_TRY(op_gelu(e, &a->gelu, &a->fc1));
     AGPT_TRY(op_linear(e, &a->out, &a->gelu, &w->fc2_w, &w->fc2_b));

@@ -11,6 +11,7 @@ void weights_init(WeightStore *w, Engine *e, DType dtype, const SafeTensors *fil
     memset(w, 0, sizeof *w);
     w->engine = e;
     w->dtype = e->device == DEV_CPU ? DT_F32 : dtype;  // the CPU backend computes in f32 whatever is asked
+    w->matrix_dtype = w->dtype;
     w->file_name = file_name ? file_name : "model";
     w->files[0] = file;
     w->file_names[0] = w->file_name;
@@ -66,16 +67,17 @@ static Status track(WeightStore *w, void *p) {
     return AGPT_OK;
 }
 
-// A device tensor of the store's dtype, filled from host data of dtype src_dt (converted on the host).
-static Status upload_converted(WeightStore *w, const void *src, DType src_dt, int ndim, const int64_t *shape,
-                               Tensor *out) {
-    Tensor t = tensor_make(NULL, w->dtype, w->engine->device, ndim, shape);
+// A device tensor of dtype dt (the store's, or its matrix dtype), filled from host data of dtype src_dt
+// (converted on the host).
+static Status upload_converted(WeightStore *w, DType dt, const void *src, DType src_dt, int ndim,
+                               const int64_t *shape, Tensor *out) {
+    Tensor t = tensor_make(NULL, dt, w->engine->device, ndim, shape);
     size_t n = (size_t)tensor_numel(&t), bytes = tensor_nbytes(&t);
     void *staging = NULL;
     AGPT_TRY(mem_host_alloc(bytes, &staging));
-    if (convert_host(staging, w->dtype, src, src_dt, n) != 0) {
+    if (convert_host(staging, dt, src, src_dt, n) != 0) {
         mem_host_free(staging);
-        return AGPT_FAIL(AGPT_ERR_FORMAT, "cannot convert %s weights to %s", dtype_name(src_dt), dtype_name(w->dtype));
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "cannot convert %s weights to %s", dtype_name(src_dt), dtype_name(dt));
     }
     if (w->engine->device == DEV_CPU) {
         t.data = staging;
@@ -102,7 +104,7 @@ static Status upload_converted(WeightStore *w, const void *src, DType src_dt, in
     return AGPT_OK;
 }
 
-Status weights_load(WeightStore *w, const char *name, int ndim, const int64_t *shape, Tensor *out) {
+static Status load_as(WeightStore *w, DType dt, const char *name, int ndim, const int64_t *shape, Tensor *out) {
     Tensor file_t;
     int index, f = find(w, name, &index);
     if (f < 0) {
@@ -141,10 +143,14 @@ Status weights_load(WeightStore *w, const char *name, int ndim, const int64_t *s
         memcpy(aligned, src, tensor_nbytes(&file_t));
         src = aligned;
     }
-    Status s = upload_converted(w, src, file_t.dtype, file_t.ndim, file_t.shape, out);
+    Status s = upload_converted(w, dt, src, file_t.dtype, file_t.ndim, file_t.shape, out);
     mem_host_free(aligned);
     if (s != AGPT_OK) return agpt_add_context(s, "%s: loading '%s'", file_name, name);
     return AGPT_OK;
+}
+
+Status weights_load(WeightStore *w, const char *name, int ndim, const int64_t *shape, Tensor *out) {
+    return load_as(w, w->dtype, name, ndim, shape, out);
 }
 
 Status weights_loadf(WeightStore *w, int ndim, const int64_t *shape, Tensor *out, const char *fmt, ...) {
@@ -154,6 +160,31 @@ Status weights_loadf(WeightStore *w, int ndim, const int64_t *shape, Tensor *out
     vsnprintf(name, sizeof name, fmt, ap);
     va_end(ap);
     return weights_load(w, name, ndim, shape, out);
+}
+
+Status weights_set_matrix_dtype(WeightStore *w, DType dt) {
+    if (w->engine->device != DEV_CPU) return AGPT_OK;  // CUDA keeps every weight in the compute dtype
+    AGPT_CHECK_ARG(dt == DT_F32 || dt == DT_BF16 || dt == DT_F16, "weights: CPU weight matrices can be f32, bf16 "
+                   "or f16, not %s", dtype_name(dt));
+    w->matrix_dtype = dt;
+    return AGPT_OK;
+}
+
+Status weights_load_matrix(WeightStore *w, const char *name, int ndim, const int64_t *shape, Tensor *out) {
+    return load_as(w, w->matrix_dtype, name, ndim, shape, out);
+}
+
+Status weights_loadf_matrix(WeightStore *w, int ndim, const int64_t *shape, Tensor *out, const char *fmt, ...) {
+    char name[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    return weights_load_matrix(w, name, ndim, shape, out);
+}
+
+Status weights_upload_matrix(WeightStore *w, const float *host, int ndim, const int64_t *shape, Tensor *out) {
+    return upload_converted(w, w->matrix_dtype, host, DT_F32, ndim, shape, out);
 }
 
 bool weights_has(const WeightStore *w, const char *name) {
@@ -200,7 +231,7 @@ Status weights_read_f32(const WeightStore *w, const char *name, float **data, in
 }
 
 Status weights_upload(WeightStore *w, const float *host, int ndim, const int64_t *shape, Tensor *out) {
-    return upload_converted(w, host, DT_F32, ndim, shape, out);
+    return upload_converted(w, w->dtype, host, DT_F32, ndim, shape, out);
 }
 
 Status weights_meta_int(const WeightStore *w, const char *key, int fallback, int *out) {

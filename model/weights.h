@@ -12,6 +12,7 @@
 typedef struct WeightStore {
     Engine *engine;
     DType dtype;                                 // compute dtype of the weights on the device
+    DType matrix_dtype;                          // of the *_matrix loads: dtype, or bf16/f16 on the CPU
     int n_files;
     const SafeTensors *files[WEIGHT_MAX_FILES];  // not owned
     const char *file_names[WEIGHT_MAX_FILES];    // for messages
@@ -42,5 +43,15 @@ bool weights_has(const WeightStore *w, const char *name);
 Status weights_read_f32(const WeightStore *w, const char *name, float **data, int *ndim, int64_t shape[8]);
 // Uploads host f32 data as a new device tensor of the store's dtype, owned by the store.
 Status weights_upload(WeightStore *w, const float *host, int ndim, const int64_t *shape, Tensor *out);
+// Weight matrices in low precision on the CPU. After weights_set_matrix_dtype(w, DT_BF16) (or DT_F16) on a CPU
+// store, the *_matrix loads below keep their tensor in that dtype instead of f32: half the memory and half the
+// bytes a decode step reads; op_linear / op_matmul take such a weight with f32 activations. Use them only for
+// weights that feed op_linear / op_matmul as the weight operand; norms, biases and embeddings stay f32. On CUDA,
+// and by default (matrix dtype = the store's dtype), they are weights_load / weights_loadf / weights_upload.
+Status weights_set_matrix_dtype(WeightStore *w, DType dt);
+Status weights_load_matrix(WeightStore *w, const char *name, int ndim, const int64_t *shape, Tensor *out);
+Status weights_loadf_matrix(WeightStore *w, int ndim, const int64_t *shape, Tensor *out, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+Status weights_upload_matrix(WeightStore *w, const float *host, int ndim, const int64_t *shape, Tensor *out);
 // Reads a metadata value as an int, or returns `fallback` when absent; a malformed value is an error.
 Status weights_meta_int(const WeightStore *w, const char *key, int fallback, int *out);

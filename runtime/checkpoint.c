@@ -420,6 +420,42 @@ Status ckpt_read(const Checkpoint *c, int i, DType dtype, void *dst, size_t dst_
     return AGPT_OK;
 }
 
+// Whole pages inside [data, data + n): a page shared with a neighbour is left for the neighbour.
+// MADV_PAGEOUT reclaims clean file pages and keeps the contents of anything else (an inflated DEFLATE
+// entry lives in heap memory, where MADV_DONTNEED would zero it); it is advice, so errors are ignored.
+static void release_bytes(const void *data, size_t n) {
+#ifdef MADV_PAGEOUT
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t begin = ((uintptr_t)data + page - 1) / page * page, end = ((uintptr_t)data + n) / page * page;
+    if (end > begin) (void)madvise((void *)begin, end - begin, MADV_PAGEOUT);
+#else
+    (void)data, (void)n;
+#endif
+}
+
+Status ckpt_read_part(const Checkpoint *c, int i, DType dtype, int64_t first, int64_t count, void *dst) {
+    CkptTensor t;
+    AGPT_TRY(ckpt_tensor(c, i, &t));
+    AGPT_CHECK_ARG(first >= 0 && count >= 0 && first + count <= t.numel, "ckpt_read_part: elements [%lld, +%lld) of "
+                   "'%s' (%lld)", (long long)first, (long long)count, t.name, (long long)t.numel);
+    bool float_out = dtype == DT_F32 || dtype == DT_F16 || dtype == DT_BF16;
+    int src_dt = !strcmp(t.dtype, "F32") ? DT_F32 : !strcmp(t.dtype, "F16") ? DT_F16 : !strcmp(t.dtype, "BF16") ? DT_BF16 : -1;
+    const void *data;
+    size_t nbytes, span;
+    bool contiguous;
+    int elem;
+    AGPT_TRY(locate(c, i, &data, &nbytes, &span, &contiguous, &elem));
+    if (!contiguous || src_dt < 0 || !float_out)
+        return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "'%s' (%s%s) cannot be read in parts", t.name, t.dtype,
+                         contiguous ? "" : ", not contiguous");
+    const char *from = (const char *)data + (size_t)first * (size_t)elem;
+    if (src_dt == (int)dtype) memcpy(dst, from, (size_t)count * (size_t)elem);
+    else if (convert_host(dst, dtype, from, (DType)src_dt, (size_t)count) != 0)
+        return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "'%s': no conversion from %s to %s", t.name, t.dtype, dtype_name(dtype));
+    release_bytes(from, (size_t)count * (size_t)elem);
+    return AGPT_OK;
+}
+
 void ckpt_release(const Checkpoint *c, int i) {
     if (!c || i < 0 || i >= c->n) return;
     const void *data;
@@ -427,12 +463,5 @@ void ckpt_release(const Checkpoint *c, int i) {
     bool contiguous;
     int elem;
     if (locate(c, i, &data, &nbytes, &span, &contiguous, &elem) != AGPT_OK || span == 0) return;
-    // Whole pages inside the tensor only: a page shared with a neighbour is left for the neighbour.
-    // MADV_PAGEOUT reclaims clean file pages and keeps the contents of anything else (an inflated DEFLATE
-    // entry lives in heap memory, where MADV_DONTNEED would zero it); it is advice, so errors are ignored.
-#ifdef MADV_PAGEOUT
-    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
-    uintptr_t begin = ((uintptr_t)data + page - 1) / page * page, end = ((uintptr_t)data + span) / page * page;
-    if (end > begin) (void)madvise((void *)begin, end - begin, MADV_PAGEOUT);
-#endif
+    release_bytes(data, span);
 }

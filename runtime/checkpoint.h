@@ -53,6 +53,10 @@ uint64_t ckpt_total_bytes(const Checkpoint *c);         // sum of the tensors' s
 // its own type (then it is copied as it is). Non-contiguous torch tensors are gathered through a temporary
 // of the tensor's stored size.
 Status ckpt_read(const Checkpoint *c, int i, DType dtype, void *dst, size_t dst_nbytes);
+// Elements [first, first + count) of a contiguous tensor i (row-major), converted as ckpt_read does, into dst;
+// then drops those elements' whole pages from memory. What lets agpt convert stream a tensor in pieces.
+// AGPT_ERR_UNSUPPORTED for a non-contiguous tensor (read it whole with ckpt_read).
+Status ckpt_read_part(const Checkpoint *c, int i, DType dtype, int64_t first, int64_t count, void *dst);
 // The raw stored bytes of tensor i in row-major order (its dtype as `dtype` says) into dst.
 Status ckpt_read_raw(const Checkpoint *c, int i, void *dst, size_t dst_nbytes);
 // Drops tensor i's mapped pages from this process's memory (they are re-read from disk if needed again).

@@ -101,8 +101,8 @@ int cmd_convert(int argc, char **argv) {
     if (s != AGPT_OK) return cli_report("convert", s);
     fprintf(stderr,
             "agpt convert: wrote %s: %d tensors, %.1f MB, %d class features, %d input tensors skipped, %.1f s\n"
-            "agpt convert: peak memory %.1f MB while streaming (buffer %.1f MB = the largest tensor converted; "
-            "largest input tensor %.1f MB), %.1f MB at the end%s\n",
+            "agpt convert: peak memory %.1f MB while streaming (buffer %.1f MB; largest input tensor %.1f MB), "
+            "%.1f MB at the end%s\n",
             o.output, r.tensors, (double)r.bytes / 1e6, r.classes, r.skipped, r.seconds, (double)r.peak_rss_stream / 1e6,
             (double)r.buffer_bytes / 1e6, (double)r.largest_input_bytes / 1e6, (double)r.peak_rss / 1e6,
             r.classes ? " (the text encoder loaded for the class features)" : "");

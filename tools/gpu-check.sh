@@ -95,6 +95,21 @@ PYTHONUNBUFFERED=1 timeout 180 python3 bench/peers/torch_llama.py --device cuda 
     --json "$out/torch-llama.json" 2>&1 | tee "$out/torch-llama.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+step "agpt bench detect: end-to-end inspections, full-size AnomalyGPT (random weights, f16), verdict-only and 32 tokens"
+tok=""
+for f in ../shared/data/llama-tokenizer.model shared/data/llama-tokenizer.model; do [ -z "$tok" ] && [ -f "$f" ] && tok=$f; done
+if [ -n "$tok" ]; then
+    timeout 150 build-gpu/agpt bench detect --device cuda --dtype f16 --iters 10 --answer-tokens 32 --tokenizer "$tok" \
+        --json "$out/agpt-detect.json" 2>&1 | tee "$out/agpt-detect.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    step "PyTorch peer: the official per-image AnomalyGPT pipeline (ImageBind-H, decoder, prompt learner, HF generate, f16)"
+    PYTHONUNBUFFERED=1 timeout 150 python3 bench/peers/torch_anomalygpt.py --device cuda --dtype f16 --iters 10 \
+        --answer-tokens 32 --json "$out/torch-detect.json" 2>&1 | tee "$out/torch-detect.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+else
+    echo "skipped: no llama-tokenizer.model in ../shared/data or shared/data (the prompt needs real token ids)"
+fi
+
 step "ratios (speedup > 1: agpt faster)"
 if [ -f "$out/agpt-ops.json" ] && [ -f "$out/torch-ops.json" ]; then
     python3 bench/compare.py "$out/agpt-ops.json" "$out/torch-ops.json" --md "$out/ops-table.md"
@@ -104,6 +119,9 @@ if [ -f "$out/agpt-vit.json" ] && [ -f "$out/torch-vit.json" ]; then
 fi
 if [ -f "$out/agpt-llama.json" ] && [ -f "$out/torch-llama.json" ]; then
     python3 bench/compare.py "$out/agpt-llama.json" "$out/torch-llama.json" --md "$out/llama-table.md"
+fi
+if [ -f "$out/agpt-detect.json" ] && [ -f "$out/torch-detect.json" ]; then
+    python3 bench/compare.py "$out/agpt-detect.json" "$out/torch-detect.json" --md "$out/detect-table.md"
 fi
 echo
 echo "gpu-check: $([ $status -eq 0 ] && echo ok || echo FAILED); results in $out"

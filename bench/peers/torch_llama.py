@@ -6,6 +6,12 @@ each step (no sampling, no read-back), as agpt's bench does.
 
     python3 bench/peers/torch_llama.py --device cpu --threads 2 --layers 2 --batch 1 --json out.json
     python3 bench/peers/torch_llama.py --device cuda --dtype bf16 --batch 1 --batch 32
+    python3 bench/peers/torch_llama.py --device cpu --dtype bf16 --layers 32 --threads 2 --prompt 32 --decode 16
+
+The model is built on the meta device and then given uninitialised storage on the real one (to_empty), filled by
+normal_ (std 0.02 for the matrices and embeddings, ones for the norms): the module's own init of 7B parameters
+would take longer than the benchmark, and only one copy of the weights ever exists (13.5 GB in bf16). The rotary
+embedding's inv_freq buffer is computed at construction, so it is rebuilt on the real device.
 """
 import argparse
 import inspect
@@ -14,6 +20,7 @@ import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 
 def main():
@@ -44,10 +51,19 @@ def main():
     t0 = time.perf_counter()
     torch.manual_seed(7)
     default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dt)  # initialise in the compute dtype on the device: no f32 copy of 7B on the host
-    with torch.device(dev):
+    torch.set_default_dtype(dt)  # parameters in the compute dtype: no f32 copy of 7B on the host
+    with torch.device("meta"):
         model = LlamaForCausalLM(config).eval()
     torch.set_default_dtype(default_dtype)
+    model = model.to_empty(device=dev)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)  # RMSNorm weights
+            else:
+                p.normal_(0.0, 0.02)
+        with torch.device(dev):
+            model.model.rotary_emb = LlamaRotaryEmbedding(config=config)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     print(f"torch {torch.__version__}: LlamaForCausalLM, {layers} layers, random init ({params / 1e9:.2f} GB, "
           f"made in {time.perf_counter() - t0:.1f} s), {dev} {dt}, {torch.get_num_threads()} threads, "

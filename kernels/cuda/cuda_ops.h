@@ -29,6 +29,12 @@ Status cuda_rmsnorm(Engine *e, DType dt, void *out, float *rstd, const void *x, 
                     int64_t C, float eps);
 Status cuda_rmsnorm_backward(Engine *e, DType dt, void *dx, void *dw, const void *dout, const void *x,
                              const void *w, const float *rstd, int64_t rows, int64_t C);
+// sum = a + b, then out = norm(sum) (kernels/cuda/norms.cu): one block per row reads a and b once, writes sum
+// and out once, keeping the row in registers when it fits (every model width does). sum may alias a or b.
+Status cuda_add_layernorm(Engine *e, DType dt, void *sum, void *out, float *mean, float *rstd, const void *a,
+                          const void *b, const void *w, const void *bias, int64_t rows, int64_t C, float eps);
+Status cuda_add_rmsnorm(Engine *e, DType dt, void *sum, void *out, float *rstd, const void *a, const void *b,
+                        const void *w, int64_t rows, int64_t C, float eps);
 
 Status cuda_gelu(Engine *e, DType dt, void *out, const void *x, int64_t n);
 Status cuda_gelu_backward(Engine *e, DType dt, void *dx, const void *dout, const void *x, int64_t n);
@@ -79,6 +85,10 @@ Status cuda_max_dot(Engine *e, DType dt, void *out, const void *query, const voi
 // logits [B,2,N] -> out [B,N]: class-1 probability of the two-class softmax.
 Status cuda_softmax2_class1(Engine *e, DType dt, void *out, const void *logits, int64_t B, int64_t N);
 Status cuda_axpy(Engine *e, DType dt, void *y, const void *x, int64_t n, float alpha);  // y += alpha * x
+// out [B,H,W] += alpha * class-1 softmax of logits [B,2,h,w] resized bilinearly (align_corners=True): one thread
+// per output pixel, fp32 throughout, one rounding at the store (kernels/cuda/fused_map.cu).
+Status cuda_upsample_softmax2_axpy(Engine *e, DType dt, void *out, const void *logits, int64_t B, int64_t h,
+                                   int64_t w, int64_t H, int64_t W, float alpha);
 Status cuda_affine(Engine *e, DType dt, void *x, int64_t n, float a, float b);          // x = a * x + b
 // img [B,C,H,W] -> out [B, (H/p)*(W/p), C*p*p], columns in (c, i, j) order.
 Status cuda_im2patches(Engine *e, DType dt, void *out, const void *img, int64_t B, int64_t C, int64_t H, int64_t W,

@@ -140,3 +140,72 @@ extern "C" Status engine_cuda_synchronize(Engine *e) {
                          cudaGetErrorName(ce));
     return AGPT_OK;
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// CUDA graphs of the engine's stream (kernels/engine.h says how model/ uses them).
+//
+// Capture is thread-local: another thread's engine (the server runs several) may keep calling the runtime while
+// this one records. The engine's stream is a blocking stream, which stream capture accepts; what it refuses is
+// work that would join the legacy stream (tensor_copy's cudaMemcpy), which is why callers do their uploads
+// before engine_graph_begin.
+
+extern "C" Status engine_graph_begin(Engine *e) {
+    CUDA_TRY(cudaStreamBeginCapture(engine_stream(e), cudaStreamCaptureModeThreadLocal));
+    return AGPT_OK;
+}
+
+extern "C" void engine_graph_abort(Engine *e) {
+    if (!e->stream) return;
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(engine_stream(e), &st) == cudaSuccess && st != cudaStreamCaptureStatusNone) {
+        cudaGraph_t g = NULL;
+        cudaStreamEndCapture(engine_stream(e), &g);  // ends an invalidated capture too (it then returns an error)
+        if (g) cudaGraphDestroy(g);
+    }
+    cudaGetLastError();  // the capture's failure is reported by whoever caused it; leave no sticky error behind
+}
+
+extern "C" Status engine_graph_end(Engine *e, void **exec) {
+    cudaGraph_t g = NULL;
+    cudaError_t ce = cudaStreamEndCapture(engine_stream(e), &g);
+    if (ce != cudaSuccess || g == NULL) {
+        if (g) cudaGraphDestroy(g);
+        cudaGetLastError();
+        return AGPT_FAIL(AGPT_ERR_DEVICE, "ending the CUDA graph capture on GPU %d failed: %s (%s); an op between "
+                         "engine_graph_begin and engine_graph_end synchronised, allocated or copied through the "
+                         "legacy stream", e->gpu_index, cudaGetErrorString(ce), cudaGetErrorName(ce));
+    }
+    if (*exec) {
+        // Same topology (the usual case: the same ops with new pointers and sizes): patch the kernel arguments.
+        cudaGraphExecUpdateResultInfo info;
+        if (cudaGraphExecUpdate((cudaGraphExec_t)*exec, g, &info) == cudaSuccess) {
+            cudaGraphDestroy(g);
+            return AGPT_OK;
+        }
+        cudaGetLastError();  // an update refused (e.g. another kernel count) is not an error: instantiate anew
+        cudaGraphExecDestroy((cudaGraphExec_t)*exec);
+        *exec = NULL;
+    }
+    cudaGraphExec_t ge = NULL;
+    ce = cudaGraphInstantiate(&ge, g, 0);
+    cudaGraphDestroy(g);
+    if (ce != cudaSuccess) {
+        cudaGetLastError();
+        return AGPT_FAIL(AGPT_ERR_DEVICE, "cudaGraphInstantiate on GPU %d failed: %s (%s)", e->gpu_index,
+                         cudaGetErrorString(ce), cudaGetErrorName(ce));
+    }
+    *exec = ge;
+    return AGPT_OK;
+}
+
+extern "C" Status engine_graph_launch(Engine *e, void *exec) {
+    AGPT_CHECK_ARG(exec != NULL, "engine_graph_launch: no graph (engine_graph_end makes one)");
+    CUDA_TRY(cudaGraphLaunch((cudaGraphExec_t)exec, engine_stream(e)));
+    return AGPT_OK;
+}
+
+extern "C" void engine_graph_destroy(void **exec) {
+    if (!exec || !*exec) return;
+    cudaGraphExecDestroy((cudaGraphExec_t)*exec);
+    *exec = NULL;
+}

@@ -11,7 +11,14 @@
 // columns n, so bias[n] lands on every C[m,n]: exactly the row-major broadcast over rows that ops.h asks for.
 // We use the epilogue only when beta == 0, where it is the ops.h formula exactly; with beta != 0 a separate
 // kernel adds the bias after the GEMM, so the meaning never depends on how the epilogue orders bias and
-// beta*C.
+// beta*C. op_linear always calls with beta = 0, so every biased linear layer (ViT qkv/out_proj/fc1/fc2, the
+// patch decoder's fc) gets its bias from the epilogue, with no extra pass over the output.
+//
+// No GELU epilogue, on purpose. CUBLASLT_EPILOGUE_GELU_BIAS would fuse ViT's fc1 bias + GELU, but cuBLASLt's
+// GELU is the tanh approximation 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))) (cublasLt.h names it only "GELU";
+// PyTorch's _addmm_activation(use_gelu=True), which uses it, matches F.gelu(approximate="tanh")), while ImageBind's
+// nn.GELU is the exact erf form. The two differ by up to ~4e-4 per element, which would break the f32 1e-5 match
+// with the reference. So fc1 uses the BIAS epilogue and op_gelu's exact-erf kernel runs after it.
 //
 // Compute type is CUBLAS_COMPUTE_32F with f32 scale for every storage dtype: f32 inputs get true fp32
 // GEMMs (no TF32), so f32 results can be compared tightly against OpenBLAS; f16/bf16 get fp32 accumulation.

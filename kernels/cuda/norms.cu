@@ -269,3 +269,161 @@ extern "C" Status cuda_rmsnorm_backward(Engine *e, DType dt, void *dx, void *dw,
     if (rows == 0) return AGPT_OK;
     return DISPATCH_FLOAT(dt, launch_rmsnorm_backward, engine_stream(e), dx, dw, dout, x, w, rstd, rows, C);
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Residual add fused with LayerNorm / RMSNorm: sum = a + b, out = norm(sum).
+//
+// Unfused, a decode step's "x = x + branch; n = norm(x)" reads x and branch, writes x, then reads x two or three
+// times more (stats, then normalise) and writes n. Here one block per row reads a and b once, rounds a + b to the
+// storage type (so the statistics see exactly the sum the unfused norm would read back), writes sum, and keeps
+// the row in registers for the statistics and the normalised store: NI vectors of V elements per thread, with NI
+// picked by the launcher so that NI * threads * V >= C (NI <= 8 covers every model width: 4096 in bf16 is 2 per
+// thread, in f32 4). Wider rows (NI = 0) read their own elements of sum back instead, which is safe without a
+// barrier because a thread only ever re-reads the elements it wrote itself. For the same reason sum may alias a
+// or b. The block sums run in the same order as the unfused kernels', so the statistics agree with them.
+
+// The k-th vector of this thread's part of the row: from registers when cached (NI > 0), else read back from sum.
+// The register array is indexed only by unrolled constants, so it stays in registers.
+template <typename T, int V, int NI, int NR>
+__device__ __forceinline__ void add_norm_values(float (&v)[V], const float (&cache)[NR][V], int k, const T *sr) {
+    if constexpr (NI > 0) {
+#pragma unroll
+        for (int r = 0; r < NR; r++)
+            if (r == k)
+#pragma unroll
+                for (int j = 0; j < V; j++) v[j] = cache[r][j];
+    } else {
+        load_vec<T, V>(sr, v);
+    }
+}
+
+template <typename T, int V, int NI, bool RMS>
+__global__ void add_norm_kernel(T *sum, T *out, float *mean, float *rstd, const T *a, const T *b, const T *w,
+                                const T *bias, int64_t C, float eps) {
+    __shared__ float scratch[32];
+    const int64_t row = blockIdx.x;
+    const T *ar = a + row * C, *br = b + row * C;
+    T *sr = sum + row * C, *outr = out + row * C;
+    const int64_t step = (int64_t)blockDim.x * V, first = (int64_t)threadIdx.x * V;
+    constexpr int NR = NI > 0 ? NI : 1;
+    float cache[NR][V];  // the rounded sums, when NI > 0
+
+    // Pass 1: sum = a + b (written once), and the first statistic.
+    float s1 = 0.0f;
+    int k = 0;
+    for (int64_t i = first; i < C; i += step, k++) {
+        float av[V], bv[V];
+        load_vec<T, V>(ar + i, av);
+        load_vec<T, V>(br + i, bv);
+#pragma unroll
+        for (int j = 0; j < V; j++) av[j] = to_f32(from_f32<T>(av[j] + bv[j]));  // exactly what sum holds
+        store_vec<T, V>(sr + i, av);
+#pragma unroll
+        for (int j = 0; j < V; j++) s1 += RMS ? av[j] * av[j] : av[j];
+        if constexpr (NI > 0) {
+#pragma unroll
+            for (int r = 0; r < NR; r++)
+                if (r == k)
+#pragma unroll
+                    for (int j = 0; j < V; j++) cache[r][j] = av[j];
+        }
+    }
+
+    float mu = 0.0f, rs;
+    if constexpr (RMS) {
+        rs = 1.0f / sqrtf(block_sum(s1, scratch) / (float)C + eps);
+    } else {
+        mu = block_sum(s1, scratch) / (float)C;
+        float ss = 0.0f;  // two-pass variance, as layernorm_kernel
+        k = 0;
+        for (int64_t i = first; i < C; i += step, k++) {
+            float v[V];
+            add_norm_values<T, V, NI, NR>(v, cache, k, sr + i);
+#pragma unroll
+            for (int j = 0; j < V; j++) ss += (v[j] - mu) * (v[j] - mu);
+        }
+        rs = 1.0f / sqrtf(block_sum(ss, scratch) / (float)C + eps);
+    }
+
+    k = 0;
+    for (int64_t i = first; i < C; i += step, k++) {
+        float v[V], wv[V];
+        add_norm_values<T, V, NI, NR>(v, cache, k, sr + i);
+        load_vec<T, V>(w + i, wv);
+        if constexpr (RMS) {
+#pragma unroll
+            for (int j = 0; j < V; j++) v[j] = wv[j] * (v[j] * rs);  // HF LLaMA order, as rmsnorm_kernel
+        } else {
+            float bv[V];
+            load_vec<T, V>(bias + i, bv);
+#pragma unroll
+            for (int j = 0; j < V; j++) v[j] = (v[j] - mu) * rs * wv[j] + bv[j];
+        }
+        store_vec<T, V>(outr + i, v);
+    }
+    if (threadIdx.x == 0) {
+        if (!RMS && mean) mean[row] = mu;
+        if (rstd) rstd[row] = rs;
+    }
+}
+
+template <typename T, int V, bool RMS>
+static Status launch_add_norm_v(cudaStream_t s, void *sum, void *out, float *mean, float *rstd, const void *a,
+                                const void *b, const void *w, const void *bias, int64_t rows, int64_t C,
+                                float eps) {
+    const int64_t vecs = (C + V - 1) / V;
+    const int threads = row_threads(vecs);
+    const int64_t per_thread = (vecs + threads - 1) / threads;
+#define ADD_NORM_LAUNCH(NI)                                                                                   \
+    add_norm_kernel<T, V, NI, RMS><<<(unsigned)rows, threads, 0, s>>>((T *)sum, (T *)out, mean, rstd,         \
+                                                                      (const T *)a, (const T *)b,             \
+                                                                      (const T *)w, (const T *)bias, C, eps)
+    if (per_thread <= 1) ADD_NORM_LAUNCH(1);
+    else if (per_thread <= 2) ADD_NORM_LAUNCH(2);
+    else if (per_thread <= 4) ADD_NORM_LAUNCH(4);
+    else if (per_thread <= 8) ADD_NORM_LAUNCH(8);
+    else ADD_NORM_LAUNCH(0);
+#undef ADD_NORM_LAUNCH
+    CUDA_LAUNCH_CHECK("add_norm_kernel");
+    return AGPT_OK;
+}
+
+template <typename T, bool RMS>
+static Status launch_add_norm(cudaStream_t s, void *sum, void *out, float *mean, float *rstd, const void *a,
+                              const void *b, const void *w, const void *bias, int64_t rows, int64_t C, float eps) {
+    if (rows_vectorisable<T>(C, {sum, out, a, b, w, bias}))
+        return launch_add_norm_v<T, vec16<T>(), RMS>(s, sum, out, mean, rstd, a, b, w, bias, rows, C, eps);
+    return launch_add_norm_v<T, 1, RMS>(s, sum, out, mean, rstd, a, b, w, bias, rows, C, eps);
+}
+
+template <typename T>
+static Status launch_add_layernorm(cudaStream_t s, void *sum, void *out, float *mean, float *rstd, const void *a,
+                                   const void *b, const void *w, const void *bias, int64_t rows, int64_t C,
+                                   float eps) {
+    return launch_add_norm<T, false>(s, sum, out, mean, rstd, a, b, w, bias, rows, C, eps);
+}
+
+template <typename T>
+static Status launch_add_rmsnorm(cudaStream_t s, void *sum, void *out, float *rstd, const void *a, const void *b,
+                                 const void *w, int64_t rows, int64_t C, float eps) {
+    return launch_add_norm<T, true>(s, sum, out, NULL, rstd, a, b, w, NULL, rows, C, eps);
+}
+
+extern "C" Status cuda_add_layernorm(Engine *e, DType dt, void *sum, void *out, float *mean, float *rstd,
+                                     const void *a, const void *b, const void *w, const void *bias, int64_t rows,
+                                     int64_t C, float eps) {
+    CHECK_FLOAT_DT(dt);
+    CHECK_ROWS(rows, C);
+    AGPT_CHECK_ARG(bias != NULL, "cuda_add_layernorm: the LayerNorm bias is required");
+    if (rows == 0) return AGPT_OK;
+    return DISPATCH_FLOAT(dt, launch_add_layernorm, engine_stream(e), sum, out, mean, rstd, a, b, w, bias, rows, C,
+                          eps);
+}
+
+extern "C" Status cuda_add_rmsnorm(Engine *e, DType dt, void *sum, void *out, float *rstd, const void *a,
+                                   const void *b, const void *w, int64_t rows, int64_t C, float eps) {
+    CHECK_FLOAT_DT(dt);
+    CHECK_ROWS(rows, C);
+    if (rows == 0) return AGPT_OK;
+    return DISPATCH_FLOAT(dt, launch_add_rmsnorm, engine_stream(e), sum, out, rstd, a, b, w, rows, C, eps);
+}
