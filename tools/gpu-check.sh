@@ -29,10 +29,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 git rev-parse HEAD 2>/dev/null | tee "$out/commit.txt" || echo "unknown" >"$out/commit.txt"
 date -u +%Y-%m-%dT%H:%M:%SZ | tee "$out/date.txt"
 
+# The shared data (LLaMA's tokenizer, CLIP's merges): beside the checkout, inside it, or carried in .gpu-deps.
+shared_data=""
+for d in ../shared/data shared/data .gpu-deps/shared-data; do
+    [ -z "$shared_data" ] && [ -f "$d/llama-tokenizer.model" ] && shared_data=$(cd "$d" && pwd)
+done
+echo "shared data: ${shared_data:-none (tests that need it skip)}"
+
 step "build (sm_86, sm_90)"
 gen=""
 command -v ninja >/dev/null && gen="-G Ninja"
 cmake -S . -B build-gpu $gen -DCMAKE_BUILD_TYPE=Release -DAGPT_CUDA=ON -DAGPT_CUDA_ARCHS="86;90" \
+    ${shared_data:+-DAGPT_SHARED_DATA="$shared_data"} \
     >"$out/cmake.log" 2>&1 || { cat "$out/cmake.log"; exit 1; }
 cmake --build build-gpu -j 16 2>&1 | tee "$out/build.log" | grep -E "error|warning" | head -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "build failed"; tail -40 "$out/build.log"; exit 1; }
@@ -49,8 +57,8 @@ step "end to end on CUDA: convert the official-layout checkpoints, detect, compa
 e2e=tests/data/e2e
 golden=$e2e/expected.safetensors
 meta() { build-gpu/e2e_check meta "$golden" "$1"; }
-if [ -f ../shared/data/llama-tokenizer.model ] || [ -f shared/data/llama-tokenizer.model ]; then
-    sd=$( [ -d ../shared/data ] && echo ../shared/data || echo shared/data )
+if [ -n "$shared_data" ]; then
+    sd=$shared_data
     build-gpu/agpt convert --imagebind $e2e/official/imagebind_huge.pth --vicuna $e2e/official/vicuna \
         --pandagpt $e2e/official/pandagpt/pytorch_model.pt --anomalygpt $e2e/official/anomalygpt/pytorch_model.pt \
         --tokenizer $sd/llama-tokenizer.model --clip-vocab $sd/clip-bpe-simple-vocab-16e6.txt.gz --dtype f32 \
@@ -64,7 +72,7 @@ if [ -f ../shared/data/llama-tokenizer.model ] || [ -f shared/data/llama-tokeniz
         build-gpu/e2e_check json "$golden" case0.answer "$out/e2e-$dt.jsonl" answer || echo "answer differs in $dt (exact only expected in f32)"
     done
 else
-    echo "skipped: no shared/data tokenizer on this machine"
+    echo "skipped: no tokenizer on this machine (tools/gpu-prepare.sh copies it into .gpu-deps)"
 fi
 
 step "agpt bench ops (cuda, bf16)"
@@ -96,8 +104,7 @@ PYTHONUNBUFFERED=1 timeout 180 python3 bench/peers/torch_llama.py --device cuda 
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 step "agpt bench detect: end-to-end inspections, full-size AnomalyGPT (random weights, f16), verdict-only and 32 tokens"
-tok=""
-for f in ../shared/data/llama-tokenizer.model shared/data/llama-tokenizer.model; do [ -z "$tok" ] && [ -f "$f" ] && tok=$f; done
+tok=${shared_data:+$shared_data/llama-tokenizer.model}
 if [ -n "$tok" ]; then
     timeout 150 build-gpu/agpt bench detect --device cuda --dtype f16 --iters 10 --answer-tokens 32 --tokenizer "$tok" \
         --json "$out/agpt-detect.json" 2>&1 | tee "$out/agpt-detect.txt"
@@ -107,7 +114,7 @@ if [ -n "$tok" ]; then
         --answer-tokens 32 --json "$out/torch-detect.json" 2>&1 | tee "$out/torch-detect.txt"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 else
-    echo "skipped: no llama-tokenizer.model in ../shared/data or shared/data (the prompt needs real token ids)"
+    echo "skipped: no llama-tokenizer.model (tools/gpu-prepare.sh copies it into .gpu-deps; the prompt needs real ids)"
 fi
 
 step "ratios (speedup > 1: agpt faster)"
