@@ -71,12 +71,6 @@ static Status check_stats(const Engine *e, const Tensor *t, int64_t rows, const 
 // ---------------------------------------------------------------------------------------------------------
 // matmul
 
-// The CPU backend's one mixed-dtype case, in kernels/cpu/matmul.c: a weight operand b stored in bf16 or f16 with
-// f32 a, out and bias (halving the bytes a decode step reads); widened to f32 as it is read, f32 accumulation.
-Status cpu_matmul_lowp(float *c, const float *a, const void *b, DType b_dtype, const float *bias, int64_t batch,
-                       int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, int64_t stride_a,
-                       int64_t stride_b, int64_t stride_c, float alpha, float beta);
-
 // b or a linear weight: of dtype dt like the other operands, or on the CPU with f32 activations also bf16 or f16.
 static Status check_weight(const Engine *e, const Tensor *t, DType dt, const char *op, const char *what) {
     if (e->device == DEV_CPU && dt == DT_F32 && t && (t->dtype == DT_BF16 || t->dtype == DT_F16))

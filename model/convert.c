@@ -17,6 +17,7 @@
 #include "runtime/log.h"
 #include "runtime/memory.h"
 #include "runtime/st_stream.h"
+#include "runtime/text.h"
 #include "runtime/timer.h"
 
 enum { SRC_IMAGEBIND, SRC_VICUNA, SRC_PANDAGPT, SRC_ANOMALYGPT, SRC_COUNT };
@@ -214,6 +215,32 @@ static Status check_taps(const char *taps, int layers) {
     return AGPT_OK;
 }
 
+// Whether path names the same file as `input` (also through links), so that writing it would destroy an input.
+static bool same_file(const char *path, const char *input) {
+    struct stat a, b;
+    return input && stat(path, &a) == 0 && stat(input, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
+
+// The output and its temporary must not be any input: the temporary is truncated while inputs are mapped.
+static Status check_output_is_not_an_input(const char *output, Checkpoint *const src[SRC_COUNT],
+                                           const char *const *blobs, int n_blobs) {
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp", output);
+    const char *targets[2] = {output, tmp};
+    for (int t = 0; t < 2; t++) {
+        for (int k = 0; k < SRC_COUNT; k++)
+            for (int f = 0; src[k] && f < ckpt_file_count(src[k]); f++)
+                if (same_file(targets[t], ckpt_file_path(src[k], f)))
+                    return AGPT_FAIL(AGPT_ERR_ARG, "writing %s would overwrite the input %s; choose another -o",
+                                     targets[t], ckpt_file_path(src[k], f));
+        for (int b = 0; b < n_blobs; b++)
+            if (same_file(targets[t], blobs[b]))
+                return AGPT_FAIL(AGPT_ERR_ARG, "writing %s would overwrite the input %s; choose another -o", targets[t],
+                                 blobs[b]);
+    }
+    return AGPT_OK;
+}
+
 static const char *first_name(const Checkpoint *c) {
     CkptTensor t;
     return ckpt_count(c) && ckpt_tensor(c, 0, &t) == AGPT_OK ? t.name : "none";
@@ -312,6 +339,7 @@ Status convert_run(const ConvertOptions *o, ConvertReport *report) {
     ClipTokenizer *clip = NULL;
     StStream *out = NULL;
     void *buffer = NULL;
+    char *lossy_paths[SRC_COUNT] = {NULL};
     char taps[64] = "", vheads[16], theads[16], lheads[16], eps[32], base[32], alpha[32], version[16];
     LlamaSettings llama = {0, 1e-6, 10000.0};
     const char *sp_path = o->tokenizer;
@@ -382,6 +410,10 @@ Status convert_run(const ConvertOptions *o, ConvertReport *report) {
             s = plan_add(&plan, &(PlanItem){.name = MODEL_TENSOR_CLIP_BPE, .source = -1, .blob = clip_bytes,
                                             .dtype = DT_U8, .ndim = 1, .shape = {(int64_t)clip_n}});
     }
+    if (s == AGPT_OK) {
+        const char *blobs[2] = {sp_path, o->clip_vocab};
+        s = check_output_is_not_an_input(o->output, src, blobs, 2);
+    }
     if (s != AGPT_OK) goto done;
 
     // 3. The config the shapes do not carry.
@@ -390,8 +422,9 @@ Status convert_run(const ConvertOptions *o, ConvertReport *report) {
     snprintf(version, sizeof version, "%d", MODEL_FORMAT_VERSION);
     kv[n_kv++] = MODEL_FORMAT_KEY, kv[n_kv++] = version;
     kv[n_kv++] = "agpt.converted_by", kv[n_kv++] = "agpt convert " AGPT_VERSION;
-    for (int k = 0; k < SRC_COUNT; k++)
-        if (paths[k]) kv[n_kv++] = source_flag[k] + 2, kv[n_kv++] = paths[k];  // "imagebind" -> path
+    for (int k = 0; k < SRC_COUNT; k++)  // "imagebind" -> its path (bytes that are not UTF-8 shown as '?')
+        if (paths[k] && (lossy_paths[k] = utf8_lossy(paths[k])))
+            kv[n_kv++] = source_flag[k] + 2, kv[n_kv++] = lossy_paths[k];
     int vision_layers = count_blocks(&plan, "vision");
     if (vision_layers > 0) {
         int64_t C = dim_of(&plan, "modality_trunks.vision.blocks.0.norm_1.weight", 0);
@@ -530,6 +563,7 @@ done:
     clip_tokenizer_free(clip);
     free(sp_bytes);
     free(clip_bytes);
+    for (int k = 0; k < SRC_COUNT; k++) free(lossy_paths[k]);
     report->peak_rss = peak_rss_bytes();
     report->seconds = timer_now_s() - t0;
     return s;

@@ -281,7 +281,6 @@ static Status encode(VisionModel *m, int n, Tensor taps[VISION_TAPS], Tensor *em
 
 Status vision_model_set_references(VisionModel *m, const Image *refs, int k) {
     fewshot_refs_free(&m->refs);
-    clip_tokenizer_free(m->own_tokenizer);
     if (k == 0) return AGPT_OK;
     int turns = m->augment_rotations ? 4 : 1;
     AGPT_CHECK_ARG(k * turns <= m->max_batch, "%d reference images%s but the model was opened for batches of %d; "

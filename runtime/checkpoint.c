@@ -371,6 +371,16 @@ Status ckpt_read_raw(const Checkpoint *c, int i, void *dst, size_t dst_nbytes) {
     return AGPT_OK;
 }
 
+// Mapped zip entries need not be aligned to their element size (a file re-zipped by Python's zipfile is not);
+// such a source is copied to an aligned temporary before typed reads. Returns the pointer to read from.
+static const void *aligned_source(const void *p, size_t bytes, int elem, void **tmp) {
+    *tmp = NULL;
+    if (elem <= 1 || (uintptr_t)p % (uintptr_t)elem == 0) return p;
+    *tmp = malloc(bytes ? bytes : 1);
+    if (*tmp) memcpy(*tmp, p, bytes);
+    return *tmp;
+}
+
 static void f64_to(void *dst, DType dt, const double *src, size_t n) {
     for (size_t k = 0; k < n; k++) {
         float v = (float)src[k];
@@ -410,14 +420,19 @@ Status ckpt_read(const Checkpoint *c, int i, DType dtype, void *dst, size_t dst_
         }
         data = tmp;
     }
+    void *bounce = NULL;
+    if (!(src_dt == (int)dtype && !f64) && !(data = aligned_source(data, nbytes, elem, &bounce))) {
+        free(tmp);
+        return AGPT_FAIL(AGPT_ERR_OOM, "out of host memory aligning '%s'", t.name);
+    }
+    Status s = AGPT_OK;
     if (f64) f64_to(dst, dtype, data, n);
     else if (src_dt == (int)dtype) memcpy(dst, data, nbytes);
-    else if (convert_host(dst, dtype, data, (DType)src_dt, n) != 0) {
-        free(tmp);
-        return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "'%s': no conversion from %s to %s", t.name, t.dtype, dtype_name(dtype));
-    }
+    else if (convert_host(dst, dtype, data, (DType)src_dt, n) != 0)
+        s = AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "'%s': no conversion from %s to %s", t.name, t.dtype, dtype_name(dtype));
+    free(bounce);
     free(tmp);
-    return AGPT_OK;
+    return s;
 }
 
 // Whole pages inside [data, data + n): a page shared with a neighbour is left for the neighbour.
@@ -449,11 +464,20 @@ Status ckpt_read_part(const Checkpoint *c, int i, DType dtype, int64_t first, in
         return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "'%s' (%s%s) cannot be read in parts", t.name, t.dtype,
                          contiguous ? "" : ", not contiguous");
     const char *from = (const char *)data + (size_t)first * (size_t)elem;
-    if (src_dt == (int)dtype) memcpy(dst, from, (size_t)count * (size_t)elem);
-    else if (convert_host(dst, dtype, from, (DType)src_dt, (size_t)count) != 0)
-        return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "'%s': no conversion from %s to %s", t.name, t.dtype, dtype_name(dtype));
-    release_bytes(from, (size_t)count * (size_t)elem);
-    return AGPT_OK;
+    size_t bytes = (size_t)count * (size_t)elem;
+    Status s = AGPT_OK;
+    if (src_dt == (int)dtype) {
+        memcpy(dst, from, bytes);
+    } else {
+        void *bounce;
+        const void *src = aligned_source(from, bytes, elem, &bounce);
+        if (!src) return AGPT_FAIL(AGPT_ERR_OOM, "out of host memory aligning '%s'", t.name);
+        if (convert_host(dst, dtype, src, (DType)src_dt, (size_t)count) != 0)
+            s = AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "'%s': no conversion from %s to %s", t.name, t.dtype, dtype_name(dtype));
+        free(bounce);
+    }
+    release_bytes(from, bytes);
+    return s;
 }
 
 void ckpt_release(const Checkpoint *c, int i) {

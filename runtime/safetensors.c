@@ -110,32 +110,6 @@ static bool json_to_u64(const cJSON *v, uint64_t *out) {
 // Returns the offset of the first byte that is not valid UTF-8 (overlong forms, surrogates and values past
 // U+10FFFF included), or of a raw control byte other than tab/CR/LF when !allow_control; n when clean.
 // The format requires UTF-8, and JSON forbids raw control bytes, which cJSON would otherwise skip silently.
-static size_t utf8_bad_at(const uint8_t *s, size_t n, bool allow_control) {
-    size_t i = 0;
-    while (i < n) {
-        uint8_t c = s[i];
-        if (c < 0x80) {
-            if (!allow_control && c < 0x20 && c != '\t' && c != '\n' && c != '\r') return i;
-            i++;
-            continue;
-        }
-        int len;
-        uint32_t cp, min;
-        if ((c & 0xe0) == 0xc0) len = 2, cp = c & 0x1f, min = 0x80;
-        else if ((c & 0xf0) == 0xe0) len = 3, cp = c & 0x0f, min = 0x800;
-        else if ((c & 0xf8) == 0xf0) len = 4, cp = c & 0x07, min = 0x10000;
-        else return i;
-        if (n - i < (size_t)len) return i;
-        for (size_t k = 1; k < (size_t)len; k++) {
-            if ((s[i + k] & 0xc0) != 0x80) return i;
-            cp = (cp << 6) | (s[i + k] & 0x3f);
-        }
-        if (cp < min || cp > 0x10ffff || (cp >= 0xd800 && cp <= 0xdfff)) return i;
-        i += (size_t)len;
-    }
-    return n;
-}
-
 static Status oom(const char *path, const char *what) {
     return AGPT_FAIL(AGPT_ERR_OOM, "%s: out of host memory while reading %s", path, what);
 }

@@ -10,6 +10,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "runtime/text.h"
+
 typedef struct StreamTensor {
     char *name;
     uint64_t begin, nbytes;  // relative to the data section
@@ -110,8 +112,12 @@ Status st_stream_open(const char *path, const StStreamEntry *entries, int n, con
     for (int i = 0; i < n && st == AGPT_OK; i++) {
         const StStreamEntry *e = &entries[i];
         int elem = dtype_size_by_name(e->dtype);
+        char shown_name[SHOWN_MAX];
         if (!e->name || !e->name[0] || strcmp(e->name, "__metadata__") == 0)
             st = AGPT_FAIL(AGPT_ERR_ARG, "st_stream %s: tensor %d has an empty or reserved name", path, i);
+        else if (!utf8_valid(e->name))  // readers refuse a header that is not UTF-8: refuse before writing it
+            st = AGPT_FAIL(AGPT_ERR_ARG, "st_stream %s: tensor name '%s' is not valid UTF-8", path,
+                           shown(e->name, shown_name));
         else if (elem == 0)
             st = AGPT_FAIL(AGPT_ERR_ARG, "st_stream %s: tensor '%s' has unknown dtype '%s'", path, e->name,
                            e->dtype ? e->dtype : "(null)");
@@ -133,6 +139,15 @@ Status st_stream_open(const char *path, const StStreamEntry *entries, int n, con
         order[i] = (Slot){i, elem};
         if (!s->tensors[i].name) st = AGPT_FAIL(AGPT_ERR_OOM, "st_stream %s: out of host memory", path);
     }
+    if (st != AGPT_OK) {
+        free(order);
+        stream_free(s);
+        return st;
+    }
+    for (int i = 0; i < 2 * n_pairs && st == AGPT_OK; i++)
+        if (!kv[i] || !utf8_valid(kv[i]))
+            st = AGPT_FAIL(AGPT_ERR_ARG, "st_stream %s: metadata %s %d is missing or not valid UTF-8", path,
+                           i % 2 ? "value" : "key", i / 2);
     if (st != AGPT_OK) {
         free(order);
         stream_free(s);
@@ -169,7 +184,7 @@ Status st_stream_open(const char *path, const StStreamEntry *entries, int n, con
     }
     size_t json_len = strlen(header), padded = (8 + json_len + 63) / 64 * 64 - 8;
     s->data_start = 8 + padded;
-    s->fd = open(s->tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    s->fd = open(s->tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0644);
     if (s->fd < 0) {
         st = AGPT_FAIL(AGPT_ERR_IO, "cannot create %s: %s", s->tmp, strerror(errno));
         free(header);

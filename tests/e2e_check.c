@@ -74,7 +74,8 @@ int main(int argc, char **argv) {
         cJSON *j = first_line(argv[4]);
         const cJSON *score = cJSON_GetObjectItemCaseSensitive(j, "score");
         Tensor want;
-        if (cJSON_IsNumber(score) && st_get(golden, key, &want) == AGPT_OK && want.dtype == DT_F32) {
+        if (cJSON_IsNumber(score) && st_get(golden, key, &want) == AGPT_OK && want.dtype == DT_F32 &&
+            tensor_numel(&want) >= 1) {
             double w = ((const float *)want.data)[0], d = fabs(w - score->valuedouble);
             printf("%s: %.7g vs %.7g\n", key, w, score->valuedouble);
             rc = !(d <= atof(argv[5]));

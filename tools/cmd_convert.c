@@ -6,6 +6,7 @@
 
 #include "model/convert.h"
 #include "runtime/dtype.h"
+#include "runtime/text.h"
 #include "tools/cli.h"
 
 static void usage(FILE *f) {
@@ -51,8 +52,8 @@ int cmd_convert(int argc, char **argv) {
                 fprintf(stderr, "agpt convert: at most %d --class names\n", CONVERT_MAX_CLASSES);
                 return 2;
             }
-            if (!v[0] || strlen(v) > 100) {
-                fprintf(stderr, "agpt convert: --class names must be 1 to 100 bytes\n");
+            if (!v[0] || strlen(v) > 100 || !utf8_valid(v)) {
+                fprintf(stderr, "agpt convert: --class names must be 1 to 100 bytes of UTF-8\n");
                 return 2;
             }
             o.classes[o.n_classes++] = v;

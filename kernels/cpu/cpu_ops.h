@@ -4,11 +4,19 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "runtime/dtype.h"
+#include "runtime/status.h"
+
 // c[i] = alpha * op(a[i]) @ op(b[i]) + beta * c[i] + bias, for i < batch; strides in elements between items
 // (stride_b = 0 shares b). op(a) is MxK, op(b) is KxN, c is MxN, all row-major.
 void cpu_matmul(float *c, const float *a, const float *b, const float *bias, int64_t batch, int64_t M, int64_t N,
                 int64_t K, bool trans_a, bool trans_b, int64_t stride_a, int64_t stride_b, int64_t stride_c,
                 float alpha, float beta);
+// The one mixed-dtype case: a weight operand b stored in bf16 or f16 with f32 a, out and bias (halving the bytes
+// a decode step reads); widened to f32 as it is read, f32 accumulation.
+Status cpu_matmul_lowp(float *c, const float *a, const void *b, DType b_dtype, const float *bias, int64_t batch,
+                       int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, int64_t stride_a,
+                       int64_t stride_b, int64_t stride_c, float alpha, float beta);
 void cpu_bias_grad(float *dbias, const float *dout, int64_t rows, int64_t N);  // dbias += column sums
 
 void cpu_add(float *out, const float *a, const float *b, int64_t n);
@@ -47,7 +55,6 @@ void cpu_adamw(float *param, const float *grad, float *m, float *v, int64_t n, f
 
 // ---- vision path: anomaly maps and patch embedding ----------------------------------------------------------
 // cpu_max_dot allocates bounded scratch and so returns a Status; the others cannot fail.
-#include "runtime/status.h"
 
 // x, out: [rows, C]; out = x / max(||x||, eps) per row (eps = 0: plain division). out may alias x.
 void cpu_l2_normalize(float *out, const float *x, int64_t rows, int64_t C, float eps);
