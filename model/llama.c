@@ -21,21 +21,6 @@ static Status copy_ordered(Engine *e, Tensor *dst, const Tensor *src) {
     return AGPT_OK;
 }
 
-// A float metadata value, or `fallback` when absent.
-static Status meta_float(const WeightStore *w, const char *key, float fallback, float *out) {
-    const char *v = weights_meta(w, key);
-    if (!v) {
-        *out = fallback;
-        return AGPT_OK;
-    }
-    char *end = NULL;
-    double x = strtod(v, &end);
-    if (end == v || *end != 0 || !isfinite(x) || x <= 0)
-        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: metadata '%s' = '%s' is not a positive number", w->file_name, key, v);
-    *out = (float)x;
-    return AGPT_OK;
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // Loading and the LoRA merge
 
@@ -47,8 +32,17 @@ static const char *const LORA_FORMS[] = {
 };
 #define N_LORA_FORMS (int)(sizeof LORA_FORMS / sizeof LORA_FORMS[0])
 
-static void lora_name(char *buf, size_t size, int form, int layer, const char *proj, const char *ab) {
+void llama_lora_name(char *buf, size_t size, int form, int layer, const char *proj, const char *ab) {
     snprintf(buf, size, LORA_FORMS[form], layer, proj, ab);
+}
+
+int llama_lora_form(const WeightStore *w) {
+    char name[256];
+    for (int f = 0; f < N_LORA_FORMS; f++) {
+        llama_lora_name(name, sizeof name, f, 0, "q_proj", "A");
+        if (weights_has(w, name)) return f;
+    }
+    return -1;
 }
 
 // Host f32 [rows, cols] in the store's dtype, uploaded into an arena tensor on the engine's device.
@@ -66,8 +60,8 @@ static Status upload_to_arena(Engine *e, Arena *arena, DType dt, const float *ho
 static Status merge_one(Engine *e, WeightStore *w, int form, int layer, const char *proj, Tensor *W, float alpha,
                         Arena *arena, void *staging, int *rank) {
     char na[256], nb[256];
-    lora_name(na, sizeof na, form, layer, proj, "A");
-    lora_name(nb, sizeof nb, form, layer, proj, "B");
+    llama_lora_name(na, sizeof na, form, layer, proj, "A");
+    llama_lora_name(nb, sizeof nb, form, layer, proj, "B");
     float *A = NULL, *B = NULL;
     int nda = 0, ndb = 0;
     int64_t sa[8], sb[8];
@@ -119,18 +113,14 @@ static Status merge_one(Engine *e, WeightStore *w, int form, int layer, const ch
 
 static Status merge_lora(Llama *m, WeightStore *w) {
     m->lora_rank = 0;
-    int form = -1;
+    int form = llama_lora_form(w);
     char name[256];
-    for (int f = 0; f < N_LORA_FORMS && form < 0; f++) {
-        lora_name(name, sizeof name, f, 0, "q_proj", "A");
-        if (weights_has(w, name)) form = f;
-    }
     if (form < 0) return AGPT_OK;  // no LoRA: the base weights as they are
-    lora_name(name, sizeof name, form, 0, "q_proj", "A");
+    llama_lora_name(name, sizeof name, form, 0, "q_proj", "A");
     int r0 = (int)weights_dim(w, name, 0);
     if (r0 < 1) return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: LoRA '%s' has no rank", w->file_name, name);
     float alpha = 0;
-    AGPT_TRY(meta_float(w, "lora.alpha", (float)r0, &alpha));
+    AGPT_TRY(weights_meta_float(w, "lora.alpha", (float)r0, &alpha));
     Engine *e = w->engine;
     int64_t C = m->block.dim;
     size_t elems = (size_t)r0 * (size_t)C;  // every projection is [C,C]; a larger rank is refused in merge_one
@@ -155,8 +145,7 @@ static Status merge_lora(Llama *m, WeightStore *w) {
     return AGPT_OK;
 }
 
-Status llama_load(Llama *m, WeightStore *w) {
-    memset(m, 0, sizeof *m);
+Status llama_config_read(const WeightStore *w, LlamaBlockConfig *block, int *layers, int *vocab) {
     const char *emb = "model.embed_tokens.weight";
     int64_t V = weights_dim(w, emb, 0), C = weights_dim(w, emb, 1);
     int64_t I = weights_dim(w, "model.layers.0.mlp.gate_proj.weight", 0);
@@ -166,23 +155,35 @@ Status llama_load(Llama *m, WeightStore *w) {
     if (I < 1)
         return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: tensor 'model.layers.0.mlp.gate_proj.weight' is missing; no LLaMA "
                          "layers in this file", w->file_name);
-    int layers = 0;
-    for (char name[128];; layers++) {
-        snprintf(name, sizeof name, "model.layers.%d.self_attn.q_proj.weight", layers);
+    int n = 0;
+    for (char name[128];; n++) {
+        snprintf(name, sizeof name, "model.layers.%d.self_attn.q_proj.weight", n);
         if (!weights_has(w, name)) break;
     }
     int heads;
     float eps = 0, base = 0;
     AGPT_TRY(weights_meta_int(w, "llama.heads", 32, &heads));
-    AGPT_TRY(meta_float(w, "llama.rms_eps", 1e-6f, &eps));
-    AGPT_TRY(meta_float(w, "llama.rope_base", 10000.0f, &base));
-    m->block = (LlamaBlockConfig){.dim = (int)C, .heads = heads, .hidden = (int)I, .eps = eps, .rope_base = base};
-    Status s = llama_block_config_check(&m->block);
+    AGPT_TRY(weights_meta_float(w, "llama.rms_eps", 1e-6f, &eps));
+    AGPT_TRY(weights_meta_float(w, "llama.rope_base", 10000.0f, &base));
+    *block = (LlamaBlockConfig){.dim = (int)C, .heads = heads, .hidden = (int)I, .eps = eps, .rope_base = base};
+    Status s = llama_block_config_check(block);
     if (s != AGPT_OK) return agpt_add_context(s, "%s: LLaMA config from the shapes and metadata llama.heads",
                                               w->file_name);
-    if (layers < 1) return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: no LLaMA layers (model.layers.0...)", w->file_name);
+    if (n < 1) return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: no LLaMA layers (model.layers.0...)", w->file_name);
+    *layers = n;
+    *vocab = (int)V;
+    return AGPT_OK;
+}
+
+Status llama_load(Llama *m, WeightStore *w) {
+    memset(m, 0, sizeof *m);
+    int layers, vocab;
+    AGPT_TRY(llama_config_read(w, &m->block, &layers, &vocab));
+    const char *emb = "model.embed_tokens.weight";
+    int64_t V = vocab, C = m->block.dim, I = m->block.hidden;
+    Status s;
     m->layers = layers;
-    m->vocab = (int)V;
+    m->vocab = vocab;
     m->layer = calloc((size_t)layers, sizeof *m->layer);
     if (!m->layer) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for %d layer records", layers);
 
@@ -207,7 +208,7 @@ Status llama_load(Llama *m, WeightStore *w) {
         llama_free(m);
         return s;
     }
-    LOG_D("llama: dim %d, %d heads, %d layers, MLP %d, vocab %d, LoRA rank %d", m->block.dim, heads, layers,
+    LOG_D("llama: dim %d, %d heads, %d layers, MLP %d, vocab %d, LoRA rank %d", m->block.dim, m->block.heads, layers,
           m->block.hidden, m->vocab, m->lora_rank);
     return AGPT_OK;
 }

@@ -47,6 +47,13 @@ typedef struct Llama {
 // Reads the config and weights from the store (tensors owned by the store; the layer array by the Llama) and
 // merges LoRA when present. A missing tensor or a wrong shape is an error naming it.
 Status llama_load(Llama *m, WeightStore *w);
+// The LLaMA config a store describes: widths from the shapes (HF names), the layer count, the vocabulary rows,
+// heads / RMSNorm eps / RoPE base from the metadata (defaults 32, 1e-6, 10000). Shared with training.
+Status llama_config_read(const WeightStore *w, LlamaBlockConfig *block, int *layers, int *vocab);
+// The LoRA key forms a store may hold (PEFT's with and without the adapter name, PandaGPT's, bare HF): the form
+// of layer 0's q_proj A, or -1 without LoRA; and the name of a factor ("A" or "B") in a form.
+int llama_lora_form(const WeightStore *w);
+void llama_lora_name(char *buf, size_t size, int form, int layer, const char *proj, const char *ab);
 void llama_free(Llama *m);
 
 // Keys and values of every layer plus the activations of one step, sized up front for up to max_batch

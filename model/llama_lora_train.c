@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "kernels/ops.h"
+#include "model/llama.h"
 #include "runtime/log.h"
 
 #define SHAPE(...) ((const int64_t[]){__VA_ARGS__})
@@ -21,63 +22,18 @@ static Status copy_ordered(Engine *e, Tensor *dst, const Tensor *src) {
     return AGPT_OK;
 }
 
-static Status meta_float(const WeightStore *w, const char *key, float fallback, float *out) {
-    const char *v = weights_meta(w, key);
-    if (!v) {
-        *out = fallback;
-        return AGPT_OK;
-    }
-    char *end = NULL;
-    double x = strtod(v, &end);
-    if (end == v || *end != 0 || !isfinite(x) || x <= 0)
-        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: metadata '%s' = '%s' is not a positive number", w->file_name, key, v);
-    *out = (float)x;
-    return AGPT_OK;
-}
-
 // ---------------------------------------------------------------------------------------------------------
 // Loading
 
-// The key forms model/llama.c merges from, in the same order.
-static const char *const LORA_FORMS[] = {
-    "base_model.model.model.layers.%d.self_attn.%s.lora_%s.weight",
-    "base_model.model.model.layers.%d.self_attn.%s.lora_%s.default.weight",
-    "llama_model.base_model.model.model.layers.%d.self_attn.%s.lora_%s.default.weight",
-    "model.layers.%d.self_attn.%s.lora_%s.weight",
-};
-#define N_LORA_FORMS (int)(sizeof LORA_FORMS / sizeof LORA_FORMS[0])
 static const char *const PROJ[LLAMA_LORA_PROJ] = {"q_proj", "k_proj", "v_proj", "o_proj"};
-
-static void lora_name(char *buf, size_t size, int form, int layer, const char *proj, const char *ab) {
-    snprintf(buf, size, LORA_FORMS[form], layer, proj, ab);
-}
 
 static Status load_base(LlamaLoraTrain *m, WeightStore *w) {
     const char *emb = "model.embed_tokens.weight";
-    int64_t V = weights_dim(w, emb, 0), C = weights_dim(w, emb, 1);
-    int64_t I = weights_dim(w, "model.layers.0.mlp.gate_proj.weight", 0);
-    if (V < 1 || C < 1)
-        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: tensor '%s' is missing; is this a LLaMA model file (HF names)?",
-                         w->file_name, emb);
-    if (I < 1)
-        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: tensor 'model.layers.0.mlp.gate_proj.weight' is missing; no LLaMA "
-                         "layers in this file", w->file_name);
-    int layers = 0;
-    for (char name[128];; layers++) {
-        snprintf(name, sizeof name, "model.layers.%d.self_attn.q_proj.weight", layers);
-        if (!weights_has(w, name)) break;
-    }
-    int heads;
-    float eps = 0, base = 0;
-    AGPT_TRY(weights_meta_int(w, "llama.heads", 32, &heads));
-    AGPT_TRY(meta_float(w, "llama.rms_eps", 1e-6f, &eps));
-    AGPT_TRY(meta_float(w, "llama.rope_base", 10000.0f, &base));
-    m->block = (LlamaBlockConfig){.dim = (int)C, .heads = heads, .hidden = (int)I, .eps = eps, .rope_base = base};
-    Status s = llama_block_config_check(&m->block);
-    if (s != AGPT_OK) return agpt_add_context(s, "%s: LLaMA config from the shapes and metadata llama.heads",
-                                              w->file_name);
+    int layers, vocab;
+    AGPT_TRY(llama_config_read(w, &m->block, &layers, &vocab));
+    int64_t V = vocab, C = m->block.dim, I = m->block.hidden;
     m->layers = layers;
-    m->vocab = (int)V;
+    m->vocab = vocab;
     m->layer = calloc((size_t)layers, sizeof *m->layer);
     m->lora = calloc((size_t)layers, sizeof *m->lora);
     m->grad = calloc((size_t)layers, sizeof *m->grad);
@@ -101,27 +57,23 @@ static Status load_base(LlamaLoraTrain *m, WeightStore *w) {
 }
 
 static Status load_lora(LlamaLoraTrain *m, WeightStore *w) {
-    int form = -1;
+    int form = llama_lora_form(w);  // the key forms model/llama.c merges from
     char na[256], nb[256];
-    for (int f = 0; f < N_LORA_FORMS && form < 0; f++) {
-        lora_name(na, sizeof na, f, 0, "q_proj", "A");
-        if (weights_has(w, na)) form = f;
-    }
     if (form < 0)
         return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: no LoRA factors (e.g. '%s'); training keeps LoRA apart and needs "
                          "them for every layer's q, k, v, o", w->file_name, "base_model.model.model.layers.0."
                          "self_attn.q_proj.lora_A.weight");
-    lora_name(na, sizeof na, form, 0, "q_proj", "A");
+    llama_lora_name(na, sizeof na, form, 0, "q_proj", "A");
     const int64_t C = m->block.dim, r = weights_dim(w, na, 0);
     if (r < 1 || r > C) return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: LoRA '%s' has rank %lld, expected 1..%lld",
                                          w->file_name, na, (long long)r, (long long)C);
     m->rank = (int)r;
-    AGPT_TRY(meta_float(w, "lora.alpha", (float)r, &m->alpha));
+    AGPT_TRY(weights_meta_float(w, "lora.alpha", (float)r, &m->alpha));
     m->scaling = m->alpha / (float)r;
     for (int l = 0; l < m->layers; l++)
         for (int p = 0; p < LLAMA_LORA_PROJ; p++) {
-            lora_name(na, sizeof na, form, l, PROJ[p], "A");
-            lora_name(nb, sizeof nb, form, l, PROJ[p], "B");
+            llama_lora_name(na, sizeof na, form, l, PROJ[p], "A");
+            llama_lora_name(nb, sizeof nb, form, l, PROJ[p], "B");
             Status s = weights_load(w, na, 2, SHAPE(r, C), &m->lora[l].a[p]);
             if (s == AGPT_OK) s = weights_load(w, nb, 2, SHAPE(C, r), &m->lora[l].b[p]);
             if (s != AGPT_OK)

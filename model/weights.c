@@ -2,6 +2,7 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -245,5 +246,19 @@ Status weights_meta_int(const WeightStore *w, const char *key, int fallback, int
     if (end == v || *end != 0 || x < 0 || x > 1 << 30)
         return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: metadata '%s' = '%s' is not a non-negative integer", w->file_name, key, v);
     *out = (int)x;
+    return AGPT_OK;
+}
+
+Status weights_meta_float(const WeightStore *w, const char *key, float fallback, float *out) {
+    const char *v = weights_meta(w, key);
+    if (!v) {
+        *out = fallback;
+        return AGPT_OK;
+    }
+    char *end = NULL;
+    double x = strtod(v, &end);
+    if (end == v || *end != 0 || !isfinite(x) || x <= 0)
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: metadata '%s' = '%s' is not a positive number", w->file_name, key, v);
+    *out = (float)x;
     return AGPT_OK;
 }

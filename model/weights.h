@@ -55,3 +55,5 @@ Status weights_loadf_matrix(WeightStore *w, int ndim, const int64_t *shape, Tens
 Status weights_upload_matrix(WeightStore *w, const float *host, int ndim, const int64_t *shape, Tensor *out);
 // Reads a metadata value as an int, or returns `fallback` when absent; a malformed value is an error.
 Status weights_meta_int(const WeightStore *w, const char *key, int fallback, int *out);
+// Reads a metadata value as a positive float, or returns `fallback` when absent; a malformed value is an error.
+Status weights_meta_float(const WeightStore *w, const char *key, float fallback, float *out);
