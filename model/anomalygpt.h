@@ -24,6 +24,7 @@ typedef struct AnomalyGPT {
     SpTokenizer *tokenizer; // owned
     KvCache cache;
     int max_seq;            // prefix + answer tokens the cache holds
+    int max_batch;          // sequences anomalygpt_ask_batch runs together (the KV cache's batch; 1 by default)
     Arena arena;            // the map on the device, prompt learner temporaries, the input embeddings
     // Option beyond the reference (off by default: the reference re-runs the whole conversation every turn):
     // keep the KV cache of the rows a new turn shares with what the cache already holds. The rows compared are
@@ -43,6 +44,10 @@ typedef struct AnomalyGPT {
 // or, when it is NULL, from the model file (model_file.h).
 Status anomalygpt_open(AnomalyGPT *a, Engine *e, const char *model, const char *const *overlays, int n_overlays,
                        const char *tokenizer_path, DType dtype, int max_seq);
+// The same with room for batches: the KV cache holds max_batch sequences of max_seq tokens, the arena max_batch
+// LLM inputs, and the vision model encodes max(8, max_batch) images at a time. anomalygpt_open is max_batch 1.
+Status anomalygpt_open_batch(AnomalyGPT *a, Engine *e, const char *model, const char *const *overlays,
+                             int n_overlays, const char *tokenizer_path, DType dtype, int max_seq, int max_batch);
 void anomalygpt_close(AnomalyGPT *a);
 
 // Sizes of an AnomalyGPT built from random weights (benchmarks). anomaly_random_config_full gives the real one:
@@ -87,3 +92,15 @@ Status anomalygpt_input(AnomalyGPT *a, const Image *image, const char *prompt_te
 // sampler NULL means greedy. max_new <= 1024.
 Status anomalygpt_ask(AnomalyGPT *a, const Image *image, const ConversationTurn *history, int n_history,
                       const char *input, Sampler *sampler, int max_new, AnomalyAnswer *out);
+
+// n inspections at once, each as anomalygpt_ask(a, &images[i], NULL, 0, inputs[i], NULL, max_new, &out[i]) would
+// answer it (greedy, no history; the KV cache is not reused before or after): the maps of the images in
+// vision_model_map batches (consecutive images whose maps use the same class, up to the vision model's batch),
+// the prompt learner and image token per image, one llama_prefill_varlen of the n inputs, then decode steps of
+// all n sequences together until each has stopped ("##" or </s>, or max_new; a stopped sequence keeps being fed
+// its last token, its logits ignored). out[i].map is caller-provided as in anomalygpt_ask (may be NULL).
+// n larger than the model's max_batch runs in slices of max_batch. Timings: each answer gets its slice's stage
+// times divided by the slice's size (vision_ms, prefill_ms, decode_ms: the per-image share). On an error every
+// out[i].text is NULL (nothing to free).
+Status anomalygpt_ask_batch(AnomalyGPT *a, const Image *images, int n, const char *const *inputs, int max_new,
+                            AnomalyAnswer *out);

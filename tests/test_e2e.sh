@@ -69,6 +69,23 @@ if convert_all "$tmp/model16.safetensors" f16 >"$tmp/convert16.log" 2>&1; then o
         --prompt "$(meta case0.prompt)" --max-new "$(meta case0.max_new)" "$(meta case0.image)" >"$tmp/layered.jsonl" 2>/dev/null &&
     "$check_tool" json "$golden" case0.answer "$tmp/layered.jsonl" answer && ok || { bad "layered delta"; cat "$tmp/delta.log"; }
 
+# Batches: the case-0 image three times through one batch of 3 (anomalygpt_ask_batch): three lines in order,
+# each with the case-0 answer.
+batch_refs=()
+IFS=',' read -r -a batch_ref_list <<<"$(meta case0.references)"
+for r in "${batch_ref_list[@]}"; do [ -n "$r" ] && batch_refs+=(--reference "$r"); done
+batch_ok=0
+if "$agpt" detect --device cpu --batch 3 --model "$tmp/model.safetensors" --prompt "$(meta case0.prompt)" \
+    --max-new "$(meta case0.max_new)" "${batch_refs[@]}" "$(meta case0.image)" "$(meta case0.image)" "$(meta case0.image)" \
+    >"$tmp/batch.jsonl" 2>"$tmp/batch.err" && [ "$(wc -l <"$tmp/batch.jsonl")" -eq 3 ]; then
+    batch_ok=1
+    for k in 1 2 3; do
+        sed -n "${k}p" "$tmp/batch.jsonl" >"$tmp/batch$k.jsonl"
+        "$check_tool" json "$golden" case0.answer "$tmp/batch$k.jsonl" answer || batch_ok=0
+    done
+fi
+[ $batch_ok -eq 1 ] && ok || { bad "detect --batch 3"; cat "$tmp/batch.jsonl" "$tmp/batch.err"; }
+
 # Folders: walked recursively, one line per image, an unreadable image reported without stopping the rest.
 mkdir -p "$tmp/line/a/b"
 cp "$(meta case0.image)" "$tmp/line/a/one.png"
@@ -80,6 +97,27 @@ rc=$?
 [ $rc -eq 1 ] && [ "$(grep -c '"ok":true' "$tmp/line.jsonl")" -eq 2 ] && [ "$(grep -c '"ok":false' "$tmp/line.jsonl")" -eq 1 ] &&
     grep -q "images/s" "$tmp/line.err" && [ -s "$tmp/lineout/a_one.map.safetensors" ] && [ -s "$tmp/lineout/a_b_one.map.safetensors" ] &&
     ! grep -q '"answer"' "$tmp/line.jsonl" && ok || { bad "folder walk (exit $rc)"; cat "$tmp/line.jsonl" "$tmp/line.err"; ls "$tmp/lineout"; }
+
+# Output names stay distinct when a renamed "a_<n>" meets an input already called that.
+mkdir -p "$tmp/names"
+cp "$(meta case0.image)" "$tmp/names/a.png"
+cp "$(meta case0.image)" "$tmp/names/a_1.png"
+cp "$(meta case0.image)" "$tmp/names/a.jpg"
+"$agpt" detect --device cpu --model "$tmp/model.safetensors" --verdict-only --out "$tmp/namesout" "$tmp/names" \
+    >"$tmp/names.jsonl" 2>/dev/null
+[ "$(ls "$tmp/namesout" | grep -c 'map.safetensors$')" -eq 3 ] &&
+    [ "$(sed -n 's/.*"map":"\([^"]*\)".*/\1/p' "$tmp/names.jsonl" | sort -u | wc -l)" -eq 3 ] && ok ||
+    { bad "distinct output names"; cat "$tmp/names.jsonl"; ls "$tmp/namesout"; }
+
+# The embedded CLIP vocabulary computes an uncached class; new references afterwards must not free it (this ran
+# into a double free once; the ASan run of this script catches a regression).
+"$agpt" convert --imagebind "$off/imagebind_huge.pth" --vicuna "$off/vicuna" --pandagpt "$off/pandagpt/pytorch_model.pt" \
+    --anomalygpt "$off/anomalygpt/pytorch_model.pt" --tokenizer "$sp" --clip-vocab "$clip" --no-text-features $heads \
+    --dtype f32 -o "$tmp/nofeat.safetensors" >/dev/null 2>&1 &&
+    printf 'This is a photo of a bottle. Is there any anomaly?\n/reference %s\nAnd now?\n/quit\n' "$(meta case0.image)" |
+    "$agpt" chat --device cpu --greedy --max-new 4 --model "$tmp/nofeat.safetensors" "$(meta case0.image)" \
+        >"$tmp/chat.out" 2>"$tmp/chat.err" && [ "$(wc -l <"$tmp/chat.out")" -eq 2 ] && ok ||
+    { bad "chat: embedded CLIP vocabulary, then a reference"; cat "$tmp/chat.out" "$tmp/chat.err"; }
 
 # Bad input: clear errors, no crash.
 expect_fail() {  # expect_fail NAME PATTERN COMMAND...
@@ -97,6 +135,12 @@ cp "$off/vicuna/config.json" "$off/vicuna/pytorch_model.bin.index.json" "$off/vi
 expect_fail "missing shard" "missing" "$agpt" convert --vicuna "$tmp/shards" -o "$tmp/x.safetensors"
 [ ! -e "$tmp/x.safetensors" ] && [ ! -e "$tmp/x.safetensors.tmp" ] && ok || bad "a failed convert leaves no file"
 printf 'hello' >"$tmp/text.bin"
+cp "$off/anomalygpt/pytorch_model.pt" "$tmp/in.tmp"
+expect_fail "output .tmp is an input" "overwrite the input" "$agpt" convert --anomalygpt "$tmp/in.tmp" -o "$tmp/in"
+cmp -s "$off/anomalygpt/pytorch_model.pt" "$tmp/in.tmp" && ok || bad "the input named like the temporary is intact"
+cp "$off/anomalygpt/pytorch_model.pt" "$tmp/caf$(printf '\351').pt"
+"$agpt" convert --anomalygpt "$tmp/caf$(printf '\351').pt" -o "$tmp/latin1.safetensors" >/dev/null 2>&1 &&
+    "$agpt" info "$tmp/latin1.safetensors" >/dev/null 2>&1 && ok || bad "a non-UTF-8 input path gives a readable file"
 expect_fail "not a checkpoint" "neither" "$agpt" convert --pandagpt "$tmp/text.bin" -o "$tmp/x.safetensors"
 expect_fail "no inputs" "at least one" "$agpt" convert -o "$tmp/x.safetensors"
 expect_fail "bad layers" "layers" "$agpt" convert --imagebind "$off/imagebind_huge.pth" $heads --layers 3,2,1,0 -o "$tmp/x.safetensors"

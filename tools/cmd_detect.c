@@ -24,12 +24,14 @@
 #include "runtime/log.h"
 #include "runtime/memory.h"
 #include "runtime/safetensors.h"
+#include "runtime/text.h"
 #include "runtime/timer.h"
 #include "tools/cli.h"
 #include "tools/inspect_io.h"
 
 #define MAX_REFS 64
 #define MAX_OVERLAYS 7
+#define MAX_BATCH 256
 #define VERDICT_TOKENS 3  // "Yes"/"No" is the answer's first token; a margin for a leading space piece
 
 static void usage(FILE *f) {
@@ -47,6 +49,10 @@ static void usage(FILE *f) {
             "  --tokenizer F, --clip-vocab F   override the tokenizers embedded in the model file\n"
             "  --squash, --fuse-text-map, --rotate-references   as in agpt map\n"
             "  --greedy (default) | --temperature T --top-p P --top-k K --seed S\n"
+            "  --batch N        with greedy decoding, N images at a time through every stage (default 1: one by\n"
+            "                   one); the KV cache holds N sequences of --context tokens. Lines stay in input order;\n"
+            "                   each line's ms (vision, prefill, generate, total) is its batch's time divided by the\n"
+            "                   batch's size (decode_image is its own)\n"
             "  --device cpu|cuda, --dtype f32|f16|bf16 (cuda; default f16), --threads N\n"
             "Folders are walked recursively for .png, .jpg and .jpeg files, in name order.\n"
             "Exit status: 0 every image processed, 1 some failed or the model did not load, 2 usage.\n");
@@ -141,7 +147,9 @@ static int cmp_by_name(const void *a, const void *b) {
     return strcmp(sort_names[*(const int *)a], sort_names[*(const int *)b]);
 }
 
-static Status make_names_unique(ImageList *l) {
+// One pass: every name shared by several images gets "_<position>" appended. Returns how many were renamed.
+static Status rename_duplicates(ImageList *l, int *renamed_count) {
+    *renamed_count = 0;
     int *order = malloc(((size_t)l->n + 1) * sizeof *order);
     bool *dup = calloc((size_t)l->n + 1, sizeof *dup);
     Status s = AGPT_OK;
@@ -164,10 +172,21 @@ static Status make_names_unique(ImageList *l) {
         snprintf(renamed, len, "%s_%d", l->names[i], i);
         free(l->names[i]);
         l->names[i] = renamed;
+        (*renamed_count)++;
     }
     free(order);
     free(dup);
     return s;
+}
+
+// A renamed "a_1" may meet an input that was called "a_1" already: rename until every name is unique.
+static Status make_names_unique(ImageList *l) {
+    for (int pass = 0; pass < 8; pass++) {
+        int renamed;
+        AGPT_TRY(rename_duplicates(l, &renamed));
+        if (renamed == 0) return AGPT_OK;
+    }
+    return AGPT_FAIL(AGPT_ERR_ARG, "cannot give the %d images distinct output names", l->n);
 }
 
 // ---- verdicts -----------------------------------------------------------------------------------------
@@ -206,10 +225,68 @@ static bool has_llm(const char *model, const char *const *overlays, int n_overla
     return found;
 }
 
+// What every JSON line needs besides the image's own results.
+typedef struct LineOptions {
+    bool llm, verdict_only, fuse;
+    int n_refs;
+    const char *map_class, *out_dir;
+    const AnomalyGPT *agpt;
+} LineOptions;
+
+// The JSON line of one image: its results when s is AGPT_OK, else "ok": false and error (the library's last
+// message when error is NULL). Returns whether it succeeded.
+// JSON readers refuse strings that are not UTF-8: paths, names and texts go in with bad bytes as '?'.
+static void add_text(cJSON *obj, const char *key, const char *text) {
+    char *clean = utf8_lossy(text ? text : "");
+    cJSON_AddStringToObject(obj, key, clean ? clean : "");
+    free(clean);
+}
+
+static bool print_result(const LineOptions *o, const char *path, Status s, const char *error, const AnomalyAnswer *ans,
+                         float score, const char *used_class, const char *heat, const char *raw, double load_ms,
+                         double total_ms) {
+    cJSON *line = cJSON_CreateObject();
+    add_text(line, "image", path);
+    if (s == AGPT_OK) {
+        cJSON_AddTrueToObject(line, "ok");
+        const char *verdict = NULL;
+        if (o->llm) {
+            char *text = o->verdict_only ? raw_text(o->agpt, ans) : NULL;
+            verdict = verdict_of(o->verdict_only ? text : ans->text);
+            free(text);
+        }
+        if (verdict) cJSON_AddStringToObject(line, "verdict", verdict);
+        else cJSON_AddNullToObject(line, "verdict");
+        cJSON_AddNumberToObject(line, "score", score);
+        cJSON_AddStringToObject(line, "mode", !o->n_refs ? "zero-shot" : o->fuse ? "few-shot+zero-shot" : "few-shot");
+        if (!o->n_refs || o->fuse)
+            add_text(line, "class", used_class && used_class[0] ? used_class : o->map_class);
+        if (o->llm && !o->verdict_only) add_text(line, "answer", ans->text);
+        if (o->out_dir) {
+            add_text(line, "heatmap", heat);
+            add_text(line, "map", raw);
+        }
+        cJSON *t = cJSON_AddObjectToObject(line, "ms");
+        cJSON_AddNumberToObject(t, "decode_image", load_ms);
+        cJSON_AddNumberToObject(t, "vision", ans->vision_ms);
+        if (o->llm) {
+            cJSON_AddNumberToObject(t, "prefill", ans->prefill_ms);
+            cJSON_AddNumberToObject(t, "generate", ans->decode_ms);
+            cJSON_AddNumberToObject(t, "tokens", ans->n_tokens);
+        }
+        cJSON_AddNumberToObject(t, "total", total_ms);
+    } else {
+        cJSON_AddFalseToObject(line, "ok");
+        add_text(line, "error", error ? error : agpt_last_error());
+    }
+    print_json_line(line);
+    return s == AGPT_OK;
+}
+
 int cmd_detect(int argc, char **argv) {
     const char *model = NULL, *class_name = NULL, *prompt = NULL, *out_dir = NULL, *sp_model = NULL, *clip_vocab = NULL;
     const char *overlays[MAX_OVERLAYS], *refs[MAX_REFS];
-    int n_overlays = 0, n_refs = 0, threads = 0, max_new = 512, context = 2048;
+    int n_overlays = 0, n_refs = 0, threads = 0, max_new = 512, context = 2048, batch_n = 1;
     bool verdict_only = false, squash = false, fuse = false, rotate = false;
     SamplerConfig scfg = sampler_default_config();
     scfg.greedy = true;  // a line wants the same verdict for the same image
@@ -245,6 +322,7 @@ int cmd_detect(int argc, char **argv) {
         else if (!strcmp(a, "--clip-vocab")) { VALUE(); clip_vocab = v; }
         else if (!strcmp(a, "--max-new")) { VALUE(); max_new = atoi(v); }
         else if (!strcmp(a, "--context")) { VALUE(); context = atoi(v); }
+        else if (!strcmp(a, "--batch")) { VALUE(); batch_n = atoi(v); }
         else if (!strcmp(a, "--verdict-only")) verdict_only = true;
         else if (!strcmp(a, "--squash")) squash = true;
         else if (!strcmp(a, "--fuse-text-map")) fuse = true;
@@ -270,6 +348,10 @@ int cmd_detect(int argc, char **argv) {
     }
     if (max_new < 1 || max_new > 1024 || context < 64) {
         fprintf(stderr, "agpt detect: --max-new must be in [1, 1024] and --context at least 64\n");
+        goto usage_error;
+    }
+    if (batch_n < 1 || batch_n > MAX_BATCH) {
+        fprintf(stderr, "agpt detect: --batch must be in [1, %d]\n", MAX_BATCH);
         goto usage_error;
     }
     if ((s = make_names_unique(&images)) || (out_dir && (s = ensure_dir(out_dir)))) {
@@ -300,7 +382,12 @@ int cmd_detect(int argc, char **argv) {
     float *map = NULL;
     double t0 = timer_now_s();
     int batch = n_refs * (rotate ? 4 : 1);
-    s = llm ? anomalygpt_open(&agpt, &eng, model, overlays, n_overlays, sp_model, dt, context)
+    if (batch_n > 1 && (!llm || !scfg.greedy)) {
+        LOG_W("--batch applies to greedy answers%s: images go one by one", llm ? "; sampling is on" : " (no language model)");
+        batch_n = 1;
+    }
+    if (batch_n > images.n) batch_n = images.n;
+    s = llm ? anomalygpt_open_batch(&agpt, &eng, model, overlays, n_overlays, sp_model, dt, context, batch_n)
             : vision_model_open(vm, &eng, model, overlays, n_overlays, dt, batch > 1 ? batch : 1);
     bool opened = s == AGPT_OK;
     if (!llm && opened) LOG_W("%s has no language model: maps and scores only, no verdicts", model);
@@ -311,8 +398,7 @@ int cmd_detect(int argc, char **argv) {
         if (squash) vm->mode = PREPROCESS_SQUASH;
         vm->fuse_text_map = fuse;
         vm->augment_rotations = rotate;
-        if (llm) agpt.map_class = class_name;
-        s = mem_host_alloc((size_t)vm->vision.image * vm->vision.image * sizeof(float), (void **)&map);
+        s = mem_host_alloc((size_t)batch_n * vm->vision.image * vm->vision.image * sizeof(float), (void **)&map);
     }
     if (s == AGPT_OK && n_refs > 0) {
         Image ref_images[MAX_REFS];
@@ -324,9 +410,13 @@ int cmd_detect(int argc, char **argv) {
         if (s) s = agpt_add_context(s, "reference images");
     }
     const char *map_class = class_name ? class_name : "object";
-    if (s == AGPT_OK && !llm && (n_refs == 0 || fuse)) {  // resolve the class once (cached, computed or 'object')
+    // The zero-shot map's class, resolved once (cached, computed, or 'object' when it cannot be had), so that the
+    // JSON names the class that really made the map. With the LLM and no --class, the reference's rule picks the
+    // class from the question per image instead.
+    if (s == AGPT_OK && (!llm || class_name) && (n_refs == 0 || fuse)) {
         const Tensor *features;
         s = vision_model_class_features(vm, map_class, &features, &map_class);
+        if (s == AGPT_OK && llm) agpt.map_class = map_class;
     }
     if (s != AGPT_OK) {
         rc = cli_report("detect", s);
@@ -339,9 +429,9 @@ int cmd_detect(int argc, char **argv) {
     Progress bar;
     progress_begin(&bar, "detect", images.n);
     double t_images = timer_now_s();
-    for (int i = 0; i < images.n; i++) {
-        cJSON *line = cJSON_CreateObject();
-        cJSON_AddStringToObject(line, "image", images.paths[i]);
+    LineOptions lo = {.llm = llm, .verdict_only = verdict_only, .fuse = fuse, .n_refs = n_refs,
+                      .map_class = map_class, .out_dir = out_dir, .agpt = &agpt};
+    for (int i = 0; batch_n == 1 && i < images.n; i++) {
         double t1 = timer_now_s();
         Image img;
         float score = 0;
@@ -365,44 +455,81 @@ int cmd_detect(int argc, char **argv) {
             if (s == AGPT_OK && out_dir) s = write_map_outputs(vm, &img, map, out_dir, images.names[i], heat, raw, sizeof heat);
             image_free(&img);
         }
-        if (s == AGPT_OK) {
-            cJSON_AddTrueToObject(line, "ok");
-            const char *verdict = NULL;
-            if (llm) {
-                char *text = verdict_only ? raw_text(&agpt, &ans) : NULL;
-                verdict = verdict_of(verdict_only ? text : ans.text);
-                free(text);
-            }
-            if (verdict) cJSON_AddStringToObject(line, "verdict", verdict);
-            else cJSON_AddNullToObject(line, "verdict");
-            cJSON_AddNumberToObject(line, "score", score);
-            cJSON_AddStringToObject(line, "mode", !n_refs ? "zero-shot" : fuse ? "few-shot+zero-shot" : "few-shot");
-            if (!n_refs || fuse) cJSON_AddStringToObject(line, "class", used_class && used_class[0] ? used_class : map_class);
-            if (llm && !verdict_only) cJSON_AddStringToObject(line, "answer", ans.text ? ans.text : "");
-            if (out_dir) {
-                cJSON_AddStringToObject(line, "heatmap", heat);
-                cJSON_AddStringToObject(line, "map", raw);
-            }
-            cJSON *t = cJSON_AddObjectToObject(line, "ms");
-            cJSON_AddNumberToObject(t, "decode_image", load_ms);
-            cJSON_AddNumberToObject(t, "vision", ans.vision_ms);
-            if (llm) {
-                cJSON_AddNumberToObject(t, "prefill", ans.prefill_ms);
-                cJSON_AddNumberToObject(t, "generate", ans.decode_ms);
-                cJSON_AddNumberToObject(t, "tokens", ans.n_tokens);
-            }
-            cJSON_AddNumberToObject(t, "total", 1e3 * (timer_now_s() - t1));
+        if (print_result(&lo, images.paths[i], s, NULL, &ans, score, used_class, heat, raw, load_ms,
+                         1e3 * (timer_now_s() - t1))) {
             done++;
         } else {
-            cJSON_AddFalseToObject(line, "ok");
-            cJSON_AddStringToObject(line, "error", agpt_last_error());
             failed++;
             rc = 1;
         }
         free(ans.text);
-        print_json_line(line);
         progress_step(&bar, 1);
     }
+    // Batches (greedy, with the LLM): the readable images of each group of batch_n through anomalygpt_ask_batch;
+    // an unreadable one gets its own error line, in its place.
+    AnomalyAnswer *answers = batch_n > 1 ? calloc((size_t)batch_n, sizeof *answers) : NULL;
+    if (batch_n > 1 && !answers) {
+        rc = cli_report("detect", AGPT_FAIL(AGPT_ERR_OOM, "no memory for a batch of %d answers", batch_n));
+        goto finish;
+    }
+    for (int i0 = 0; batch_n > 1 && i0 < images.n; i0 += batch_n) {
+        int m = images.n - i0 < batch_n ? images.n - i0 : batch_n, k = 0;
+        int S = vm->vision.image;
+        Image img[MAX_BATCH], ok_img[MAX_BATCH];
+        Status st[MAX_BATCH];
+        bool loaded[MAX_BATCH];
+        double load_ms[MAX_BATCH];
+        const char *inputs[MAX_BATCH];
+        char *err[MAX_BATCH] = {0}, heat[4096], raw[4096];
+        double t1 = timer_now_s();
+        for (int j = 0; j < m; j++) {
+            double tl = timer_now_s();
+            st[j] = image_load(images.paths[i0 + j], &img[j]);
+            load_ms[j] = 1e3 * (timer_now_s() - tl);
+            loaded[j] = st[j] == AGPT_OK;
+            if (!loaded[j]) {
+                err[j] = strdup(agpt_last_error());
+                continue;
+            }
+            ok_img[k] = img[j], inputs[k] = question;
+            answers[k] = (AnomalyAnswer){.map = map + (size_t)k * S * S};
+            k++;
+        }
+        Status bs = k > 0 ? anomalygpt_ask_batch(&agpt, ok_img, k, inputs, verdict_only ? VERDICT_TOKENS : max_new,
+                                                 answers)
+                          : AGPT_OK;
+        char *batch_err = bs != AGPT_OK ? strdup(agpt_last_error()) : NULL;
+        double batch_ms = 1e3 * (timer_now_s() - t1) / m;
+        for (int j = 0, b = 0; j < m; j++) {
+            AnomalyAnswer *aj = &answers[loaded[j] ? b : 0];
+            double tw = timer_now_s();
+            if (loaded[j]) {
+                st[j] = bs;
+                if (st[j] == AGPT_OK && out_dir)
+                    st[j] = write_map_outputs(vm, &img[j], aj->map, out_dir, images.names[i0 + j], heat, raw,
+                                              sizeof heat);
+                if (st[j] != AGPT_OK) err[j] = strdup(bs != AGPT_OK && batch_err ? batch_err : agpt_last_error());
+            }
+            double total_ms = batch_ms + 1e3 * (timer_now_s() - tw);
+            if (print_result(&lo, images.paths[i0 + j], st[j], err[j] ? err[j] : "out of memory", aj, aj->score,
+                             aj->class_name, heat, raw, load_ms[j], total_ms)) {
+                done++;
+            } else {
+                failed++;
+                rc = 1;
+            }
+            free(err[j]);
+            if (loaded[j]) {
+                free(aj->text);
+                aj->text = NULL;
+                image_free(&img[j]);
+                b++;
+            }
+        }
+        free(batch_err);
+        progress_step(&bar, m);
+    }
+    free(answers);
     progress_end(&bar);
     double seconds = timer_now_s() - t_images;
     fprintf(stderr, "agpt detect: %d of %d image(s) processed, %d failed, in %.2f s: %.2f images/s (model load %.2f s)\n",
