@@ -822,7 +822,7 @@ Status op_softmax2_class1(Engine *e, Tensor *out, const Tensor *logits) {
     return AGPT_OK;
 }
 
-// kernels/cpu/fused_map.c
+// kernels/cpu/vision.c
 void cpu_upsample_softmax2_axpy(float *out, const float *logits, int64_t B, int64_t h, int64_t w, int64_t H,
                                 int64_t W, float alpha);
 

@@ -86,7 +86,7 @@ Status cuda_max_dot(Engine *e, DType dt, void *out, const void *query, const voi
 Status cuda_softmax2_class1(Engine *e, DType dt, void *out, const void *logits, int64_t B, int64_t N);
 Status cuda_axpy(Engine *e, DType dt, void *y, const void *x, int64_t n, float alpha);  // y += alpha * x
 // out [B,H,W] += alpha * class-1 softmax of logits [B,2,h,w] resized bilinearly (align_corners=True): one thread
-// per output pixel, fp32 throughout, one rounding at the store (kernels/cuda/fused_map.cu).
+// per output pixel, fp32 throughout, one rounding at the store (kernels/cuda/vision.cu).
 Status cuda_upsample_softmax2_axpy(Engine *e, DType dt, void *out, const void *logits, int64_t B, int64_t h,
                                    int64_t w, int64_t H, int64_t W, float alpha);
 Status cuda_affine(Engine *e, DType dt, void *x, int64_t n, float a, float b);          // x = a * x + b
