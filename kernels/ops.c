@@ -822,10 +822,6 @@ Status op_softmax2_class1(Engine *e, Tensor *out, const Tensor *logits) {
     return AGPT_OK;
 }
 
-// kernels/cpu/vision.c
-void cpu_upsample_softmax2_axpy(float *out, const float *logits, int64_t B, int64_t h, int64_t w, int64_t H,
-                                int64_t W, float alpha);
-
 Status op_upsample_softmax2_axpy(Engine *e, Tensor *out, const Tensor *logits, float alpha) {
     const char *op = "op_upsample_softmax2_axpy";
     AGPT_TRY(check_tensor(e, logits, op, "logits"));

@@ -60,6 +60,10 @@ void cpu_adamw(float *param, const float *grad, float *m, float *v, int64_t n, f
 void cpu_l2_normalize(float *out, const float *x, int64_t rows, int64_t C, float eps);
 // x [BC,h,w] -> out [BC,H,W]: bilinear, align_corners=True, in PyTorch's float arithmetic.
 void cpu_upsample_bilinear(float *out, const float *x, int64_t BC, int64_t h, int64_t w, int64_t H, int64_t W);
+// out [B,H,W] += alpha * softmax2_class1(upsample_bilinear(logits [B,2,h,w])): the three ops above in one pass,
+// bit for bit equal to them.
+void cpu_upsample_softmax2_axpy(float *out, const float *logits, int64_t B, int64_t h, int64_t w, int64_t H,
+                                int64_t W, float alpha);
 // out[q] = max_r <query[q], refs[r]>: query [Q,D], refs [R,D], R >= 1. GEMMs over blocks of at most 1024
 // queries x 2048 references (8 MiB of scratch); AGPT_ERR_OOM when that scratch cannot be had.
 Status cpu_max_dot(float *out, const float *query, const float *refs, int64_t Q, int64_t R, int64_t D);
