@@ -68,3 +68,39 @@ Status bench_copy_rate(Engine *e, DType dt, int64_t n, double *gbps) {
     *gbps = 2.0 * (double)n * dtype_size(dt) / best / 1e9;
     return s;
 }
+
+// Reads x on every thread with independent accumulators (a single running sum would be bound by the add latency,
+// not by memory). The result is returned so that the compiler cannot drop the reads.
+static float read_all(const float *x, int64_t n) {
+    float total = 0;
+    #pragma omp parallel for reduction(+ : total) schedule(static)
+    for (int64_t block = 0; block < n / 64; block++) {
+        float acc[16] = {0};
+        const float *p = x + block * 64;
+        for (int i = 0; i < 64; i += 16)
+            for (int j = 0; j < 16; j++) acc[j] += p[i + j];
+        for (int j = 0; j < 16; j++) total += acc[j];
+    }
+    return total;
+}
+
+Status bench_read_rate(Engine *e, DType dt, int64_t n, double *gbps) {
+    Arena a;
+    AGPT_TRY(arena_init(&a, e->device, (size_t)n * dtype_size(dt) + 2 * AGPT_ALIGN));
+    Tensor x;
+    if (e->device == DEV_CPU) dt = DT_F32;
+    Status s = arena_tensor(&a, dt, 1, (int64_t[]){n}, &x);
+    if (!s) s = tensor_zero(&x);
+    if (!s) s = bench_sync(e);
+    double best = 1e30, sum = 0;
+    for (int i = 0; i < 5 && !s; i++) {
+        double t0 = timer_now_s();
+        if (e->device == DEV_CPU) sum += read_all(x.data, n);
+        else s = op_sum_squares(e, &sum, &x);  // returns on the host: the read has finished
+        double t = timer_now_s() - t0;
+        if (i > 0 && t < best) best = t;
+    }
+    arena_free(&a);
+    *gbps = (double)n * dtype_size(dt) / best / 1e9;
+    return sum == 0 ? s : AGPT_FAIL(AGPT_ERR_ARG, "bench_read_rate: the zeroed buffer summed to %g", sum);
+}

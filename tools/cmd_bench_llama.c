@@ -154,15 +154,17 @@ int cmd_bench_llama(int argc, char **argv) {
         printf("  %d layers measured; the 32-layer columns are scaled by the model's FLOPs (prefill) and bytes "
                "(decode), not measured (32 layers in %s: %.1f GB)\n", layers, dtype_name((DType)cpu_weights),
                (FULL_LAYERS * layer_weight_bytes(ws_es, es) + VOCAB * C_DIM * (double)(ws_es + es)) / 1e9);
-    double rate = 0, bw = 0;
+    double rate = 0, bw = 0, rbw = 0;
+    int64_t bw_elems = dev == DEV_CUDA ? ((int64_t)256 << 20) : ((int64_t)64 << 20);
     if ((s = bench_matmul_rate(&eng, dt, dev == DEV_CUDA ? 8192 : 2048, &rate))) goto fail;
-    if ((s = bench_copy_rate(&eng, dt, dev == DEV_CUDA ? ((int64_t)256 << 20) : ((int64_t)64 << 20), &bw))) goto fail;
-    printf("limits: matmul %.3f TFLOP/s, copy %.1f GB/s; prompt %d tokens, %d decode steps, %d prefill iterations\n",
-           rate, bw, prompt, steps, iters);
+    if ((s = bench_copy_rate(&eng, dt, bw_elems, &bw))) goto fail;
+    if ((s = bench_read_rate(&eng, dt, 2 * bw_elems, &rbw))) goto fail;
+    printf("limits: matmul %.3f TFLOP/s, copy %.1f GB/s, read %.1f GB/s; prompt %d tokens, %d decode steps, "
+           "%d prefill iterations\n", rate, bw, rbw, prompt, steps, iters);
     {  // decode at batch 1 reads every weight once per token: the copy bandwidth over those bytes bounds it
         double sb1 = step_bytes(layers, 1, prompt + 1 + (steps + 1) / 2.0, ws_es, es);
-        printf("prediction: a batch-1 decode step reads %.2f GB; at the copy bandwidth that is %.2f tokens/s\n",
-               sb1 / 1e9, bw * 1e9 / sb1);
+        printf("prediction: a batch-1 decode step reads %.2f GB; at the copy bandwidth that is %.2f tokens/s, at the "
+               "read bandwidth %.2f\n", sb1 / 1e9, bw * 1e9 / sb1, rbw * 1e9 / sb1);
     }
     printf("%6s | %12s %10s %9s %12s %12s | %12s %10s %9s %12s %12s\n", "batch", "prefill tok/s", "TFLOP/s", "fraction",
            "ms/layer", "32L tok/s", "decode tok/s", "GB/s", "fraction", "ms/layer", "32L tok/s");
@@ -171,10 +173,10 @@ int cmd_bench_llama(int argc, char **argv) {
     if (jf) fprintf(jf, "{\"bench\": \"llama\", \"device\": \"%s\", \"dtype\": \"%s\", \"weight_dtype\": \"%s\", "
                     "\"layers\": %d, "
                     "\"threads\": %d, "
-                    "\"prompt\": %d, \"decode_steps\": %d, \"matmul_tflops\": %.4f, \"copy_gbps\": %.3f, "
+                    "\"prompt\": %d, \"decode_steps\": %d, \"matmul_tflops\": %.4f, \"copy_gbps\": %.3f, \"read_gbps\": %.3f, "
                     "\"weight_gb\": %.3f, \"runs\": [", device_name(dev), dtype_name(dt),
                     dtype_name((DType)cpu_weights), layers, eng.num_threads,
-                    prompt, steps, rate, bw, (double)ws.bytes / 1e9);
+                    prompt, steps, rate, bw, rbw, (double)ws.bytes / 1e9);
     for (int bi = 0; bi < n_batches; bi++) {
         int B = batches[bi];
         KvCache cache;
@@ -224,9 +226,10 @@ int cmd_bench_llama(int argc, char **argv) {
                         "\"prefill_tflops\": %.4f, \"prefill_fraction\": %.4f, \"prefill_ms_per_layer\": %.4f, "
                         "\"prefill_tokens_per_s_32_layers_scaled\": %.3f, \"decode_step_s\": %.6f, "
                         "\"decode_tokens_per_s\": %.4f, \"decode_gbps\": %.3f, \"decode_fraction\": %.4f, "
+                        "\"decode_fraction_of_read\": %.4f, "
                         "\"decode_ms_per_layer\": %.4f, \"decode_tokens_per_s_32_layers_scaled\": %.4f}",
                         bi ? ", " : "", B, prefill_s, p_tps, p_tf, p_tf / rate, p_layer_ms, p_tps32, step_s, d_tps,
-                        d_gbps, d_gbps / bw, d_layer_ms, d_tps32);
+                        d_gbps, d_gbps / bw, d_gbps / rbw, d_layer_ms, d_tps32);
     }
     if (layers != FULL_LAYERS) printf("(32L columns: scaled from %d layers, not measured)\n", layers);
     if (jf) {
