@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <strings.h>
 #include <sys/stat.h>
 
@@ -210,6 +211,67 @@ static char *raw_text(const AnomalyGPT *a, const AnomalyAnswer *ans) {
             ids[n++] = ans->tokens[i];
     char *text = NULL;
     return sp_decode(a->tokenizer, ids, n, &text) == AGPT_OK ? text : NULL;
+}
+
+// ---- images decoded ahead -----------------------------------------------------------------------------
+
+// A group of consecutive images of the list, decoded. While the model works on one group, a thread decodes the
+// next, so that PNG/JPEG decoding (milliseconds an image) overlaps the inspection instead of adding to it.
+typedef struct ImageGroup {
+    int first, n;
+    Image img[MAX_BATCH];
+    Status st[MAX_BATCH];
+    char *err[MAX_BATCH];     // the decoder's message for a failed image (errors are per thread: copied here)
+    double ms[MAX_BATCH];     // decode time of each image
+} ImageGroup;
+
+typedef struct GroupJob {
+    ImageGroup *group;
+    const ImageList *list;
+} GroupJob;
+
+static void *decode_group(void *arg) {
+    GroupJob *job = arg;
+    ImageGroup *g = job->group;
+    for (int j = 0; j < g->n; j++) {
+        double t0 = timer_now_s();
+        g->st[j] = image_load(job->list->paths[g->first + j], &g->img[j]);
+        g->ms[j] = 1e3 * (timer_now_s() - t0);
+        g->err[j] = g->st[j] == AGPT_OK ? NULL : strdup(agpt_last_error());
+    }
+    return NULL;
+}
+
+static void group_release(ImageGroup *g) {
+    for (int j = 0; j < g->n; j++) {
+        if (g->st[j] == AGPT_OK) image_free(&g->img[j]);
+        free(g->err[j]);
+        g->err[j] = NULL;
+        g->st[j] = AGPT_ERR_ARG;
+    }
+    g->n = 0;
+}
+
+typedef struct Prefetcher {
+    ImageGroup groups[2];
+    GroupJob job;
+    pthread_t thread;
+    bool running;
+} Prefetcher;
+
+// Starts decoding images [first, first + n) into the group not in use; without a thread, decodes them now.
+static void prefetch_start(Prefetcher *p, const ImageList *list, int slot, int first, int n) {
+    ImageGroup *g = &p->groups[slot];
+    g->first = first, g->n = n;
+    p->job = (GroupJob){g, list};
+    p->running = pthread_create(&p->thread, NULL, decode_group, &p->job) == 0;
+    if (!p->running) decode_group(&p->job);
+}
+
+static ImageGroup *prefetch_wait(Prefetcher *p, int slot) {
+    if (p->running) pthread_join(p->thread, NULL);
+    p->running = false;
+    return &p->groups[slot];
 }
 
 // Whether the model file (or a layered file) holds the language model.
@@ -431,104 +493,99 @@ int cmd_detect(int argc, char **argv) {
     double t_images = timer_now_s();
     LineOptions lo = {.llm = llm, .verdict_only = verdict_only, .fuse = fuse, .n_refs = n_refs,
                       .map_class = map_class, .out_dir = out_dir, .agpt = &agpt};
-    for (int i = 0; batch_n == 1 && i < images.n; i++) {
-        double t1 = timer_now_s();
-        Image img;
-        float score = 0;
-        AnomalyAnswer ans = {.map = map};
-        const char *used_class = map_class;
-        char heat[4096], raw[4096];
-        s = image_load(images.paths[i], &img);
-        double load_ms = 1e3 * (timer_now_s() - t1);
-        if (s == AGPT_OK) {
-            if (llm) {
-                if (!scfg.greedy) rng_seed(&sampler.rng, scfg.seed);  // each image's answer independent of order
-                s = anomalygpt_ask(&agpt, &img, NULL, 0, question, scfg.greedy ? NULL : &sampler,
-                                   verdict_only ? VERDICT_TOKENS : max_new, &ans);
-                score = ans.score;
-                used_class = ans.class_name;
-            } else {
-                double tv = timer_now_s();
-                s = vision_model_map(vm, &img, 1, map_class, map, &score);
-                ans.vision_ms = 1e3 * (timer_now_s() - tv);
-            }
-            if (s == AGPT_OK && out_dir) s = write_map_outputs(vm, &img, map, out_dir, images.names[i], heat, raw, sizeof heat);
-            image_free(&img);
-        }
-        if (print_result(&lo, images.paths[i], s, NULL, &ans, score, used_class, heat, raw, load_ms,
-                         1e3 * (timer_now_s() - t1))) {
-            done++;
-        } else {
-            failed++;
-            rc = 1;
-        }
-        free(ans.text);
-        progress_step(&bar, 1);
-    }
-    // Batches (greedy, with the LLM): the readable images of each group of batch_n through anomalygpt_ask_batch;
-    // an unreadable one gets its own error line, in its place.
-    AnomalyAnswer *answers = batch_n > 1 ? calloc((size_t)batch_n, sizeof *answers) : NULL;
-    if (batch_n > 1 && !answers) {
-        rc = cli_report("detect", AGPT_FAIL(AGPT_ERR_OOM, "no memory for a batch of %d answers", batch_n));
+    // Groups of batch_n images (1: one at a time); a thread decodes the next group while this one is inspected.
+    AnomalyAnswer *answers = calloc((size_t)batch_n, sizeof *answers);
+    Prefetcher *ahead = calloc(1, sizeof *ahead);
+    if (!answers || !ahead) {
+        free(answers), free(ahead);
+        rc = cli_report("detect", AGPT_FAIL(AGPT_ERR_OOM, "no memory for a batch of %d images", batch_n));
         goto finish;
     }
-    for (int i0 = 0; batch_n > 1 && i0 < images.n; i0 += batch_n) {
-        int m = images.n - i0 < batch_n ? images.n - i0 : batch_n, k = 0;
-        int S = vm->vision.image;
-        Image img[MAX_BATCH], ok_img[MAX_BATCH];
-        Status st[MAX_BATCH];
-        bool loaded[MAX_BATCH];
-        double load_ms[MAX_BATCH];
-        const char *inputs[MAX_BATCH];
-        char *err[MAX_BATCH] = {0}, heat[4096], raw[4096];
-        double t1 = timer_now_s();
-        for (int j = 0; j < m; j++) {
-            double tl = timer_now_s();
-            st[j] = image_load(images.paths[i0 + j], &img[j]);
-            load_ms[j] = 1e3 * (timer_now_s() - tl);
-            loaded[j] = st[j] == AGPT_OK;
-            if (!loaded[j]) {
-                err[j] = strdup(agpt_last_error());
-                continue;
-            }
-            ok_img[k] = img[j], inputs[k] = question;
-            answers[k] = (AnomalyAnswer){.map = map + (size_t)k * S * S};
-            k++;
+    int slot = 0, S = vm->vision.image;
+    prefetch_start(ahead, &images, slot, 0, images.n < batch_n ? images.n : batch_n);
+    for (int i0 = 0; i0 < images.n; i0 += batch_n) {
+        ImageGroup *g = prefetch_wait(ahead, slot);
+        if (i0 + batch_n < images.n) {
+            int rest = images.n - (i0 + batch_n);
+            prefetch_start(ahead, &images, 1 - slot, i0 + batch_n, rest < batch_n ? rest : batch_n);
         }
-        Status bs = k > 0 ? anomalygpt_ask_batch(&agpt, ok_img, k, inputs, verdict_only ? VERDICT_TOKENS : max_new,
-                                                 answers)
-                          : AGPT_OK;
-        char *batch_err = bs != AGPT_OK ? strdup(agpt_last_error()) : NULL;
-        double batch_ms = 1e3 * (timer_now_s() - t1) / m;
-        for (int j = 0, b = 0; j < m; j++) {
-            AnomalyAnswer *aj = &answers[loaded[j] ? b : 0];
-            double tw = timer_now_s();
-            if (loaded[j]) {
-                st[j] = bs;
-                if (st[j] == AGPT_OK && out_dir)
-                    st[j] = write_map_outputs(vm, &img[j], aj->map, out_dir, images.names[i0 + j], heat, raw,
-                                              sizeof heat);
-                if (st[j] != AGPT_OK) err[j] = strdup(bs != AGPT_OK && batch_err ? batch_err : agpt_last_error());
+        char heat[4096], raw[4096];
+        if (batch_n == 1) {  // one image: sampling allowed, a model without the LLM too
+            double t1 = timer_now_s();
+            float score = 0;
+            AnomalyAnswer ans = {.map = map};
+            const char *used_class = map_class;
+            s = g->st[0];
+            if (s == AGPT_OK) {
+                if (llm) {
+                    if (!scfg.greedy) rng_seed(&sampler.rng, scfg.seed);  // each answer independent of order
+                    s = anomalygpt_ask(&agpt, &g->img[0], NULL, 0, question, scfg.greedy ? NULL : &sampler,
+                                       verdict_only ? VERDICT_TOKENS : max_new, &ans);
+                    score = ans.score;
+                    used_class = ans.class_name;
+                } else {
+                    double tv = timer_now_s();
+                    s = vision_model_map(vm, &g->img[0], 1, map_class, map, &score);
+                    ans.vision_ms = 1e3 * (timer_now_s() - tv);
+                }
+                if (s == AGPT_OK && out_dir)
+                    s = write_map_outputs(vm, &g->img[0], map, out_dir, images.names[i0], heat, raw, sizeof heat);
             }
-            double total_ms = batch_ms + 1e3 * (timer_now_s() - tw);
-            if (print_result(&lo, images.paths[i0 + j], st[j], err[j] ? err[j] : "out of memory", aj, aj->score,
-                             aj->class_name, heat, raw, load_ms[j], total_ms)) {
+            if (print_result(&lo, images.paths[i0], s, g->st[0] != AGPT_OK ? g->err[0] : NULL, &ans, score,
+                             used_class, heat, raw, g->ms[0], 1e3 * (timer_now_s() - t1)))
                 done++;
-            } else {
-                failed++;
-                rc = 1;
+            else
+                failed++, rc = 1;
+            free(ans.text);
+        } else {  // greedy with the LLM: the readable images through anomalygpt_ask_batch, the others reported
+            int m = g->n, k = 0;
+            Image ok_img[MAX_BATCH];
+            const char *inputs[MAX_BATCH];
+            double t1 = timer_now_s();
+            for (int j = 0; j < m; j++) {
+                if (g->st[j] != AGPT_OK) continue;
+                ok_img[k] = g->img[j], inputs[k] = question;
+                answers[k] = (AnomalyAnswer){.map = map + (size_t)k * S * S};
+                k++;
             }
-            free(err[j]);
-            if (loaded[j]) {
-                free(aj->text);
-                aj->text = NULL;
-                image_free(&img[j]);
-                b++;
+            Status bs = k > 0 ? anomalygpt_ask_batch(&agpt, ok_img, k, inputs,
+                                                     verdict_only ? VERDICT_TOKENS : max_new, answers)
+                              : AGPT_OK;
+            char *batch_err = bs != AGPT_OK ? strdup(agpt_last_error()) : NULL;
+            double batch_ms = 1e3 * (timer_now_s() - t1) / m;
+            for (int j = 0, b = 0; j < m; j++) {
+                bool loaded = g->st[j] == AGPT_OK;
+                AnomalyAnswer *aj = &answers[loaded ? b : 0];
+                double tw = timer_now_s();
+                Status sj = g->st[j];
+                char *err = NULL;
+                if (loaded) {
+                    sj = bs;
+                    if (sj == AGPT_OK && out_dir)
+                        sj = write_map_outputs(vm, &g->img[j], aj->map, out_dir, images.names[i0 + j], heat, raw,
+                                               sizeof heat);
+                    if (sj != AGPT_OK) err = strdup(bs != AGPT_OK && batch_err ? batch_err : agpt_last_error());
+                }
+                const char *why = loaded ? (err ? err : "out of memory") : g->err[j];
+                if (print_result(&lo, images.paths[i0 + j], sj, why, aj, aj->score, aj->class_name, heat, raw,
+                                 g->ms[j], batch_ms + 1e3 * (timer_now_s() - tw)))
+                    done++;
+                else
+                    failed++, rc = 1;
+                free(err);
+                if (loaded) {
+                    free(aj->text);
+                    aj->text = NULL;
+                    b++;
+                }
             }
+            free(batch_err);
         }
-        free(batch_err);
-        progress_step(&bar, m);
+        progress_step(&bar, g->n);
+        group_release(g);
+        slot = 1 - slot;
     }
+    free(ahead);
     free(answers);
     progress_end(&bar);
     double seconds = timer_now_s() - t_images;
