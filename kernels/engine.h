@@ -2,6 +2,7 @@
 // model/ code holds an Engine and calls kernels/ops.h; it never sees CUDA types.
 #pragma once
 #include <stddef.h>
+#include <string.h>
 
 #include "runtime/rng.h"
 #include "runtime/tensor.h"
@@ -67,5 +68,21 @@ static inline Status engine_graph_launch(Engine *e, void *exec) {
 static inline void engine_graph_abort(Engine *e) { (void)e; }
 static inline void engine_graph_destroy(void **exec) {
     if (exec) *exec = NULL;
+}
+#endif
+
+// A copy in the engine's stream order, for the small per-step uploads of a decode step (token ids, positions,
+// lengths) that must stay outside a CUDA graph: on CUDA cudaMemcpyAsync on the engine's stream (any direction:
+// dst and src may each be host or device memory); on the CPU engine a memcpy. src may be reused as soon as the
+// call returns: pass pageable host memory (mem_host_alloc, malloc), which the runtime stages before returning,
+// so the call does not wait for the stream; from page-locked memory the call waits for the copy to finish.
+// Not while the engine's stream is being captured (engine_graph_begin .. end).
+#ifdef AGPT_WITH_CUDA
+Status engine_memcpy_async(Engine *e, void *dst, const void *src, size_t bytes);
+#else
+static inline Status engine_memcpy_async(Engine *e, void *dst, const void *src, size_t bytes) {
+    (void)e;
+    if (bytes) memmove(dst, src, bytes);
+    return AGPT_OK;
 }
 #endif

@@ -2,6 +2,8 @@
 // so the backends can assume well-formed input.
 #include "kernels/ops.h"
 
+#include <math.h>
+
 #include "kernels/cpu/cpu_ops.h"
 #include "runtime/memory.h"
 #ifdef AGPT_WITH_CUDA
@@ -194,6 +196,8 @@ Status op_matmul_backward(Engine *e, Tensor *da, Tensor *db, const Tensor *dout,
     }
     return AGPT_OK;
 }
+
+bool ops_set_cpu_bf16_activations(bool on) { return cpu_set_bf16_gemm(on); }
 
 Status op_linear(Engine *e, Tensor *out, const Tensor *x, const Tensor *w, const Tensor *bias) {
     const char *op = "op_linear";
@@ -1023,6 +1027,102 @@ Status op_embedding(Engine *e, Tensor *out, const Tensor *table, const Tensor *i
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// decode steps over device-side ids, positions and lengths
+
+// An i32 vector [n] on the engine's device (host memory on the CPU engine).
+static Status check_dev_i32(const Engine *e, const Tensor *t, int64_t n, const char *op, const char *what) {
+    AGPT_TRY(check_tensor(e, t, op, what));
+    char d[96];
+    AGPT_CHECK_ARG(t->dtype == DT_I32 && tensor_numel(t) == n, "%s: %s is %s, expected i32[%lld] on %s", op, what,
+                   DESC(t, d), (long long)n, device_name(e->device));
+    return AGPT_OK;
+}
+
+Status op_embedding_dev(Engine *e, Tensor *out, const Tensor *table, const Tensor *ids) {
+    const char *op = "op_embedding_dev";
+    AGPT_TRY(check_tensor(e, table, op, "table"));
+    DType dt = table->dtype;
+    AGPT_TRY(check_float(e, table, dt, op, "table"));
+    AGPT_TRY(check_float(e, out, dt, op, "out"));
+    AGPT_TRY(check_tensor(e, ids, op, "ids"));
+    char a[96], b[96];
+    AGPT_CHECK_ARG(table->ndim == 2, "%s: table %s must be [V,C]", op, DESC(table, a));
+    AGPT_CHECK_ARG(ids->ndim == 1, "%s: ids %s must be i32 [N]", op, DESC(ids, a));
+    const int64_t V = table->shape[0], C = table->shape[1], N = ids->shape[0];
+    AGPT_TRY(check_dev_i32(e, ids, N, op, "ids"));
+    AGPT_CHECK_ARG(out->ndim == 2 && out->shape[0] == N && out->shape[1] == C,
+                   "%s: out is %s, expected [%lld,%lld] for table %s", op, DESC(out, b), (long long)N, (long long)C,
+                   DESC(table, a));
+    if (N == 0 || C == 0) return AGPT_OK;
+    AGPT_CHECK_ARG(out->data != table->data, "%s: out must not alias table", op);
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_embedding_dev(e, dt, out->data, table->data, (const int32_t *)ids->data, N, C, V);
+#endif
+    }
+    const int32_t *id = (const int32_t *)ids->data;
+    for (int64_t i = 0; i < N; i++)
+        AGPT_CHECK_ARG(id[i] >= 0 && id[i] < V, "%s: ids[%lld] = %d is outside the table's %lld rows", op,
+                       (long long)i, id[i], (long long)V);
+    cpu_embedding(F(out), CF(table), id, N, C);
+    return AGPT_OK;
+}
+
+Status op_kv_append(Engine *e, Tensor *cache, const Tensor *rows, const Tensor *pos, int64_t max_seq) {
+    const char *op = "op_kv_append";
+    AGPT_TRY(check_tensor(e, cache, op, "cache"));
+    DType dt = cache->dtype;
+    AGPT_TRY(check_float(e, cache, dt, op, "cache"));
+    AGPT_TRY(check_float(e, rows, dt, op, "rows"));
+    char a[96], b[96];
+    AGPT_CHECK_ARG(rows->ndim == 2 && cache->ndim == 2 && cache->shape[1] == rows->shape[1],
+                   "%s: rows %s must be [B,C] and cache %s [rows,C]", op, DESC(rows, a), DESC(cache, b));
+    const int64_t B = rows->shape[0], C = rows->shape[1];
+    AGPT_CHECK_ARG(max_seq >= 1 && cache->shape[0] >= B * max_seq, "%s: cache %s holds fewer than %lld sequences "
+                   "of max_seq %lld", op, DESC(cache, b), (long long)B, (long long)max_seq);
+    AGPT_TRY(check_dev_i32(e, pos, B, op, "pos"));
+    if (B == 0 || C == 0) return AGPT_OK;
+    AGPT_CHECK_ARG(rows->data != cache->data, "%s: rows must not alias cache", op);
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_kv_append(e, dt, cache->data, rows->data, (const int32_t *)pos->data, B, C, max_seq);
+#endif
+    }
+    const int32_t *p = (const int32_t *)pos->data;
+    for (int64_t i = 0; i < B; i++)
+        AGPT_CHECK_ARG(p[i] >= 0 && p[i] < max_seq, "%s: pos[%lld] = %d is outside [0,%lld)", op, (long long)i, p[i],
+                       (long long)max_seq);
+    cpu_kv_append(F(cache), CF(rows), p, B, C, max_seq);
+    return AGPT_OK;
+}
+
+Status op_attention_decode(Engine *e, Tensor *out, const Tensor *q, const Tensor *k, const Tensor *v,
+                           const Tensor *lengths, float scale) {
+    const char *op = "op_attention_decode";
+    int64_t d[5];
+    AGPT_TRY(attention_dims(e, q, k, v, op, d));
+    AGPT_TRY(check_float(e, out, q->dtype, op, "out"));
+    AGPT_TRY(check_same_shape(out, q, op, "out and q"));
+    char a[96];
+    const int64_t B = d[0], S = d[2], H = d[3], D = d[4];
+    AGPT_CHECK_ARG(d[1] == 1, "%s: q %s must be [B,1,H,D]: one query per sequence", op, DESC(q, a));
+    AGPT_TRY(check_dev_i32(e, lengths, B, op, "lengths"));
+    if (B == 0 || H == 0) return AGPT_OK;
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_attention_decode(e, q->dtype, out->data, q->data, k->data, v->data,
+                                     (const int32_t *)lengths->data, B, S, H, D, scale);
+#endif
+    }
+    const int32_t *len = (const int32_t *)lengths->data;
+    for (int64_t i = 0; i < B; i++)
+        AGPT_CHECK_ARG(len[i] >= 1 && len[i] <= S, "%s: lengths[%lld] = %d is outside [1,%lld] (the cache's keys)",
+                       op, (long long)i, len[i], (long long)S);
+    cpu_attention_decode(F(out), CF(q), CF(k), CF(v), len, B, S, H, D, scale);
+    return AGPT_OK;
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // sampling
 
 Status op_sample(Engine *e, int32_t *token, const Tensor *logits, float temperature, int top_k, float top_p,
@@ -1047,4 +1147,52 @@ Status op_sample(Engine *e, int32_t *token, const Tensor *logits, float temperat
 #endif
     }
     return cpu_sample(token, CF(logits), V, temperature, top_k, top_p, uniform, greedy);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// losses
+
+// Whether the storage of a and b shares any byte.
+static bool bytes_overlap(const Tensor *a, const Tensor *b) {
+    const char *a0 = (const char *)a->data, *b0 = (const char *)b->data;
+    const char *a1 = a0 + (size_t)tensor_numel(a) * dtype_size(a->dtype);
+    const char *b1 = b0 + (size_t)tensor_numel(b) * dtype_size(b->dtype);
+    return a0 < b1 && b0 < a1;
+}
+
+Status op_cross_entropy(Engine *e, double *loss_sum, Tensor *dlogits, const Tensor *logits, const Tensor *targets,
+                        int32_t ignore_index, float grad_scale) {
+    const char *op = "op_cross_entropy";
+    AGPT_TRY(check_tensor(e, logits, op, "logits"));
+    DType dt = logits->dtype;
+    AGPT_TRY(check_float(e, logits, dt, op, "logits"));
+    if (dlogits) {
+        AGPT_TRY(check_float(e, dlogits, dt, op, "dlogits"));
+        AGPT_TRY(check_same_shape(dlogits, logits, op, "dlogits and logits"));
+    }
+    char a[96], b[96];
+    AGPT_CHECK_ARG(logits->ndim >= 1, "op_cross_entropy: logits %s must have a class dim", DESC(logits, a));
+    const int64_t R = tensor_rows(logits), V = tensor_cols(logits);
+    AGPT_CHECK_ARG(V >= 1 && V <= INT32_MAX && R <= INT32_MAX,
+                   "op_cross_entropy: logits %s must have 1 <= V < 2^31 classes and < 2^31 rows", DESC(logits, a));
+    AGPT_CHECK_ARG(targets && targets->data, "op_cross_entropy: targets are missing");
+    AGPT_CHECK_ARG(targets->device == DEV_CPU && targets->dtype == DT_I32 && tensor_numel(targets) == R,
+                   "op_cross_entropy: targets is %s, expected a host i32 tensor of %lld elements (one per row of "
+                   "logits %s)", DESC(targets, b), (long long)R, DESC(logits, a));
+    AGPT_CHECK_ARG(!dlogits || dlogits->data == logits->data || !bytes_overlap(dlogits, logits),
+                   "op_cross_entropy: dlogits may be logits itself but must not overlap it otherwise");
+    AGPT_CHECK_ARG(isfinite(grad_scale), "op_cross_entropy: grad_scale %g is not finite", (double)grad_scale);
+    const int32_t *y = (const int32_t *)targets->data;
+    for (int64_t r = 0; r < R; r++)
+        AGPT_CHECK_ARG(y[r] == ignore_index || (y[r] >= 0 && y[r] < V),
+                       "op_cross_entropy: targets[%lld] = %d is neither the ignore index %d nor a class in [0,%lld) "
+                       "(logits %s)", (long long)r, (int)y[r], (int)ignore_index, (long long)V, DESC(logits, a));
+    if (loss_sum) *loss_sum = 0.0;
+    if (R == 0 || (!loss_sum && !dlogits)) return AGPT_OK;
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_cross_entropy(e, dt, loss_sum, PTR(dlogits), logits->data, y, R, V, ignore_index, grad_scale);
+#endif
+    }
+    return cpu_cross_entropy(loss_sum, dlogits ? F(dlogits) : NULL, CF(logits), y, R, V, ignore_index, grad_scale);
 }

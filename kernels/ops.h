@@ -27,6 +27,9 @@ Status op_matmul_backward(Engine *e, Tensor *da, Tensor *db, const Tensor *dout,
 
 // A linear layer as PyTorch stores it: out[..., N] = x[..., K] @ w[N,K]^T + bias[N] (bias may be NULL).
 Status op_linear(Engine *e, Tensor *out, const Tensor *x, const Tensor *w, const Tensor *bias);
+// CPU, bf16 weights, >= 16 rows: round the activations to bf16 and use avx512_bf16 dot products (PyTorch's bf16
+// numerics, up to 2x the f32 rate). Off by default (or AGPT_CPU_BF16_GEMM=1); returns whether it will run.
+bool ops_set_cpu_bf16_activations(bool on);
 // dx = dout @ w (overwritten; NULL to skip), dw += dout^T @ x, dbias += sum over rows of dout (NULL to skip).
 Status op_linear_backward(Engine *e, Tensor *dx, Tensor *dw, Tensor *dbias, const Tensor *dout, const Tensor *x,
                           const Tensor *w);
@@ -166,6 +169,34 @@ Status op_maxpool2x2(Engine *e, Tensor *out, const Tensor *x);
 // buffer as soon as the call returns. out must not alias table.
 Status op_embedding(Engine *e, Tensor *out, const Tensor *table, const Tensor *ids);
 
+// ---- decode steps over device-side lengths (replayable CUDA graphs) ---------------------------------------
+// The ops a decode step needs so that nothing in it depends on host values that change from step to step: the
+// token ids, positions and attention lengths are i32 arrays on the engine's device (on the CPU engine that is
+// host memory), written before the step (engine_memcpy_async) and read by the kernels. A CUDA graph of these
+// ops can then be captured once and replayed unchanged at every position (model/llama.h, KvCache.use_graph).
+// (RoPE needs no variant: op_rope already reads its positions from a device tensor.)
+
+// op_embedding with the ids on the engine's device: ids i32 [N], out [N,C], table [V,C]. The ids cannot be
+// checked on the host when they live on the GPU: the caller checks them before the upload; on CUDA an id
+// outside [0,V) gives a zero row rather than reading out of bounds. On the CPU a bad id fails as in op_embedding.
+Status op_embedding_dev(Engine *e, Tensor *out, const Tensor *table, const Tensor *ids);
+
+// Appends one row per sequence to a KV cache laid out as sequence b's position t at row b * max_seq + t:
+//   cache [>= B * max_seq, C], rows [B,C], pos i32 [B] on the engine's device: cache[b * max_seq + pos[b]] =
+//   rows[b], an exact copy. On the CPU a pos outside [0, max_seq) fails; on CUDA such a row is skipped.
+//   rows must not alias cache.
+Status op_kv_append(Engine *e, Tensor *cache, const Tensor *rows, const Tensor *pos, int64_t max_seq);
+
+// Decode attention (one query per sequence) over a cache with per-sequence lengths in device memory:
+//   q, out: [B,1,H,D]   k, v: [B,S,H,D] (the cache of B sequences of up to S positions)   lengths i32 [B]
+// out[b] = softmax(scale * q[b] k[b, 0..L_b)^T) v[b, 0..L_b), L_b = lengths[b] read on the device. Equal, bit
+// for bit, to op_attention(causal) of q[b] over the first L_b keys of sequence b, on both backends: on CUDA the
+// same kernels run (the flash split-K decode for f16/bf16 with D in {64,80,128}: its grid is sized for S and each
+// sequence uses the split count op_attention would choose for it alone, surplus splits exiting; the simple kernel
+// otherwise). On the CPU a length outside [1,S] fails; on CUDA it is clamped to [0,S] (0 gives a zero row).
+Status op_attention_decode(Engine *e, Tensor *out, const Tensor *q, const Tensor *k, const Tensor *v,
+                           const Tensor *lengths, float scale);
+
 // ---- sampling ---------------------------------------------------------------------------------------------
 
 // One next token from logits [V] (f32 on the CPU; f32, f16 or bf16 on CUDA; on the engine's device), written to
@@ -179,3 +210,24 @@ Status op_embedding(Engine *e, Tensor *out, const Tensor *table, const Tensor *i
 // scratch in e->workspace (a bitonic sort of (score, id) pairs), then the call waits for the token.
 Status op_sample(Engine *e, int32_t *token, const Tensor *logits, float temperature, int top_k, float top_p,
                  double uniform, bool greedy);
+
+// ---- losses -----------------------------------------------------------------------------------------------
+
+// Fused cross-entropy, forward and backward in one call (torch.nn.functional.cross_entropy with
+// reduction="sum" and ignore_index, plus its gradient): for each row r of logits [..., V] (all leading dims
+// are rows R; f32 on the CPU; f32, f16 or bf16 on CUDA; on the engine's device) with target y = targets[r]:
+//   loss_r = logsumexp(logits[r]) - logits[r, y]     (max subtracted: any finite magnitude is safe)
+//   dlogits[r] = grad_scale * (softmax(logits[r]) - onehot(y))
+// Rows whose target equals ignore_index (-100 for the HF loss) count nothing and get dlogits[r] = 0.
+// targets is a host i32 tensor with R elements (DEV_CPU, like op_embedding's ids: callers hold labels there);
+// every target is ignore_index or in [0,V), checked on the host, a bad one fails naming it and its row.
+// *loss_sum (host) = the sum of loss_r over the counted rows: accumulated in double on the CPU; on CUDA each row's
+// loss is f32 and the host sums them in double in row order (deterministic), which waits for the stream. The
+// caller divides by its count (mean) or passes grad_scale = 1/count. loss_sum may be NULL (no loss: on CUDA
+// no wait), dlogits may be NULL (no gradient). dlogits has logits' shape and dtype and may be logits itself
+// (the gradient overwrites the logits in place: every row is read completely before it is written); no other
+// overlap. A non-finite logit makes that row's loss and gradient NaN (never an error here).
+// On CUDA the targets go to the device through e->workspace (one stream-ordered copy per chunk of rows, with
+// the per-row losses beside them), then one block per row: an online max/sum pass over V, then the write pass.
+Status op_cross_entropy(Engine *e, double *loss_sum, Tensor *dlogits, const Tensor *logits, const Tensor *targets,
+                        int32_t ignore_index, float grad_scale);

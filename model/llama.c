@@ -229,11 +229,21 @@ size_t kv_cache_bytes(const Llama *m, int max_batch, int max_seq) {
            + 3 * padded(rows * I * f)                     // gate, up, act
            + padded((size_t)max_batch * C * f)            // last
            + padded(rows * sizeof(int32_t))               // positions
+           + padded(3 * (size_t)max_batch * sizeof(int32_t))  // step: tokens, positions, lengths
            + padded((size_t)max_batch * (size_t)m->vocab * f);  // logits
 }
 
+void kv_cache_drop_graphs(KvCache *c) {
+    if (c->graphs)
+        for (int b = 0; b < c->max_batch; b++) engine_graph_destroy(&c->graphs[b]);
+    c->graph_exec = NULL;
+    c->graph_key[0] = c->graph_key[1] = c->graph_key[2] = NULL;
+}
+
 void kv_cache_free(KvCache *c) {
-    engine_graph_destroy(&c->graph_exec);
+    kv_cache_drop_graphs(c);
+    free(c->graphs);
+    mem_host_free(c->host_step);
     arena_free(&c->arena);
     free(c->k);
     free(c->v);
@@ -262,7 +272,9 @@ Status kv_cache_create(KvCache *c, Engine *e, const Llama *m, int max_batch, int
     c->k = calloc((size_t)m->layers, sizeof(Tensor));
     c->v = calloc((size_t)m->layers, sizeof(Tensor));
     c->seq_pos = calloc((size_t)max_batch, sizeof(int));
-    if (!c->k || !c->v || !c->seq_pos) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory for %d layer records", m->layers);
+    c->graphs = calloc((size_t)max_batch, sizeof(void *));
+    if (!c->k || !c->v || !c->seq_pos || !c->graphs)
+        s = AGPT_FAIL(AGPT_ERR_OOM, "no memory for %d layer records", m->layers);
     for (int l = 0; s == AGPT_OK && l < m->layers; l++) {
         s = arena_tensor(&c->arena, dt, 2, SHAPE(rows, C), &c->k[l]);
         if (s == AGPT_OK) s = arena_tensor(&c->arena, dt, 2, SHAPE(rows, C), &c->v[l]);
@@ -273,6 +285,8 @@ Status kv_cache_create(KvCache *c, Engine *e, const Llama *m, int max_batch, int
     for (int i = 0; s == AGPT_OK && i < 3; i++) s = arena_tensor(&c->arena, dt, 2, SHAPE(rows, I), ri[i]);
     if (s == AGPT_OK) s = arena_tensor(&c->arena, dt, 2, SHAPE(max_batch, C), &c->last);
     if (s == AGPT_OK) s = arena_tensor(&c->arena, DT_I32, 1, SHAPE(rows), &c->positions);
+    if (s == AGPT_OK) s = arena_tensor(&c->arena, DT_I32, 1, SHAPE(3 * (int64_t)max_batch), &c->step);
+    if (s == AGPT_OK) s = mem_host_alloc(3 * (size_t)max_batch * sizeof(int32_t), (void **)&c->host_step);
     if (s == AGPT_OK) s = arena_tensor(&c->arena, dt, 2, SHAPE(max_batch, V), &c->logits);
     if (s == AGPT_OK) s = mem_host_alloc((size_t)rows * sizeof(int32_t), (void **)&c->host_positions);
     if (s == AGPT_OK) s = mem_host_alloc((size_t)(max_batch * V) * sizeof(float), (void **)&c->host_logits);
@@ -295,25 +309,15 @@ static Status forward_ops(Engine *e, const Llama *m, KvCache *c, const int *lens
 // Runs the tokens already in c->x through every layer: lens[b] tokens of sequence b (Tn each when lens is NULL)
 // at rows off_b.. (off_b the sum of the lengths before it, packed; equal lengths give rows b*Tn + t), at
 // positions c->seq_pos[b].., appending their keys and values to the cache, and writes the logits of each
-// sequence's last token to logits [batch, V]. With `graph` the ops after the positions upload are recorded as
-// one CUDA graph and launched as one (KvCache.use_graph says why it is recorded anew each time).
-static Status forward_tokens(Engine *e, const Llama *m, KvCache *c, const int *lens, int Tn, Tensor *logits,
-                             bool graph) {
+// sequence's last token to logits [batch, V]. (Decode steps with KvCache.use_graph take decode_device_state.)
+static Status forward_tokens(Engine *e, const Llama *m, KvCache *c, const int *lens, int Tn, Tensor *logits) {
     int64_t rows = 0;
     for (int b = 0; b < c->batch; b++)
         for (int t = 0; t < (lens ? lens[b] : Tn); t++) c->host_positions[rows++] = c->seq_pos[b] + t;
     Tensor hp = tensor_1d(c->host_positions, DT_I32, DEV_CPU, rows);
     Tensor positions = tensor_1d(c->positions.data, DT_I32, e->device, rows);
     AGPT_TRY(copy_ordered(e, &positions, &hp));
-    if (!graph) return forward_ops(e, m, c, lens, Tn, rows, &positions, logits);
-    AGPT_TRY(engine_graph_begin(e));
-    Status s = forward_ops(e, m, c, lens, Tn, rows, &positions, logits);
-    if (s != AGPT_OK) {
-        engine_graph_abort(e);
-        return s;
-    }
-    AGPT_TRY(engine_graph_end(e, &c->graph_exec));
-    return engine_graph_launch(e, c->graph_exec);
+    return forward_ops(e, m, c, lens, Tn, rows, &positions, logits);
 }
 
 // forward_tokens' ops, from the positions on the device; nothing here synchronises or copies from the host.
@@ -390,7 +394,7 @@ static void cache_reset(KvCache *c) {
 
 // forward_tokens with Tn tokens for each of the cache's sequences.
 static Status forward_equal(Engine *e, const Llama *m, KvCache *c, int Tn, Tensor *logits) {
-    Status s = forward_tokens(e, m, c, NULL, Tn, logits, false);
+    Status s = forward_tokens(e, m, c, NULL, Tn, logits);
     if (s != AGPT_OK) cache_reset(c);
     return s;
 }
@@ -444,7 +448,7 @@ Status llama_prefill_varlen(Engine *e, const Llama *m, KvCache *c, const Tensor 
     c->batch = B;
     Tensor x = rows_of(&c->x, 0, total);
     Status s = copy_ordered(e, &x, embeds);
-    if (s == AGPT_OK) s = forward_tokens(e, m, c, lengths, 0, logits_last, false);
+    if (s == AGPT_OK) s = forward_tokens(e, m, c, lengths, 0, logits_last);
     if (s != AGPT_OK) cache_reset(c);
     return s;
 }
@@ -481,14 +485,118 @@ Status llama_embed_tokens(Engine *e, const Llama *m, const int32_t *ids, int n, 
     return op_embedding(e, &flat, &m->embed, &id);
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Decode steps over device-side state (KvCache.use_graph): nothing below depends on the position on the host.
+
+// One decode step's ops for the cache's B sequences, reading tokens, positions and lengths from c->step. The
+// same ops as forward_ops with Tn = 1, except that each sequence's key and value rows are projected into
+// scratch rows (att and tmp, free until the attention) and appended to the cache at the device positions, and
+// the attention reads the lengths. Nothing here synchronises, allocates or copies from the host.
+static Status decode_ops(Engine *e, const Llama *m, KvCache *c, Tensor *logits) {
+    const int B = c->batch, C = m->block.dim, H = m->block.heads, D = C / H;
+    const int64_t maxT = c->max_seq;
+    const float scale = 1.0f / sqrtf((float)D);
+    int32_t *st = (int32_t *)c->step.data;
+    Tensor tok = tensor_1d(st, DT_I32, e->device, B), pos = tensor_1d(st + c->max_batch, DT_I32, e->device, B);
+    Tensor len = tensor_1d(st + 2 * c->max_batch, DT_I32, e->device, B);
+
+    Tensor x = rows_of(&c->x, 0, B), n = rows_of(&c->n, 0, B), q = rows_of(&c->q, 0, B);
+    Tensor att = rows_of(&c->att, 0, B), tmp = rows_of(&c->tmp, 0, B);
+    Tensor gate = rows_of(&c->gate, 0, B), up = rows_of(&c->up, 0, B), act = rows_of(&c->act, 0, B);
+    Tensor kt = rows_of(&c->att, 0, B), vt = rows_of(&c->tmp, 0, B);  // the new keys and values
+    Tensor q4 = as4(&q, 1, B, H, D), kt4 = as4(&kt, 1, B, H, D);      // RoPE per token, positions [B]
+    Tensor qd = as4(&q, B, 1, H, D), ad = as4(&att, B, 1, H, D);      // attention: one query per sequence
+    AGPT_TRY(op_embedding_dev(e, &x, &m->embed, &tok));
+    for (int l = 0; l < m->layers; l++) {
+        const LlamaBlockWeights *w = &m->layer[l];
+        if (l == 0) AGPT_TRY(op_rmsnorm(e, &n, NULL, &x, &w->input_norm, m->block.eps));
+        AGPT_TRY(op_linear(e, &q, &n, &w->wq, NULL));
+        AGPT_TRY(op_rope(e, &q4, &q4, &pos, m->block.rope_base));
+        for (int b = 0; b < B; b++) {  // one row at a time, as forward_ops does: the same GEMMs, the same bits
+            Tensor nb = rows_of(&n, b, 1), kb = rows_of(&kt, b, 1), vb = rows_of(&vt, b, 1);
+            AGPT_TRY(op_linear(e, &kb, &nb, &w->wk, NULL));
+            AGPT_TRY(op_linear(e, &vb, &nb, &w->wv, NULL));
+        }
+        AGPT_TRY(op_rope(e, &kt4, &kt4, &pos, m->block.rope_base));
+        AGPT_TRY(op_kv_append(e, &c->k[l], &kt, &pos, maxT));
+        AGPT_TRY(op_kv_append(e, &c->v[l], &vt, &pos, maxT));
+        Tensor kc = tensor_4d(c->k[l].data, c->k[l].dtype, e->device, B, maxT, H, D);
+        Tensor vc = tensor_4d(c->v[l].data, c->v[l].dtype, e->device, B, maxT, H, D);
+        AGPT_TRY(op_attention_decode(e, &ad, &qd, &kc, &vc, &len, scale));
+        AGPT_TRY(op_linear(e, &tmp, &att, &w->wo, NULL));
+        AGPT_TRY(op_add_rmsnorm(e, &x, &n, NULL, &x, &tmp, &w->post_norm, m->block.eps));
+        AGPT_TRY(op_linear(e, &gate, &n, &w->w_gate, NULL));
+        AGPT_TRY(op_linear(e, &up, &n, &w->w_up, NULL));
+        AGPT_TRY(op_swiglu(e, &act, &gate, &up));
+        AGPT_TRY(op_linear(e, &tmp, &act, &w->w_down, NULL));
+        if (l + 1 < m->layers)
+            AGPT_TRY(op_add_rmsnorm(e, &x, &n, NULL, &x, &tmp, &m->layer[l + 1].input_norm, m->block.eps));
+        else
+            AGPT_TRY(op_add(e, &x, &x, &tmp));
+    }
+    Tensor last = rows_of(&c->last, 0, B);
+    for (int b = 0; b < B; b++) {
+        Tensor xb = rows_of(&x, b, 1), lb = rows_of(&last, b, 1);
+        AGPT_TRY(op_rmsnorm(e, &lb, NULL, &xb, &m->norm, m->block.eps));
+    }
+    return op_linear(e, logits, &last, &m->lm_head, NULL);
+}
+
+// Uploads the step's tokens, positions and lengths, then runs decode_ops: directly on the CPU; on CUDA as the
+// batch size's graph, captured on its first step (into c->logits, copied out when the caller's tensor differs).
+static Status decode_device_state(Engine *e, const Llama *m, KvCache *c, const int32_t *tokens, Tensor *logits) {
+    const int B = c->batch, MB = c->max_batch;
+    for (int b = 0; b < B; b++) {
+        AGPT_CHECK_ARG(tokens[b] >= 0 && tokens[b] < m->vocab, "llama_decode_step: token id %d (sequence %d) is "
+                       "outside the vocabulary of %d", tokens[b], b, m->vocab);
+        c->host_step[b] = tokens[b];
+        c->host_step[MB + b] = c->seq_pos[b];
+        c->host_step[2 * MB + b] = c->seq_pos[b] + 1;
+    }
+    Status s = engine_memcpy_async(e, c->step.data, c->host_step, 3 * (size_t)MB * sizeof(int32_t));
+    if (s == AGPT_OK && e->device != DEV_CUDA) s = decode_ops(e, m, c, logits);
+    if (s == AGPT_OK && e->device == DEV_CUDA) {
+        const void *key[3] = {m, m->embed.data, e->workspace};
+        if (memcmp(key, c->graph_key, sizeof key) != 0) {
+            kv_cache_drop_graphs(c);
+            memcpy(c->graph_key, key, sizeof key);
+        }
+        Tensor lg = rows_of(&c->logits, 0, B);
+        void **g = &c->graphs[B - 1];
+        if (!*g) {
+            s = engine_graph_begin(e);
+            if (s == AGPT_OK) {
+                s = decode_ops(e, m, c, &lg);
+                if (s != AGPT_OK) engine_graph_abort(e);
+                else s = engine_graph_end(e, g);
+            }
+        }
+        if (s == AGPT_OK) s = engine_graph_launch(e, *g);
+        if (s == AGPT_OK) c->graph_exec = *g;
+        if (s == AGPT_OK && logits->data != lg.data)
+            s = engine_memcpy_async(e, logits->data, lg.data, (size_t)B * (size_t)m->vocab * dtype_size(c->dtype));
+    }
+    if (s != AGPT_OK) {
+        cache_reset(c);
+        return s;
+    }
+    c->pos = 0;
+    for (int b = 0; b < B; b++) {
+        c->seq_pos[b]++;
+        if (c->seq_pos[b] > c->pos) c->pos = c->seq_pos[b];
+    }
+    return AGPT_OK;
+}
+
 Status llama_decode_step(Engine *e, const Llama *m, KvCache *c, const int32_t *tokens, Tensor *logits) {
     AGPT_CHECK_ARG(c->batch >= 1, "llama_decode_step: the cache is empty: run llama_prefill first");
     AGPT_CHECK_ARG(c->pos < c->max_seq, "llama_decode_step: the cache is full (%d positions); size it for the "
                    "prompt plus the tokens to generate", c->max_seq);
     AGPT_TRY(check_logits(m, c, logits, c->batch, "llama_decode_step"));
+    if (c->use_graph) return decode_device_state(e, m, c, tokens, logits);
     Tensor x = rows_of(&c->x, 0, c->batch);
     AGPT_TRY(llama_embed_tokens(e, m, tokens, c->batch, &x));
-    Status s = forward_tokens(e, m, c, NULL, 1, logits, c->use_graph && e->device == DEV_CUDA);
+    Status s = forward_tokens(e, m, c, NULL, 1, logits);
     if (s != AGPT_OK) cache_reset(c);
     return s;
 }

@@ -79,20 +79,33 @@ typedef struct KvCache {
     int32_t *host_positions;    // [max_batch * max_seq]
     float *host_logits;         // [max_batch * V]
     void *host_raw;             // [max_batch * V] in the cache dtype, the logits read back
-    // CUDA graphs for llama_decode_step (off by default; set after kv_cache_create; ignored on the CPU). When on,
-    // each decode step's layers are recorded as one CUDA graph and launched as one unit, so the GPU runs the
-    // step's few hundred kernels back to back instead of waiting on each launch. Results are identical: the
-    // graph holds exactly the kernels the plain step launches.
-    // Why it is recorded every step rather than once: the step's kernels take host values that change with the
-    // position (the KV rows written, the attention length Tk), so a graph replayed as captured would be wrong at
-    // the next position. Re-recording costs host time only; engine_graph_end then patches the instantiated graph
-    // in place (cudaGraphExecUpdate, same topology), and instantiates anew only when the shape changed (another
-    // batch size, or an attention kernel choosing another split). Replaying one graph unchanged needs the KV
-    // append and the decode attention to read the cache lengths from device memory (a later change).
-    // The token embedding and the positions upload stay outside the graph (they copy from host memory).
-    bool use_graph;
-    void *graph_exec;           // the instantiated graph (engine_graph_*), NULL until the first graph step
+    // Decode steps over device-side state (use_graph). A step's per-position values live in device memory:
+    // `step` holds the batch's token ids, positions (seq_pos[b], where the new key goes) and attention lengths
+    // (seq_pos[b] + 1), written before the step by one engine_memcpy_async from the pageable `host_step`. The
+    // step's ops read them there: the embedding gather (op_embedding_dev), RoPE (op_rope reads device positions),
+    // the KV append (op_kv_append writes row b * max_seq + pos[b]) and the decode attention (op_attention_decode
+    // reads each sequence's length, so ragged batches need nothing more). No kernel argument then depends on the
+    // position, and on CUDA the step is captured as a CUDA graph once per batch size, on its first step, and
+    // replayed unchanged at every later position (and after a later prefill of the same batch size). The
+    // upload, and the copy of the logits when the caller's tensor is not c->logits, stay outside the graph.
+    // Results equal the plain step's bit for bit (the same kernels run: the keys and values of each sequence are
+    // projected one row at a time as in the plain step, then appended; the flash decode's grid is sized for
+    // max_seq and each sequence uses the split count the plain step would choose).
+    // A graph holds the model's weight pointers, the cache's buffers and the engine's workspace: the graphs are
+    // dropped and captured anew when llama_decode_step sees another Llama, embed_tokens buffer or engine
+    // workspace (kv_cache_drop_graphs does it by hand, e.g. after changing weights in place).
+    // On the CPU engine use_graph runs the same device-state path directly (no capture): the CPU tests check it
+    // against the plain step.
+    bool use_graph;             // off by default; set after kv_cache_create
+    Tensor step;                // i32 [3 * max_batch]: tokens at 0, positions at max_batch, lengths at 2 max_batch
+    int32_t *host_step;         // [3 * max_batch] pageable staging for `step`
+    void **graphs;              // [max_batch]: the instantiated graph for batch size b + 1, NULL until its first step
+    void *graph_exec;           // the graph the last step launched (one of `graphs`; not owned separately)
+    const void *graph_key[3];   // the Llama, its embed.data and the engine workspace the graphs were captured with
 } KvCache;
+
+// Frees the captured decode graphs (the next use_graph step captures anew).
+void kv_cache_drop_graphs(KvCache *c);
 
 Status kv_cache_create(KvCache *c, Engine *e, const Llama *m, int max_batch, int max_seq);
 void kv_cache_free(KvCache *c);
@@ -112,8 +125,9 @@ Status llama_prefill_varlen(Engine *e, const Llama *m, KvCache *c, const Tensor 
 // keep .. keep+T-1): a prefill that reuses an unchanged prefix, e.g. the image and the earlier turns of a chat.
 Status llama_extend(Engine *e, const Llama *m, KvCache *c, int keep, const Tensor *embeds, Tensor *logits_last);
 
-// Appends one token per sequence (tokens: host [batch]), each at its sequence's position seq_pos[b], and writes
-// its logits [batch,V]. Every sequence must have room (seq_pos[b] < max_seq).
+// Appends one token per sequence (tokens: host [batch], each in [0,V)), each at its sequence's position seq_pos[b],
+// and writes its logits [batch,V]. Every sequence must have room (seq_pos[b] < max_seq). With c->use_graph the
+// step runs over device-side positions and lengths (KvCache above; on CUDA a graph captured once per batch size).
 Status llama_decode_step(Engine *e, const Llama *m, KvCache *c, const int32_t *tokens, Tensor *logits);
 // Gathers rows of embed_tokens: ids host [n] -> out [n,C] (any tensor of n*C elements of the model's dtype).
 Status llama_embed_tokens(Engine *e, const Llama *m, const int32_t *ids, int n, Tensor *out);

@@ -153,11 +153,11 @@ Status llama_train_state_create(LlamaTrainState *s, Engine *e, const LlamaLoraTr
     Status st = arena_init(&s->arena, e->device, llama_train_state_bytes(m, B, T));
     s->acts = calloc((size_t)m->layers, sizeof *s->acts);
     s->lora_acts = calloc((size_t)m->layers, sizeof *s->lora_acts);
-    s->host_logits = malloc((size_t)rows * (size_t)V * sizeof(float));
-    s->host_raw = malloc((size_t)rows * (size_t)V * dtype_size(dt));
+    s->host_targets = malloc((size_t)rows * sizeof(int32_t));
     s->host_positions = malloc((size_t)rows * sizeof(int32_t));
-    if (st == AGPT_OK && (!s->acts || !s->lora_acts || !s->host_logits || !s->host_raw || !s->host_positions))
-        st = AGPT_FAIL(AGPT_ERR_OOM, "llama train: no host memory for %lld logits", (long long)(rows * V));
+    if (st == AGPT_OK && (!s->acts || !s->lora_acts || !s->host_targets || !s->host_positions))
+        st = AGPT_FAIL(AGPT_ERR_OOM, "llama train: no host memory for %d layers' records and %lld labels",
+                       m->layers, (long long)rows);
     Arena *a = &s->arena;
     for (int l = 0; st == AGPT_OK && l < m->layers; l++) {
         st = llama_block_acts_carve(&m->block, B, T, dt, a, &s->acts[l]);
@@ -188,8 +188,7 @@ void llama_train_state_free(LlamaTrainState *s) {
     arena_free(&s->arena);
     free(s->acts);
     free(s->lora_acts);
-    free(s->host_logits);
-    free(s->host_raw);
+    free(s->host_targets);
     free(s->host_positions);
     memset(s, 0, sizeof *s);
 }
@@ -231,15 +230,14 @@ Status llama_lora_train_forward_tokens(Engine *e, const LlamaLoraTrain *m, Llama
     return forward_from_x0(e, m, s);
 }
 
-// On the host (ops.h has no cross-entropy yet): log-sum-exp in double per target row, d logits = (softmax -
-// onehot) / num_items, zero on rows without a target.
+// op_cross_entropy on the engine's device over all B*T rows with the shifted labels as targets (-100 ignored):
+// the summed loss comes back (double on the CPU, per-row f32 summed in double on CUDA) and d logits =
+// (softmax - onehot) / num_items is written in the same pass, zero on rows without a target.
 Status llama_lora_train_loss(Engine *e, const LlamaLoraTrain *m, LlamaTrainState *s, const int32_t *labels,
                              int num_items, float *loss) {
     s->have_dlogits = false;
     AGPT_CHECK_ARG(labels, "llama train: labels are missing");
     const int B = s->B, T = s->T, V = m->vocab;
-    const size_t n = (size_t)B * T * V;
-    DType dt = s->logits.dtype;
     int targets = 0;
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
@@ -247,41 +245,23 @@ Status llama_lora_train_loss(Engine *e, const LlamaLoraTrain *m, LlamaTrainState
             AGPT_CHECK_ARG(y == -100 || (y >= 0 && y < V), "llama train: labels[%d][%d] = %d is neither -100 nor a "
                            "token id in [0,%d)", b, t, (int)y, V);
             if (t > 0 && y != -100) targets++;  // labels[:, 0] is never a target after the shift
+            if (t > 0) s->host_targets[b * T + t - 1] = y;
         }
+    for (int b = 0; b < B; b++) s->host_targets[b * T + T - 1] = -100;  // the last position predicts nothing
     const double denom = num_items > 0 ? (double)num_items : (double)targets;
-    Tensor raw = s->logits;
-    raw.device = DEV_CPU;
-    raw.data = s->host_raw;
-    AGPT_TRY(copy_ordered(e, &raw, &s->logits));
-    if (convert_host(s->host_logits, DT_F32, s->host_raw, dt, n) != 0)
-        return AGPT_FAIL(AGPT_ERR_ARG, "llama train: cannot read logits of dtype %s", dtype_name(dt));
+    // With no target every row is ignored: the loss and d logits are 0 whatever the scale.
+    const float grad_scale = denom > 0 ? (float)(1.0 / denom) : 0.0f;
+    Tensor tt = tensor_1d(s->host_targets, DT_I32, DEV_CPU, (int64_t)B * T);
+    Tensor lg = tensor_2d(s->logits.data, s->logits.dtype, s->logits.device, (int64_t)B * T, V);
+    Tensor dl = tensor_2d(s->d_logits.data, s->d_logits.dtype, s->d_logits.device, (int64_t)B * T, V);
     double total = 0;
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++) {
-            float *row = s->host_logits + ((size_t)b * T + t) * V;
-            int32_t y = t + 1 < T ? labels[b * T + t + 1] : -100;
-            if (y == -100 || denom <= 0) {
-                memset(row, 0, (size_t)V * sizeof(float));
-                continue;
-            }
-            double mx = row[0];
-            for (int i = 1; i < V; i++) mx = row[i] > mx ? row[i] : mx;
-            double sum = 0;
-            for (int i = 0; i < V; i++) sum += exp((double)row[i] - mx);
-            double lse = mx + log(sum);
-            if (!isfinite(lse))
-                return AGPT_FAIL(AGPT_ERR_ARG, "llama train: logits of sequence %d position %d are not finite "
-                                 "(the forward diverged)", b, t);
-            total += lse - row[y];
-            for (int i = 0; i < V; i++) row[i] = (float)(exp((double)row[i] - lse) / denom);
-            row[y] -= (float)(1.0 / denom);
-        }
+    AGPT_TRY(op_cross_entropy(e, &total, &dl, &lg, &tt, -100, grad_scale));
+    if (!isfinite(total))
+        return AGPT_FAIL(AGPT_ERR_ARG, "llama train: the loss is %g: some target row's logits are not finite (the "
+                         "forward diverged)", total);
     s->n_targets = targets;
     s->loss = denom > 0 ? (float)(total / denom) : 0.0f;
     if (loss) *loss = s->loss;
-    if (convert_host(s->host_raw, dt, s->host_logits, DT_F32, n) != 0)
-        return AGPT_FAIL(AGPT_ERR_ARG, "llama train: cannot write d logits as %s", dtype_name(dt));
-    AGPT_TRY(copy_ordered(e, &s->d_logits, &raw));
     s->have_dlogits = true;
     return AGPT_OK;
 }

@@ -8,8 +8,8 @@
 //
 // Loss (HF LlamaForCausalLM with labels): logits[b,t] predicts labels[b,t+1]; label -100 is ignored; the loss is
 // the mean cross-entropy over the targets (or the sum over num_items, HF's num_items_in_batch, for gradient
-// accumulation). kernels/ops.h has no cross-entropy op yet, so the loss and d logits are computed on the host
-// from the logits read back (one copy each way per step): a fused cross-entropy kernel should replace it.
+// accumulation). The loss and d logits come from op_cross_entropy on the engine's device in one pass over the
+// logits: only the shifted labels go to the device and the loss (one number per row) comes back.
 //
 // Weights, from a WeightStore (HF names, as model/llama.h lists them, LoRA not merged):
 //   model.embed_tokens.weight [V,C], model.layers.N.*, model.norm.weight [C], lm_head.weight [V,C]
@@ -53,7 +53,7 @@ void llama_lora_train_free(LlamaLoraTrain *m);
 Status llama_lora_train_zero_grad(LlamaLoraTrain *m);
 
 // Activations of a forward kept for the backward, sized for exactly B sequences of T tokens, one device arena
-// plus host buffers for the loss.
+// plus small host buffers (positions, shifted labels).
 typedef struct LlamaTrainState {
     int B, T;
     Arena arena;
@@ -69,8 +69,7 @@ typedef struct LlamaTrainState {
     Tensor d_logits;            // [B,T,V]  set by llama_lora_train_loss
     Tensor d_n;                 // [B,T,C]  gradient at final_n
     Tensor d_x;                 // [B,T,C]  gradient along the residual stream; after the backward, at x0
-    float *host_logits;         // [B*T*V]  f32 for the host cross-entropy
-    void *host_raw;             // [B*T*V]  in the model's dtype
+    int32_t *host_targets;      // [B*T]  the shifted labels: target of logits[b,t] = labels[b,t+1], -100 at t = T-1
     int32_t *host_positions;    // [B*T]
     float loss;                 // the last llama_lora_train_loss
     int n_targets;              // its number of non-ignored targets

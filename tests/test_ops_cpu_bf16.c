@@ -5,6 +5,9 @@
 // AVX-512 kernels and the portable C ones (AGPT_CPU_PORTABLE=1), plus the checks that keep every other operand f32.
 // Then the model side (weights_set_matrix_dtype): a LLaMA with bf16 matrices equals, to f32 rounding, the f32
 // LLaMA whose matrices hold the same bf16-rounded values, and the LoRA merge works on bf16 matrices.
+// Last the opt-in bf16 GEMM (ops_set_cpu_bf16_activations, AGPT_CPU_BF16_GEMM=1; M >= 16, avx512_bf16): the
+// activations are rounded to bf16, so its reference is the double loop over bf16-rounded a and w; skipped on a
+// CPU without avx512_bf16. With the switch off the old path's results stay the same bit for bit.
 #include <stdlib.h>
 #include <string.h>
 
@@ -19,6 +22,16 @@
 
 static Rng rng;
 static Engine eng;
+// The bf16 GEMM is on: references round a to bf16 and are held to 1e-6 (f32 accumulation) instead of 1e-5.
+static bool bf16_act;
+
+// a copy of x[n] rounded to bf16 (kept in f32) when bf16_act, else x itself.
+static float *act_ref(const float *x, int64_t n) {
+    if (!bf16_act) return (float *)x;
+    float *r = malloc((size_t)(n ? n : 1) * sizeof *r);
+    for (int64_t i = 0; i < n; i++) r[i] = bf16_to_f32(f32_to_bf16(x[i]));
+    return r;
+}
 
 // n weights drawn normal, stored in dt (bf16 or f16), and the same values widened to f32.
 static uint16_t *rounded_weights(DType dt, int64_t n, float scale, float **widened) {
@@ -67,8 +80,8 @@ static void ref_matmul(double *ref, const float *a, const float *w, const float 
 static double matmul_case(DType dt, bool portable, int64_t batch, int64_t M, int64_t N, int64_t K, bool ta,
                           bool tb, bool w_batched, bool with_bias, float alpha, float beta) {
     char name[160];
-    snprintf(name, sizeof name, "%s%s b%lld M%lld N%lld K%lld ta%d tb%d%s%s%s", dtype_name(dt),
-             portable ? " portable" : "", (long long)batch, (long long)M, (long long)N, (long long)K, ta, tb,
+    snprintf(name, sizeof name, "%s%s%s b%lld M%lld N%lld K%lld ta%d tb%d%s%s%s", bf16_act ? "bf16-act " : "",
+             dtype_name(dt), portable ? " portable" : "", (long long)batch, (long long)M, (long long)N, (long long)K, ta, tb,
              w_batched ? " batched-w" : "", with_bias ? " bias" : "", beta != 0.0f ? " a/b" : "");
     setenv("AGPT_CPU_PORTABLE", portable ? "1" : "0", 1);
     int64_t nw = (w_batched ? batch : 1) * N * K, nc = batch * M * N;
@@ -79,7 +92,9 @@ static double matmul_case(DType dt, bool portable, int64_t batch, int64_t M, int
     float *c0 = malloc((size_t)(nc ? nc : 1) * sizeof *c0);
     memcpy(c0, c, (size_t)nc * sizeof *c);
     double *ref = malloc((size_t)(nc ? nc : 1) * sizeof *ref);
-    ref_matmul(ref, a, wf, bias, c0, batch, M, N, K, ta, tb, w_batched, alpha, beta);
+    float *aref = act_ref(a, batch * M * K);
+    ref_matmul(ref, aref, wf, bias, c0, batch, M, N, K, ta, tb, w_batched, alpha, beta);
+    if (aref != a) free(aref);
     int64_t ar = ta ? K : M, ac = ta ? M : K, wr = tb ? N : K, wc = tb ? K : N;
     Tensor at = batch > 1 ? cpu_f32_3d(a, batch, ar, ac) : cpu_f32_2d(a, ar, ac);
     Tensor wt = w_batched ? tensor_3d(wh, dt, DEV_CPU, batch, wr, wc) : tensor_2d(wh, dt, DEV_CPU, wr, wc);
@@ -88,7 +103,7 @@ static double matmul_case(DType dt, bool portable, int64_t batch, int64_t M, int
     double t0 = timer_now_s();
     CHECK_OK(op_matmul(&eng, &ct, &at, &wt, with_bias ? &bt : NULL, ta, tb, alpha, beta));
     double seconds = timer_now_s() - t0;
-    CHECK_CLOSE_D(name, c, ref, nc, 1e-5);
+    CHECK_CLOSE_D(name, c, ref, nc, bf16_act ? 1e-6 : 1e-5);
     free(wh), free(wf), free(a), free(bias), free(c), free(c0), free(ref);
     return seconds;
 }
@@ -96,18 +111,20 @@ static double matmul_case(DType dt, bool portable, int64_t batch, int64_t M, int
 // op_linear with a bf16 weight [N,K] and bias on 3-D x equals the double loop (the model's call).
 static void linear_case(DType dt, bool portable, int64_t B, int64_t T, int64_t N, int64_t K) {
     char name[160];
-    snprintf(name, sizeof name, "op_linear %s%s x[%lld,%lld,%lld] w[%lld,%lld] bias", dtype_name(dt),
-             portable ? " portable" : "", (long long)B, (long long)T, (long long)K, (long long)N, (long long)K);
+    snprintf(name, sizeof name, "op_linear %s%s%s x[%lld,%lld,%lld] w[%lld,%lld] bias", bf16_act ? "bf16-act " : "",
+             dtype_name(dt), portable ? " portable" : "", (long long)B, (long long)T, (long long)K, (long long)N, (long long)K);
     setenv("AGPT_CPU_PORTABLE", portable ? "1" : "0", 1);
     float *wf = NULL;
     uint16_t *wh = rounded_weights(dt, N * K, 0.1f, &wf);
     float *x = test_randn(&rng, B * T * K, 1), *bias = test_randn(&rng, N, 1), *out = test_poisoned(B * T * N);
     double *ref = malloc((size_t)(B * T * N) * sizeof *ref);
-    ref_matmul(ref, x, wf, bias, NULL, 1, B * T, N, K, false, true, false, 1.0f, 0.0f);
+    float *xref = act_ref(x, B * T * K);
+    ref_matmul(ref, xref, wf, bias, NULL, 1, B * T, N, K, false, true, false, 1.0f, 0.0f);
+    if (xref != x) free(xref);
     Tensor xt = cpu_f32_3d(x, B, T, K), ot = cpu_f32_3d(out, B, T, N), bt = cpu_f32_1d(bias, N);
     Tensor wt = tensor_2d(wh, dt, DEV_CPU, N, K);
     CHECK_OK(op_linear(&eng, &ot, &xt, &wt, &bt));
-    CHECK_CLOSE_D(name, out, ref, B * T * N, 1e-5);
+    CHECK_CLOSE_D(name, out, ref, B * T * N, bf16_act ? 1e-6 : 1e-5);
     free(wh), free(wf), free(x), free(bias), free(out), free(ref);
 }
 
@@ -231,9 +248,126 @@ static void test_lora_merge_bf16(void) {
     st_close(base), st_close(lora);
 }
 
+// ---- the opt-in bf16 GEMM ----------------------------------------------------------------------------------
+
+static bool cpu_has_avx512_bf16(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bf16");
+#else
+    return false;
+#endif
+}
+
+// op_linear-like product c[M,N] = a w[N,K]^T + bias with a bf16 w, the switch as it is; timed (best of 2).
+static double time_linear(int64_t M, int64_t N, int64_t K, bool with_bias) {
+    float *wf = NULL;
+    uint16_t *wh = rounded_weights(DT_BF16, N * K, 0.02f, &wf);
+    float *a = test_randn(&rng, M * K, 1), *c = test_poisoned(M * N), *bias = test_randn(&rng, N, 1);
+    Tensor at = cpu_f32_2d(a, M, K), wt = tensor_2d(wh, DT_BF16, DEV_CPU, N, K), ct = cpu_f32_2d(c, M, N);
+    Tensor bt = cpu_f32_1d(bias, N);
+    double best = 1e30;
+    for (int i = 0; i < 2; i++) {
+        double t0 = timer_now_s();
+        CHECK_OK(op_matmul(&eng, &ct, &at, &wt, with_bias ? &bt : NULL, false, true, 1.0f, 0.0f));
+        double t = timer_now_s() - t0;
+        best = t < best ? t : best;
+    }
+    free(wh), free(wf), free(a), free(c), free(bias);
+    return best;
+}
+
+// The same inputs through the switch off, on, off: the two off runs agree bit for bit (the old path is
+// untouched), and the on run differs (a different path: activations rounded).
+static void test_switch_bits(bool supported) {
+    const int64_t M = 64, N = 131, K = 77;
+    float *wf = NULL;
+    uint16_t *wh = rounded_weights(DT_BF16, N * K, 0.1f, &wf);
+    float *a = test_randn(&rng, M * K, 1), *bias = test_randn(&rng, N, 1), *c[3];
+    Tensor at = cpu_f32_2d(a, M, K), wt = tensor_2d(wh, DT_BF16, DEV_CPU, N, K), bt = cpu_f32_1d(bias, N);
+    for (int i = 0; i < 3; i++) {
+        c[i] = test_poisoned(M * N);
+        Tensor ct = cpu_f32_2d(c[i], M, N);
+        ops_set_cpu_bf16_activations(i == 1);
+        CHECK_OK(op_linear(&eng, &ct, &at, &wt, &bt));
+    }
+    ops_set_cpu_bf16_activations(false);
+    size_t bytes = (size_t)(M * N) * sizeof(float);
+    CHECK(memcmp(c[0], c[2], bytes) == 0, "switch off: the same bits before and after the bf16 GEMM ran");
+    if (supported) CHECK(memcmp(c[0], c[1], bytes) != 0, "switch on: the bf16 GEMM ran (results differ)");
+    printf("  switch off / on / off: off runs equal bit for bit%s\n", supported ? ", on run differs" : "");
+    free(wh), free(wf), free(a), free(bias), free(c[0]), free(c[1]), free(c[2]);
+}
+
+static void test_bf16_gemm(void) {
+    const bool supported = cpu_has_avx512_bf16();
+    test_switch_bits(supported);
+    if (!ops_set_cpu_bf16_activations(true)) {
+        ops_set_cpu_bf16_activations(false);
+        printf("  bf16 GEMM: this CPU has no avx512_bf16, not checked (the switch falls back to the f32 path)\n");
+        CHECK(!supported, "ops_set_cpu_bf16_activations(true) refused on a CPU with avx512_bf16");
+        return;
+    }
+    bf16_act = true;
+    // M = 16 (the threshold), 17 and 257 (row tails of the 8-row tiles), odd N and K (column tails of the
+    // 48-column panels, odd pairs), every transpose, alpha/beta, bias; K = 1101: blocks of 256 values, 16x16
+    // transposes and an odd tail.
+    int64_t Ms[4] = {16, 17, 64, 257};
+    for (int i = 0; i < 4; i++) {
+        matmul_case(DT_BF16, false, 1, Ms[i], 37, 53, false, true, false, false, 1.0f, 0.0f);
+        matmul_case(DT_BF16, false, 1, Ms[i], 131, 77, false, true, false, true, 0.5f, 2.0f);
+        matmul_case(DT_BF16, false, 1, Ms[i], 29, 45, false, false, false, true, 1.0f, 0.0f);
+        matmul_case(DT_BF16, false, 1, Ms[i], 29, 45, true, true, false, false, 0.5f, 2.0f);
+        matmul_case(DT_BF16, false, 1, Ms[i], 29, 45, true, false, false, false, 1.0f, 0.0f);
+        matmul_case(DT_BF16, false, 1, Ms[i], 97, 1101, false, true, false, true, 1.0f, 0.0f);
+        matmul_case(DT_BF16, false, 1, Ms[i], 50, 1025, false, false, false, false, 1.0f, 0.5f);
+    }
+    matmul_case(DT_BF16, false, 3, 20, 19, 33, false, true, true, true, 1.0f, 0.0f);  // batched weights
+    matmul_case(DT_BF16, false, 3, 18, 19, 33, false, false, true, false, 0.5f, 2.0f);
+    matmul_case(DT_BF16, false, 2, 16, 19, 33, true, true, false, false, 1.0f, 0.0f);
+    linear_case(DT_BF16, false, 2, 9, 67, 129);  // 18 rows of a 3-D x
+    // Not taken, even when on: f16 weights, M < 16, the portable kernels (exact f32 products, 1e-5).
+    bf16_act = false;
+    matmul_case(DT_F16, false, 1, 64, 131, 77, false, true, false, true, 0.5f, 2.0f);
+    matmul_case(DT_BF16, false, 1, 15, 131, 77, false, true, false, true, 0.5f, 2.0f);
+    matmul_case(DT_BF16, true, 1, 64, 131, 77, false, true, false, true, 0.5f, 2.0f);
+    bf16_act = true;
+    // Real shapes: LLaMA-7B's attention and MLP at a 64-token prefill, the ViT-H MLP (257 tokens, 1280 -> 5120).
+    matmul_case(DT_BF16, false, 1, 64, 4096, 4096, false, true, false, true, 1.0f, 0.0f);
+    matmul_case(DT_BF16, false, 1, 64, 11008, 4096, false, true, false, false, 1.0f, 0.0f);
+    matmul_case(DT_BF16, false, 1, 64, 131, 11008, false, true, false, false, 1.0f, 0.0f);
+    matmul_case(DT_BF16, false, 1, 257, 5120, 1280, false, true, false, true, 1.0f, 0.0f);
+    bf16_act = false;
+    unsetenv("AGPT_CPU_PORTABLE");
+    const int64_t shapes[2][3] = {{64, 11008, 4096}, {257, 5120, 1280}};
+    for (int i = 0; i < 2; i++) {
+        const int64_t M = shapes[i][0], N = shapes[i][1], K = shapes[i][2];
+        double on = time_linear(M, N, K, true);
+        ops_set_cpu_bf16_activations(false);
+        double off = time_linear(M, N, K, true);
+        ops_set_cpu_bf16_activations(true);
+        printf("  (bf16 weight [%lld,%lld], %lld rows: bf16 GEMM %.1f ms = %.3f TFLOP/s, widen+sgemm %.1f ms = %.3f "
+               "TFLOP/s, %.2fx; %d threads)\n", (long long)N, (long long)K, (long long)M, on * 1e3,
+               2.0 * M * N * K / on / 1e12, off * 1e3, 2.0 * M * N * K / off / 1e12, off / on, eng.num_threads);
+    }
+    ops_set_cpu_bf16_activations(false);
+}
+
+// AGPT_CPU_BF16_GEMM=1 switches the bf16 GEMM on when it is read, at the first product that could take it.
+static void test_env_switch(void) {
+    setenv("AGPT_CPU_BF16_GEMM", "1", 1);
+    bf16_act = cpu_has_avx512_bf16();
+    matmul_case(DT_BF16, false, 1, 16, 37, 53, false, true, false, true, 1.0f, 0.0f);
+    bf16_act = false;
+    unsetenv("AGPT_CPU_BF16_GEMM");
+    ops_set_cpu_bf16_activations(false);
+}
+
 int main(void) {
     rng_seed(&rng, 4242);
     CHECK_OK(engine_create(&eng, DEV_CPU, 0, 0, 42));
+    test_env_switch();  // first: the variable is read once
     DType dts[2] = {DT_BF16, DT_F16};
     int64_t Ms[4] = {1, 3, 64, 257};
     for (int p = 0; p < 2; p++)
@@ -272,6 +406,7 @@ int main(void) {
     test_rejected();
     test_llama_bf16_matrices();
     test_lora_merge_bf16();
+    test_bf16_gemm();
     engine_destroy(&eng);
     printf("%d passed, %d failed\n", test_passed, test_failed);
     return test_failed ? 1 : 0;

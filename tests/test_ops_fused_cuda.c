@@ -8,6 +8,8 @@
 // - op_upsample_softmax2_axpy against the CPU op (itself bit-equal to the three unfused ops there).
 // - CUDA-graph decode steps (KvCache.use_graph) against plain decode steps on a small random LLaMA: the same
 //   logits, bit for bit, over several steps and two batch sizes.
+// - op_cross_entropy against the CPU op at V = 32001 (LLaMA's vocabulary, the unaligned path) for R = 1..64 rows,
+//   an aligned and a misaligned 4096, V = 7 and V = 1, in f32/bf16/f16: loss, d logits, in place, loss only.
 // Without a CUDA device (or in a build without CUDA) it prints why and exits 77 (skipped).
 #include <math.h>
 #include <stdarg.h>
@@ -253,6 +255,210 @@ static void test_graph_decode(DType dt, int B) {
     weights_free(&ws);
 }
 
+// ---- fused cross-entropy (op_cross_entropy) ----------------------------------------------------------------
+
+// GPU loss and d logits against the CPU op on the same dtype-rounded logits: logits 4 * normal plus row offsets of
+// 0 / +300 / -300, every fifth row ignored (-100), grad_scale 1/counted as the trainer passes it; dlogits poisoned
+// with NaN first. Tolerances: the loss (f32 per row, summed in double) 1e-5 relative in every dtype; d logits f32
+// 1e-5, f16/bf16 1e-2 (one rounding of the stored gradient). Also: in place (dlogits = logits) and loss-only calls
+// match the first call bit for bit, and a second call gives the same loss bit for bit (deterministic).
+static void test_cross_entropy(DType dt, int64_t R, int64_t V, int off) {
+    char name[160];
+    snprintf(name, sizeof name, "cross_entropy %s R%lld V%lld%s", dtype_name(dt), (long long)R, (long long)V,
+             off ? " misaligned" : "");
+    const int64_t n = R * V;
+    float *x = malloc((size_t)n * sizeof(float));
+    rng_fill_normal(&rng, x, (size_t)n, 0.0f, 4.0f);
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t i = 0; i < V; i++) x[r * V + i] += r % 3 == 1 ? 300.0f : r % 3 == 2 ? -300.0f : 0.0f;
+    round_to(x, n, dt);
+    int32_t *y = malloc((size_t)R * sizeof(int32_t));
+    int counted = 0;
+    for (int64_t r = 0; r < R; r++) {
+        y[r] = r % 5 == 4 ? -100 : (int32_t)((uint32_t)(rng_uniform(&rng) * (float)V) % (uint32_t)V);
+        counted += y[r] != -100;
+    }
+    const float gs = counted ? 1.0f / (float)counted : 0.0f;
+    float *ref_d = malloc((size_t)n * sizeof(float));
+    double ref_loss = NAN;
+    Tensor cx = tensor_2d(x, DT_F32, DEV_CPU, R, V), cd = tensor_2d(ref_d, DT_F32, DEV_CPU, R, V);
+    Tensor ty = tensor_1d(y, DT_I32, DEV_CPU, R);
+    CHECK_OK(op_cross_entropy(&cpu, &ref_loss, &cd, &cx, &ty, -100, gs));
+
+    void *bx = NULL, *bd = NULL;
+    Tensor gx = dev_tensor(x, R, V, dt, off, &bx), gd = dev_tensor(NULL, R, V, dt, off, &bd);
+    double loss = NAN, loss2 = NAN, loss3 = NAN;
+    Status st = op_cross_entropy(&gpu, &loss, &gd, &gx, &ty, -100, gs);
+    CHECK(st == AGPT_OK, "%s: %s", name, agpt_last_error());
+    const double lerr = fabs(loss - ref_loss) / fmax(fabs(ref_loss), 1e-30);
+    const bool lok = isfinite(loss) && lerr <= 1e-5;
+    printf("%s %-56s loss  %.9g vs %.9g rel %.3g (tol 1e-05)\n", lok ? "PASS" : "FAIL", name, loss, ref_loss, lerr);
+    if (lok) test_passed++;
+    else test_failed++;
+    float *got = to_host(&gd);
+    expect_close(name, "dlogits", got, ref_d, n, dt == DT_F32 ? 1e-5 : 1e-2);
+    bool zeros = true;
+    for (int64_t r = 0; r < R; r++)
+        if (y[r] == -100)
+            for (int64_t i = 0; i < V; i++) zeros &= got[r * V + i] == 0.0f;
+    CHECK(zeros, "%s: ignored rows of dlogits are not exactly 0", name);
+
+    // Loss only (no wait on a gradient), twice: bit-identical losses.
+    st = op_cross_entropy(&gpu, &loss2, NULL, &gx, &ty, -100, gs);
+    if (st == AGPT_OK) st = op_cross_entropy(&gpu, &loss3, NULL, &gx, &ty, -100, gs);
+    CHECK(st == AGPT_OK && loss2 == loss && loss3 == loss, "%s: loss-only calls give %.17g, %.17g vs %.17g (%s)",
+          name, loss2, loss3, loss, agpt_last_error());
+    // Gradient only, in place over the logits: the same gradient bit for bit.
+    st = op_cross_entropy(&gpu, NULL, &gx, &gx, &ty, -100, gs);
+    CHECK(st == AGPT_OK, "%s in place: %s", name, agpt_last_error());
+    float *inplace = to_host(&gx);
+    CHECK(memcmp(inplace, got, (size_t)n * sizeof(float)) == 0, "%s: in place differs from out of place", name);
+    free(inplace), free(got), free(x), free(y), free(ref_d);
+    mem_device_free(bx), mem_device_free(bd);
+}
+
+static void run_cross_entropy(DType dt) {
+    static const int64_t rows[] = {1, 2, 3, 8, 13, 31, 64};
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) test_cross_entropy(dt, rows[i], 32001, 0);
+    test_cross_entropy(dt, 5, 4096, 0);  // the 16-byte vector path
+    test_cross_entropy(dt, 5, 4096, 1);  // the same width misaligned: scalar path
+    test_cross_entropy(dt, 13, 7, 0);
+    test_cross_entropy(dt, 4, 1, 0);
+}
+
+// ---- decode steps captured once and replayed (device-side positions and lengths) ------------------------------
+
+// op_attention_decode over ragged lengths equals op_attention(causal) of each sequence over its prefix, bit for
+// bit (the flash split-K decode for f16/bf16 with D = 64/128, the simple kernel for f32 and D = 48).
+static void test_attention_decode_dev(DType dt, int H, int D) {
+    char name[96];
+    snprintf(name, sizeof name, "attention_decode %s H=%d D=%d", dtype_name(dt), H, D);
+    const int B = 4, S = 300, C = H * D;
+    const int32_t lengths[4] = {1, 64, 65, 300};
+    float *q = randn((int64_t)B * C, dt, 0.0f, 1.0f), *k = randn((int64_t)B * S * C, dt, 0.0f, 1.0f);
+    float *v = randn((int64_t)B * S * C, dt, 0.0f, 1.0f);
+    void *bq, *bk, *bv, *bo, *br, *bl = NULL;
+    Tensor tq = dev_tensor(q, B, C, dt, 0, &bq), tk = dev_tensor(k, (int64_t)B * S, C, dt, 0, &bk);
+    Tensor tv = dev_tensor(v, (int64_t)B * S, C, dt, 0, &bv), to = dev_tensor(NULL, B, C, dt, 0, &bo);
+    Tensor tr = dev_tensor(NULL, B, C, dt, 0, &br);
+    CHECK_OK(mem_device_alloc(sizeof lengths, &bl));
+    Tensor hl = tensor_1d((void *)lengths, DT_I32, DEV_CPU, B), tl = tensor_1d(bl, DT_I32, DEV_CUDA, B);
+    CHECK_OK(tensor_copy(&tl, &hl));
+    const float scale = 1.0f / sqrtf((float)D);
+    Tensor q4 = tensor_4d(tq.data, dt, DEV_CUDA, B, 1, H, D), o4 = tensor_4d(to.data, dt, DEV_CUDA, B, 1, H, D);
+    Tensor k4 = tensor_4d(tk.data, dt, DEV_CUDA, B, S, H, D), v4 = tensor_4d(tv.data, dt, DEV_CUDA, B, S, H, D);
+    CHECK_OK(op_attention_decode(&gpu, &o4, &q4, &k4, &v4, &tl, scale));
+    const size_t es = dtype_size(dt), row = (size_t)C * es;
+    for (int b = 0; b < B; b++) {
+        Tensor qb = tensor_4d((char *)tq.data + b * row, dt, DEV_CUDA, 1, 1, H, D);
+        Tensor rb = tensor_4d((char *)tr.data + b * row, dt, DEV_CUDA, 1, 1, H, D);
+        Tensor kb = tensor_4d((char *)tk.data + (size_t)b * S * row, dt, DEV_CUDA, 1, lengths[b], H, D);
+        Tensor vb = tensor_4d((char *)tv.data + (size_t)b * S * row, dt, DEV_CUDA, 1, lengths[b], H, D);
+        CHECK_OK(op_attention(&gpu, &rb, &qb, &kb, &vb, true, scale));
+    }
+    CHECK_OK(engine_synchronize(&gpu));
+    float *o = to_host(&to), *r = to_host(&tr);
+    bool same = memcmp(o, r, (size_t)B * C * sizeof(float)) == 0;
+    double e = rel_l2(o, r, (int64_t)B * C);
+    printf("%s %-56s rel_l2 %.3g%s\n", same ? "PASS" : "FAIL", name, e, same ? " (bit-identical)" : "");
+    CHECK(same, "%s: differs from op_attention per sequence (rel_l2 %.3g)", name, e);
+    free(o), free(r), free(q), free(k), free(v);
+    mem_device_free(bq), mem_device_free(bk), mem_device_free(bv), mem_device_free(bo), mem_device_free(br);
+    mem_device_free(bl);
+}
+
+// llama_decode_step with use_graph (captured on the first step of a batch size, replayed unchanged after) against
+// the plain step on a ragged batch (llama_prefill_varlen): the same logits bit for bit; one graph per batch size,
+// kept across steps and across a later prefill of the same batch size.
+static void test_graph_replay(DType dt, int C, int H) {
+    char name[128];
+    snprintf(name, sizeof name, "graph replay %s C=%d H=%d", dtype_name(dt), C, H);
+    const int I = 2 * C, L = 2, V = 500, steps = 6, B = 3, maxT = 200;
+    WeightStore ws;
+    Llama m;
+    weights_init(&ws, &gpu, dt, NULL, "random llama");
+    Status s = llama_init_random(&m, &ws, C, H, I, L, V, 9);
+    CHECK(s == AGPT_OK, "%s: llama_init_random: %s", name, agpt_last_error());
+    if (s != AGPT_OK) {
+        weights_free(&ws);
+        return;
+    }
+    KvCache plain, graph;
+    CHECK_OK(kv_cache_create(&plain, &gpu, &m, B, maxT));
+    CHECK_OK(kv_cache_create(&graph, &gpu, &m, B, maxT));
+    graph.use_graph = true;
+    const int runs[2][3] = {{9, 3, 150}, {40, 1, 7}};  // the second prefill: same batch size, other lengths
+    float *emb = randn((int64_t)162 * C, dt, 0.0f, 0.5f);
+    void *emb_buf = NULL;
+    Tensor e2 = dev_tensor(emb, 162, C, dt, 0, &emb_buf);
+    Tensor lp = tensor_rows_view(&plain.logits, 0, B), lg = tensor_rows_view(&graph.logits, 0, B);
+    void *first = NULL;
+    int32_t tokens[3];
+    const int failed_before = test_failed;
+    for (int run = 0; run < 2; run++) {
+        const int *len = runs[run];
+        Tensor embeds = tensor_rows_view(&e2, 0, len[0] + len[1] + len[2]);
+        CHECK_OK(llama_prefill_varlen(&gpu, &m, &plain, &embeds, len, B, &lp));
+        CHECK_OK(llama_prefill_varlen(&gpu, &m, &graph, &embeds, len, B, &lg));
+        for (int step = 0; step < steps; step++) {
+            for (int b = 0; b < B; b++) tokens[b] = (int32_t)((step * 37 + b * 101 + run * 11 + 3) % V);
+            CHECK_OK(llama_decode_step(&gpu, &m, &plain, tokens, &lp));
+            CHECK_OK(llama_decode_step(&gpu, &m, &graph, tokens, &lg));
+            if (!first) first = graph.graph_exec;
+            float *p = to_host(&lp), *g = to_host(&lg);
+            bool same = memcmp(p, g, (size_t)B * V * sizeof(float)) == 0;
+            double e = rel_l2(g, p, (int64_t)B * V);
+            printf("%s %-56s run %d step %d rel_l2 %.3g%s\n", same ? "PASS" : "FAIL", name, run, step, e,
+                   same ? " (bit-identical)" : "");
+            CHECK(same, "%s run %d step %d: replayed graph logits differ from the plain step (rel_l2 %.3g)", name,
+                  run, step, e);
+            CHECK(graph.graph_exec == first && first != NULL, "%s run %d step %d: the graph was captured again", name,
+                  run, step);
+            free(p), free(g);
+        }
+        for (int b = 0; b < B; b++)
+            CHECK(graph.seq_pos[b] == len[b] + steps && plain.seq_pos[b] == graph.seq_pos[b],
+                  "%s: sequence %d at %d, expected %d", name, b, graph.seq_pos[b], len[b] + steps);
+    }
+    // Logits into a caller's tensor (copied out of the graph's buffer) and another batch size (a second graph).
+    void *own_buf = NULL;
+    Tensor own = dev_tensor(NULL, 1, V, dt, 0, &own_buf);
+    Tensor one = tensor_3d(e2.data, dt, DEV_CUDA, 1, 5, C), lp1 = tensor_rows_view(&plain.logits, 0, 1);
+    Tensor own2 = tensor_2d(own.data, dt, DEV_CUDA, 1, V);
+    CHECK_OK(llama_prefill(&gpu, &m, &plain, &one, &lp1));
+    CHECK_OK(llama_prefill(&gpu, &m, &graph, &one, &own2));
+    for (int step = 0; step < 3; step++) {
+        tokens[0] = (int32_t)(step * 7 + 1);
+        CHECK_OK(llama_decode_step(&gpu, &m, &plain, tokens, &lp1));
+        CHECK_OK(llama_decode_step(&gpu, &m, &graph, tokens, &own2));
+        float *p = to_host(&lp1), *g = to_host(&own2);
+        bool same = memcmp(p, g, (size_t)V * sizeof(float)) == 0;
+        CHECK(same, "%s B=1 step %d: logits copied to the caller's tensor differ (rel_l2 %.3g)", name, step,
+              rel_l2(g, p, V));
+        free(p), free(g);
+    }
+    CHECK(graph.graph_exec != first && graph.graphs[0] != NULL && graph.graphs[B - 1] == first,
+          "%s: expected one graph per batch size", name);
+    printf("%s %-56s B=1 into the caller's logits tensor\n", test_failed == failed_before ? "PASS" : "FAIL", name);
+    kv_cache_free(&plain);
+    kv_cache_free(&graph);
+    mem_device_free(emb_buf);
+    mem_device_free(own_buf);
+    free(emb);
+    llama_free(&m);
+    weights_free(&ws);
+}
+
+static void run_graph_replay(void) {
+    test_attention_decode_dev(DT_BF16, 4, 64);
+    test_attention_decode_dev(DT_F16, 2, 128);
+    test_attention_decode_dev(DT_F32, 4, 64);
+    test_attention_decode_dev(DT_BF16, 3, 48);  // not a flash head dim: the simple kernel
+    test_graph_replay(DT_BF16, 256, 4);          // D = 64: flash decode
+    test_graph_replay(DT_F16, 256, 2);           // D = 128
+    test_graph_replay(DT_F32, 256, 4);           // the simple kernel
+}
+
 int main(void) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (cuda_device_count() == 0) {
@@ -277,6 +483,10 @@ int main(void) {
     test_graph_decode(DT_F32, 1);
     test_graph_decode(DT_BF16, 1);
     test_graph_decode(DT_BF16, 3);
+    run_cross_entropy(DT_F32);
+    run_cross_entropy(DT_BF16);
+    run_cross_entropy(DT_F16);
+    run_graph_replay();
     engine_destroy(&cpu);
     engine_destroy(&gpu);
     return test_summary();

@@ -45,7 +45,7 @@ int cmd_bench_llama(int argc, char **argv) {
     Device dev = cuda_device_count() > 0 ? DEV_CUDA : DEV_CPU;
     int dtype_arg = -1, iters = 0, layers = 0, threads = 0, prompt = 80, steps = 0, cpu_weights = DT_F32;
     int batches[8] = {0}, n_batches = 0;
-    bool graph = false;
+    bool graph = false, bf16_act = false;
     const char *json_path = NULL;
     for (int i = 1; i < argc; i++) {
         const char *v;
@@ -109,10 +109,12 @@ int cmd_bench_llama(int argc, char **argv) {
             if (!(json_path = cli_value(argc, argv, &i, "bench llama"))) return 2;
         } else if (!strcmp(argv[i], "--graph")) {
             graph = true;
+        } else if (!strcmp(argv[i], "--cpu-bf16-activations")) {
+            bf16_act = true;
         } else {
             printf("usage: agpt bench llama [--device cpu|cuda] [--dtype f32|f16|bf16] [--cpu-weights f32|bf16|f16]\n"
                    "                        [--layers N] [--prompt P] [--decode N] [--batch B]... [--iters N]\n"
-                   "                        [--threads N] [--graph] [--json FILE]\n"
+                   "                        [--threads N] [--graph] [--cpu-bf16-activations] [--json FILE]\n"
                    "  LLaMA-7B shapes with random weights (width 4096, 32 heads, MLP 11008, vocab 32001), --layers\n"
                    "  of them (32 on CUDA; 4 on the CPU, where 7B in f32 needs 27 GB): prefill of B sequences of P\n"
                    "  tokens (80 by default) in tokens/s and as a fraction of the square-GEMM rate, then --decode\n"
@@ -121,6 +123,8 @@ int cmd_bench_llama(int argc, char **argv) {
                    "  Below 32 layers the 32-layer figures are scaled by FLOPs / bytes, not measured.\n"
                    "  --cpu-weights bf16|f16: on the CPU, the weight matrices in that dtype (the rest stays f32);\n"
                    "  32 layers by default then (13.5 GB).\n"
+                   "  --cpu-bf16-activations: with --cpu-weights bf16, products of >= 16 rows round the activations\n"
+                   "  to bf16 and use avx512_bf16 dot products (as AGPT_CPU_BF16_GEMM=1; PyTorch's bf16 numerics).\n"
                    "  --graph: on CUDA, each decode step goes through a CUDA graph (KvCache.use_graph).\n");
             return strcmp(argv[i], "--help") ? 2 : 0;
         }
@@ -139,6 +143,10 @@ int cmd_bench_llama(int argc, char **argv) {
     Engine eng;
     Status s = engine_create(&eng, dev, 0, threads, 7);
     if (s) return cli_report("bench llama", s);
+    if (bf16_act && dev == DEV_CPU)
+        printf("agpt bench llama: --cpu-bf16-activations: %s\n", ops_set_cpu_bf16_activations(true)
+               ? "bf16 GEMM on (activations rounded to bf16 for products of >= 16 rows with bf16 weights)"
+               : "this CPU has no avx512_bf16, the f32 path runs");
     WeightStore ws;
     weights_init(&ws, &eng, dt, NULL, "random LLaMA-7B");
     if ((s = weights_set_matrix_dtype(&ws, (DType)cpu_weights))) goto fail;

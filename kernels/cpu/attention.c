@@ -151,3 +151,13 @@ void cpu_rope(float *out, const float *x, const int32_t *positions, int64_t B, i
             }
         }
 }
+
+// One cpu_attention call per sequence over its own prefix: the very call the plain decode step makes, so the
+// results are equal bit for bit.
+void cpu_attention_decode(float *out, const float *q, const float *k, const float *v, const int32_t *lengths,
+                          int64_t B, int64_t S, int64_t H, int64_t D, float scale) {
+    const int64_t row = H * D;
+    for (int64_t b = 0; b < B; b++)
+        cpu_attention(out + b * row, q + b * row, k + b * S * row, v + b * S * row, 1, 1, lengths[b], H, D, true,
+                      scale);
+}

@@ -17,6 +17,10 @@ void cpu_matmul(float *c, const float *a, const float *b, const float *bias, int
 Status cpu_matmul_lowp(float *c, const float *a, const void *b, DType b_dtype, const float *bias, int64_t batch,
                        int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, int64_t stride_a,
                        int64_t stride_b, int64_t stride_c, float alpha, float beta);
+// Opt-in for cpu_matmul_lowp with a bf16 b and M >= 16: round a to bf16 (nearest even, as PyTorch's bf16 matmul
+// does) and multiply with avx512_bf16 dot products, f32 accumulation. Off unless AGPT_CPU_BF16_GEMM=1 (read once)
+// or set here; returns whether the path will run (on, and the CPU has avx512_bf16).
+bool cpu_set_bf16_gemm(bool on);
 void cpu_bias_grad(float *dbias, const float *dout, int64_t rows, int64_t N);  // dbias += column sums
 
 void cpu_add(float *out, const float *a, const float *b, int64_t n);
@@ -86,6 +90,12 @@ void cpu_maxpool2x2(float *out, const float *x, int64_t BC, int64_t H, int64_t W
 // ---- embedding lookup (kernels/cpu/embedding.c) -------------------------------------------------------------
 // out[i] = table[ids[i]] for i < N: table [V,C], out [N,C]; ids already checked to be in [0,V).
 void cpu_embedding(float *out, const float *table, const int32_t *ids, int64_t N, int64_t C);
+// cache[b * max_seq + pos[b]] = rows[b] for b < B: cache [B * max_seq, C], rows [B,C]; pos already checked.
+void cpu_kv_append(float *cache, const float *rows, const int32_t *pos, int64_t B, int64_t C, int64_t max_seq);
+// Decode attention over per-sequence lengths (kernels/cpu/attention.c): q, out [B,1,H,D], k, v [B,S,H,D],
+// lengths [B] already checked to be in [1,S]; sequence b is cpu_attention(causal) over its first lengths[b] keys.
+void cpu_attention_decode(float *out, const float *q, const float *k, const float *v, const int32_t *lengths,
+                          int64_t B, int64_t S, int64_t H, int64_t D, float scale);
 
 // ---- sampling (kernels/cpu/sample.c): the one host implementation, model/sampler.c calls it too ------------
 // HF's warpers over logits [V] (f32, V >= 1): scores = logits / temperature (skipped at exactly 1.0); top-k
@@ -102,3 +112,11 @@ Status cpu_sample_greedy(int32_t *token, const float *logits, int64_t V);
 // greedy ? cpu_sample_greedy : cpu_sample_distribution then cpu_sample_draw, with malloc'd scratch (OOM fails).
 Status cpu_sample(int32_t *token, const float *logits, int64_t V, float temperature, int top_k, float top_p,
                   double uniform, bool greedy);
+
+// ---- losses (kernels/cpu/loss.c) -----------------------------------------------------------------------------
+// Fused cross-entropy over logits [rows, V], targets already checked (ignore_index or in [0,V)): per counted row,
+// max-subtracted log-sum-exp with the exponentials summed in double; *loss_sum (if not NULL) = the sum of the
+// rows' losses in row order, in double; dlogits (if not NULL) = grad_scale * (softmax - onehot), 0 on ignored
+// rows. dlogits may equal logits. AGPT_ERR_OOM when the per-row loss scratch (rows doubles) cannot be had.
+Status cpu_cross_entropy(double *loss_sum, float *dlogits, const float *logits, const int32_t *targets,
+                         int64_t rows, int64_t V, int32_t ignore_index, float grad_scale);

@@ -1,6 +1,7 @@
 // CPU GEMM through OpenBLAS. Row-major, f32 with f32 accumulation (what sgemm does). Plus the one mixed case,
 // cpu_matmul_lowp: a weight operand b stored in bf16 or f16 (half the bytes a decode step reads) with f32
-// activations and output, accumulated in f32.
+// activations and output, accumulated in f32; and, opt-in, a bf16 x bf16 GEMM for bf16 weights that rounds the
+// activations to bf16 (avx512_bf16 dot products, as PyTorch's bf16 matmul).
 #include <cblas.h>
 #include <stdlib.h>
 #include <string.h>
@@ -198,6 +199,268 @@ AVX512 static void gemv_avx512(float *c, const float *a, const uint16_t *b, int6
 }
 #endif
 
+#if HAVE_X86
+// ---- bf16 x bf16 -> f32 GEMM with avx512_bf16 (opt-in) -----------------------------------------------------
+// For a bf16 weight and M >= BF16_GEMM_MIN_M rows, when switched on (cpu_set_bf16_gemm, AGPT_CPU_BF16_GEMM=1):
+// the activations are rounded to bf16 (nearest even, as PyTorch's bf16 matmul does) and multiplied by
+// vdpbf16ps, which adds the products of 16 bf16 pairs into 16 f32 lanes (32 multiply-adds per instruction,
+// twice an f32 FMA's). Goto-style blocking:
+// - a is packed once per call: per tile of BG_MR rows, for each pair of k, BG_MR dwords (lo = a[m][2p], hi =
+//   a[m][2p+1], as bf16), zero past M and K, so a tile's k-pair is one broadcast dword per row;
+// - each thread takes panels of BG_NR = 48 weight rows (output columns) (OpenMP, dynamic in pairs of panels, so
+//   a thread streams runs of the weight), and per block of BG_KC values of k packs the panel into its own buffer
+//   as [k-pair][48 columns] dwords (16x16 dword transposes of the [N,K] weight): 24 KB, stays in L1;
+// - the micro-kernel keeps BG_MR x 3 zmm accumulators (8 rows x 48 columns of f32) over the block; the first k
+//   block writes alpha acc + beta c + bias, the later ones add alpha acc.
+// Each output is summed in a fixed order by one thread: the results do not depend on the thread count.
+enum { BG_MR = 8, BG_NB = 3, BG_NR = 16 * BG_NB, BG_KC = 256, BG_KCP = BG_KC / 2, BF16_GEMM_MIN_M = 16 };
+
+#define BF16_TARGET __attribute__((target("avx512f,avx512bf16,avx512bw,avx512vl,avx512dq")))
+#define BF16_INLINE BF16_TARGET __attribute__((always_inline)) static inline
+
+// ap: for each tile of BG_MR rows, Kp = ceil(K/2) pairs x BG_MR dwords: (lo = A[m][2p], hi = A[m][2p+1]) rounded
+// to bf16, zero past M and past K.
+BF16_TARGET static void bg_pack_a_tile(uint32_t *ap, const float *a, int64_t M, int64_t K, bool trans_a,
+                                       int64_t m0) {
+    const int64_t Kp = (K + 1) / 2;
+    const int rows = M - m0 < BG_MR ? (int)(M - m0) : BG_MR;
+    if (trans_a) {  // a [K,M]: rare, scalar
+        for (int64_t p = 0; p < Kp; p++)
+            for (int r = 0; r < BG_MR; r++) {
+                uint32_t lo = 0, hi = 0;
+                if (r < rows) {
+                    lo = (uint32_t)f32_to_bf16(a[(2 * p) * M + m0 + r]);
+                    if (2 * p + 1 < K) hi = (uint32_t)f32_to_bf16(a[(2 * p + 1) * M + m0 + r]);
+                }
+                ap[p * BG_MR + r] = lo | hi << 16;
+            }
+        return;
+    }
+    uint32_t tmp[BG_MR][16] __attribute__((aligned(64)));
+    for (int64_t p0 = 0; p0 < Kp; p0 += 16) {
+        const int np = Kp - p0 < 16 ? (int)(Kp - p0) : 16;
+        const int64_t k0 = 2 * p0, nk = K - k0 < 32 ? K - k0 : 32;
+        const __mmask16 m_lo = nk >= 16 ? 0xffff : (__mmask16)((1u << nk) - 1);
+        const __mmask16 m_hi = nk >= 32 ? 0xffff : nk <= 16 ? 0 : (__mmask16)((1u << (nk - 16)) - 1);
+        for (int r = 0; r < BG_MR; r++) {
+            __m512i v = _mm512_setzero_si512();
+            if (r < rows) {
+                const float *ar = a + (m0 + r) * K + k0;
+                __m512 lo = _mm512_maskz_loadu_ps(m_lo, ar), hi = _mm512_maskz_loadu_ps(m_hi, ar + 16);
+                v = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+            }
+            _mm512_store_si512((__m512i *)tmp[r], v);
+        }
+        for (int q = 0; q < np; q++)
+            for (int r = 0; r < BG_MR; r++) ap[(p0 + q) * BG_MR + r] = tmp[r][q];
+    }
+}
+
+// 16x16 transpose of dwords, in place.
+BF16_INLINE void bg_transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    // each 128-bit lane of r[4i+j] now holds column 4L+j of rows 4i..4i+3: two rounds of lane shuffles
+    for (int i = 0; i < 4; i++) {
+        t[i + 0] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0x88);
+        t[i + 4] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0xdd);
+        t[i + 8] = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0x88);
+        t[i + 12] = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0xdd);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i + 0] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+        r[i + 8] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
+        r[i + 4] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0x88);
+        r[i + 12] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0xdd);
+    }
+}
+
+// One panel of B: columns n0.. n0+BG_NR (zero past N), pairs p0..p0+kcp (zero past K) -> bp[p][BG_NR] dwords.
+BF16_TARGET static void bg_pack_b(uint32_t *bp, const uint16_t *b, int64_t N, int64_t K, bool trans_b, int64_t n0,
+                                  int64_t p0, int64_t kcp) {
+    for (int g = 0; g < BG_NB; g++) {
+        const int64_t c0 = n0 + 16 * g;
+        int64_t q = 0;
+        if (trans_b && c0 + 16 <= N) {  // b [N,K]: the pairs of 16 rows, transposed 16 pairs at a time
+            for (; q + 16 <= kcp && 2 * (p0 + q) + 32 <= K; q += 16) {
+                __m512i r[16];
+                for (int i = 0; i < 16; i++) r[i] = _mm512_loadu_si512(b + (c0 + i) * K + 2 * (p0 + q));
+                bg_transpose16(r);
+                for (int i = 0; i < 16; i++) _mm512_store_si512((__m512i *)(bp + (q + i) * BG_NR + 16 * g), r[i]);
+            }
+        } else if (!trans_b && c0 + 16 <= N) {  // b [K,N]: rows 2p and 2p+1 interleaved
+            for (; q < kcp && 2 * (p0 + q) + 1 < K; q++) {
+                const uint16_t *r0 = b + 2 * (p0 + q) * N + c0;
+                __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)r0));
+                __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(r0 + N)));
+                _mm512_store_si512((__m512i *)(bp + q * BG_NR + 16 * g), _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+            }
+        }
+        for (; q < kcp; q++)  // tails: scalar
+            for (int i = 0; i < 16; i++) {
+                const int64_t n = c0 + i, k = 2 * (p0 + q);
+                uint32_t lo = 0, hi = 0;
+                if (n < N && k < K) {
+                    lo = trans_b ? b[n * K + k] : b[k * N + n];
+                    if (k + 1 < K) hi = trans_b ? b[n * K + k + 1] : b[(k + 1) * N + n];
+                }
+                bp[q * BG_NR + 16 * g + i] = lo | hi << 16;
+            }
+    }
+}
+
+// c[MM rows, BG_NR cols (cols valid)] (+)= alpha ap . bp over kcp pairs; first: alpha acc + beta c + bias.
+BF16_INLINE void bg_tile(float *c, int64_t ldc, const uint32_t *ap, const uint32_t *bp, int64_t kcp, const int MM,
+                         int cols, bool first, float alpha, float beta, const float *bias) {
+    __m512 acc[BG_MR][BG_NB];
+#pragma GCC unroll 16
+    for (int r = 0; r < MM; r++)
+#pragma GCC unroll 4
+        for (int g = 0; g < BG_NB; g++) acc[r][g] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < kcp; p++) {
+        __m512bh bv[BG_NB];
+#pragma GCC unroll 4
+        for (int g = 0; g < BG_NB; g++) bv[g] = (__m512bh)_mm512_load_si512((const __m512i *)(bp + p * BG_NR + 16 * g));
+#pragma GCC unroll 16
+        for (int r = 0; r < MM; r++) {
+            __m512bh av = (__m512bh)_mm512_set1_epi32((int)ap[p * BG_MR + r]);
+#pragma GCC unroll 4
+            for (int g = 0; g < BG_NB; g++) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], av, bv[g]);
+        }
+    }
+    const __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+#pragma GCC unroll 4
+    for (int g = 0; g < BG_NB; g++) {
+        const int left = cols - 16 * g;
+        if (left <= 0) break;
+        const __mmask16 mask = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+        const __m512 bias_v = bias && first ? _mm512_maskz_loadu_ps(mask, bias + 16 * g) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+        for (int r = 0; r < MM; r++) {
+            float *cp = c + r * ldc + 16 * g;
+            __m512 v;
+            if (first) {
+                v = _mm512_add_ps(_mm512_mul_ps(va, acc[r][g]), bias_v);
+                if (beta != 0.0f) v = _mm512_fmadd_ps(vb, _mm512_maskz_loadu_ps(mask, cp), v);
+            } else {
+                v = _mm512_fmadd_ps(va, acc[r][g], _mm512_maskz_loadu_ps(mask, cp));
+            }
+            _mm512_mask_storeu_ps(cp, mask, v);
+        }
+    }
+}
+
+BF16_TARGET static void bg_tiles(float *c, int64_t ldc, const uint32_t *ap, const uint32_t *bp, int64_t kcp,
+                                 int rows, int cols, bool first, float alpha, float beta, const float *bias) {
+    switch (rows) {
+#define BG_CASE(R) case R: bg_tile(c, ldc, ap, bp, kcp, R < BG_MR ? R : BG_MR, cols, first, alpha, beta, bias); break;
+        BG_CASE(1) BG_CASE(2) BG_CASE(3) BG_CASE(4) BG_CASE(5) BG_CASE(6) BG_CASE(7)
+        default: bg_tile(c, ldc, ap, bp, kcp, BG_MR, cols, first, alpha, beta, bias); break;
+#undef BG_CASE
+    }
+}
+
+// c[M,N] = alpha op(a)[M,K] op(b)[K,N] + beta c + bias, with a rounded to bf16; one item of the batch.
+// ap: scratch for ceil(M/BG_MR) * BG_MR * ceil(K/2) dwords; bpbuf: per thread BG_NR * BG_KCP dwords.
+static void bg_gemm(float *c, const float *a, const uint16_t *b, const float *bias, int64_t M, int64_t N, int64_t K,
+                    bool trans_a, bool trans_b, float alpha, float beta, uint32_t *ap, uint32_t *bpbuf) {
+    const int64_t Kp = (K + 1) / 2, mtiles = (M + BG_MR - 1) / BG_MR, panels = (N + BG_NR - 1) / BG_NR;
+#pragma omp parallel
+    {
+#ifdef _OPENMP
+        uint32_t *bp = bpbuf + (int64_t)omp_get_thread_num() * BG_NR * BG_KCP;
+#else
+        uint32_t *bp = bpbuf;
+#endif
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < mtiles; t++) bg_pack_a_tile(ap + t * BG_MR * Kp, a, M, K, trans_a, t * BG_MR);
+#pragma omp for schedule(dynamic, 2)
+        for (int64_t j = 0; j < panels; j++) {
+            const int64_t n0 = j * BG_NR;
+            const int cols = N - n0 < BG_NR ? (int)(N - n0) : BG_NR;
+            for (int64_t p0 = 0; p0 < Kp; p0 += BG_KCP) {
+                const int64_t kcp = Kp - p0 < BG_KCP ? Kp - p0 : BG_KCP;
+                bg_pack_b(bp, b, N, K, trans_b, n0, p0, kcp);
+                for (int64_t t = 0; t < mtiles; t++) {
+                    const int rows = M - t * BG_MR < BG_MR ? (int)(M - t * BG_MR) : BG_MR;
+                    bg_tiles(c + t * BG_MR * N + n0, N, ap + (t * Kp + p0) * BG_MR, bp, kcp, rows, cols, p0 == 0,
+                             alpha, beta, bias ? bias + n0 : NULL);
+                }
+            }
+        }
+    }
+}
+
+// cpu_matmul_lowp for a bf16 b with the bf16 GEMM: the scratch for packed a and the threads' panels, then each
+// item of the batch.
+static Status lowp_bf16_gemm(float *c, const float *a, const uint16_t *b, const float *bias, int64_t batch,
+                             int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, int64_t stride_a,
+                             int64_t stride_b, int64_t stride_c, float alpha, float beta) {
+#ifdef _OPENMP
+    const int threads = omp_get_max_threads();
+#else
+    const int threads = 1;
+#endif
+    const size_t a_bytes = (size_t)((M + BG_MR - 1) / BG_MR * BG_MR) * (size_t)((K + 1) / 2) * 4;
+    const size_t b_bytes = (size_t)threads * BG_NR * BG_KCP * 4;
+    uint32_t *ap = aligned_alloc(64, (a_bytes + 63) / 64 * 64), *bp = aligned_alloc(64, b_bytes);
+    if (!ap || !bp) {
+        free(ap), free(bp);
+        return AGPT_FAIL(AGPT_ERR_OOM, "op_matmul: no memory for the bf16 GEMM's packed operands (%.1f MB)",
+                         (double)(a_bytes + b_bytes) / 1e6);
+    }
+    for (int64_t i = 0; i < batch; i++)
+        bg_gemm(c + i * stride_c, a + i * stride_a, b + i * stride_b, bias, M, N, K, trans_a, trans_b, alpha, beta,
+                ap, bp);
+    free(ap), free(bp);
+    return AGPT_OK;
+}
+#endif
+
+// The switch for the bf16 GEMM: -1 until AGPT_CPU_BF16_GEMM is read (once), then 0 or 1.
+static int bf16_gemm_switch = -1;
+
+static bool bf16_gemm_supported(void) {
+#if HAVE_X86
+    static int supported = -1;
+    if (supported < 0)
+        supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                    __builtin_cpu_supports("avx512bf16");
+    return supported;
+#else
+    return false;
+#endif
+}
+
+bool cpu_set_bf16_gemm(bool on) {
+    __atomic_store_n(&bf16_gemm_switch, on ? 1 : 0, __ATOMIC_RELAXED);
+    return on && bf16_gemm_supported();
+}
+
+#if HAVE_X86
+static bool use_bf16_gemm(void) {
+    int on = __atomic_load_n(&bf16_gemm_switch, __ATOMIC_RELAXED);
+    if (on < 0) {
+        const char *env = getenv("AGPT_CPU_BF16_GEMM");
+        int expected = -1;
+        __atomic_compare_exchange_n(&bf16_gemm_switch, &expected, env && env[0] == '1' ? 1 : 0, false,
+                                    __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+        on = __atomic_load_n(&bf16_gemm_switch, __ATOMIC_RELAXED);
+    }
+    return on == 1 && bf16_gemm_supported();
+}
+#endif
+
 // ---- dispatch --------------------------------------------------------------------------------------------
 
 static void widen(float *dst, const uint16_t *src, int64_t n, bool bf16, bool avx512) {
@@ -278,6 +541,11 @@ Status cpu_matmul_lowp(float *c, const float *a, const void *b, DType b_dtype, c
     const bool bf16 = b_dtype == DT_BF16, avx512 = use_avx512();
     // With one row, a is K contiguous floats whether or not it is transposed.
     const bool gemv = trans_b && M <= LOWP_GEMV_MAX_M && (M == 1 || !trans_a) && K > 0;
+#if HAVE_X86
+    if (bf16 && avx512 && M >= BF16_GEMM_MIN_M && K > 0 && use_bf16_gemm())
+        return lowp_bf16_gemm(c, a, (const uint16_t *)b, bias, batch, M, N, K, trans_a, trans_b, stride_a, stride_b,
+                              stride_c, alpha, beta);
+#endif
     float *buf = NULL;
     int64_t cap = 0;
     if (!gemv && K > 0) {  // per thread: LOWP_BLOCK_ELEMS floats, at least one row of b [N,K] or 256 columns

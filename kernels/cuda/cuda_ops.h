@@ -53,6 +53,12 @@ Status cuda_attention_backward(Engine *e, DType dt, void *dq, void *dk, void *dv
 // Which kernels cuda_attention/cuda_attention_backward use for f16/bf16 with D in {64, 80, 128}: "flash" (the
 // default) or "simple" (environment AGPT_ATTENTION=simple, read once). f32 and other D always use "simple".
 const char *cuda_attention_impl(void);
+// op_attention_decode: q, out [B,1,H,D], k, v [B,S,H,D], lengths i32 [B] on the device. The flash decode where
+// cuda_attention would take it for Tq = 1, else a simple-kernel variant reading the length per sequence; either
+// way the same arithmetic as cuda_attention(causal) over the first lengths[b] keys. No host value depends on the
+// lengths, so a CUDA graph of it stays valid as they change.
+Status cuda_attention_decode(Engine *e, DType dt, void *out, const void *q, const void *k, const void *v,
+                             const int32_t *lengths, int64_t B, int64_t S, int64_t H, int64_t D, float scale);
 
 // ---- fused flash attention on tensor cores (kernels/cuda/flash_attention.cu) ----
 // Same layout and semantics as cuda_attention: f16/bf16 only, D in {64, 80, 128}, every pointer 16-byte aligned;
@@ -60,6 +66,14 @@ const char *cuda_attention_impl(void);
 bool cuda_flash_attention_supported(DType dt, int64_t D, int64_t B, int64_t Tq, int64_t Tk, int64_t H);
 Status cuda_flash_attention(Engine *e, DType dt, void *out, const void *q, const void *k, const void *v, int64_t B,
                             int64_t Tq, int64_t Tk, int64_t H, int64_t D, bool causal, float scale);
+// Decode (one query per sequence) over a cache k, v [B,S,H,D] with per-sequence lengths on the device
+// (lengths i32 [B], clamped to [0,S]): the split-K decode kernels with a grid sized for S, each sequence taking the
+// split count cuda_flash_attention would choose for it alone (B = 1, Tk = its length), so the results are
+// bit-identical to that call; surplus splits exit at once. AGPT_ERR_UNSUPPORTED where the flash kernels do
+// not apply or the partials of all B sequences do not fit the workspace (cuda_attention_decode then takes the
+// simple kernel).
+Status cuda_flash_attention_decode(Engine *e, DType dt, void *out, const void *q, const void *k, const void *v,
+                                   const int32_t *lengths, int64_t B, int64_t S, int64_t H, int64_t D, float scale);
 // The backward keeps 2 * B * H * Tq floats (log-sum-exp, dO.O) in e->workspace; whether they fit:
 bool cuda_flash_attention_backward_fits(Engine *e, int64_t B, int64_t Tq, int64_t H);
 Status cuda_flash_attention_backward(Engine *e, DType dt, void *dq, void *dk, void *dv, const void *dout,
@@ -109,6 +123,14 @@ Status cuda_maxpool2x2(Engine *e, DType dt, void *out, const void *x, int64_t BC
 // they do not fit), then one gather kernel per chunk. ids_host may be reused once the call returns.
 Status cuda_embedding(Engine *e, DType dt, void *out, const void *table, const int32_t *ids_host, int64_t N,
                       int64_t C);
+// The same gather with the ids already on the device (ids_dev i32 [N]); an id outside [0,V) gives a zero row.
+// Launches one kernel and copies nothing, so it can be captured in a CUDA graph.
+Status cuda_embedding_dev(Engine *e, DType dt, void *out, const void *table, const int32_t *ids_dev, int64_t N,
+                          int64_t C, int64_t V);
+// cache[b * max_seq + pos[b]] = rows[b] for b < B (pos i32 [B] on the device); a pos outside [0,max_seq) skips
+// its row. One kernel (kernels/cuda/embedding.cu).
+Status cuda_kv_append(Engine *e, DType dt, void *cache, const void *rows, const int32_t *pos, int64_t B, int64_t C,
+                      int64_t max_seq);
 
 // ---- sampling (kernels/cuda/sample.cu) ----
 // One token from logits [V] on the device with the semantics of cpu_sample (kernels/cpu/cpu_ops.h): one block,
@@ -117,6 +139,16 @@ Status cuda_embedding(Engine *e, DType dt, void *out, const void *table, const i
 // engine's stream. A NaN logit is AGPT_ERR_ARG.
 Status cuda_sample(Engine *e, DType dt, int32_t *token, const void *logits, int64_t V, float temperature,
                    int top_k, float top_p, double uniform, bool greedy);
+
+// ---- losses (kernels/cuda/softmax.cu) ----
+// Fused cross-entropy over logits [rows, V] with host i32 targets (already checked: ignore_index or in [0,V)):
+// the targets go to e->workspace with the per-row f32 losses beside them (chunks of rows when they do not fit),
+// one block per row computes max and sum in one online pass and writes dlogits = grad_scale * (softmax - onehot)
+// (0 on ignored rows) in a second; dlogits may equal logits. With loss_sum the row losses come back and are summed
+// in double in row order (deterministic; synchronises the stream); loss_sum NULL skips that and the wait.
+Status cuda_cross_entropy(Engine *e, DType dt, double *loss_sum, void *dlogits, const void *logits,
+                          const int32_t *targets_host, int64_t rows, int64_t V, int32_t ignore_index,
+                          float grad_scale);
 
 #ifdef __cplusplus
 }

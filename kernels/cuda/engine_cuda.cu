@@ -209,3 +209,21 @@ extern "C" void engine_graph_destroy(void **exec) {
     cudaGraphExecDestroy((cudaGraphExec_t)*exec);
     *exec = NULL;
 }
+
+// kernels/engine.h: a stream-ordered copy, or a memmove on the CPU engine. From page-locked host memory the copy
+// is truly asynchronous, so wait for it: the caller may reuse src at once (pageable src is staged by the runtime).
+extern "C" Status engine_memcpy_async(Engine *e, void *dst, const void *src, size_t bytes) {
+    if (bytes == 0) return AGPT_OK;
+    if (e->device != DEV_CUDA) {
+        memmove(dst, src, bytes);
+        return AGPT_OK;
+    }
+    cudaStream_t s = engine_stream(e);
+    CUDA_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, s));
+    cudaPointerAttributes attr;
+    bool pinned = false;
+    if (cudaPointerGetAttributes(&attr, src) == cudaSuccess) pinned = attr.type == cudaMemoryTypeHost;
+    else (void)cudaGetLastError();  // an unknown host pointer: pageable
+    if (pinned) CUDA_TRY(cudaStreamSynchronize(s));
+    return AGPT_OK;
+}

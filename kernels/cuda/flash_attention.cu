@@ -110,11 +110,13 @@ template <typename T> __device__ __forceinline__ void unpack2(uint32_t u, float 
 __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
     const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
     const int n = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n) : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" :: : "memory"); }
+// The "memory" clobbers keep the compiler from moving shared-memory reads above the wait even where no
+// __syncthreads follows (every wait here is followed by one today).
 template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // Rows [r0, r0 + ROWS) of one head (row stride `ld` elements) into smem rows of D + 8 elements; rows at or past
@@ -370,10 +372,34 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FwdParams p) 
 
 template <int D> constexpr int decode_group() { return D <= 64 ? 8 : 16; }
 
+// Device-side lengths (op_attention_decode, for CUDA graphs replayed at every position): with `lens` non-null,
+// sequence b has Tk = lens[b] keys (clamped to [0, S]) at batch stride S, and takes the split count
+// cuda_flash_attention's host code picks for that sequence alone (B = 1, as the plain decode step calls it):
+// n = min(n0, ceil(Tk / 64), wcap) with n0 = ceil(2 SMs / H) and wcap the splits whose partials (H of them) fit
+// the workspace, then kps = ceil(Tk / n), n = ceil(Tk / kps). The grid is
+// sized for Tk = S (the most any length can ask for); blocks past a sequence's n exit at once and the combine
+// reads only the first n partials, so every number is computed as the host-length launch computes it. An empty
+// sequence (Tk = 0) gets one split over no keys: a zero output.
+__device__ __forceinline__ int decode_splits(int Tk, int n0, int wcap, int &kps) {
+    if (Tk <= 0) {
+        kps = 1;
+        return 1;
+    }
+    int n = min(n0, (Tk + 63) / 64);
+    n = min(n, wcap);
+    kps = (Tk + n - 1) / n;
+    return (Tk + kps - 1) / kps;
+}
+
+struct DecodeLens {
+    const int32_t *lens;  // [B] on the device, or NULL: every sequence has the launch's Tk keys
+    int S, n0, wcap;      // with lens: the cache's positions, and the split-count inputs above
+};
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) flash_decode_kernel(float *part, const T *q, const T *k, const T *v,
                                                                 int Tk, int H, int keys_per_split,
-                                                                float scale_log2) {
+                                                                float scale_log2, const DecodeLens dl) {
     constexpr int G = decode_group<D>(), NG = kThreads / G, U = 4;
     __shared__ float sm_m[NG], sm_l[NG];
     __shared__ float sm_o[NG][D];
@@ -381,6 +407,12 @@ __global__ void __launch_bounds__(kThreads) flash_decode_kernel(float *part, con
     const int grp = threadIdx.x / G, c = threadIdx.x % G;
     const bool active = c * 8 < D;
     const int64_t ld = (int64_t)H * D;
+    int64_t kstride = Tk;  // rows between sequences of k and v
+    if (dl.lens) {
+        Tk = min(max(dl.lens[b], 0), dl.S);
+        kstride = dl.S;
+        if (split >= decode_splits(Tk, dl.n0, dl.wcap, keys_per_split)) return;  // whole block: before any sync
+    }
     const int kbeg = split * keys_per_split, kend = min(Tk, kbeg + keys_per_split);
 
     float qv[8];
@@ -390,7 +422,7 @@ __global__ void __launch_bounds__(kThreads) flash_decode_kernel(float *part, con
 #pragma unroll
         for (int e = 0; e < 8; e++) qv[e] = active ? tmp[e] * scale_log2 : 0.0f;
     }
-    const T *kb = k + ((int64_t)b * Tk * H + h) * D + c * 8, *vb = v + ((int64_t)b * Tk * H + h) * D + c * 8;
+    const T *kb = k + ((int64_t)b * kstride * H + h) * D + c * 8, *vb = v + ((int64_t)b * kstride * H + h) * D + c * 8;
 
     float m = -INFINITY, l = 0.0f, o[8];
 #pragma unroll
@@ -467,9 +499,14 @@ __global__ void __launch_bounds__(kThreads) flash_decode_kernel(float *part, con
 
 // One block per (b, h): merges the splits' partials and writes out[b, 0, h, :].
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) flash_decode_combine_kernel(T *out, const float *part, int H, int nsplit) {
+__global__ void __launch_bounds__(kThreads) flash_decode_combine_kernel(T *out, const float *part, int H, int nsplit,
+                                                                        const DecodeLens dl) {
     const int64_t bh = blockIdx.x;
-    const float *pp = part + bh * nsplit * (D + 2);
+    const float *pp = part + bh * nsplit * (D + 2);  // nsplit: the partials' stride (the decode grid's splits)
+    if (dl.lens) {  // only this sequence's own splits
+        int kps;
+        nsplit = decode_splits(min(max(dl.lens[bh / H], 0), dl.S), dl.n0, dl.wcap, kps);
+    }
     float M = -INFINITY;
     for (int s = 0; s < nsplit; s++) M = fmaxf(M, pp[s * (D + 2) + D]);
     float L = 0.0f;
@@ -762,12 +799,12 @@ Status launch_forward(cudaStream_t s, const FwdParams &p, int B, bool stats) {
 
 template <typename T, int D>
 Status launch_decode(cudaStream_t s, float *part, int nsplit, int kps, void *out, const void *q, const void *k,
-                     const void *v, int B, int Tk, int H, float scale_log2) {
+                     const void *v, int B, int Tk, int H, float scale_log2, const DecodeLens &dl) {
     dim3 grid((unsigned)nsplit, (unsigned)H, (unsigned)B);
     flash_decode_kernel<T, D><<<grid, kThreads, 0, s>>>(part, (const T *)q, (const T *)k, (const T *)v, Tk, H, kps,
-                                                          scale_log2);
+                                                          scale_log2, dl);
     CUDA_LAUNCH_CHECK("flash_decode_kernel");
-    flash_decode_combine_kernel<T, D><<<(unsigned)(B * H), kThreads, 0, s>>>((T *)out, part, H, nsplit);
+    flash_decode_combine_kernel<T, D><<<(unsigned)(B * H), kThreads, 0, s>>>((T *)out, part, H, nsplit, dl);
     CUDA_LAUNCH_CHECK("flash_decode_combine_kernel");
     return AGPT_OK;
 }
@@ -798,8 +835,8 @@ template <typename T> Status forward_t(cudaStream_t s, const FwdParams &p, int B
 }
 template <typename T>
 Status decode_t(cudaStream_t s, float *part, int nsplit, int kps, void *out, const void *q, const void *k,
-                const void *v, int B, int Tk, int H, int D, float scale_log2) {
-    FLASH_D_SWITCH(D, launch_decode, s, part, nsplit, kps, out, q, k, v, B, Tk, H, scale_log2)
+                const void *v, int B, int Tk, int H, int D, float scale_log2, const DecodeLens &dl = DecodeLens{}) {
+    FLASH_D_SWITCH(D, launch_decode, s, part, nsplit, kps, out, q, k, v, B, Tk, H, scale_log2, dl)
 }
 template <typename T> Status backward_t(cudaStream_t s, const BwdParams &p, int B, int D) {
     FLASH_D_SWITCH(D, launch_backward, s, p, B)
@@ -863,6 +900,37 @@ extern "C" Status cuda_flash_attention(Engine *e, DType dt, void *out, const voi
     p.scale_log2 = scale_log2;
     return dt == DT_F16 ? forward_t<__half>(s, p, (int)B, (int)D, false)
                         : forward_t<__nv_bfloat16>(s, p, (int)B, (int)D, false);
+}
+
+extern "C" Status cuda_flash_attention_decode(Engine *e, DType dt, void *out, const void *q, const void *k,
+                                              const void *v, const int32_t *lengths, int64_t B, int64_t S, int64_t H,
+                                              int64_t D, float scale) {
+    AGPT_TRY(flash_check("cuda_flash_attention_decode", dt, B, 1, S, H, D, {out, q, k, v}));
+    AGPT_CHECK_ARG(lengths != NULL, "cuda_flash_attention_decode: lengths are missing");
+    if (B == 0 || H == 0) return AGPT_OK;
+    // The split choice cuda_flash_attention makes for one sequence (the plain decode step attends one sequence
+    // at a time: B = 1, so B*H = H), taken for Tk = S for the grid and per sequence in the kernels. The partials
+    // of all B sequences share the workspace at once.
+    const int64_t n0 = (2 * sm_count() + H - 1) / H;
+    const int64_t per = H * (D + 2) * (int64_t)sizeof(float);  // one sequence's partials per split
+    const int64_t wcap = (int64_t)e->workspace_bytes / per;
+    int64_t grid = n0 < (S + 63) / 64 ? n0 : (S + 63) / 64;
+    if (grid > wcap) grid = wcap;
+    if (S < 1 || grid < 1 || grid > 65535 || B * grid * per > (int64_t)e->workspace_bytes)
+        return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "cuda_flash_attention_decode: the partials of %lld sequences x %lld "
+                         "heads x %lld splits do not fit the %zu-byte workspace", (long long)B, (long long)H,
+                         (long long)grid, e->workspace_bytes);
+    DecodeLens dl;
+    dl.lens = lengths;
+    dl.S = (int)S;
+    dl.n0 = (int)(n0 < 65535 ? n0 : 65535);  // larger n0 never wins: the grid is at most 65535
+    dl.wcap = (int)(wcap < 65535 ? wcap : 65535);
+    const float scale_log2 = scale * kLog2e;
+    cudaStream_t s = engine_stream(e);
+    return dt == DT_F16 ? decode_t<__half>(s, (float *)e->workspace, (int)grid, 1, out, q, k, v, (int)B, (int)S,
+                                           (int)H, (int)D, scale_log2, dl)
+                        : decode_t<__nv_bfloat16>(s, (float *)e->workspace, (int)grid, 1, out, q, k, v, (int)B,
+                                                  (int)S, (int)H, (int)D, scale_log2, dl);
 }
 
 extern "C" bool cuda_flash_attention_backward_fits(Engine *e, int64_t B, int64_t Tq, int64_t H) {
