@@ -42,6 +42,12 @@ int cli_engine_option(int argc, char **argv, int *i, const char *cmd, Device *de
     return 1;
 }
 
+bool cli_has_option(int argc, char **argv, const char *name) {
+    for (int i = 1; i < argc; i++)
+        if (strcmp(argv[i], name) == 0) return true;
+    return false;
+}
+
 int cli_sampling_option(int argc, char **argv, int *i, const char *cmd, SamplerConfig *cfg) {
     const char *a = argv[*i], *v;
     if (!strcmp(a, "--greedy")) {

@@ -1,5 +1,6 @@
 // The agpt command: one binary, one function per subcommand. Only this layer prints errors and exits.
 #pragma once
+#include <stdbool.h>
 #include "model/sampler.h"
 #include "runtime/status.h"
 #include "runtime/tensor.h"
@@ -21,4 +22,6 @@ const char *cli_value(int argc, char **argv, int *i, const char *cmd);
 //   engine:   --device cpu|cuda, --dtype f32|f16|bf16, --threads N
 //   sampling: --greedy, --temperature T, --top-p P, --top-k K, --seed S
 int cli_engine_option(int argc, char **argv, int *i, const char *cmd, Device *device, DType *dtype, int *threads);
+// Whether argv holds the option `name` (e.g. to tell a default dtype from one the user gave).
+bool cli_has_option(int argc, char **argv, const char *name);
 int cli_sampling_option(int argc, char **argv, int *i, const char *cmd, SamplerConfig *cfg);
