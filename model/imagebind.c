@@ -30,15 +30,15 @@ static Status load_blocks(WeightStore *w, const char *trunk, int layers, int C, 
         Status s = AGPT_OK;
         if (!s) s = weights_loadf(w, 1, SHAPE(C), &b[i].norm_1_w, "%s.norm_1.weight", p);
         if (!s) s = weights_loadf(w, 1, SHAPE(C), &b[i].norm_1_b, "%s.norm_1.bias", p);
-        if (!s) s = weights_loadf(w, 2, SHAPE(3 * C, C), &b[i].in_proj_w, "%s.attn.in_proj_weight", p);
+        if (!s) s = weights_loadf_matrix(w, 2, SHAPE(3 * C, C), &b[i].in_proj_w, "%s.attn.in_proj_weight", p);
         if (!s) s = weights_loadf(w, 1, SHAPE(3 * C), &b[i].in_proj_b, "%s.attn.in_proj_bias", p);
-        if (!s) s = weights_loadf(w, 2, SHAPE(C, C), &b[i].out_proj_w, "%s.attn.out_proj.weight", p);
+        if (!s) s = weights_loadf_matrix(w, 2, SHAPE(C, C), &b[i].out_proj_w, "%s.attn.out_proj.weight", p);
         if (!s) s = weights_loadf(w, 1, SHAPE(C), &b[i].out_proj_b, "%s.attn.out_proj.bias", p);
         if (!s) s = weights_loadf(w, 1, SHAPE(C), &b[i].norm_2_w, "%s.norm_2.weight", p);
         if (!s) s = weights_loadf(w, 1, SHAPE(C), &b[i].norm_2_b, "%s.norm_2.bias", p);
-        if (!s) s = weights_loadf(w, 2, SHAPE(mlp, C), &b[i].fc1_w, "%s.mlp.fc1.weight", p);
+        if (!s) s = weights_loadf_matrix(w, 2, SHAPE(mlp, C), &b[i].fc1_w, "%s.mlp.fc1.weight", p);
         if (!s) s = weights_loadf(w, 1, SHAPE(mlp), &b[i].fc1_b, "%s.mlp.fc1.bias", p);
-        if (!s) s = weights_loadf(w, 2, SHAPE(C, mlp), &b[i].fc2_w, "%s.mlp.fc2.weight", p);
+        if (!s) s = weights_loadf_matrix(w, 2, SHAPE(C, mlp), &b[i].fc2_w, "%s.mlp.fc2.weight", p);
         if (!s) s = weights_loadf(w, 1, SHAPE(C), &b[i].fc2_b, "%s.mlp.fc2.bias", p);
         if (s) {
             free(b);
@@ -344,15 +344,25 @@ Status text_forward(Engine *e, const TextEncoder *t, Arena *arena, const int32_t
 // ---------------------------------------------------------------------------------------------------------
 // Random weights at any size, for benchmarks: the same structures as a loaded model, without a file.
 
-static Status random_tensor(WeightStore *w, Rng *rng, float scale, float offset, int ndim, const int64_t *shape,
-                            Tensor *out) {
+static Status random_values(WeightStore *w, Rng *rng, float scale, float offset, int ndim, const int64_t *shape,
+                             Tensor *out, bool matrix) {
     Tensor t = tensor_make(NULL, DT_F32, DEV_CPU, ndim, shape);
     float *host = NULL;
     AGPT_TRY(mem_host_alloc(tensor_nbytes(&t), (void **)&host));
     rng_fill_normal(rng, host, (size_t)tensor_numel(&t), offset, scale);
-    Status s = weights_upload(w, host, ndim, shape, out);
+    Status s = matrix ? weights_upload_matrix(w, host, ndim, shape, out) : weights_upload(w, host, ndim, shape, out);
     mem_host_free(host);
     return s;
+}
+
+static Status random_tensor(WeightStore *w, Rng *rng, float scale, float offset, int ndim, const int64_t *shape,
+                            Tensor *out) {
+    return random_values(w, rng, scale, offset, ndim, shape, out, false);
+}
+
+// A block's weight matrix: kept in the store's CPU matrix dtype (weights_set_matrix_dtype), as loaded ones are.
+static Status random_matrix(WeightStore *w, Rng *rng, float scale, int64_t rows, int64_t cols, Tensor *out) {
+    return random_values(w, rng, scale, 0, 2, (const int64_t[]){rows, cols}, out, true);
 }
 
 Status vision_init_random(VisionEncoder *v, WeightStore *w, int width, int heads, int layers, int mlp, int patch,
@@ -377,15 +387,15 @@ Status vision_init_random(VisionEncoder *v, WeightStore *w, int width, int heads
         VitBlockWeights *b = &v->blocks[i];
         AGPT_TRY(random_tensor(w, &rng, 0.02f, 1, 1, SHAPE(C), &b->norm_1_w));
         AGPT_TRY(random_tensor(w, &rng, 0.02f, 0, 1, SHAPE(C), &b->norm_1_b));
-        AGPT_TRY(random_tensor(w, &rng, wc, 0, 2, SHAPE(3 * C, C), &b->in_proj_w));
+        AGPT_TRY(random_matrix(w, &rng, wc, 3 * C, C, &b->in_proj_w));
         AGPT_TRY(random_tensor(w, &rng, 0.02f, 0, 1, SHAPE(3 * C), &b->in_proj_b));
-        AGPT_TRY(random_tensor(w, &rng, wc, 0, 2, SHAPE(C, C), &b->out_proj_w));
+        AGPT_TRY(random_matrix(w, &rng, wc, C, C, &b->out_proj_w));
         AGPT_TRY(random_tensor(w, &rng, 0.02f, 0, 1, SHAPE(C), &b->out_proj_b));
         AGPT_TRY(random_tensor(w, &rng, 0.02f, 1, 1, SHAPE(C), &b->norm_2_w));
         AGPT_TRY(random_tensor(w, &rng, 0.02f, 0, 1, SHAPE(C), &b->norm_2_b));
-        AGPT_TRY(random_tensor(w, &rng, wc, 0, 2, SHAPE(mlp, C), &b->fc1_w));
+        AGPT_TRY(random_matrix(w, &rng, wc, mlp, C, &b->fc1_w));
         AGPT_TRY(random_tensor(w, &rng, 0.02f, 0, 1, SHAPE(mlp), &b->fc1_b));
-        AGPT_TRY(random_tensor(w, &rng, wm, 0, 2, SHAPE(C, mlp), &b->fc2_w));
+        AGPT_TRY(random_matrix(w, &rng, wm, C, mlp, &b->fc2_w));
         AGPT_TRY(random_tensor(w, &rng, 0.02f, 0, 1, SHAPE(C), &b->fc2_b));
     }
     AGPT_TRY(random_tensor(w, &rng, 0.02f, 1, 1, SHAPE(C), &v->head_ln_w));

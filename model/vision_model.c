@@ -35,6 +35,10 @@ Status vision_model_open(VisionModel *m, Engine *e, const char *path, const char
     m->weights.file_name = path;  // messages about the model as a whole name the model file
     for (int i = 1; i < m->n_files && s == AGPT_OK; i++)
         s = weights_add_file(&m->weights, m->files[i], i < n_overlays ? overlays[i] : path);
+    // On the CPU a bf16/f16 dtype keeps the encoders' block matrices in it (f32 arithmetic): half the memory, and
+    // with the CPU's bf16 GEMM switched on, about twice the speed.
+    if (s == AGPT_OK && e->device == DEV_CPU && (dtype == DT_BF16 || dtype == DT_F16))
+        s = weights_set_matrix_dtype(&m->weights, dtype);
     if (s == AGPT_OK) s = vision_load(&m->vision, &m->weights);
     if (s == AGPT_OK) s = decoder_load(&m->decoder, &m->weights);
     if (s == AGPT_OK && m->decoder.in_dim != m->vision.block.dim)

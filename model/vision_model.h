@@ -41,7 +41,8 @@ typedef struct VisionModel {
 } VisionModel;
 
 // Opens `path` (and optional layered files searched first, e.g. trained deltas), loads the vision encoder and
-// decoder, and the text encoder when present. dtype is the device compute dtype (ignored on the CPU: f32).
+// decoder, and the text encoder when present. dtype is the device compute dtype; on the CPU, bf16 or f16 keeps
+// the encoders' block matrices in that dtype (f32 arithmetic) and f32 keeps everything in f32.
 Status vision_model_open(VisionModel *m, Engine *e, const char *path, const char *const *overlays, int n_overlays,
                          DType dtype, int max_batch);
 void vision_model_close(VisionModel *m);

@@ -60,11 +60,11 @@ if convert_all "$tmp/model16.safetensors" f16 >"$tmp/convert16.log" 2>&1; then o
     --out "$tmp/f16" "$(meta case0.image)" >"$tmp/f16.jsonl" 2>"$tmp/f16.err" && ok || { bad "detect f16"; cat "$tmp/f16.err"; }
 "$check_tool" map "$golden" case0.map "$tmp/f16/query.map.safetensors" 2e-2 && ok || bad "f16 map"
 
-# On the CPU, --dtype bf16 keeps the LLM's matrices in bf16 (half the memory); the vision side, hence the map,
-# is unchanged.
+# On the CPU, --dtype bf16 keeps the weight matrices of the encoders and the LLM in bf16 (half the memory; f32
+# arithmetic). The small model's ImageBind weights happen to be bf16-exact, so the map stays close to the golden.
 "$agpt" detect --device cpu --dtype bf16 --model "$tmp/model.safetensors" --prompt "$(meta case0.prompt)" --max-new 8 \
     --out "$tmp/bf16" "$(meta case0.image)" >"$tmp/bf16.jsonl" 2>"$tmp/bf16.err" &&
-    "$check_tool" map "$golden" case0.map "$tmp/bf16/query.map.safetensors" 1e-5 && grep -q '"answer"' "$tmp/bf16.jsonl" &&
+    "$check_tool" map "$golden" case0.map "$tmp/bf16/query.map.safetensors" 1e-3 && grep -q '"answer"' "$tmp/bf16.jsonl" &&
     ok || { bad "detect --dtype bf16 on the CPU"; cat "$tmp/bf16.err"; }
 
 # A partial conversion: the AnomalyGPT checkpoint alone, layered over a model converted without it.

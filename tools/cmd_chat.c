@@ -32,7 +32,7 @@ static void usage(FILE *f) {
             "  --context N      tokens the conversation may hold: prompt, history and answer (default 2048)\n"
             "  --squash         resize to 224x224 ignoring the aspect ratio (the web demo's path)\n"
             "  --device cpu|cuda, --dtype f32|f16|bf16 (cuda: the compute dtype, default f16 as the reference; cpu:\n"
-            "                   bf16/f16 keep the LLM's weight matrices in it, half the memory; default f32), --threads N\n"
+            "                   bf16/f16 keep the weight matrices in it, half the memory; default f32), --threads N\n"
             "\n"
             "Type a question and press enter. Commands:\n");
     commands(f);
@@ -215,7 +215,7 @@ int cmd_chat(int argc, char **argv) {
     c.greedy = scfg.greedy;
     c.max_new = max_new;
     Engine eng;
-    // On the CPU the default is f32 throughout; an explicit --dtype bf16|f16 keeps the LLM's matrices in it.
+    // On the CPU the default is f32 throughout; an explicit --dtype bf16|f16 keeps the weight matrices in it.
     if (dev == DEV_CPU && !cli_has_option(argc, argv, "--dtype")) dt = DT_F32;
     Status s = engine_create(&eng, dev, 0, threads, 1);
     if (s) return cli_report("chat", s);

@@ -55,7 +55,7 @@ static void usage(FILE *f) {
             "                   each line's ms (vision, prefill, generate, total) is its batch's time divided by the\n"
             "                   batch's size (decode_image is its own)\n"
             "  --device cpu|cuda, --dtype f32|f16|bf16 (cuda: the compute dtype, default f16; cpu: bf16/f16 keep the\n"
-            "                   LLM's weight matrices in it, half the memory; default f32), --threads N\n"
+            "                   weight matrices in it, half the memory; default f32), --threads N\n"
             "Folders are walked recursively for .png, .jpg and .jpeg files, in name order.\n"
             "Exit status: 0 every image processed, 1 some failed or the model did not load, 2 usage.\n");
 }
@@ -431,7 +431,7 @@ int cmd_detect(int argc, char **argv) {
     else snprintf(question, sizeof question, "Is there any anomaly in the image?");
 
     Engine eng;
-    // On the CPU the default is f32 throughout; an explicit --dtype bf16|f16 keeps the LLM's matrices in it.
+    // On the CPU the default is f32 throughout; an explicit --dtype bf16|f16 keeps the weight matrices in it.
     if (dev == DEV_CPU && !cli_has_option(argc, argv, "--dtype")) dt = DT_F32;
     if ((s = engine_create(&eng, dev, 0, threads, 1))) {
         list_free(&images);

@@ -38,7 +38,7 @@ static void usage(FILE *f) {
             "  --fuse-text-map  with references: the mean of the few-shot and zero-shot maps (off: the reference)\n"
             "  --rotate-references  also use each reference turned 90/180/270 degrees (off: the reference)\n"
             "  --device cpu|cuda, --dtype f32|f16|bf16 (cuda: the compute dtype, default f16 as the reference; cpu:\n"
-            "                   bf16/f16 keep the LLM's weight matrices in it, half the memory; default f32), --threads N\n"
+            "                   bf16/f16 keep the weight matrices in it, half the memory; default f32), --threads N\n"
             "  -o, --out DIR    where heatmaps and raw maps go (created if missing)\n"
             "  --ask \"TEXT\"     also answer this question about each image (loads the LLM); the\n"
             "                   zero-shot map then uses the class the question names, as the reference does\n"
@@ -93,7 +93,7 @@ int cmd_map(int argc, char **argv) {
     if (s) return cli_report("map", s);
 
     Engine eng;
-    // On the CPU the default is f32 throughout; an explicit --dtype bf16|f16 keeps the LLM's matrices in it.
+    // On the CPU the default is f32 throughout; an explicit --dtype bf16|f16 keeps the weight matrices in it.
     if (dev == DEV_CPU && !cli_has_option(argc, argv, "--dtype")) dt = DT_F32;
     if ((s = engine_create(&eng, dev, 0, threads, 1))) return cli_report("map", s);
     static AnomalyGPT agpt;  // with --ask: the whole model; its .vision is the VisionModel used below
