@@ -52,11 +52,9 @@ Status anomalygpt_open_batch(AnomalyGPT *a, Engine *e, const char *model, const 
     // A batch of 8 (at least) lets up to 8 normal references go through the encoder together.
     AGPT_TRY(vision_model_open(&a->vision, e, model, overlays, n_overlays, dtype, max_batch > 8 ? max_batch : 8));
     WeightStore *w = &a->vision.weights;
-    // On the CPU a bf16/f16 dtype keeps the LLM's weight matrices in it (computing in f32): 7B then needs 13.5 GB
-    // instead of 27. The vision encoder stays f32.
-    Status s = AGPT_OK;
-    if (e->device == DEV_CPU && (dtype == DT_BF16 || dtype == DT_F16)) s = weights_set_matrix_dtype(w, dtype);
-    if (s == AGPT_OK) s = llama_load(&a->llm, w);
+    // On the CPU a bf16/f16 dtype keeps the weight matrices in it (computing in f32): vision_model_open has set
+    // the store's matrix dtype, so the LLM's load the same way (7B then needs 13.5 GB instead of 27).
+    Status s = llama_load(&a->llm, w);
     if (s == AGPT_OK) s = prompt_learner_load(&a->prompts, w);
     if (s == AGPT_OK) s = llama_proj_load(&a->proj, w);
     if (s == AGPT_OK && (a->prompts.dim != a->llm.block.dim || a->proj.out_dim != a->llm.block.dim ||
@@ -423,7 +421,10 @@ Status anomalygpt_ask(AnomalyGPT *a, const Image *image, const ConversationTurn 
         }
     }
     free(logits);
-    AGPT_TRY(s);
+    if (s != AGPT_OK) {
+        a->cached_len = 0;  // a failed step empties the cache: the next turn must not count on its rows
+        return s;
+    }
     out->decode_ms = 1e3 * (timer_now_s() - t1) - out->prefill_ms;
     return answer_text(a, out);
 }
@@ -468,8 +469,8 @@ static Status ask_batch_slice(AnomalyGPT *a, const Image *images, int n, const c
             Tensor cls = vision_embedding_row(v, j), rows = tensor_rows_view(&packed, off, a->max_seq);
             s = assemble_input(a, map, &cls, texts[i], &rows, &lengths[i]);
             if (s == AGPT_OK && lengths[i] + max_new - 1 > a->max_seq)
-                s = AGPT_FAIL(AGPT_ERR_ARG, "image %d: the prompt (%d tokens) and %d new tokens do not fit the "
-                              "context of %d", i, lengths[i], max_new, a->max_seq);
+                s = AGPT_FAIL(AGPT_ERR_ARG, "a prompt of %d tokens and %d new tokens do not fit the context of %d",
+                              lengths[i], max_new, a->max_seq);
             out[i].prefix_tokens = lengths[i];
             off += lengths[i];
         }

@@ -42,7 +42,7 @@ typedef struct AnomalyGPT {
 
 // Opens the model (and layered files), loads every part; the SentencePiece model comes from tokenizer_path,
 // or, when it is NULL, from the model file (model_file.h). dtype is the CUDA compute dtype; on the CPU, bf16 or
-// f16 keeps the LLM's weight matrices in that dtype (f32 arithmetic), f32 keeps everything in f32.
+// f16 keeps the weight matrices (encoder blocks and LLM) in that dtype (f32 arithmetic), f32 keeps all in f32.
 Status anomalygpt_open(AnomalyGPT *a, Engine *e, const char *model, const char *const *overlays, int n_overlays,
                        const char *tokenizer_path, DType dtype, int max_seq);
 // The same with room for batches: the KV cache holds max_batch sequences of max_seq tokens, the arena max_batch

@@ -1,5 +1,6 @@
 #include "model/llama.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -152,6 +153,9 @@ Status llama_config_read(const WeightStore *w, LlamaBlockConfig *block, int *lay
     if (V < 1 || C < 1)
         return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: tensor '%s' is missing; is this a LLaMA model file (HF names)?",
                          w->file_name, emb);
+    if (V > INT_MAX / 2 || C > 1 << 20 || I > 1 << 22)
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: LLaMA sizes %lld x %lld (MLP %lld) are beyond what agpt handles",
+                         w->file_name, (long long)V, (long long)C, (long long)I);
     if (I < 1)
         return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: tensor 'model.layers.0.mlp.gate_proj.weight' is missing; no LLaMA "
                          "layers in this file", w->file_name);
