@@ -98,6 +98,11 @@ timeout 180 build-gpu/agpt bench llama --device cuda --dtype bf16 --batch 1 --ba
     --json "$out/agpt-llama.json" 2>&1 | tee "$out/agpt-llama.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
+step "agpt bench llama with decode through one captured CUDA graph per batch size (--graph)"
+timeout 180 build-gpu/agpt bench llama --device cuda --dtype bf16 --batch 1 --batch 32 --graph \
+    --json "$out/agpt-llama-graph.json" 2>&1 | tee "$out/agpt-llama-graph.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
 step "PyTorch peer: LLaMA-7B shapes, HF LlamaForCausalLM (bf16)"
 PYTHONUNBUFFERED=1 timeout 180 python3 bench/peers/torch_llama.py --device cuda --dtype bf16 --batch 1 --batch 32 \
     --json "$out/torch-llama.json" 2>&1 | tee "$out/torch-llama.txt"
