@@ -4,8 +4,11 @@
 #     bash tools/gpu-check.sh            (results under $OUT, or bench/results/local without it)
 # Builds for sm_86 and sm_90, runs the gpu-labelled tests and the golden tests (which rerun on CUDA when a
 # device exists), runs `agpt bench ops` and the PyTorch peer on the same GPU, and prints the ratio table last.
-# Aim: under 8 minutes.
+# The whole run may pass one 10-minute device call: then run GPU_CHECK_PART=tests, then GPU_CHECK_PART=bench.
 set -uo pipefail
+# GPU_CHECK_PART=tests or bench runs one half (each fits one 10-minute device call; the build is kept between
+# calls on the device machine); the default runs everything.
+part=${GPU_CHECK_PART:-all}
 root=$(cd "$(dirname "$0")/.." && pwd)
 out=${OUT:-$root/bench/results/local}
 mkdir -p "$out"
@@ -45,6 +48,7 @@ cmake -S . -B build-gpu $gen -DCMAKE_BUILD_TYPE=Release -DAGPT_CUDA=ON -DAGPT_CU
 cmake --build build-gpu -j 16 2>&1 | tee "$out/build.log" | grep -E "error|warning" | head -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "build failed"; tail -40 "$out/build.log"; exit 1; }
 
+if [ "$part" != bench ]; then  # tests
 step "tests: gpu and golden"
 (cd build-gpu && timeout 240 ctest -L "gpu|golden" --output-on-failure 2>&1) | tee "$out/ctest-gpu.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
@@ -75,6 +79,8 @@ else
     echo "skipped: no tokenizer on this machine (tools/gpu-prepare.sh copies it into .gpu-deps)"
 fi
 
+fi  # tests
+if [ "$part" != tests ]; then  # benches
 step "agpt bench ops (cuda, bf16)"
 timeout 120 build-gpu/agpt bench ops --device cuda --dtype bf16 --json "$out/agpt-ops.json" 2>&1 | tee "$out/agpt-ops.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
@@ -122,6 +128,8 @@ else
     echo "skipped: no llama-tokenizer.model (tools/gpu-prepare.sh copies it into .gpu-deps; the prompt needs real ids)"
 fi
 
+
+fi  # benches
 step "ratios (speedup > 1: agpt faster)"
 if [ -f "$out/agpt-ops.json" ] && [ -f "$out/torch-ops.json" ]; then
     python3 bench/compare.py "$out/agpt-ops.json" "$out/torch-ops.json" --md "$out/ops-table.md"
