@@ -40,3 +40,10 @@ Status engine_synchronize(Engine *e) {
     (void)e;
     return AGPT_OK;
 }
+
+Status engine_copy(Engine *e, Tensor *dst, const Tensor *src) {
+    if (e->device != DEV_CPU) AGPT_TRY(engine_synchronize(e));
+    AGPT_TRY(tensor_copy(dst, src));
+    if (e->device != DEV_CPU) AGPT_TRY(cuda_synchronize());
+    return AGPT_OK;
+}

@@ -23,6 +23,9 @@ typedef struct Engine {
 Status engine_create(Engine *e, Device device, int gpu_index, int num_threads, unsigned long long seed);
 void engine_destroy(Engine *e);
 Status engine_synchronize(Engine *e);
+// tensor_copy ordered with the engine's work: the engine's stream finishes before the copy and the copy before
+// the next op, so neither side reads half-written data (host <-> device copies of inputs, positions, logits).
+Status engine_copy(Engine *e, Tensor *dst, const Tensor *src);
 
 #ifdef AGPT_WITH_CUDA
 // Implemented in kernels/cuda/engine_cuda.cu.

@@ -13,14 +13,6 @@
 
 static size_t padded(size_t bytes) { return (bytes + AGPT_ALIGN - 1) / AGPT_ALIGN * AGPT_ALIGN; }
 
-// tensor_copy runs on the legacy stream while the ops run on the engine's non-blocking stream: finish the
-// stream's work before the copy and the copy before the next op, so neither reads half-written data.
-static Status copy_ordered(Engine *e, Tensor *dst, const Tensor *src) {
-    if (e->device != DEV_CPU) AGPT_TRY(engine_synchronize(e));
-    AGPT_TRY(tensor_copy(dst, src));
-    if (e->device != DEV_CPU) AGPT_TRY(cuda_synchronize());
-    return AGPT_OK;
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // Loading and the LoRA merge
@@ -54,7 +46,7 @@ static Status upload_to_arena(Engine *e, Arena *arena, DType dt, const float *ho
     if (convert_host(staging, dt, host, DT_F32, n) != 0)
         return AGPT_FAIL(AGPT_ERR_FORMAT, "cannot convert LoRA factors to %s", dtype_name(dt));
     Tensor h = tensor_2d(staging, dt, DEV_CPU, rows, cols);
-    return copy_ordered(e, out, &h);
+    return engine_copy(e, out, &h);
 }
 
 // W += (alpha / r) * B @ A for one projection, computed on the device by op_matmul (fp32 accumulation).
@@ -314,13 +306,29 @@ static Status forward_ops(Engine *e, const Llama *m, KvCache *c, const int *lens
 // at rows off_b.. (off_b the sum of the lengths before it, packed; equal lengths give rows b*Tn + t), at
 // positions c->seq_pos[b].., appending their keys and values to the cache, and writes the logits of each
 // sequence's last token to logits [batch, V]. (Decode steps with KvCache.use_graph take decode_device_state.)
+// The rest of layer l once the attention output is in att: o_proj, x += it with the post-attention RMSNorm in
+// one pass, the SwiGLU MLP, and x += its output fused with the next layer's input RMSNorm into n (the last layer
+// only adds). Exactly op_add then op_rmsnorm in each fused step. tmp, gate, up, act are scratch.
+static Status layer_tail(Engine *e, const Llama *m, int l, Tensor *x, Tensor *n, const Tensor *att, Tensor *tmp,
+                         Tensor *gate, Tensor *up, Tensor *act) {
+    const LlamaBlockWeights *w = &m->layer[l];
+    AGPT_TRY(op_linear(e, tmp, att, &w->wo, NULL));
+    AGPT_TRY(op_add_rmsnorm(e, x, n, NULL, x, tmp, &w->post_norm, m->block.eps));
+    AGPT_TRY(op_linear(e, gate, n, &w->w_gate, NULL));
+    AGPT_TRY(op_linear(e, up, n, &w->w_up, NULL));
+    AGPT_TRY(op_swiglu(e, act, gate, up));
+    AGPT_TRY(op_linear(e, tmp, act, &w->w_down, NULL));
+    if (l + 1 < m->layers) return op_add_rmsnorm(e, x, n, NULL, x, tmp, &m->layer[l + 1].input_norm, m->block.eps);
+    return op_add(e, x, x, tmp);
+}
+
 static Status forward_tokens(Engine *e, const Llama *m, KvCache *c, const int *lens, int Tn, Tensor *logits) {
     int64_t rows = 0;
     for (int b = 0; b < c->batch; b++)
         for (int t = 0; t < (lens ? lens[b] : Tn); t++) c->host_positions[rows++] = c->seq_pos[b] + t;
     Tensor hp = tensor_1d(c->host_positions, DT_I32, DEV_CPU, rows);
     Tensor positions = tensor_1d(c->positions.data, DT_I32, e->device, rows);
-    AGPT_TRY(copy_ordered(e, &positions, &hp));
+    AGPT_TRY(engine_copy(e, &positions, &hp));
     return forward_ops(e, m, c, lens, Tn, rows, &positions, logits);
 }
 
@@ -363,17 +371,7 @@ static Status forward_ops(Engine *e, const Llama *m, KvCache *c, const int *lens
             Tensor k4 = as4(&kall, 1, pos + Tb, H, D), v4 = as4(&vall, 1, pos + Tb, H, D);
             AGPT_TRY(op_attention(e, &ab4, &qb4, &k4, &v4, true, scale));
         }
-        AGPT_TRY(op_linear(e, &tmp, &att, &w->wo, NULL));
-        // MLP; x += tmp and its RMSNorm in one pass (exactly op_add then op_rmsnorm)
-        AGPT_TRY(op_add_rmsnorm(e, &x, &n, NULL, &x, &tmp, &w->post_norm, m->block.eps));
-        AGPT_TRY(op_linear(e, &gate, &n, &w->w_gate, NULL));
-        AGPT_TRY(op_linear(e, &up, &n, &w->w_up, NULL));
-        AGPT_TRY(op_swiglu(e, &act, &gate, &up));
-        AGPT_TRY(op_linear(e, &tmp, &act, &w->w_down, NULL));
-        if (l + 1 < m->layers)  // x += tmp, fused with the next layer's input RMSNorm
-            AGPT_TRY(op_add_rmsnorm(e, &x, &n, NULL, &x, &tmp, &m->layer[l + 1].input_norm, m->block.eps));
-        else
-            AGPT_TRY(op_add(e, &x, &x, &tmp));
+        AGPT_TRY(layer_tail(e, m, l, &x, &n, &att, &tmp, &gate, &up, &act));
     }
     c->pos = 0;
     for (int b = 0; b < B; b++) {
@@ -423,7 +421,7 @@ Status llama_prefill(Engine *e, const Llama *m, KvCache *c, const Tensor *embeds
     cache_reset(c);
     c->batch = B;
     Tensor x = rows_of(&c->x, 0, (int64_t)B * T);
-    Status s = copy_ordered(e, &x, embeds);
+    Status s = engine_copy(e, &x, embeds);
     if (s != AGPT_OK) {
         cache_reset(c);
         return s;
@@ -451,7 +449,7 @@ Status llama_prefill_varlen(Engine *e, const Llama *m, KvCache *c, const Tensor 
     cache_reset(c);
     c->batch = B;
     Tensor x = rows_of(&c->x, 0, total);
-    Status s = copy_ordered(e, &x, embeds);
+    Status s = engine_copy(e, &x, embeds);
     if (s == AGPT_OK) s = forward_tokens(e, m, c, lengths, 0, logits_last);
     if (s != AGPT_OK) cache_reset(c);
     return s;
@@ -471,7 +469,7 @@ Status llama_extend(Engine *e, const Llama *m, KvCache *c, int keep, const Tenso
     AGPT_TRY(check_logits(m, c, logits_last, 1, "llama_extend"));
     c->pos = c->seq_pos[0] = keep;  // the positions after `keep` are overwritten
     Tensor x = rows_of(&c->x, 0, T);
-    AGPT_TRY(copy_ordered(e, &x, embeds));
+    AGPT_TRY(engine_copy(e, &x, embeds));
     return forward_equal(e, m, c, T, logits_last);
 }
 
@@ -527,16 +525,7 @@ static Status decode_ops(Engine *e, const Llama *m, KvCache *c, Tensor *logits) 
         Tensor kc = tensor_4d(c->k[l].data, c->k[l].dtype, e->device, B, maxT, H, D);
         Tensor vc = tensor_4d(c->v[l].data, c->v[l].dtype, e->device, B, maxT, H, D);
         AGPT_TRY(op_attention_decode(e, &ad, &qd, &kc, &vc, &len, scale));
-        AGPT_TRY(op_linear(e, &tmp, &att, &w->wo, NULL));
-        AGPT_TRY(op_add_rmsnorm(e, &x, &n, NULL, &x, &tmp, &w->post_norm, m->block.eps));
-        AGPT_TRY(op_linear(e, &gate, &n, &w->w_gate, NULL));
-        AGPT_TRY(op_linear(e, &up, &n, &w->w_up, NULL));
-        AGPT_TRY(op_swiglu(e, &act, &gate, &up));
-        AGPT_TRY(op_linear(e, &tmp, &act, &w->w_down, NULL));
-        if (l + 1 < m->layers)
-            AGPT_TRY(op_add_rmsnorm(e, &x, &n, NULL, &x, &tmp, &m->layer[l + 1].input_norm, m->block.eps));
-        else
-            AGPT_TRY(op_add(e, &x, &x, &tmp));
+        AGPT_TRY(layer_tail(e, m, l, &x, &n, &att, &tmp, &gate, &up, &act));
     }
     Tensor last = rows_of(&c->last, 0, B);
     for (int b = 0; b < B; b++) {
@@ -629,7 +618,7 @@ Status llama_generate_greedy(Engine *e, const Llama *m, KvCache *c, const Tensor
     Tensor host = tensor_2d(c->host_raw, c->dtype, DEV_CPU, 1, m->vocab);
     AGPT_TRY(llama_prefill(e, m, c, embeds, &logits));
     for (;;) {
-        AGPT_TRY(copy_ordered(e, &host, &logits));
+        AGPT_TRY(engine_copy(e, &host, &logits));
         convert_host(c->host_logits, DT_F32, c->host_raw, c->dtype, (size_t)m->vocab);
         int32_t tok = argmax(c->host_logits, m->vocab);
         out_ids[(*n_out)++] = tok;

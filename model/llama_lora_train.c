@@ -13,14 +13,6 @@
 
 static size_t padded(size_t bytes) { return (bytes + AGPT_ALIGN - 1) / AGPT_ALIGN * AGPT_ALIGN; }
 
-// tensor_copy runs on the legacy stream while the ops run on the engine's stream: finish the stream's work
-// before the copy and the copy before the next op (as model/llama.c does).
-static Status copy_ordered(Engine *e, Tensor *dst, const Tensor *src) {
-    if (e->device != DEV_CPU) AGPT_TRY(engine_synchronize(e));
-    AGPT_TRY(tensor_copy(dst, src));
-    if (e->device != DEV_CPU) AGPT_TRY(cuda_synchronize());
-    return AGPT_OK;
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // Loading
@@ -178,7 +170,7 @@ Status llama_train_state_create(LlamaTrainState *s, Engine *e, const LlamaLoraTr
         for (int b = 0; b < B; b++)
             for (int t = 0; t < T; t++) s->host_positions[b * T + t] = t;
         Tensor hp = tensor_2d(s->host_positions, DT_I32, DEV_CPU, B, T);
-        st = copy_ordered(e, &s->positions, &hp);
+        st = engine_copy(e, &s->positions, &hp);
     }
     if (st != AGPT_OK) llama_train_state_free(s);
     return st;

@@ -9,6 +9,7 @@
 #include "model/anomalygpt.h"
 #include "runtime/memory.h"
 #include "test.h"
+#include "test_util.h"
 
 static SafeTensors *parts;
 
@@ -19,19 +20,11 @@ static Status write_tables(const char *path) {
     StEntry entries[2];
     Status s = AGPT_OK;
     for (int i = 0; i < 2 && s == AGPT_OK; i++) {
-        char rn[128], vn[128];
-        snprintf(rn, sizeof rn, "sparse.%s.rows", names[i]);
-        snprintf(vn, sizeof vn, "sparse.%s.values", names[i]);
-        Tensor rows, values;
-        s = st_get(parts, rn, &rows);
-        if (s == AGPT_OK) s = st_get(parts, vn, &values);
-        if (s != AGPT_OK) break;
-        int64_t V = 32001, C = values.shape[1];
-        tables[i] = calloc((size_t)(V * C), sizeof(float));
-        for (int64_t r = 0; r < rows.shape[0]; r++) {
-            int32_t id;
-            memcpy(&id, (const char *)rows.data + r * 4, 4);
-            memcpy(tables[i] + (size_t)id * C, (const char *)values.data + r * C * 4, (size_t)C * 4);
+        int64_t V = 32001, C = 0;
+        tables[i] = dense_table(parts, names[i], V, &C);
+        if (!tables[i]) {
+            s = AGPT_FAIL(AGPT_ERR_FORMAT, "golden: no usable sparse %s", names[i]);
+            break;
         }
         entries[i] = (StEntry){names[i], tensor_2d(tables[i], DT_F32, DEV_CPU, V, C)};
     }

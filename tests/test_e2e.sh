@@ -58,7 +58,7 @@ done
 if convert_all "$tmp/model16.safetensors" f16 >"$tmp/convert16.log" 2>&1; then ok; else bad "convert f16"; cat "$tmp/convert16.log"; fi
 "$agpt" detect --device cpu --model "$tmp/model16.safetensors" --prompt "$(meta case0.prompt)" --max-new 4 \
     --out "$tmp/f16" "$(meta case0.image)" >"$tmp/f16.jsonl" 2>"$tmp/f16.err" && ok || { bad "detect f16"; cat "$tmp/f16.err"; }
-"$check_tool" map "$golden" case0.map "$tmp/f16/query.map.safetensors" 2e-2 && ok || bad "f16 map"
+"$check_tool" map "$golden" case0.map "$tmp/f16/query.map.safetensors" 1e-3 && ok || bad "f16 map"
 
 # On the CPU, --dtype bf16 keeps the weight matrices of the encoders and the LLM in bf16 (half the memory; f32
 # arithmetic). The small model's ImageBind weights happen to be bf16-exact, so the map stays close to the golden.

@@ -30,19 +30,6 @@
 static char dir[1024];
 static SafeTensors *base, *lora, *golden;
 
-static int32_t *golden_i32(const char *name, int64_t *n) {
-    Tensor t;
-    if (st_get(golden, name, &t) != AGPT_OK || t.dtype != DT_I32) {
-        printf("FAIL missing i32 golden %s: %s\n", name, agpt_last_error());
-        test_failed++;
-        return NULL;
-    }
-    *n = tensor_numel(&t);
-    int32_t *out = malloc((size_t)*n * sizeof(int32_t));
-    memcpy(out, t.data, (size_t)*n * sizeof(int32_t));
-    return out;
-}
-
 static int golden_meta_int(const char *key) {
     const char *v = st_metadata(golden, key);
     return v ? atoi(v) : -1;
@@ -83,7 +70,7 @@ static Status load_model(Engine *e, DType dt, bool with_lora, WeightStore *ws, L
 static void check_generation(Engine *e, const Llama *m, KvCache *c, const Tensor *embeds, const char *gname,
                              int32_t stop, bool strict, const char *label) {
     int64_t n_want = 0;
-    int32_t *want = golden_i32(gname, &n_want);
+    int32_t *want = golden_i32(golden, gname, &n_want);
     if (!want) return;
     int32_t out[64];
     int n_out = 0;
@@ -258,7 +245,7 @@ static void run(Engine *e, DType dt, double tol, bool strict_tokens, const char 
         snprintf(name, sizeof name, "%sstep_logits", prefixes[p]);
         float *steps = test_golden_f32(golden, name, &n_steps);
         snprintf(name, sizeof name, "%sstep_tokens", prefixes[p]);
-        int32_t *toks = golden_i32(name, &n_tok);
+        int32_t *toks = golden_i32(golden, name, &n_tok);
         if (pre && steps && toks) {
             int S = (int)(n_tok / B), V = m.vocab;
             size_t mark = arena_mark(&io);
@@ -309,7 +296,7 @@ static void run(Engine *e, DType dt, double tol, bool strict_tokens, const char 
                          "greedy, stops at its stop id");
         // The reference's stops {2277, 2}: the output ends at the first of them in the golden tokens.
         int64_t n_want = 0;
-        int32_t *want = golden_i32("gen.tokens", &n_want);
+        int32_t *want = golden_i32(golden, "gen.tokens", &n_want);
         int expect = (int)n_want;
         for (int i = 0; want && i < n_want; i++)
             if (want[i] == LLAMA_EOS || want[i] == LLAMA_STOP_HASHES) {

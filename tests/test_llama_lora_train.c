@@ -34,19 +34,6 @@
 static SafeTensors *golden;
 static const char *const PROJ[4] = {"q_proj", "k_proj", "v_proj", "o_proj"};
 
-static int32_t *golden_i32(const char *name, int64_t *n) {
-    Tensor t;
-    if (st_get(golden, name, &t) != AGPT_OK || t.dtype != DT_I32) {
-        printf("FAIL missing i32 golden %s: %s\n", name, agpt_last_error());
-        test_failed++;
-        return NULL;
-    }
-    *n = tensor_numel(&t);
-    int32_t *out = malloc((size_t)*n * sizeof(int32_t));
-    memcpy(out, t.data, (size_t)*n * sizeof(int32_t));
-    return out;
-}
-
 static double golden_meta_double(const char *key) {
     const char *v = st_metadata(golden, key);
     return v ? strtod(v, NULL) : NAN;
@@ -149,8 +136,8 @@ int main(int argc, char **argv) {
 
     int64_t n_emb = 0, n_lab = 0, n_ids = 0;
     float *emb = test_golden_f32(golden, "inputs_embeds", &n_emb);
-    int32_t *labels = golden_i32("labels", &n_lab);
-    int32_t *ids = golden_i32("ids.input_ids", &n_ids);
+    int32_t *labels = golden_i32(golden, "labels", &n_lab);
+    int32_t *ids = golden_i32(golden, "ids.input_ids", &n_ids);
     if (!emb || !labels || !ids) return test_summary();
     const int B = 2, T = 11, C = m.block.dim;
     CHECK(n_emb == (int64_t)B * T * C && n_lab == B * T && n_ids == B * T, "golden inputs have odd sizes");

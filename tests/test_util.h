@@ -145,3 +145,42 @@ static inline int test_write_file(const char *path, const void *p, size_t n) {
     size_t w = n ? fwrite(p, 1, n, f) : 0;
     return (fclose(f) == 0 && w == n) ? 0 : -1;
 }
+
+// An i32 golden tensor copied out (malloc'd, caller frees), or NULL with a failed check.
+static inline int32_t *golden_i32(const SafeTensors *golden, const char *name, int64_t *n) {
+    Tensor t;
+    if (st_get(golden, name, &t) != AGPT_OK || t.dtype != DT_I32) {
+        printf("FAIL missing i32 golden %s: %s\n", name, agpt_last_error());
+        test_failed++;
+        return NULL;
+    }
+    *n = tensor_numel(&t);
+    int32_t *out = malloc((size_t)*n * sizeof(int32_t));
+    memcpy(out, t.data, (size_t)*n * sizeof(int32_t));
+    return out;
+}
+
+// A token table the goldens store sparsely ("sparse.<name>.rows" i32 ids, "sparse.<name>.values" [n,C] f32)
+// rebuilt whole: [V,C] f32, zero rows elsewhere (calloc'd, caller frees; *C its width). NULL when the parts are
+// missing or an id is out of range.
+static inline float *dense_table(const SafeTensors *st, const char *name, int64_t V, int64_t *C) {
+    char rn[160], vn[160];
+    snprintf(rn, sizeof rn, "sparse.%s.rows", name);
+    snprintf(vn, sizeof vn, "sparse.%s.values", name);
+    Tensor rows, values;
+    if (st_get(st, rn, &rows) != AGPT_OK || st_get(st, vn, &values) != AGPT_OK || rows.dtype != DT_I32 ||
+        values.dtype != DT_F32 || values.ndim != 2 || values.shape[0] != rows.shape[0])
+        return NULL;
+    *C = values.shape[1];
+    float *table = calloc((size_t)(V * *C), sizeof(float));
+    for (int64_t r = 0; table && r < rows.shape[0]; r++) {
+        int32_t id;
+        memcpy(&id, (const char *)rows.data + r * 4, 4);
+        if (id < 0 || id >= V) {
+            free(table);
+            return NULL;
+        }
+        memcpy(table + (size_t)id * *C, (const char *)values.data + r * *C * 4, (size_t)*C * 4);
+    }
+    return table;
+}

@@ -42,10 +42,10 @@ int cli_engine_option(int argc, char **argv, int *i, const char *cmd, Device *de
     return 1;
 }
 
-bool cli_has_option(int argc, char **argv, const char *name) {
+DType cli_model_dtype(int argc, char **argv, Device device, DType dtype) {
     for (int i = 1; i < argc; i++)
-        if (strcmp(argv[i], name) == 0) return true;
-    return false;
+        if (strcmp(argv[i], "--dtype") == 0) return dtype;
+    return device == DEV_CPU ? DT_F32 : dtype;
 }
 
 int cli_sampling_option(int argc, char **argv, int *i, const char *cmd, SamplerConfig *cfg) {

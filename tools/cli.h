@@ -1,6 +1,5 @@
 // The agpt command: one binary, one function per subcommand. Only this layer prints errors and exits.
 #pragma once
-#include <stdbool.h>
 #include "model/sampler.h"
 #include "runtime/status.h"
 #include "runtime/tensor.h"
@@ -22,6 +21,7 @@ const char *cli_value(int argc, char **argv, int *i, const char *cmd);
 //   engine:   --device cpu|cuda, --dtype f32|f16|bf16, --threads N
 //   sampling: --greedy, --temperature T, --top-p P, --top-k K, --seed S
 int cli_engine_option(int argc, char **argv, int *i, const char *cmd, Device *device, DType *dtype, int *threads);
-// Whether argv holds the option `name` (e.g. to tell a default dtype from one the user gave).
-bool cli_has_option(int argc, char **argv, const char *name);
+// The dtype a model command opens its model in: the one --dtype gave, else on the CPU f32 throughout (a CPU
+// bf16/f16 keeps the weight matrices in it, which the user must ask for), else the command's CUDA default.
+DType cli_model_dtype(int argc, char **argv, Device device, DType dtype);
 int cli_sampling_option(int argc, char **argv, int *i, const char *cmd, SamplerConfig *cfg);

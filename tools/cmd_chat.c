@@ -215,8 +215,7 @@ int cmd_chat(int argc, char **argv) {
     c.greedy = scfg.greedy;
     c.max_new = max_new;
     Engine eng;
-    // On the CPU the default is f32 throughout; an explicit --dtype bf16|f16 keeps the weight matrices in it.
-    if (dev == DEV_CPU && !cli_has_option(argc, argv, "--dtype")) dt = DT_F32;
+    dt = cli_model_dtype(argc, argv, dev, dt);
     Status s = engine_create(&eng, dev, 0, threads, 1);
     if (s) return cli_report("chat", s);
     double t0 = timer_now_s();

@@ -431,8 +431,7 @@ int cmd_detect(int argc, char **argv) {
     else snprintf(question, sizeof question, "Is there any anomaly in the image?");
 
     Engine eng;
-    // On the CPU the default is f32 throughout; an explicit --dtype bf16|f16 keeps the weight matrices in it.
-    if (dev == DEV_CPU && !cli_has_option(argc, argv, "--dtype")) dt = DT_F32;
+    dt = cli_model_dtype(argc, argv, dev, dt);
     if ((s = engine_create(&eng, dev, 0, threads, 1))) {
         list_free(&images);
         return cli_report("detect", s);

@@ -93,8 +93,7 @@ int cmd_map(int argc, char **argv) {
     if (s) return cli_report("map", s);
 
     Engine eng;
-    // On the CPU the default is f32 throughout; an explicit --dtype bf16|f16 keeps the weight matrices in it.
-    if (dev == DEV_CPU && !cli_has_option(argc, argv, "--dtype")) dt = DT_F32;
+    dt = cli_model_dtype(argc, argv, dev, dt);
     if ((s = engine_create(&eng, dev, 0, threads, 1))) return cli_report("map", s);
     static AnomalyGPT agpt;  // with --ask: the whole model; its .vision is the VisionModel used below
     static VisionModel vision;

@@ -23,6 +23,15 @@ __device__ __forceinline__ void online_merge(float &m, float &s, float m2, float
     s = a + b;
 }
 
+// The (max, sum) pairs of a warp's 32 lanes merged; every lane ends with the warp's pair.
+__device__ __forceinline__ void warp_online_merge(float &m, float &s) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        online_merge(m, s, m2, s2);
+    }
+}
+
 // Adds one value to the running pair: one expf per element.
 __device__ __forceinline__ void online_add(float &m, float &s, float v) {
     if (v == -INFINITY) return;  // a masked element: exp(-inf) = 0
@@ -51,11 +60,7 @@ __global__ void softmax_kernel(T *out, const T *x, int64_t C, float scale) {
         for (int j = 0; j < V; j++) online_add(m, s, scale * v[j]);
     }
     // Warp, then block, merge; every thread ends with the row's (max, sum).
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-        online_merge(m, s, m2, s2);
-    }
+    warp_online_merge(m, s);
     if (lane == 0) {
         sm[warp] = m;
         ss[warp] = s;
@@ -63,11 +68,7 @@ __global__ void softmax_kernel(T *out, const T *x, int64_t C, float scale) {
     __syncthreads();
     m = lane < nwarps ? sm[lane] : -INFINITY;
     s = lane < nwarps ? ss[lane] : 0.0f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-        online_merge(m, s, m2, s2);
-    }
+    warp_online_merge(m, s);
     // A row that is all -inf (fully masked) gives zeros rather than NaN, as the CPU reference does.
     const bool empty = m == -INFINITY;
     const float inv = empty ? 0.0f : 1.0f / s;
@@ -195,11 +196,7 @@ __global__ void cross_entropy_kernel(T *dlogits, float *row_loss, const T *logit
         }
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-        online_merge(m, s, m2, s2);
-    }
+    warp_online_merge(m, s);
     if (lane == 0) {
         sm[warp] = m;
         ss[warp] = s;
@@ -207,11 +204,7 @@ __global__ void cross_entropy_kernel(T *dlogits, float *row_loss, const T *logit
     bad = __syncthreads_or(bad);  // also the barrier after the shared writes
     m = lane < nwarps ? sm[lane] : -INFINITY;
     s = lane < nwarps ? ss[lane] : 0.0f;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-        online_merge(m, s, m2, s2);
-    }
+    warp_online_merge(m, s);
     if (bad) m = NAN;  // every output of the row becomes NaN
     // m is a logit, s >= 1 (the maximum contributes exp(0)); an all -inf row gives NaN through -inf - -inf.
     if (row_loss && threadIdx.x == 0) row_loss[row] = (m - xt) + logf(s);
