@@ -55,7 +55,10 @@ int main(int argc, char **argv) {
                 num += d * d, den += (double)a[i] * a[i];
                 if (fabs(d) > max_abs) max_abs = fabs(d);
             }
-            double rel = sqrt(num / (den > 0 ? den : 1));
+            // Maps are probabilities (scale 1): relative to max(||want||, sqrt(n)), so a map close to zero
+            // everywhere is compared on its scale, not on its own tiny norm (tests/README.md, tolerances).
+            double floor2 = (double)tensor_numel(&want);
+            double rel = sqrt(num / (den > floor2 ? den : floor2));
             double tol = atof(argv[5]);
             printf("%s: rel_l2 %.3g, max |diff| %.3g (tolerance %g)%s\n", key, rel, max_abs, tol,
                    bad ? ", non-finite values" : "");

@@ -1,16 +1,19 @@
 // The CPU backend's mixed-dtype matmul: op_matmul / op_linear with a bf16 or f16 weight operand and f32
 // activations, bias and output (kernels/cpu/matmul.c: a GEMV that widens the weights in registers for a few rows,
 // f32 blocks through BLAS otherwise). Each product is compared with a double loop over the weights as rounded to
-// bf16/f16, at odd sizes (tails of every vector width and tile) and LLaMA-7B's real MLP shapes, through both the
-// AVX-512 kernels and the portable C ones (AGPT_CPU_PORTABLE=1), plus the checks that keep every other operand f32.
+// bf16/f16, at odd sizes (tails of every vector width and tile) and LLaMA-7B's real MLP shapes, through the
+// kernels of one SIMD level (kernels/cpu/isa.h: `--isa portable|avx2|avx512`; skipped where the CPU lacks it).
 // Then the model side (weights_set_matrix_dtype): a LLaMA with bf16 matrices equals, to f32 rounding, the f32
 // LLaMA whose matrices hold the same bf16-rounded values, and the LoRA merge works on bf16 matrices.
 // Last the opt-in bf16 GEMM (ops_set_cpu_bf16_activations, AGPT_CPU_BF16_GEMM=1; M >= 16, avx512_bf16): the
 // activations are rounded to bf16, so its reference is the double loop over bf16-rounded a and w; skipped on a
 // CPU without avx512_bf16. With the switch off the old path's results stay the same bit for bit.
+// One part per run, each its own ctest: --isa NAME, --part model, --part bf16-gemm, --part env EXPECTED (checks
+// that AGPT_CPU_ISA, set by ctest, selected EXPECTED).
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/cpu/isa.h"
 #include "kernels/ops.h"
 #include "model/llama.h"
 #include "runtime/memory.h"
@@ -77,13 +80,13 @@ static void ref_matmul(double *ref, const float *a, const float *w, const float 
 }
 
 // One product through op_matmul (w of dtype dt) against the double loop; returns the seconds op_matmul took.
-static double matmul_case(DType dt, bool portable, int64_t batch, int64_t M, int64_t N, int64_t K, bool ta,
+static double matmul_case(DType dt, CpuIsa isa, int64_t batch, int64_t M, int64_t N, int64_t K, bool ta,
                           bool tb, bool w_batched, bool with_bias, float alpha, float beta) {
     char name[160];
-    snprintf(name, sizeof name, "%s%s%s b%lld M%lld N%lld K%lld ta%d tb%d%s%s%s", bf16_act ? "bf16-act " : "",
-             dtype_name(dt), portable ? " portable" : "", (long long)batch, (long long)M, (long long)N, (long long)K, ta, tb,
+    snprintf(name, sizeof name, "%s%s %s b%lld M%lld N%lld K%lld ta%d tb%d%s%s%s", bf16_act ? "bf16-act " : "",
+             dtype_name(dt), cpu_isa_name(isa), (long long)batch, (long long)M, (long long)N, (long long)K, ta, tb,
              w_batched ? " batched-w" : "", with_bias ? " bias" : "", beta != 0.0f ? " a/b" : "");
-    setenv("AGPT_CPU_PORTABLE", portable ? "1" : "0", 1);
+    CHECK(cpu_set_isa(isa) == isa, "the %s kernels are available", cpu_isa_name(isa));
     int64_t nw = (w_batched ? batch : 1) * N * K, nc = batch * M * N;
     float *wf = NULL;
     uint16_t *wh = rounded_weights(dt, nw, 1.0f / sqrtf((float)(K > 0 ? K : 1)), &wf);
@@ -109,11 +112,11 @@ static double matmul_case(DType dt, bool portable, int64_t batch, int64_t M, int
 }
 
 // op_linear with a bf16 weight [N,K] and bias on 3-D x equals the double loop (the model's call).
-static void linear_case(DType dt, bool portable, int64_t B, int64_t T, int64_t N, int64_t K) {
+static void linear_case(DType dt, CpuIsa isa, int64_t B, int64_t T, int64_t N, int64_t K) {
     char name[160];
-    snprintf(name, sizeof name, "op_linear %s%s%s x[%lld,%lld,%lld] w[%lld,%lld] bias", bf16_act ? "bf16-act " : "",
-             dtype_name(dt), portable ? " portable" : "", (long long)B, (long long)T, (long long)K, (long long)N, (long long)K);
-    setenv("AGPT_CPU_PORTABLE", portable ? "1" : "0", 1);
+    snprintf(name, sizeof name, "op_linear %s%s %s x[%lld,%lld,%lld] w[%lld,%lld] bias", bf16_act ? "bf16-act " : "",
+             dtype_name(dt), cpu_isa_name(isa), (long long)B, (long long)T, (long long)K, (long long)N, (long long)K);
+    CHECK(cpu_set_isa(isa) == isa, "the %s kernels are available", cpu_isa_name(isa));
     float *wf = NULL;
     uint16_t *wh = rounded_weights(dt, N * K, 0.1f, &wf);
     float *x = test_randn(&rng, B * T * K, 1), *bias = test_randn(&rng, N, 1), *out = test_poisoned(B * T * N);
@@ -250,15 +253,6 @@ static void test_lora_merge_bf16(void) {
 
 // ---- the opt-in bf16 GEMM ----------------------------------------------------------------------------------
 
-static bool cpu_has_avx512_bf16(void) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bf16");
-#else
-    return false;
-#endif
-}
 
 // op_linear-like product c[M,N] = a w[N,K]^T + bias with a bf16 w, the switch as it is; timed (best of 2).
 static double time_linear(int64_t M, int64_t N, int64_t K, bool with_bias) {
@@ -315,31 +309,31 @@ static void test_bf16_gemm(void) {
     // transposes and an odd tail.
     int64_t Ms[4] = {16, 17, 64, 257};
     for (int i = 0; i < 4; i++) {
-        matmul_case(DT_BF16, false, 1, Ms[i], 37, 53, false, true, false, false, 1.0f, 0.0f);
-        matmul_case(DT_BF16, false, 1, Ms[i], 131, 77, false, true, false, true, 0.5f, 2.0f);
-        matmul_case(DT_BF16, false, 1, Ms[i], 29, 45, false, false, false, true, 1.0f, 0.0f);
-        matmul_case(DT_BF16, false, 1, Ms[i], 29, 45, true, true, false, false, 0.5f, 2.0f);
-        matmul_case(DT_BF16, false, 1, Ms[i], 29, 45, true, false, false, false, 1.0f, 0.0f);
-        matmul_case(DT_BF16, false, 1, Ms[i], 97, 1101, false, true, false, true, 1.0f, 0.0f);
-        matmul_case(DT_BF16, false, 1, Ms[i], 50, 1025, false, false, false, false, 1.0f, 0.5f);
+        matmul_case(DT_BF16, CPU_ISA_AVX512, 1, Ms[i], 37, 53, false, true, false, false, 1.0f, 0.0f);
+        matmul_case(DT_BF16, CPU_ISA_AVX512, 1, Ms[i], 131, 77, false, true, false, true, 0.5f, 2.0f);
+        matmul_case(DT_BF16, CPU_ISA_AVX512, 1, Ms[i], 29, 45, false, false, false, true, 1.0f, 0.0f);
+        matmul_case(DT_BF16, CPU_ISA_AVX512, 1, Ms[i], 29, 45, true, true, false, false, 0.5f, 2.0f);
+        matmul_case(DT_BF16, CPU_ISA_AVX512, 1, Ms[i], 29, 45, true, false, false, false, 1.0f, 0.0f);
+        matmul_case(DT_BF16, CPU_ISA_AVX512, 1, Ms[i], 97, 1101, false, true, false, true, 1.0f, 0.0f);
+        matmul_case(DT_BF16, CPU_ISA_AVX512, 1, Ms[i], 50, 1025, false, false, false, false, 1.0f, 0.5f);
     }
-    matmul_case(DT_BF16, false, 3, 20, 19, 33, false, true, true, true, 1.0f, 0.0f);  // batched weights
-    matmul_case(DT_BF16, false, 3, 18, 19, 33, false, false, true, false, 0.5f, 2.0f);
-    matmul_case(DT_BF16, false, 2, 16, 19, 33, true, true, false, false, 1.0f, 0.0f);
-    linear_case(DT_BF16, false, 2, 9, 67, 129);  // 18 rows of a 3-D x
+    matmul_case(DT_BF16, CPU_ISA_AVX512, 3, 20, 19, 33, false, true, true, true, 1.0f, 0.0f);  // batched weights
+    matmul_case(DT_BF16, CPU_ISA_AVX512, 3, 18, 19, 33, false, false, true, false, 0.5f, 2.0f);
+    matmul_case(DT_BF16, CPU_ISA_AVX512, 2, 16, 19, 33, true, true, false, false, 1.0f, 0.0f);
+    linear_case(DT_BF16, CPU_ISA_AVX512, 2, 9, 67, 129);  // 18 rows of a 3-D x
     // Not taken, even when on: f16 weights, M < 16, the portable kernels (exact f32 products, 1e-5).
     bf16_act = false;
-    matmul_case(DT_F16, false, 1, 64, 131, 77, false, true, false, true, 0.5f, 2.0f);
-    matmul_case(DT_BF16, false, 1, 15, 131, 77, false, true, false, true, 0.5f, 2.0f);
-    matmul_case(DT_BF16, true, 1, 64, 131, 77, false, true, false, true, 0.5f, 2.0f);
+    matmul_case(DT_F16, CPU_ISA_AVX512, 1, 64, 131, 77, false, true, false, true, 0.5f, 2.0f);
+    matmul_case(DT_BF16, CPU_ISA_AVX512, 1, 15, 131, 77, false, true, false, true, 0.5f, 2.0f);
+    matmul_case(DT_BF16, CPU_ISA_PORTABLE, 1, 64, 131, 77, false, true, false, true, 0.5f, 2.0f);
     bf16_act = true;
     // Real shapes: LLaMA-7B's attention and MLP at a 64-token prefill, the ViT-H MLP (257 tokens, 1280 -> 5120).
-    matmul_case(DT_BF16, false, 1, 64, 4096, 4096, false, true, false, true, 1.0f, 0.0f);
-    matmul_case(DT_BF16, false, 1, 64, 11008, 4096, false, true, false, false, 1.0f, 0.0f);
-    matmul_case(DT_BF16, false, 1, 64, 131, 11008, false, true, false, false, 1.0f, 0.0f);
-    matmul_case(DT_BF16, false, 1, 257, 5120, 1280, false, true, false, true, 1.0f, 0.0f);
+    matmul_case(DT_BF16, CPU_ISA_AVX512, 1, 64, 4096, 4096, false, true, false, true, 1.0f, 0.0f);
+    matmul_case(DT_BF16, CPU_ISA_AVX512, 1, 64, 11008, 4096, false, true, false, false, 1.0f, 0.0f);
+    matmul_case(DT_BF16, CPU_ISA_AVX512, 1, 64, 131, 11008, false, true, false, false, 1.0f, 0.0f);
+    matmul_case(DT_BF16, CPU_ISA_AVX512, 1, 257, 5120, 1280, false, true, false, true, 1.0f, 0.0f);
     bf16_act = false;
-    unsetenv("AGPT_CPU_PORTABLE");
+    cpu_set_isa(CPU_ISA_AVX512);
     const int64_t shapes[2][3] = {{64, 11008, 4096}, {257, 5120, 1280}};
     for (int i = 0; i < 2; i++) {
         const int64_t M = shapes[i][0], N = shapes[i][1], K = shapes[i][2];
@@ -358,55 +352,97 @@ static void test_bf16_gemm(void) {
 static void test_env_switch(void) {
     setenv("AGPT_CPU_BF16_GEMM", "1", 1);
     bf16_act = cpu_has_avx512_bf16();
-    matmul_case(DT_BF16, false, 1, 16, 37, 53, false, true, false, true, 1.0f, 0.0f);
+    matmul_case(DT_BF16, CPU_ISA_AVX512, 1, 16, 37, 53, false, true, false, true, 1.0f, 0.0f);
     bf16_act = false;
     unsetenv("AGPT_CPU_BF16_GEMM");
     ops_set_cpu_bf16_activations(false);
 }
 
-int main(void) {
-    rng_seed(&rng, 4242);
-    CHECK_OK(engine_create(&eng, DEV_CPU, 0, 0, 42));
-    test_env_switch();  // first: the variable is read once
+// Every product of one SIMD level against the double loop: odd sizes and LLaMA-7B's MLP shapes.
+static void test_isa(CpuIsa isa) {
     DType dts[2] = {DT_BF16, DT_F16};
     int64_t Ms[4] = {1, 3, 64, 257};
-    for (int p = 0; p < 2; p++)
-        for (int d = 0; d < 2; d++) {
-            // odd N and K: every tail of the 16-lane vectors and the 4-row tiles, both paths (GEMV for M <= 4)
-            for (int i = 0; i < 4; i++) {
-                matmul_case(dts[d], p, 1, Ms[i], 37, 53, false, true, false, false, 1.0f, 0.0f);
-                matmul_case(dts[d], p, 1, Ms[i], 131, 77, false, true, false, true, 0.5f, 2.0f);
-                matmul_case(dts[d], p, 1, Ms[i], 29, 45, false, false, false, true, 1.0f, 0.0f);
-                matmul_case(dts[d], p, 1, Ms[i], 29, 45, true, true, false, false, 0.5f, 2.0f);
-                matmul_case(dts[d], p, 1, Ms[i], 29, 45, true, false, false, false, 1.0f, 0.0f);
-            }
-            matmul_case(dts[d], p, 3, 2, 19, 33, false, true, true, true, 1.0f, 0.0f);  // batched weights
-            matmul_case(dts[d], p, 3, 5, 19, 33, false, false, true, false, 0.5f, 2.0f);
-            matmul_case(dts[d], p, 2, 3, 19, 33, true, true, false, false, 1.0f, 0.0f);
-            matmul_case(dts[d], p, 1, 2, 1, 1, false, true, false, false, 1.0f, 0.0f);
-            matmul_case(dts[d], p, 1, 3, 5, 0, false, true, false, false, 1.0f, 0.0f);  // K = 0: c = beta c
-            matmul_case(dts[d], p, 1, 3, 5, 0, false, true, false, false, 1.0f, 2.0f);
-            linear_case(dts[d], p, 2, 1, 67, 129);  // a decode step of 2 sequences
-            linear_case(dts[d], p, 2, 7, 67, 129);
+    for (int d = 0; d < 2; d++) {
+        // odd N and K: every tail of the 8- and 16-lane vectors and the row tiles, both paths (GEMV for M <= 4)
+        for (int i = 0; i < 4; i++) {
+            matmul_case(dts[d], isa, 1, Ms[i], 37, 53, false, true, false, false, 1.0f, 0.0f);
+            matmul_case(dts[d], isa, 1, Ms[i], 131, 77, false, true, false, true, 0.5f, 2.0f);
+            matmul_case(dts[d], isa, 1, Ms[i], 29, 45, false, false, false, true, 1.0f, 0.0f);
+            matmul_case(dts[d], isa, 1, Ms[i], 29, 45, true, true, false, false, 0.5f, 2.0f);
+            matmul_case(dts[d], isa, 1, Ms[i], 29, 45, true, false, false, false, 1.0f, 0.0f);
         }
+        for (int64_t K = 1; K <= 17; K++)  // every K tail of one vector, for 1 to 4 rows (each tile width)
+            for (int64_t M = 1; M <= 4; M++) matmul_case(dts[d], isa, 1, M, 11, K, false, true, false, false, 1.0f, 0.0f);
+        matmul_case(dts[d], isa, 3, 2, 19, 33, false, true, true, true, 1.0f, 0.0f);  // batched weights
+        matmul_case(dts[d], isa, 3, 5, 19, 33, false, false, true, false, 0.5f, 2.0f);
+        matmul_case(dts[d], isa, 2, 3, 19, 33, true, true, false, false, 1.0f, 0.0f);
+        matmul_case(dts[d], isa, 1, 2, 1, 1, false, true, false, false, 1.0f, 0.0f);
+        matmul_case(dts[d], isa, 1, 3, 5, 0, false, true, false, false, 1.0f, 0.0f);  // K = 0: c = beta c
+        matmul_case(dts[d], isa, 1, 3, 5, 0, false, true, false, false, 1.0f, 2.0f);
+        linear_case(dts[d], isa, 2, 1, 67, 129);  // a decode step of 2 sequences
+        linear_case(dts[d], isa, 2, 7, 67, 129);
+    }
     // LLaMA-7B's MLP shapes: gate/up w[11008,4096], down w[4096,11008] (bf16, as the CPU model stores them),
     // with M = 1 and 3 (the GEMV), 64 (blocks through sgemm; 43 of them) and 257 rows on a slice of the outputs;
     // untransposed w [K,N] sums blocks of K, so beta must apply once.
-    setenv("AGPT_CPU_PORTABLE", "0", 1);
-    double t1 = matmul_case(DT_BF16, false, 1, 1, 11008, 4096, false, true, false, false, 1.0f, 0.0f);
-    matmul_case(DT_BF16, false, 1, 3, 4096, 11008, false, true, false, false, 1.0f, 0.0f);
-    matmul_case(DT_BF16, false, 1, 64, 11008, 4096, false, true, false, true, 1.0f, 0.0f);
-    matmul_case(DT_BF16, false, 1, 257, 131, 11008, false, true, false, false, 1.0f, 0.0f);
-    matmul_case(DT_BF16, false, 1, 3, 4096, 11008, false, false, false, false, 0.5f, 2.0f);
-    matmul_case(DT_F16, false, 1, 1, 4096, 11008, false, true, false, false, 1.0f, 0.0f);
-    matmul_case(DT_BF16, true, 1, 1, 4096, 11008, false, true, false, false, 1.0f, 0.0f);
-    printf("  (one-row bf16 product with w[11008,4096]: %.2f ms, %.1f GB/s of weights, %d threads)\n", t1 * 1e3,
-           11008.0 * 4096 * 2 / t1 / 1e9, eng.num_threads);
-    unsetenv("AGPT_CPU_PORTABLE");
-    test_rejected();
-    test_llama_bf16_matrices();
-    test_lora_merge_bf16();
-    test_bf16_gemm();
+    double t1 = matmul_case(DT_BF16, isa, 1, 1, 11008, 4096, false, true, false, false, 1.0f, 0.0f);
+    matmul_case(DT_BF16, isa, 1, 3, 4096, 11008, false, true, false, false, 1.0f, 0.0f);
+    matmul_case(DT_BF16, isa, 1, 64, 11008, 4096, false, true, false, true, 1.0f, 0.0f);
+    matmul_case(DT_BF16, isa, 1, 257, 131, 11008, false, true, false, false, 1.0f, 0.0f);
+    matmul_case(DT_BF16, isa, 1, 3, 4096, 11008, false, false, false, false, 0.5f, 2.0f);
+    matmul_case(DT_F16, isa, 1, 1, 4096, 11008, false, true, false, false, 1.0f, 0.0f);
+    printf("  (%s: one-row bf16 product with w[11008,4096]: %.2f ms, %.1f GB/s of weights, %d threads)\n",
+           cpu_isa_name(isa), t1 * 1e3, 11008.0 * 4096 * 2 / t1 / 1e9, eng.num_threads);
+}
+
+static int usage(void) {
+    fprintf(stderr, "usage: test_ops_cpu_bf16 --isa portable|avx2|avx512 | --part model | --part bf16-gemm | "
+                    "--part env portable|avx2|avx512\n");
+    return 2;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) return usage();
+    const char *mode = argv[1], *what = argv[2];
+    rng_seed(&rng, 4242);
+    if (!strcmp(mode, "--isa")) {
+        int isa = cpu_isa_from_name(what);
+        if (isa < 0) return usage();
+        if ((int)cpu_isa_detected() < isa) {
+            printf("this CPU has no %s (its best is %s): skipped\n", what, cpu_isa_name(cpu_isa_detected()));
+            return TEST_SKIP;
+        }
+        CHECK_OK(engine_create(&eng, DEV_CPU, 0, 0, 42));
+        test_isa((CpuIsa)isa);
+        CHECK(cpu_isa() == (CpuIsa)isa, "still on %s", what);
+    } else if (!strcmp(mode, "--part") && !strcmp(what, "model")) {
+        CHECK_OK(engine_create(&eng, DEV_CPU, 0, 0, 42));
+        test_rejected();
+        test_llama_bf16_matrices();
+        test_lora_merge_bf16();
+    } else if (!strcmp(mode, "--part") && !strcmp(what, "bf16-gemm")) {
+        if (!cpu_has_avx512_bf16()) {
+            printf("this CPU has no avx512_bf16: skipped (the switch falls back to the f32 path)\n");
+            return TEST_SKIP;
+        }
+        CHECK_OK(engine_create(&eng, DEV_CPU, 0, 0, 42));
+        test_env_switch();  // first: the variable is read once
+        test_bf16_gemm();
+    } else if (!strcmp(mode, "--part") && !strcmp(what, "env") && argc == 4) {
+        // AGPT_CPU_ISA (set by ctest) caps the level: EXPECTED where the CPU has it, else the CPU's best
+        int want = cpu_isa_from_name(argv[3]);
+        if (want < 0) return usage();
+        CpuIsa expect = (int)cpu_isa_detected() < want ? cpu_isa_detected() : (CpuIsa)want;
+        const char *env = getenv("AGPT_CPU_ISA");
+        CHECK(cpu_isa() == expect, "AGPT_CPU_ISA=%s: level %s, expected %s", env ? env : "(unset)",
+              cpu_isa_name(cpu_isa()), cpu_isa_name(expect));
+        printf("  AGPT_CPU_ISA=%s on a CPU whose best is %s: %s\n", env ? env : "(unset)",
+               cpu_isa_name(cpu_isa_detected()), cpu_isa_name(cpu_isa()));
+        CHECK_OK(engine_create(&eng, DEV_CPU, 0, 0, 42));
+        matmul_case(DT_BF16, cpu_isa(), 1, 1, 37, 53, false, true, false, false, 1.0f, 0.0f);
+    } else {
+        return usage();
+    }
     engine_destroy(&eng);
     printf("%d passed, %d failed\n", test_passed, test_failed);
     return test_failed ? 1 : 0;

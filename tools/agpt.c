@@ -1,4 +1,6 @@
 // agpt: AnomalyGPT inference, training and tools in one binary.
+#include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +19,30 @@ const char *cli_value(int argc, char **argv, int *i, const char *cmd) {
         return NULL;
     }
     return argv[++*i];
+}
+
+int cli_parse_int(const char *cmd, const char *opt, const char *text, long long lo, long long hi, long long *out) {
+    char *end = NULL;
+    errno = 0;
+    long long v = text && *text ? strtoll(text, &end, 10) : 0;
+    if (!text || !*text || *end != 0 || errno == ERANGE || v < lo || v > hi) {
+        fprintf(stderr, "agpt %s: %s needs an integer in [%lld, %lld], not '%s'\n", cmd, opt, lo, hi, text ? text : "");
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+int cli_parse_double(const char *cmd, const char *opt, const char *text, double lo, double hi, double *out) {
+    char *end = NULL;
+    errno = 0;
+    double v = text && *text ? strtod(text, &end) : NAN;
+    if (!text || !*text || *end != 0 || errno == ERANGE || !isfinite(v) || v < lo || v > hi) {
+        fprintf(stderr, "agpt %s: %s needs a number in [%g, %g], not '%s'\n", cmd, opt, lo, hi, text ? text : "");
+        return -1;
+    }
+    *out = v;
+    return 0;
 }
 
 int cli_engine_option(int argc, char **argv, int *i, const char *cmd, Device *device, DType *dtype, int *threads) {
@@ -80,6 +106,9 @@ static void usage(FILE *f) {
             "                             (--ask \"QUESTION\" --tokenizer F: also the model's answer)\n"
             "  chat --model M [--reference R ...] IMAGE\n"
             "                             a conversation about an image in the terminal (agpt chat --help)\n"
+            "  serve --model M [--port N] [--max-batch N] [--watch DIR [--sort]]\n"
+            "                             the inspection server: HTTP API, web page, banks, chat, metrics;\n"
+            "                             a hot folder (agpt serve --help)\n"
             "\n"
             "Later: serve, train, eval (see README.md).\n");
 }
@@ -115,6 +144,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "chat") == 0) return cmd_chat(argc - i, argv + i);
     if (strcmp(cmd, "convert") == 0) return cmd_convert(argc - i, argv + i);
     if (strcmp(cmd, "detect") == 0) return cmd_detect(argc - i, argv + i);
+    if (strcmp(cmd, "serve") == 0) return cmd_serve(argc - i, argv + i);
     if (strcmp(cmd, "help") == 0) {
         usage(stdout);
         return 0;

@@ -10,6 +10,10 @@ int cmd_map(int argc, char **argv);
 int cmd_chat(int argc, char **argv);
 int cmd_convert(int argc, char **argv);
 int cmd_detect(int argc, char **argv);
+int cmd_eval(int argc, char **argv);   // tools/cmd_eval.c
+int cmd_serve(int argc, char **argv);  // tools/cmd_serve.c
+int cmd_synth(int argc, char **argv);  // tools/cmd_synth.c
+int cmd_train(int argc, char **argv);  // tools/cmd_train.c
 
 // Prints "agpt <cmd>: error: <message>" for a failed status and returns the process exit code (1).
 int cli_report(const char *cmd, Status s);
@@ -25,3 +29,9 @@ int cli_engine_option(int argc, char **argv, int *i, const char *cmd, Device *de
 // bf16/f16 keeps the weight matrices in it, which the user must ask for), else the command's CUDA default.
 DType cli_model_dtype(int argc, char **argv, Device device, DType dtype);
 int cli_sampling_option(int argc, char **argv, int *i, const char *cmd, SamplerConfig *cfg);
+
+// Strict numbers for every numeric option of every subcommand: the whole text must be a number (no "1.5" for an
+// integer, no "4abc", no empty string), finite, and within [lo, hi]. On failure prints
+// "agpt <cmd>: <opt> needs <kind> in [lo, hi], not '<text>'" and returns -1 (the caller exits 2, a usage error).
+int cli_parse_int(const char *cmd, const char *opt, const char *text, long long lo, long long hi, long long *out);
+int cli_parse_double(const char *cmd, const char *opt, const char *text, double lo, double hi, double *out);

@@ -2,6 +2,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "kernels/cpu/isa.h"
 #include "model/model_file.h"
 #include "runtime/memory.h"
 #include "runtime/safetensors.h"
@@ -12,6 +13,8 @@ static void print_build(void) {
     printf("agpt %s\n", AGPT_VERSION);
     printf("backends: cpu (f32, OpenBLAS, OpenMP %d threads)%s\n", threads_get(),
            cuda_compiled() ? ", cuda (f32/f16/bf16, cuBLASLt)" : "");
+    printf("cpu simd: %s (this CPU's best: %s%s; AGPT_CPU_ISA=portable|avx2|avx512 caps it)\n", cpu_isa_name(cpu_isa()),
+           cpu_isa_name(cpu_isa_detected()), cpu_has_avx512_bf16() ? ", with avx512_bf16" : "");
     int n = cuda_device_count();
     if (!cuda_compiled()) printf("cuda: not compiled in (no nvcc at build time)\n");
     else if (n == 0) printf("cuda: compiled in, no device visible\n");

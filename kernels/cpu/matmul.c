@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "kernels/cpu/cpu_ops.h"
+#include "kernels/cpu/isa.h"
 #include "runtime/dtype.h"
 
 #ifdef _OPENMP
@@ -55,26 +56,12 @@ void cpu_matmul(float *c, const float *a, const float *b, const float *bias, int
 // - M <= LOWP_GEMV_MAX_M with b stored [N,K] (a linear layer's weight): a GEMV-like kernel that reads each
 //   weight once, widens it to f32 in registers and multiplies it with all M activation rows. Decode is bound
 //   by reading the weights, and this reads 2 bytes per weight instead of sgemv's 4. OpenMP splits the output
-//   rows; the AVX-512 kernel is chosen at run time (the build targets plain x86-64), else portable C.
+//   rows; the AVX-512 or AVX2 kernel is chosen at run time (the build targets plain x86-64), else portable C.
 // - otherwise: blocks of b are widened into an f32 buffer of about LOWP_BLOCK_ELEMS elements and multiplied by
 //   sgemm (or sgemv for M = 1) block by block, so no f32 copy of the whole weight ever exists.
-// AGPT_CPU_PORTABLE=1 in the environment forces the portable C kernels (the tests use it to check them too).
+// The SIMD level is kernels/cpu/isa.h's: AVX-512, AVX2 (+FMA, F16C) or portable C; AGPT_CPU_ISA caps it.
 
 enum { LOWP_GEMV_MAX_M = 4, LOWP_GEMV_ROWS = 8, LOWP_CHUNK = 256, LOWP_BLOCK_ELEMS = 1 << 20 };
-
-static bool use_avx512(void) {
-#if HAVE_X86
-    static int supported = -1;
-    if (supported < 0)
-        supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                    __builtin_cpu_supports("avx512vl");
-    const char *portable = getenv("AGPT_CPU_PORTABLE");
-    return supported && !(portable && portable[0] == '1');
-#else
-    return false;
-#endif
-}
-
 
 // ---- portable C ------------------------------------------------------------------------------------------
 
@@ -196,6 +183,104 @@ AVX512 static void gemv_avx512(float *c, const float *a, const uint16_t *b, int6
                                int64_t n0, int64_t n1, float alpha, float beta, bool bf16) {
     if (bf16) gemv_rows_dtype(c, a, b, M, N, K, n0, n1, alpha, beta, true);
     else gemv_rows_dtype(c, a, b, M, N, K, n0, n1, alpha, beta, false);
+}
+#endif
+
+// ---- AVX2 + FMA + F16C -----------------------------------------------------------------------------------
+// The same kernels with 8 lanes, for the x86 machines without AVX-512 (AMD Zen 2/3, most cloud machines). AVX2
+// has no masked 16-bit loads: tails go through a zero-padded copy of the last few weights.
+#if HAVE_X86
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define AVX2_INLINE AVX2 __attribute__((always_inline)) static inline
+
+// 8 weights widened to f32.
+AVX2_INLINE __m256 widen8(const uint16_t *p, bool bf16) {
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)) : _mm256_cvtph_ps(h);
+}
+// The first n < 8 weights at p, the rest zero.
+AVX2_INLINE __m256 widen8_tail(const uint16_t *p, int n, bool bf16) {
+    uint16_t pad[8] = {0};
+    memcpy(pad, p, (size_t)n * sizeof *p);
+    return widen8(pad, bf16);
+}
+AVX2_INLINE __m256 load8_tail(const float *p, int n) {
+    float pad[8] = {0};
+    memcpy(pad, p, (size_t)n * sizeof *p);
+    return _mm256_loadu_ps(pad);
+}
+AVX2_INLINE float reduce8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+AVX2 static void widen_avx2(float *dst, const uint16_t *src, int64_t n, bool bf16) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, widen8(src + i, bf16));
+    if (i < n) {
+        float pad[8];
+        _mm256_storeu_ps(pad, widen8_tail(src + i, (int)(n - i), bf16));
+        memcpy(dst + i, pad, (size_t)(n - i) * sizeof *dst);
+    }
+}
+
+// RR weight rows times MM activation rows, as gemv_tile: RR x MM <= 8 accumulators of 8 lanes leave registers
+// (16 ymm in all) for the activations and the widened weights.
+AVX2_INLINE void gemv_tile8(float *c, const float *a, const uint16_t *b, const int MM, const int RR, int64_t N,
+                            int64_t K, int64_t n, float alpha, float beta, bool bf16) {
+    __m256 acc[LOWP_GEMV_ROWS][LOWP_GEMV_MAX_M];
+    for (int r = 0; r < RR; r++)
+        for (int m = 0; m < MM; m++) acc[r][m] = _mm256_setzero_ps();
+    const uint16_t *brow = b + n * K;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 av[LOWP_GEMV_MAX_M];
+        for (int m = 0; m < MM; m++) av[m] = _mm256_loadu_ps(a + m * K + k);
+        for (int r = 0; r < RR; r++) {
+            __m256 w = widen8(brow + r * K + k, bf16);
+            for (int m = 0; m < MM; m++) acc[r][m] = _mm256_fmadd_ps(w, av[m], acc[r][m]);
+        }
+    }
+    if (k < K) {
+        const int tail = (int)(K - k);
+        __m256 av[LOWP_GEMV_MAX_M];
+        for (int m = 0; m < MM; m++) av[m] = load8_tail(a + m * K + k, tail);
+        for (int r = 0; r < RR; r++) {
+            __m256 w = widen8_tail(brow + r * K + k, tail, bf16);
+            for (int m = 0; m < MM; m++) acc[r][m] = _mm256_fmadd_ps(w, av[m], acc[r][m]);
+        }
+    }
+    for (int r = 0; r < RR; r++)
+        for (int m = 0; m < MM; m++) {
+            float s = reduce8(acc[r][m]), *cm = c + m * N + n + r;
+            *cm = beta == 0.0f ? alpha * s : alpha * s + beta * *cm;
+        }
+}
+
+AVX2_INLINE void gemv8_rows_m(float *c, const float *a, const uint16_t *b, const int MM, int64_t N, int64_t K,
+                              int64_t n0, int64_t n1, float alpha, float beta, bool bf16) {
+    const int RR = MM == 1 ? 8 : MM == 2 ? 4 : 2;
+    int64_t n = n0;
+    for (; n + RR <= n1; n += RR) gemv_tile8(c, a, b, MM, RR, N, K, n, alpha, beta, bf16);
+    for (; n < n1; n++) gemv_tile8(c, a, b, MM, 1, N, K, n, alpha, beta, bf16);
+}
+
+AVX2_INLINE void gemv8_rows_dtype(float *c, const float *a, const uint16_t *b, int64_t M, int64_t N, int64_t K,
+                                  int64_t n0, int64_t n1, float alpha, float beta, bool bf16) {
+    switch (M) {
+    case 1: gemv8_rows_m(c, a, b, 1, N, K, n0, n1, alpha, beta, bf16); break;
+    case 2: gemv8_rows_m(c, a, b, 2, N, K, n0, n1, alpha, beta, bf16); break;
+    case 3: gemv8_rows_m(c, a, b, 3, N, K, n0, n1, alpha, beta, bf16); break;
+    default: gemv8_rows_m(c, a, b, 4, N, K, n0, n1, alpha, beta, bf16); break;
+    }
+}
+
+AVX2 static void gemv_avx2(float *c, const float *a, const uint16_t *b, int64_t M, int64_t N, int64_t K,
+                           int64_t n0, int64_t n1, float alpha, float beta, bool bf16) {
+    if (bf16) gemv8_rows_dtype(c, a, b, M, N, K, n0, n1, alpha, beta, true);
+    else gemv8_rows_dtype(c, a, b, M, N, K, n0, n1, alpha, beta, false);
 }
 #endif
 
@@ -429,18 +514,7 @@ static Status lowp_bf16_gemm(float *c, const float *a, const uint16_t *b, const 
 // The switch for the bf16 GEMM: -1 until AGPT_CPU_BF16_GEMM is read (once), then 0 or 1.
 static int bf16_gemm_switch = -1;
 
-static bool bf16_gemm_supported(void) {
-#if HAVE_X86
-    static int supported = -1;
-    if (supported < 0)
-        supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                    __builtin_cpu_supports("avx512bf16");
-    return supported;
-#else
-    return false;
-#endif
-}
+static bool bf16_gemm_supported(void) { return cpu_has_avx512_bf16() && cpu_isa() == CPU_ISA_AVX512; }
 
 bool cpu_set_bf16_gemm(bool on) {
     __atomic_store_n(&bf16_gemm_switch, on ? 1 : 0, __ATOMIC_RELAXED);
@@ -463,28 +537,36 @@ static bool use_bf16_gemm(void) {
 
 // ---- dispatch --------------------------------------------------------------------------------------------
 
-static void widen(float *dst, const uint16_t *src, int64_t n, bool bf16, bool avx512) {
+static void widen(float *dst, const uint16_t *src, int64_t n, bool bf16, CpuIsa isa) {
 #if HAVE_X86
-    if (avx512) {
+    if (isa == CPU_ISA_AVX512) {
         widen_avx512(dst, src, n, bf16);
         return;
     }
+    if (isa == CPU_ISA_AVX2) {
+        widen_avx2(dst, src, n, bf16);
+        return;
+    }
 #endif
-    (void)avx512;
+    (void)isa;
     widen_portable(dst, src, n, bf16);
 }
 
 // c[M,N] = alpha a[M,K] b[N,K]^T + beta c, M <= LOWP_GEMV_MAX_M, a's rows contiguous.
 static void lowp_gemv(float *c, const float *a, const uint16_t *b, int64_t M, int64_t N, int64_t K, float alpha,
-                      float beta, bool bf16, bool avx512) {
+                      float beta, bool bf16, CpuIsa isa) {
     // Blocks of whole tiles, so each thread streams its own run of weight rows.
     const int64_t per = LOWP_GEMV_ROWS * 8, blocks = (N + per - 1) / per;
 #pragma omp parallel for schedule(static) if (N * K > 65536)
     for (int64_t blk = 0; blk < blocks; blk++) {
         int64_t n0 = blk * per, n1 = n0 + per < N ? n0 + per : N;
 #if HAVE_X86
-        if (avx512) {
+        if (isa == CPU_ISA_AVX512) {
             gemv_avx512(c, a, b, M, N, K, n0, n1, alpha, beta, bf16);
+            continue;
+        }
+        if (isa == CPU_ISA_AVX2) {
+            gemv_avx2(c, a, b, M, N, K, n0, n1, alpha, beta, bf16);
             continue;
         }
 #endif
@@ -498,7 +580,7 @@ static void lowp_gemv(float *c, const float *a, const uint16_t *b, int64_t M, in
 // and the threads meet at one barrier per call, not two per tile. The threads own disjoint columns of c: tiles
 // of nb rows of b [N,K] (trans_b), or of nb columns of b [K,N], then walked in blocks of kb rows of K.
 static void lowp_blocked(float *c, const float *a, const uint16_t *b, int64_t M, int64_t N, int64_t K, bool trans_a,
-                         bool trans_b, float alpha, float beta, bool bf16, bool avx512, float *buf, int64_t cap) {
+                         bool trans_b, float alpha, float beta, bool bf16, CpuIsa isa, float *buf, int64_t cap) {
     const int lda = (int)(trans_a ? M : K);
     const int64_t nb = trans_b ? (cap / K < N ? cap / K : N) : (N < 256 ? N : 256);
     const int64_t kb = trans_b ? K : (cap / nb < K ? cap / nb : K), tiles = (N + nb - 1) / nb;
@@ -513,7 +595,7 @@ static void lowp_blocked(float *c, const float *a, const uint16_t *b, int64_t M,
         for (int64_t t = 0; t < tiles; t++) {
             const int64_t n0 = t * nb, nn = N - n0 < nb ? N - n0 : nb;
             if (trans_b) {  // c[:, n0:n0+nn] = alpha op(a) @ tile[nn,K]^T + beta c[:, n0:n0+nn]
-                widen(tb, b + n0 * K, nn * K, bf16, avx512);
+                widen(tb, b + n0 * K, nn * K, bf16, isa);
                 if (M == 1)
                     cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)nn, (int)K, alpha, tb, (int)K, a, 1, beta, c + n0, 1);
                 else
@@ -523,7 +605,7 @@ static void lowp_blocked(float *c, const float *a, const uint16_t *b, int64_t M,
             }
             for (int64_t k0 = 0; k0 < K; k0 += kb) {  // c[:, n0:n0+nn] += alpha op(a)[:, k0:k0+kk] @ tile[kk,nn]
                 const int64_t kk = K - k0 < kb ? K - k0 : kb;
-                for (int64_t r = 0; r < kk; r++) widen(tb + r * nn, b + (k0 + r) * N + n0, nn, bf16, avx512);
+                for (int64_t r = 0; r < kk; r++) widen(tb + r * nn, b + (k0 + r) * N + n0, nn, bf16, isa);
                 const float bk = k0 == 0 ? beta : 1.0f, *ak = a + (trans_a ? k0 * M : k0);
                 if (M == 1)
                     cblas_sgemv(CblasRowMajor, CblasTrans, (int)kk, (int)nn, alpha, tb, (int)nn, ak, 1, bk, c + n0, 1);
@@ -538,11 +620,12 @@ static void lowp_blocked(float *c, const float *a, const uint16_t *b, int64_t M,
 Status cpu_matmul_lowp(float *c, const float *a, const void *b, DType b_dtype, const float *bias, int64_t batch,
                        int64_t M, int64_t N, int64_t K, bool trans_a, bool trans_b, int64_t stride_a,
                        int64_t stride_b, int64_t stride_c, float alpha, float beta) {
-    const bool bf16 = b_dtype == DT_BF16, avx512 = use_avx512();
+    const bool bf16 = b_dtype == DT_BF16;
+    const CpuIsa isa = cpu_isa();
     // With one row, a is K contiguous floats whether or not it is transposed.
     const bool gemv = trans_b && M <= LOWP_GEMV_MAX_M && (M == 1 || !trans_a) && K > 0;
 #if HAVE_X86
-    if (bf16 && avx512 && M >= BF16_GEMM_MIN_M && K > 0 && use_bf16_gemm())
+    if (bf16 && isa == CPU_ISA_AVX512 && M >= BF16_GEMM_MIN_M && K > 0 && use_bf16_gemm())
         return lowp_bf16_gemm(c, a, (const uint16_t *)b, bias, batch, M, N, K, trans_a, trans_b, stride_a, stride_b,
                               stride_c, alpha, beta);
 #endif
@@ -569,9 +652,9 @@ Status cpu_matmul_lowp(float *c, const float *a, const void *b, DType b_dtype, c
         if (K == 0) {
             for (int64_t j = 0; j < M * N; j++) ci[j] = beta == 0.0f ? 0.0f : beta * ci[j];
         } else if (gemv) {
-            lowp_gemv(ci, ai, bi, M, N, K, alpha, beta, bf16, avx512);
+            lowp_gemv(ci, ai, bi, M, N, K, alpha, beta, bf16, isa);
         } else {
-            lowp_blocked(ci, ai, bi, M, N, K, trans_a, trans_b, alpha, beta, bf16, avx512, buf, cap);
+            lowp_blocked(ci, ai, bi, M, N, K, trans_a, trans_b, alpha, beta, bf16, isa, buf, cap);
         }
         if (bias) {
 #pragma omp parallel for if (M * N > 65536)
