@@ -106,9 +106,6 @@ static void usage(FILE *f) {
             "                             (--ask \"QUESTION\" --tokenizer F: also the model's answer)\n"
             "  chat --model M [--reference R ...] IMAGE\n"
             "                             a conversation about an image in the terminal (agpt chat --help)\n"
-            "  serve --model M [--port N] [--max-batch N] [--watch DIR [--sort]]\n"
-            "                             the inspection server: HTTP API, web page, banks, chat, metrics;\n"
-            "                             a hot folder (agpt serve --help)\n"
             "\n"
             "Later: serve, train, eval (see README.md).\n");
 }
@@ -144,7 +141,6 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "chat") == 0) return cmd_chat(argc - i, argv + i);
     if (strcmp(cmd, "convert") == 0) return cmd_convert(argc - i, argv + i);
     if (strcmp(cmd, "detect") == 0) return cmd_detect(argc - i, argv + i);
-    if (strcmp(cmd, "serve") == 0) return cmd_serve(argc - i, argv + i);
     if (strcmp(cmd, "help") == 0) {
         usage(stdout);
         return 0;
