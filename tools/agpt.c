@@ -63,7 +63,9 @@ int cli_engine_option(int argc, char **argv, int *i, const char *cmd, Device *de
         }
         *dtype = (DType)d;
     } else {
-        *threads = atoi(v);
+        long long n;  // 0 (the default) means one per core; an explicit count must be a real one
+        if (cli_parse_int(cmd, "--threads", v, 1, 1024, &n)) return -1;
+        *threads = (int)n;
     }
     return 1;
 }
@@ -82,10 +84,33 @@ int cli_sampling_option(int argc, char **argv, int *i, const char *cmd, SamplerC
     }
     if (strcmp(a, "--temperature") && strcmp(a, "--top-p") && strcmp(a, "--top-k") && strcmp(a, "--seed")) return 0;
     if (!(v = cli_value(argc, argv, i, cmd))) return -1;
-    if (!strcmp(a, "--temperature")) cfg->temperature = strtof(v, NULL);
-    else if (!strcmp(a, "--top-p")) cfg->top_p = strtof(v, NULL);
-    else if (!strcmp(a, "--top-k")) cfg->top_k = atoi(v);
-    else cfg->seed = strtoull(v, NULL, 10);
+    double x;
+    long long k;
+    if (!strcmp(a, "--temperature")) {
+        // Below 1e-4 the logits / T of a real model overflow float; above 1e4 every token is equally likely.
+        if (cli_parse_double(cmd, a, v, 1e-4, 1e4, &x)) return -1;
+        cfg->temperature = (float)x;
+    } else if (!strcmp(a, "--top-p")) {
+        if (cli_parse_double(cmd, a, v, 0, 1, &x)) return -1;
+        if (x == 0) {  // the sampler's range is (0, 1]: p = 0 would keep nothing
+            fprintf(stderr, "agpt %s: --top-p needs a number in (0, 1], not '%s'\n", cmd, v);
+            return -1;
+        }
+        cfg->top_p = (float)x;
+    } else if (!strcmp(a, "--top-k")) {
+        if (cli_parse_int(cmd, a, v, 0, 1 << 30, &k)) return -1;  // 0: no top-k cut (model/sampler.h)
+        cfg->top_k = (int)k;
+    } else {
+        // The whole uint64 range: strtoull alone would take "-5" as 2^64 - 5 and "4abc" as 4.
+        char *end = NULL;
+        errno = 0;
+        unsigned long long seed = v[0] >= '0' && v[0] <= '9' ? strtoull(v, &end, 10) : 0;
+        if (!end || *end || errno == ERANGE) {
+            fprintf(stderr, "agpt %s: --seed needs an integer in [0, 18446744073709551615], not '%s'\n", cmd, v);
+            return -1;
+        }
+        cfg->seed = (uint64_t)seed;
+    }
     return 1;
 }
 
@@ -106,6 +131,11 @@ static void usage(FILE *f) {
             "                             (--ask \"QUESTION\" --tokenizer F: also the model's answer)\n"
             "  chat --model M [--reference R ...] IMAGE\n"
             "                             a conversation about an image in the terminal (agpt chat --help)\n"
+            "  serve --model M [--port N] [--max-batch N] [--watch DIR [--sort]]\n"
+            "                             the inspection server: HTTP API, web page, banks, chat, metrics;\n"
+            "                             a hot folder (agpt serve --help)\n"
+            "  synth --class NAME --count N --out DIR IMAGES...\n"
+            "                             the synthetic anomalies and conversations training sees (agpt synth --help)\n"
             "\n"
             "Later: serve, train, eval (see README.md).\n");
 }
@@ -141,6 +171,8 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "chat") == 0) return cmd_chat(argc - i, argv + i);
     if (strcmp(cmd, "convert") == 0) return cmd_convert(argc - i, argv + i);
     if (strcmp(cmd, "detect") == 0) return cmd_detect(argc - i, argv + i);
+    if (strcmp(cmd, "serve") == 0) return cmd_serve(argc - i, argv + i);
+    if (strcmp(cmd, "synth") == 0) return cmd_synth(argc - i, argv + i);
     if (strcmp(cmd, "help") == 0) {
         usage(stdout);
         return 0;

@@ -11,6 +11,7 @@
 #include "runtime/memory.h"
 #include "runtime/timer.h"
 #include "tools/cli.h"
+#include "tools/inspect_io.h"
 
 typedef struct BenchCtx {
     Engine *e;
@@ -134,8 +135,9 @@ int cmd_bench(int argc, char **argv) {
             }
         } else if (strcmp(argv[i], "--iters") == 0) {
             if (!(v = cli_value(argc, argv, &i, "bench"))) return 2;
-            iters = atoi(v);
-            if (iters < 1) { fprintf(stderr, "agpt bench: --iters must be >= 1\n"); return 2; }
+            long long n;
+            if (cli_parse_int("bench", "--iters", v, 1, 1000000, &n)) return 2;
+            iters = (int)n;
         } else if (strcmp(argv[i], "--json") == 0) {
             if (!(json_path = cli_value(argc, argv, &i, "bench"))) return 2;
         } else if (strcmp(argv[i], "--quick") == 0) {
@@ -348,7 +350,7 @@ int cmd_bench(int argc, char **argv) {
     }
     arena_free(&b.arena);
     engine_destroy(&eng);
-    return 0;
+    return finish_stdout("bench", 0);
 fail:
     arena_free(&b.arena);
     engine_destroy(&eng);

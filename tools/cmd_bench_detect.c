@@ -16,6 +16,7 @@
 #include "runtime/rng.h"
 #include "runtime/timer.h"
 #include "tools/cli.h"
+#include "tools/inspect_io.h"
 
 // The official MVTec bottle test prompt (describles['bottle'] + ' Is there any anomaly in the image?'): 49 tokens
 // with "\n### Assistant:" (anomalygpt-reference.md 5.3), so the LLM input is 79 rows at full size.
@@ -41,13 +42,8 @@ static void usage(FILE *f) {
 
 static int int_option(int argc, char **argv, int *i, int lo, int hi, int *out) {
     const char *v = cli_value(argc, argv, i, "bench detect");
-    if (!v) return -1;
-    char *end;
-    long x = strtol(v, &end, 10);
-    if (*end || x < lo || x > hi) {
-        fprintf(stderr, "agpt bench detect: %s must be an integer in [%d, %d]\n", argv[*i - 1], lo, hi);
-        return -1;
-    }
+    long long x;
+    if (!v || cli_parse_int("bench detect", argv[*i - 1], v, lo, hi, &x)) return -1;
     *out = (int)x;
     return 0;
 }
@@ -205,5 +201,5 @@ done:
     mem_host_free(img.rgb);
     anomalygpt_close(&a);
     engine_destroy(&eng);
-    return s ? cli_report("bench detect", s) : 0;
+    return finish_stdout("bench detect", s ? cli_report("bench detect", s) : 0);
 }

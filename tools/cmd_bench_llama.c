@@ -16,6 +16,7 @@
 #include "runtime/timer.h"
 #include "tools/bench_limits.h"
 #include "tools/cli.h"
+#include "tools/inspect_io.h"
 
 enum { C_DIM = 4096, N_HEADS = 32, I_DIM = 11008, VOCAB = 32001, FULL_LAYERS = 32 };
 
@@ -72,39 +73,38 @@ int cmd_bench_llama(int argc, char **argv) {
             }
         } else if (!strcmp(argv[i], "--batch")) {
             if (!(v = cli_value(argc, argv, &i, "bench llama"))) return 2;
-            if (n_batches == 8 || atoi(v) < 1) {
-                fprintf(stderr, "agpt bench llama: --batch N (N >= 1, up to 8 times)\n");
+            long long n;
+            if (n_batches == 8) {
+                fprintf(stderr, "agpt bench llama: --batch N (up to 8 times)\n");
                 return 2;
             }
-            batches[n_batches++] = atoi(v);
+            if (cli_parse_int("bench llama", "--batch", v, 1, 4096, &n)) return 2;
+            batches[n_batches++] = (int)n;
         } else if (!strcmp(argv[i], "--iters")) {
             if (!(v = cli_value(argc, argv, &i, "bench llama"))) return 2;
-            iters = atoi(v);
-            if (iters < 1) { fprintf(stderr, "agpt bench llama: --iters must be >= 1\n"); return 2; }
+            long long n;
+            if (cli_parse_int("bench llama", "--iters", v, 1, 1000000, &n)) return 2;
+            iters = (int)n;
         } else if (!strcmp(argv[i], "--layers")) {
             if (!(v = cli_value(argc, argv, &i, "bench llama"))) return 2;
-            layers = atoi(v);
-            if (layers < 1 || layers > 256) {
-                fprintf(stderr, "agpt bench llama: --layers must be 1..256\n");
-                return 2;
-            }
+            long long n;
+            if (cli_parse_int("bench llama", "--layers", v, 1, 256, &n)) return 2;
+            layers = (int)n;
         } else if (!strcmp(argv[i], "--prompt")) {
             if (!(v = cli_value(argc, argv, &i, "bench llama"))) return 2;
-            prompt = atoi(v);
-            if (prompt < 1 || prompt > 4096) {
-                fprintf(stderr, "agpt bench llama: --prompt must be 1..4096\n");
-                return 2;
-            }
+            long long n;
+            if (cli_parse_int("bench llama", "--prompt", v, 1, 4096, &n)) return 2;
+            prompt = (int)n;
         } else if (!strcmp(argv[i], "--decode")) {
             if (!(v = cli_value(argc, argv, &i, "bench llama"))) return 2;
-            steps = atoi(v);
-            if (steps < 1 || steps > 4096) {
-                fprintf(stderr, "agpt bench llama: --decode must be 1..4096\n");
-                return 2;
-            }
+            long long n;
+            if (cli_parse_int("bench llama", "--decode", v, 1, 4096, &n)) return 2;
+            steps = (int)n;
         } else if (!strcmp(argv[i], "--threads")) {
             if (!(v = cli_value(argc, argv, &i, "bench llama"))) return 2;
-            threads = atoi(v);
+            long long n;
+            if (cli_parse_int("bench llama", "--threads", v, 1, 1024, &n)) return 2;
+            threads = (int)n;
         } else if (!strcmp(argv[i], "--json")) {
             if (!(json_path = cli_value(argc, argv, &i, "bench llama"))) return 2;
         } else if (!strcmp(argv[i], "--graph")) {
@@ -247,7 +247,7 @@ int cmd_bench_llama(int argc, char **argv) {
     llama_free(&m);
     weights_free(&ws);
     engine_destroy(&eng);
-    return 0;
+    return finish_stdout("bench llama", 0);
 fail_json:
     if (jf) fclose(jf);
 fail:

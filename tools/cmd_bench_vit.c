@@ -10,6 +10,7 @@
 #include "runtime/timer.h"
 #include "tools/bench_limits.h"
 #include "tools/cli.h"
+#include "tools/inspect_io.h"
 
 int cmd_bench_vit(int argc, char **argv) {
     Device dev = cuda_device_count() > 0 ? DEV_CUDA : DEV_CPU;
@@ -31,19 +32,25 @@ int cmd_bench_vit(int argc, char **argv) {
             }
         } else if (!strcmp(argv[i], "--batch")) {
             if (!(v = cli_value(argc, argv, &i, "bench vit"))) return 2;
-            if (n_batches == 8 || atoi(v) < 1) { fprintf(stderr, "agpt bench vit: --batch N (N >= 1, up to 8 times)\n"); return 2; }
-            batches[n_batches++] = atoi(v);
+            long long n;
+            if (n_batches == 8) { fprintf(stderr, "agpt bench vit: --batch N (up to 8 times)\n"); return 2; }
+            if (cli_parse_int("bench vit", "--batch", v, 1, 4096, &n)) return 2;
+            batches[n_batches++] = (int)n;
         } else if (!strcmp(argv[i], "--iters")) {
             if (!(v = cli_value(argc, argv, &i, "bench vit"))) return 2;
-            iters = atoi(v);
-            if (iters < 1) { fprintf(stderr, "agpt bench vit: --iters must be >= 1\n"); return 2; }
+            long long n;
+            if (cli_parse_int("bench vit", "--iters", v, 1, 1000000, &n)) return 2;
+            iters = (int)n;
         } else if (!strcmp(argv[i], "--layers")) {
             if (!(v = cli_value(argc, argv, &i, "bench vit"))) return 2;
-            layers = atoi(v);
-            if (layers < 4) { fprintf(stderr, "agpt bench vit: --layers must be >= 4\n"); return 2; }
+            long long n;
+            if (cli_parse_int("bench vit", "--layers", v, 4, 256, &n)) return 2;
+            layers = (int)n;
         } else if (!strcmp(argv[i], "--threads")) {
             if (!(v = cli_value(argc, argv, &i, "bench vit"))) return 2;
-            threads = atoi(v);
+            long long n;
+            if (cli_parse_int("bench vit", "--threads", v, 1, 1024, &n)) return 2;
+            threads = (int)n;
         } else if (!strcmp(argv[i], "--json")) {
             if (!(json_path = cli_value(argc, argv, &i, "bench vit"))) return 2;
         } else {
@@ -119,7 +126,7 @@ int cmd_bench_vit(int argc, char **argv) {
     vision_free(&v);
     weights_free(&ws);
     engine_destroy(&eng);
-    return 0;
+    return finish_stdout("bench vit", 0);
 fail_json:
     if (jf) fclose(jf);
 fail:

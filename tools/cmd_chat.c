@@ -2,16 +2,21 @@
 // 5.5, 9): every turn re-runs the whole history with the image, the map is the zero-shot map of the class the
 // conversation names or the few-shot map once normal references are given. Lines come from stdin (a terminal or a
 // pipe); each answer goes to stdout on its own line, a one-line summary of the turn to stderr. A failed turn or
-// command (an unreadable image, a conversation longer than the context) prints an error and the chat goes on.
+// command (an unreadable image, a question longer than the context) prints an error and the chat goes on. When
+// the history would outgrow the context, the oldest turns are dropped (and stderr says so) before the turn runs.
+// Stdout that cannot be written ends the chat with exit status 1.
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "model/anomalygpt.h"
+#include "model/prompt_learner.h"
 #include "runtime/log.h"
 #include "runtime/timer.h"
 #include "tools/cli.h"
+#include "tools/inspect_io.h"
 
 #define MAX_LIST 64
 #define MAX_TURNS 256
@@ -27,9 +32,11 @@ static void usage(FILE *f) {
             "  --reference F    a normal image of the product: few-shot map instead of the zero-shot one\n"
             "                   (one: the model is opened for batches of one image, as the web demo uses)\n"
             "  --greedy         argmax decoding instead of sampling\n"
-            "  --temperature T, --top-p P, --top-k K, --seed S   sampling (default 1.0, 0.01, 50, 42: the web demo)\n"
-            "  --max-new N      new tokens per answer, at most 1024 (default 512)\n"
-            "  --context N      tokens the conversation may hold: prompt, history and answer (default 2048)\n"
+            "  --temperature T, --top-p P, --top-k K, --seed S   sampling (default 1.0, 0.01, 50, 42: the web demo;\n"
+            "                   T 1e-4..1e4, P (0, 1], K >= 0 with 0 no top-k, S any uint64)\n"
+            "  --max-new N      new tokens per answer, 1..1024 (default 512)\n"
+            "  --context N      tokens the conversation may hold: prompt, history and answer, 64..32768 (default\n"
+            "                   2048); the oldest turns are dropped when the history would not fit\n"
             "  --squash         resize to 224x224 ignoring the aspect ratio (the web demo's path)\n"
             "  --device cpu|cuda, --dtype f32|f16|bf16 (cuda: the compute dtype, default f16 as the reference; cpu:\n"
             "                   bf16/f16 keep the weight matrices in it, half the memory; default f32), --threads N\n"
@@ -67,6 +74,60 @@ static void clear_history(Chat *c) {
         free((char *)c->history[i].answer);
     }
     c->n_history = 0;
+}
+
+// Drops the oldest n turns of the history.
+static void drop_oldest(Chat *c, int n) {
+    for (int i = 0; i < n; i++) {
+        free((char *)c->history[i].question);
+        free((char *)c->history[i].answer);
+    }
+    memmove(c->history, c->history + n, (size_t)(c->n_history - n) * sizeof *c->history);
+    c->n_history -= n;
+}
+
+// Tokens of an LLM input of history turns [first, n_history) and the question, counted as anomalygpt's
+// assemble_input builds it (anomalygpt-reference.md 5.4): <s>, "### Human: <Img>", the image token, "</Img> ",
+// the 18 prompts, and prompt text + "\n### Assistant:", each piece tokenised on its own. -1 when out of memory.
+static int input_tokens(const Chat *c, int first, const char *question) {
+    const SpTokenizer *t = c->model.tokenizer;
+    int cap = c->model.max_seq, total = 1 + 1 + PROMPT_TOKENS, n = 0;
+    int32_t *ids = malloc((size_t)cap * sizeof *ids);
+    char *text = conversation_prompt_text(c->history + first, c->n_history - first, question);
+    char *tail = text ? malloc(strlen(text) + sizeof CONV_ASSISTANT) : NULL;
+    if (!ids || !tail) {
+        free(ids), free(text), free(tail);
+        agpt_clear_error();
+        return -1;
+    }
+    strcpy(tail, text);
+    strcat(tail, CONV_ASSISTANT);
+    const char *pieces[] = {CONV_PROMPT_START, CONV_IMAGE_END, tail};
+    for (int k = 0; k < 3; k++) {
+        // A piece longer than cap fails with *n set to the count it needs, which is all we want here.
+        if (sp_encode(t, pieces[k], ids, cap, &n) != AGPT_OK && n <= cap) {
+            total = -1;
+            break;
+        }
+        total += n;
+    }
+    agpt_clear_error();
+    free(ids), free(text), free(tail);
+    return total;
+}
+
+// How many of the oldest turns to drop so that the question, the rest of the history and max_new answer tokens
+// fit the context (as anomalygpt_ask checks it: input + max_new - 1 <= max_seq); at least one when the history
+// is full. 0 when even the question alone does not fit: then the turn fails with the model's own error and the
+// history is kept.
+static int turns_to_drop(const Chat *c, const char *question) {
+    int first = c->n_history == MAX_TURNS ? 1 : 0;
+    for (; first <= c->n_history; first++) {
+        int T = input_tokens(c, first, question);
+        if (T < 0) return first;  // cannot count: let the model judge
+        if (T + c->max_new - 1 <= c->model.max_seq) return first;
+    }
+    return c->n_history == MAX_TURNS ? 1 : 0;
 }
 
 static void chat_error(const char *what, Status s) {
@@ -125,10 +186,14 @@ static void clear_references(Chat *c) {
     fprintf(stderr, "references cleared: zero-shot map\n");
 }
 
-static void ask(Chat *c, const char *question) {
-    if (c->n_history == MAX_TURNS) {
-        fprintf(stderr, "agpt chat: error: the history holds %d turns at most; /reset to start over\n", MAX_TURNS);
-        return;
+// One turn; false when the answer could not be written to stdout (the chat ends).
+static bool ask(Chat *c, const char *question) {
+    int drop = turns_to_drop(c, question);
+    if (drop > 0) {
+        drop_oldest(c, drop);
+        fprintf(stderr, "agpt chat: the conversation outgrew the context of %d tokens (or %d turns): dropped the "
+                "oldest %d turn(s), %d kept (/reset clears them all, --context allows more)\n", c->model.max_seq,
+                MAX_TURNS, drop, c->n_history);
     }
     AnomalyAnswer ans = {0};
     double t0 = timer_now_s();
@@ -144,10 +209,13 @@ static void ask(Chat *c, const char *question) {
             snprintf(what, sizeof what, "this turn failed");
         chat_error(what, s);
         free(ans.text);
-        return;
+        return true;
     }
-    printf("%s\n", ans.text);
-    fflush(stdout);
+    if (printf("%s\n", ans.text) < 0 || fflush(stdout) != 0) {
+        fprintf(stderr, "agpt chat: error: cannot write the answer to stdout: %s\n", strerror(errno));
+        free(ans.text);
+        return false;
+    }
     char mode[192];
     if (c->n_refs) snprintf(mode, sizeof mode, "few-shot, %d reference(s)", c->n_refs);
     else snprintf(mode, sizeof mode, "class %s", ans.class_name ? ans.class_name : "?");
@@ -156,9 +224,10 @@ static void ask(Chat *c, const char *question) {
     char *q = strdup(question);
     if (!q) {
         free(ans.text);
-        return;
+        return true;
     }
     c->history[c->n_history++] = (ConversationTurn){q, ans.text};
+    return true;
 }
 
 // The argument of a "/command ARG" line, leading spaces skipped; "" when none.
@@ -192,8 +261,13 @@ int cmd_chat(int argc, char **argv) {
         else if (!strcmp(a, "--weights")) { VALUE(); PUSH(overlays, n_overlays); }
         else if (!strcmp(a, "--tokenizer")) { VALUE(); tokenizer = v; }
         else if (!strcmp(a, "--reference")) { VALUE(); PUSH(refs, n_refs); }
-        else if (!strcmp(a, "--max-new")) { VALUE(); max_new = atoi(v); }
-        else if (!strcmp(a, "--context")) { VALUE(); context = atoi(v); }
+        else if (!strcmp(a, "--max-new") || !strcmp(a, "--context")) {
+            VALUE();
+            long long n;
+            bool is_max_new = !strcmp(a, "--max-new");
+            if (cli_parse_int("chat", a, v, is_max_new ? 1 : 64, is_max_new ? 1024 : 32768, &n)) return 2;
+            *(is_max_new ? &max_new : &context) = (int)n;
+        }
         else if (!strcmp(a, "--squash")) squash = 1;
         else if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); return 0; }
         else if (a[0] == '-') { fprintf(stderr, "agpt chat: unknown option '%s'\n", a); usage(stderr); return 2; }
@@ -207,8 +281,9 @@ int cmd_chat(int argc, char **argv) {
         usage(stderr);
         return 2;
     }
-    if (max_new < 1 || max_new > 1024) { fprintf(stderr, "agpt chat: --max-new must be in [1, 1024]\n"); return 2; }
-    if (context < 64) { fprintf(stderr, "agpt chat: --context must be at least 64\n"); return 2; }
+    Status s = check_model_path(model, "--model");
+    for (int k = 0; k < n_overlays && s == AGPT_OK; k++) s = check_model_path(overlays[k], "--weights");
+    if (s) return cli_report("chat", s);
 
     static Chat c;  // large (history, references): not on the stack
     memset(&c, 0, sizeof c);
@@ -216,7 +291,7 @@ int cmd_chat(int argc, char **argv) {
     c.max_new = max_new;
     Engine eng;
     dt = cli_model_dtype(argc, argv, dev, dt);
-    Status s = engine_create(&eng, dev, 0, threads, 1);
+    s = engine_create(&eng, dev, 0, threads, 1);
     if (s) return cli_report("chat", s);
     double t0 = timer_now_s();
     if ((s = anomalygpt_open(&c.model, &eng, model, overlays, n_overlays, tokenizer, dt, context))) {
@@ -258,9 +333,9 @@ int cmd_chat(int argc, char **argv) {
     char *line = NULL;
     size_t cap = 0;
     for (;;) {
-        if (tty) {
-            printf("> ");
-            fflush(stdout);
+        if (tty && (printf("> ") < 0 || fflush(stdout) != 0)) {
+            rc = 1;
+            break;
         }
         ssize_t len = getline(&line, &cap, stdin);
         if (len < 0) break;
@@ -269,7 +344,10 @@ int cmd_chat(int argc, char **argv) {
         while (*p == ' ' || *p == '\t') p++;
         if (*p == 0) continue;
         if (*p != '/') {
-            ask(&c, p);
+            if (!ask(&c, p)) {
+                rc = 1;
+                break;
+            }
         } else if (is_command(p, "/quit") || is_command(p, "/exit")) {
             break;
         } else if (is_command(p, "/image")) {
@@ -301,5 +379,5 @@ done:
     sampler_free(&c.sampler);
     anomalygpt_close(&c.model);
     engine_destroy(&eng);
-    return rc;
+    return finish_stdout("chat", rc);
 }

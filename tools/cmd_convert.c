@@ -67,21 +67,14 @@ int cmd_convert(int argc, char **argv) {
             o.dtype = (DType)d;
         } else if (!strcmp(a, "--vision-heads") || !strcmp(a, "--text-heads") || !strcmp(a, "--threads")) {
             VALUE();
-            char *end;
-            long n = strtol(v, &end, 10);
-            if (*end || n < 1 || n > 4096) {
-                fprintf(stderr, "agpt convert: %s wants a positive integer\n", a);
-                return 2;
-            }
+            long long n;
+            if (cli_parse_int("convert", a, v, 1, !strcmp(a, "--threads") ? 1024 : 4096, &n)) return 2;
             *(!strcmp(a, "--vision-heads") ? &o.vision_heads : !strcmp(a, "--text-heads") ? &o.text_heads : &o.threads) = (int)n;
         } else if (!strcmp(a, "--lora-alpha")) {
             VALUE();
-            char *end;
-            o.lora_alpha = strtof(v, &end);
-            if (*end || !(o.lora_alpha > 0)) {
-                fprintf(stderr, "agpt convert: --lora-alpha wants a positive number\n");
-                return 2;
-            }
+            double x;
+            if (cli_parse_double("convert", a, v, 1e-6, 1e6, &x)) return 2;  // the scaling alpha / rank, > 0
+            o.lora_alpha = (float)x;
         } else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             usage(stdout);
             return 0;

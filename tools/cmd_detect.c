@@ -4,11 +4,13 @@
 // "ok": false and its error, and the others go on. Progress and a summary (images/s) go to stderr.
 //
 // The verdict is the answer's: "anomalous" when it starts with "Yes", "normal" when it starts with "No" (the
-// reference's accuracy counts 'Yes' / 'No' in the answer), null when it says neither. No threshold is involved.
-// --verdict-only stops generating after a few tokens. A model file without the LLM gives maps and scores only.
+// reference's accuracy counts 'Yes' / 'No' in the answer), null when it says neither ("unclear" in the summary:
+// the answer is there to read). No threshold is involved. --verdict-only stops generating after a few tokens. A
+// model file without the LLM gives maps and scores only.
 //
-// Exit status: 0 when every image was processed, 1 when some were not (or the model did not load), 2 for a
-// usage error.
+// Exit status: 0 when every image was processed and every line written, 1 when some were not (an image that
+// failed, stdout that could not be written, or a model that did not load), 2 for a usage error (found before
+// any model loads: bad numbers, an unwritable --out, no images).
 #define _DEFAULT_SOURCE  // DT_DIR, strdup, strcasecmp
 #include <cjson/cJSON.h>
 #include <ctype.h>
@@ -41,23 +43,29 @@ static void usage(FILE *f) {
             "  --model F        the model file (agpt convert); --weights F layers trained weights over it (repeatable)\n"
             "  --reference F    a normal image of the product: few-shot map (repeatable; the reference uses 1-4)\n"
             "  --class NAME     the product: its text features make the zero-shot map, and the question names it\n"
+            "                   (1 to 100 bytes of UTF-8)\n"
             "  --prompt TEXT    the question (default: \"Is there any anomaly in the image?\", after \"This is a photo of\n"
             "                   a NAME for anomaly detection, which should be without any damage, flaw, defect, scratch,\n"
             "                   hole or broken part.\" with --class, as the reference's training prompts)\n"
-            "  --out DIR        write <name>.heatmap.png and <name>.map.safetensors (raw f32 map) per image\n"
+            "  --out DIR        write <name>.heatmap.png and <name>.map.safetensors (raw f32 map) per image; checked\n"
+            "                   for writing before the model loads; runs sharing it never mix a heatmap and a map\n"
             "  --verdict-only   stop after the verdict (a few tokens) instead of the whole answer\n"
-            "  --max-new N      answer tokens at most (default 512), --context N (2048)\n"
+            "  --max-new N      answer tokens at most, 1..1024 (default 512); --context N tokens, 64..32768 (2048)\n"
             "  --tokenizer F, --clip-vocab F   override the tokenizers embedded in the model file\n"
             "  --squash, --fuse-text-map, --rotate-references   as in agpt map\n"
-            "  --greedy (default) | --temperature T --top-p P --top-k K --seed S\n"
-            "  --batch N        with greedy decoding, N images at a time through every stage (default 1: one by\n"
-            "                   one); the KV cache holds N sequences of --context tokens. Lines stay in input order;\n"
-            "                   each line's ms (vision, prefill, generate, total) is its batch's time divided by the\n"
-            "                   batch's size (decode_image is its own)\n"
+            "  --greedy (default) | --temperature T (1e-4..1e4) --top-p P (0..1] --top-k K (0: off) --seed S (uint64)\n"
+            "  --batch N        with greedy decoding, N images at a time through every stage, 1..256 (default 1: one\n"
+            "                   by one); the KV cache holds N sequences of --context tokens. Lines stay in input order;\n"
+            "                   each line's ms (vision, prefill, generate) is its batch's time divided by the batch's\n"
+            "                   size (decode_image and outputs are its own)\n"
             "  --device cpu|cuda, --dtype f32|f16|bf16 (cuda: the compute dtype, default f16; cpu: bf16/f16 keep the\n"
             "                   weight matrices in it, half the memory; default f32), --threads N\n"
-            "Folders are walked recursively for .png, .jpg and .jpeg files, in name order.\n"
-            "Exit status: 0 every image processed, 1 some failed or the model did not load, 2 usage.\n");
+            "Folders are walked recursively for .png, .jpg and .jpeg files, in name order (a folder holding none\n"
+            "is named on stderr). Timings (ms): total = vision + prefill + generate + outputs (this image's time on\n"
+            "the inspection thread); decode_image runs ahead on a decoding thread, overlapping the previous image,\n"
+            "and is not part of total.\n"
+            "Exit status: 0 every image processed and written, 1 some failed, stdout could not be written or the\n"
+            "model did not load, 2 usage.\n");
 }
 
 // ---- the list of images -------------------------------------------------------------------------------
@@ -118,7 +126,7 @@ static Status walk(ImageList *l, const char *dir, const char *rel, int depth) {
         if (s == AGPT_OK && !(names[n++] = strdup(e->d_name))) s = AGPT_FAIL(AGPT_ERR_OOM, "out of memory");
     }
     closedir(d);
-    if (s == AGPT_OK) qsort(names, (size_t)n, sizeof *names, cmp_cstr);
+    if (s == AGPT_OK && n > 1) qsort(names, (size_t)n, sizeof *names, cmp_cstr);  // names is NULL when n == 0
     for (int i = 0; i < n && s == AGPT_OK; i++) {
         if (!names[i]) continue;
         char path[4096], sub[4096];
@@ -296,8 +304,6 @@ typedef struct LineOptions {
     const AnomalyGPT *agpt;
 } LineOptions;
 
-// The JSON line of one image: its results when s is AGPT_OK, else "ok": false and error (the library's last
-// message when error is NULL). Returns whether it succeeded.
 // JSON readers refuse strings that are not UTF-8: paths, names and texts go in with bad bytes as '?'.
 static void add_text(cJSON *obj, const char *key, const char *text) {
     char *clean = utf8_lossy(text ? text : "");
@@ -305,11 +311,18 @@ static void add_text(cJSON *obj, const char *key, const char *text) {
     free(clean);
 }
 
-static bool print_result(const LineOptions *o, const char *path, Status s, const char *error, const AnomalyAnswer *ans,
-                         float score, const char *used_class, const char *heat, const char *raw, double load_ms,
-                         double total_ms) {
+// What became of one image, for the summary line.
+typedef enum Outcome { OUT_FAILED, OUT_ANOMALOUS, OUT_NORMAL, OUT_UNCLEAR, OUT_MAP_ONLY, OUT_KINDS } Outcome;
+
+// The JSON line of one image: its results when s is AGPT_OK, else "ok": false and error (the library's last
+// message when error is NULL); *outcome says which. Returns an error when the line could not be written.
+static Status print_result(const LineOptions *o, const char *path, Status s, const char *error,
+                           const AnomalyAnswer *ans, float score, const char *used_class, const char *heat,
+                           const char *raw, double load_ms, double outputs_ms, double total_ms, Outcome *outcome) {
     cJSON *line = cJSON_CreateObject();
+    if (!line) return AGPT_FAIL(AGPT_ERR_OOM, "out of memory printing a result");
     add_text(line, "image", path);
+    *outcome = OUT_FAILED;
     if (s == AGPT_OK) {
         cJSON_AddTrueToObject(line, "ok");
         const char *verdict = NULL;
@@ -318,8 +331,9 @@ static bool print_result(const LineOptions *o, const char *path, Status s, const
             verdict = verdict_of(o->verdict_only ? text : ans->text);
             free(text);
         }
+        *outcome = !o->llm ? OUT_MAP_ONLY : !verdict ? OUT_UNCLEAR : verdict[0] == 'a' ? OUT_ANOMALOUS : OUT_NORMAL;
         if (verdict) cJSON_AddStringToObject(line, "verdict", verdict);
-        else cJSON_AddNullToObject(line, "verdict");
+        else cJSON_AddNullToObject(line, "verdict");  // no LLM, or an answer starting with neither Yes nor No
         cJSON_AddNumberToObject(line, "score", score);
         cJSON_AddStringToObject(line, "mode", !o->n_refs ? "zero-shot" : o->fuse ? "few-shot+zero-shot" : "few-shot");
         if (!o->n_refs || o->fuse)
@@ -337,18 +351,36 @@ static bool print_result(const LineOptions *o, const char *path, Status s, const
             cJSON_AddNumberToObject(t, "generate", ans->decode_ms);
             cJSON_AddNumberToObject(t, "tokens", ans->n_tokens);
         }
+        if (o->out_dir) cJSON_AddNumberToObject(t, "outputs", outputs_ms);
         cJSON_AddNumberToObject(t, "total", total_ms);
     } else {
         cJSON_AddFalseToObject(line, "ok");
         add_text(line, "error", error ? error : agpt_last_error());
     }
-    print_json_line(line);
-    return s == AGPT_OK;
+    return print_json_line(line);
+}
+
+// "This is a photo of a NAME ..." as a malloc'd string (NULL when out of memory).
+static char *class_question(const char *class_name) {
+    static const char *fmt = "This is a photo of a %s for anomaly detection, which should be without any damage, "
+                             "flaw, defect, scratch, hole or broken part. Is there any anomaly in the image?";
+    size_t n = strlen(fmt) + strlen(class_name) + 1;
+    char *q = malloc(n);
+    if (q) snprintf(q, n, fmt, class_name);
+    return q;
+}
+
+// An integer option's value into *out (an int), strictly: a usage error otherwise.
+static bool int_value(const char *opt, const char *v, long long lo, long long hi, int *out) {
+    long long x;
+    if (cli_parse_int("detect", opt, v, lo, hi, &x)) return false;
+    *out = (int)x;
+    return true;
 }
 
 int cmd_detect(int argc, char **argv) {
     const char *model = NULL, *class_name = NULL, *prompt = NULL, *out_dir = NULL, *sp_model = NULL, *clip_vocab = NULL;
-    const char *overlays[MAX_OVERLAYS], *refs[MAX_REFS];
+    const char *overlays[MAX_OVERLAYS], *refs[MAX_REFS], *empty_folder = NULL;
     int n_overlays = 0, n_refs = 0, threads = 0, max_new = 512, context = 2048, batch_n = 1;
     bool verdict_only = false, squash = false, fuse = false, rotate = false;
     SamplerConfig scfg = sampler_default_config();
@@ -378,14 +410,14 @@ int cmd_detect(int argc, char **argv) {
             if (n_refs == MAX_REFS) { fprintf(stderr, "agpt detect: at most %d --reference\n", MAX_REFS); goto usage_error; }
             refs[n_refs++] = v;
         }
-        else if (!strcmp(a, "--class")) { VALUE(); class_name = v; }
+        else if (!strcmp(a, "--class")) { VALUE(); class_name = v; if (!class_name_ok("detect", v)) goto usage_error; }
         else if (!strcmp(a, "--prompt")) { VALUE(); prompt = v; }
         else if (!strcmp(a, "--out") || !strcmp(a, "-o")) { VALUE(); out_dir = v; }
         else if (!strcmp(a, "--tokenizer")) { VALUE(); sp_model = v; }
         else if (!strcmp(a, "--clip-vocab")) { VALUE(); clip_vocab = v; }
-        else if (!strcmp(a, "--max-new")) { VALUE(); max_new = atoi(v); }
-        else if (!strcmp(a, "--context")) { VALUE(); context = atoi(v); }
-        else if (!strcmp(a, "--batch")) { VALUE(); batch_n = atoi(v); }
+        else if (!strcmp(a, "--max-new")) { VALUE(); if (!int_value(a, v, 1, 1024, &max_new)) goto usage_error; }
+        else if (!strcmp(a, "--context")) { VALUE(); if (!int_value(a, v, 64, 32768, &context)) goto usage_error; }
+        else if (!strcmp(a, "--batch")) { VALUE(); if (!int_value(a, v, 1, MAX_BATCH, &batch_n)) goto usage_error; }
         else if (!strcmp(a, "--verdict-only")) verdict_only = true;
         else if (!strcmp(a, "--squash")) squash = true;
         else if (!strcmp(a, "--fuse-text-map")) fuse = true;
@@ -395,6 +427,7 @@ int cmd_detect(int argc, char **argv) {
         else {
             struct stat sb;
             if (stat(a, &sb) != 0) { fprintf(stderr, "agpt detect: no such file or folder: %s\n", a); goto usage_error; }
+            int before = images.n;
             if (S_ISDIR(sb.st_mode)) s = walk(&images, a, "", 0);
             else {
                 char stem[256];
@@ -402,37 +435,48 @@ int cmd_detect(int argc, char **argv) {
                 s = list_push(&images, a, stem);
             }
             if (s) { cli_report("detect", s); list_free(&images); return 1; }
+            if (images.n == before) {  // an empty hot folder is worth a word even when others hold images
+                fprintf(stderr, "agpt detect: folder %s holds no .png, .jpg or .jpeg images\n", a);
+                empty_folder = a;
+            }
         }
 #undef VALUE
     }
     if (!model || images.n == 0) {
-        fprintf(stderr, "agpt detect: --model and at least one image (or a folder holding images) are required\n");
+        if (model && empty_folder)
+            fprintf(stderr, "agpt detect: no images to inspect (%s holds none)\n", empty_folder);
+        else
+            fprintf(stderr, "agpt detect: --model and at least one image (or a folder holding images) are required\n");
         goto usage_error;
     }
-    if (max_new < 1 || max_new > 1024 || context < 64) {
-        fprintf(stderr, "agpt detect: --max-new must be in [1, 1024] and --context at least 64\n");
-        goto usage_error;
-    }
-    if (batch_n < 1 || batch_n > MAX_BATCH) {
-        fprintf(stderr, "agpt detect: --batch must be in [1, %d]\n", MAX_BATCH);
-        goto usage_error;
-    }
-    if ((s = make_names_unique(&images)) || (out_dir && (s = ensure_dir(out_dir)))) {
+    // Everything that can be refused is refused before the model loads (seconds to minutes of a user's time).
+    if ((s = make_names_unique(&images)) || (s = check_model_path(model, "--model"))) {
         list_free(&images);
         return cli_report("detect", s);
     }
+    for (int k = 0; k < n_overlays; k++)
+        if ((s = check_model_path(overlays[k], "--weights"))) {
+            list_free(&images);
+            return cli_report("detect", s);
+        }
+    if (out_dir && (s = ensure_dir(out_dir))) {
+        cli_report("detect", s);
+        list_free(&images);
+        return 2;
+    }
 
-    // The question: the reference's training prompt shape when the product is named.
-    char question[2048];
-    if (prompt) snprintf(question, sizeof question, "%s", prompt);
-    else if (class_name)
-        snprintf(question, sizeof question, "This is a photo of a %s for anomaly detection, which should be without any "
-                 "damage, flaw, defect, scratch, hole or broken part. Is there any anomaly in the image?", class_name);
-    else snprintf(question, sizeof question, "Is there any anomaly in the image?");
+    // The question, whole: the reference's training prompt shape when the product is named.
+    char *question = prompt ? strdup(prompt) : class_name ? class_question(class_name)
+                                                          : strdup("Is there any anomaly in the image?");
+    if (!question) {
+        list_free(&images);
+        return cli_report("detect", AGPT_FAIL(AGPT_ERR_OOM, "no memory for the question"));
+    }
 
     Engine eng;
     dt = cli_model_dtype(argc, argv, dev, dt);
     if ((s = engine_create(&eng, dev, 0, threads, 1))) {
+        free(question);
         list_free(&images);
         return cli_report("detect", s);
     }
@@ -442,7 +486,7 @@ int cmd_detect(int argc, char **argv) {
     VisionModel *vm = llm ? &agpt.vision : &vision;
     Sampler sampler = {0};
     ClipTokenizer *clip = NULL;
-    int rc = 0, done = 0, failed = 0;
+    int rc = 0, done = 0, failed = 0, counts[OUT_KINDS] = {0};
     float *map = NULL;
     double t0 = timer_now_s();
     int batch = n_refs * (rotate ? 4 : 1);
@@ -504,16 +548,18 @@ int cmd_detect(int argc, char **argv) {
         goto finish;
     }
     int slot = 0, S = vm->vision.image;
+    Status written = AGPT_OK;  // the first line that could not be written stops the run: its results are lost
     prefetch_start(ahead, &images, slot, 0, images.n < batch_n ? images.n : batch_n);
-    for (int i0 = 0; i0 < images.n; i0 += batch_n) {
+    for (int i0 = 0; i0 < images.n && written == AGPT_OK; i0 += batch_n) {
         ImageGroup *g = prefetch_wait(ahead, slot);
         if (i0 + batch_n < images.n) {
             int rest = images.n - (i0 + batch_n);
             prefetch_start(ahead, &images, 1 - slot, i0 + batch_n, rest < batch_n ? rest : batch_n);
         }
         char heat[4096], raw[4096];
+        Outcome outcome;
         if (batch_n == 1) {  // one image: sampling allowed, a model without the LLM too
-            double t1 = timer_now_s();
+            double t1 = timer_now_s(), outputs_ms = 0;
             float score = 0;
             AnomalyAnswer ans = {.map = map};
             const char *used_class = map_class;
@@ -530,14 +576,15 @@ int cmd_detect(int argc, char **argv) {
                     s = vision_model_map(vm, &g->img[0], 1, map_class, map, &score);
                     ans.vision_ms = 1e3 * (timer_now_s() - tv);
                 }
-                if (s == AGPT_OK && out_dir)
+                if (s == AGPT_OK && out_dir) {
+                    double tw = timer_now_s();
                     s = write_map_outputs(vm, &g->img[0], map, out_dir, images.names[i0], heat, raw, sizeof heat);
+                    outputs_ms = 1e3 * (timer_now_s() - tw);
+                }
             }
-            if (print_result(&lo, images.paths[i0], s, g->st[0] != AGPT_OK ? g->err[0] : NULL, &ans, score,
-                             used_class, heat, raw, g->ms[0], 1e3 * (timer_now_s() - t1)))
-                done++;
-            else
-                failed++, rc = 1;
+            written = print_result(&lo, images.paths[i0], s, g->st[0] != AGPT_OK ? g->err[0] : NULL, &ans, score,
+                                   used_class, heat, raw, g->ms[0], outputs_ms, 1e3 * (timer_now_s() - t1), &outcome);
+            counts[outcome]++;
             free(ans.text);
         } else {  // greedy with the LLM: the readable images through anomalygpt_ask_batch, the others reported
             int m = g->n, k = 0;
@@ -558,22 +605,24 @@ int cmd_detect(int argc, char **argv) {
             for (int j = 0, b = 0; j < m; j++) {
                 bool loaded = g->st[j] == AGPT_OK;
                 AnomalyAnswer *aj = &answers[loaded ? b : 0];
-                double tw = timer_now_s();
+                double tw = timer_now_s(), outputs_ms = 0;
                 Status sj = g->st[j];
                 char *err = NULL;
                 if (loaded) {
                     sj = bs;
-                    if (sj == AGPT_OK && out_dir)
+                    if (sj == AGPT_OK && out_dir) {
                         sj = write_map_outputs(vm, &g->img[j], aj->map, out_dir, images.names[i0 + j], heat, raw,
                                                sizeof heat);
+                        outputs_ms = 1e3 * (timer_now_s() - tw);
+                    }
                     if (sj != AGPT_OK) err = strdup(bs != AGPT_OK && batch_err ? batch_err : agpt_last_error());
                 }
                 const char *why = loaded ? (err ? err : "out of memory") : g->err[j];
-                if (print_result(&lo, images.paths[i0 + j], sj, why, aj, aj->score, aj->class_name, heat, raw,
-                                 g->ms[j], batch_ms + 1e3 * (timer_now_s() - tw)))
-                    done++;
-                else
-                    failed++, rc = 1;
+                if (written == AGPT_OK) {
+                    written = print_result(&lo, images.paths[i0 + j], sj, why, aj, aj->score, aj->class_name, heat,
+                                           raw, g->ms[j], outputs_ms, batch_ms + 1e3 * (timer_now_s() - tw), &outcome);
+                    counts[outcome]++;
+                }
                 free(err);
                 if (loaded) {
                     free(aj->text);
@@ -587,12 +636,27 @@ int cmd_detect(int argc, char **argv) {
         group_release(g);
         slot = 1 - slot;
     }
+    group_release(prefetch_wait(ahead, slot));  // stopped early: the next group, decoded meanwhile (else empty)
     free(ahead);
     free(answers);
     progress_end(&bar);
+    done = images.n - counts[OUT_FAILED];
+    failed = counts[OUT_FAILED];
+    if (failed) rc = 1;
     double seconds = timer_now_s() - t_images;
-    fprintf(stderr, "agpt detect: %d of %d image(s) processed, %d failed, in %.2f s: %.2f images/s (model load %.2f s)\n",
-            done, images.n, failed, seconds, seconds > 0 ? done / seconds : 0.0, t_load);
+    if (written != AGPT_OK) {
+        // The results of the images before were written; this one's and the rest are not: say how far it got.
+        int lines = 0;
+        for (int k = 0; k < OUT_KINDS; k++) lines += counts[k];
+        rc = cli_report("detect", agpt_add_context(written, "stopped after %d of %d image(s)", lines - 1, images.n));
+    } else {
+        char verdicts[160] = "";
+        if (llm)
+            snprintf(verdicts, sizeof verdicts, " (verdicts: %d anomalous, %d normal, %d unclear)",
+                     counts[OUT_ANOMALOUS], counts[OUT_NORMAL], counts[OUT_UNCLEAR]);
+        fprintf(stderr, "agpt detect: %d of %d image(s) processed%s, %d failed, in %.2f s: %.2f images/s (model "
+                "load %.2f s)\n", done, images.n, verdicts, failed, seconds, seconds > 0 ? done / seconds : 0.0, t_load);
+    }
 
 finish:
     mem_host_free(map);
@@ -604,7 +668,8 @@ finish:
     clip_tokenizer_free(clip);
     engine_destroy(&eng);
     list_free(&images);
-    return rc;
+    free(question);
+    return finish_stdout("detect", rc);
 
 usage_error:
     usage(stderr);

@@ -8,6 +8,7 @@
 #include "runtime/safetensors.h"
 #include "runtime/threads.h"
 #include "tools/cli.h"
+#include "tools/inspect_io.h"
 
 static void print_build(void) {
     printf("agpt %s\n", AGPT_VERSION);
@@ -126,7 +127,7 @@ int cmd_info(int argc, char **argv) {
             return 2;
         }
         int rc = print_model(argv[i]);
-        if (rc) return rc;
+        if (rc) return finish_stdout("info", rc);
     }
-    return 0;
+    return finish_stdout("info", 0);
 }

@@ -30,7 +30,7 @@ static void usage(FILE *f) {
             "  --model F        the model file (vision encoder, decoder; text encoder or cached class features)\n"
             "  --weights F      a file of weights layered over the model (e.g. a trained decoder); repeatable\n"
             "  --reference F    a normal image of the product: few-shot map instead of the zero-shot one; repeatable\n"
-            "  --class NAME     the product name for the zero-shot map (default 'object')\n"
+            "  --class NAME     the product name for the zero-shot map (default 'object'; 1 to 100 bytes of UTF-8)\n"
             "  --clip-vocab F   CLIP's bpe_simple_vocab_16e6.txt.gz, to compute a class name the model file does\n"
             "                   not cache (needs the text encoder in the file)\n"
             "  --squash         resize to 224x224 ignoring the aspect ratio (the web demo's path) instead of\n"
@@ -39,12 +39,20 @@ static void usage(FILE *f) {
             "  --rotate-references  also use each reference turned 90/180/270 degrees (off: the reference)\n"
             "  --device cpu|cuda, --dtype f32|f16|bf16 (cuda: the compute dtype, default f16 as the reference; cpu:\n"
             "                   bf16/f16 keep the weight matrices in it, half the memory; default f32), --threads N\n"
-            "  -o, --out DIR    where heatmaps and raw maps go (created if missing)\n"
+            "  -o, --out DIR    where heatmaps and raw maps go (created if missing; checked for writing first)\n"
             "  --ask \"TEXT\"     also answer this question about each image (loads the LLM); the\n"
             "                   zero-shot map then uses the class the question names, as the reference does\n"
             "  --tokenizer F    LLaMA's SentencePiece tokenizer.model (with --ask; default: the one in the model file)\n"
             "  --greedy | --temperature T --top-p P --top-k K --seed S   decoding for --ask (default: sampling with\n"
-            "                   1.0, 0.01, 50, seed 42 per image, as the web demo); --max-new N (512), --context N (2048)\n");
+            "                   1.0, 0.01, 50, seed 42 per image, as the web demo; T 1e-4..1e4, P (0, 1], K >= 0 with 0\n"
+            "                   no top-k, S any uint64); --max-new N (1..1024, 512), --context N (64..32768, 2048)\n");
+}
+
+static bool int_value(const char *opt, const char *v, long long lo, long long hi, int *out) {
+    long long x;
+    if (cli_parse_int("map", opt, v, lo, hi, &x)) return false;
+    *out = (int)x;
+    return true;
 }
 
 int cmd_map(int argc, char **argv) {
@@ -67,13 +75,13 @@ int cmd_map(int argc, char **argv) {
         if (!strcmp(a, "--model")) { VALUE(); model = v; }
         else if (!strcmp(a, "--weights")) { VALUE(); PUSH(overlays, n_overlays); }
         else if (!strcmp(a, "--reference")) { VALUE(); PUSH(refs, n_refs); }
-        else if (!strcmp(a, "--class")) { VALUE(); class_name = v; }
+        else if (!strcmp(a, "--class")) { VALUE(); class_name = v; if (!class_name_ok("map", v)) return 2; }
         else if (!strcmp(a, "--clip-vocab")) { VALUE(); clip_vocab = v; }
         else if (!strcmp(a, "-o") || !strcmp(a, "--out")) { VALUE(); out_dir = v; }
         else if (!strcmp(a, "--ask")) { VALUE(); ask = v; }
         else if (!strcmp(a, "--tokenizer")) { VALUE(); sp_model = v; }
-        else if (!strcmp(a, "--max-new")) { VALUE(); max_new = atoi(v); }
-        else if (!strcmp(a, "--context")) { VALUE(); context = atoi(v); }
+        else if (!strcmp(a, "--max-new")) { VALUE(); if (!int_value(a, v, 1, 1024, &max_new)) return 2; }
+        else if (!strcmp(a, "--context")) { VALUE(); if (!int_value(a, v, 64, 32768, &context)) return 2; }
         else if (!strcmp(a, "--squash")) squash = 1;
         else if (!strcmp(a, "--fuse-text-map")) fuse = 1;
         else if (!strcmp(a, "--rotate-references")) rotate = 1;
@@ -88,9 +96,13 @@ int cmd_map(int argc, char **argv) {
         usage(stderr);
         return 2;
     }
-    if (ask && (max_new < 1 || max_new > 1024)) { fprintf(stderr, "agpt map: --max-new must be in [1, 1024]\n"); return 2; }
-    Status s = ensure_dir(out_dir);
+    Status s = check_model_path(model, "--model");
+    for (int k = 0; k < n_overlays && s == AGPT_OK; k++) s = check_model_path(overlays[k], "--weights");
     if (s) return cli_report("map", s);
+    if ((s = ensure_dir(out_dir))) {  // before the model loads: a usage error
+        cli_report("map", s);
+        return 2;
+    }
 
     Engine eng;
     dt = cli_model_dtype(argc, argv, dev, dt);
@@ -153,6 +165,10 @@ int cmd_map(int argc, char **argv) {
     }
     for (int i = 0; i < n_inputs; i++) {
         cJSON *line = cJSON_CreateObject();
+        if (!line) {
+            rc = cli_report("map", AGPT_FAIL(AGPT_ERR_OOM, "out of memory printing a result"));
+            break;
+        }
         cJSON_AddStringToObject(line, "image", inputs[i]);
         double t1 = timer_now_s();
         Image img;
@@ -199,7 +215,10 @@ int cmd_map(int argc, char **argv) {
             rc = 1;
         }
         free(ans.text);
-        print_json_line(line);
+        if ((s = print_json_line(line))) {  // the result is lost: stop rather than compute more for nobody
+            rc = cli_report("map", agpt_add_context(s, "stopped after %d of %d image(s)", i, n_inputs));
+            break;
+        }
     }
     mem_host_free(map);
     LOG_I("%d image(s) in %.2f s after a %.2f s load", n_inputs, timer_now_s() - t0 - t_load, t_load);
@@ -209,5 +228,5 @@ done:
     else vision_model_close(vm);
     clip_tokenizer_free(tokenizer);
     engine_destroy(&eng);
-    return rc;
+    return finish_stdout("map", rc);
 }

@@ -1,0 +1,147 @@
+#include "train/trainer.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/ops.h"
+#include "runtime/memory.h"
+#include "runtime/timer.h"
+#include "train/run_state.h"
+
+TrainerConfig trainer_default_config(void) {
+    return (TrainerConfig){.accum = 8, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = 0.001f,
+                           .grad_clip = 1.0f};
+}
+
+typedef struct Moments {
+    RunParam *rp;   // [n] name, master (= the param), m, v
+    float **bufs;   // [2n] the m and v storage
+} Moments;
+
+static void moments_free(Moments *mo, int n) {
+    for (int i = 0; mo->bufs && i < 2 * n; i++) mem_host_free(mo->bufs[i]);
+    free(mo->bufs), free(mo->rp);
+}
+
+static Status moments_alloc(Moments *mo, const TrainParam *p, int n) {
+    mo->rp = calloc((size_t)n, sizeof *mo->rp);
+    mo->bufs = calloc((size_t)2 * n, sizeof *mo->bufs);
+    if (!mo->rp || !mo->bufs) return AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory for %d parameters", n);
+    for (int i = 0; i < n; i++) {
+        size_t bytes = tensor_nbytes(&p[i].param);
+        for (int j = 0; j < 2; j++) {
+            AGPT_TRY(mem_host_alloc(bytes, (void **)&mo->bufs[2 * i + j]));
+            memset(mo->bufs[2 * i + j], 0, bytes);
+        }
+        Tensor m = p[i].param, v = p[i].param;
+        m.data = mo->bufs[2 * i], v.data = mo->bufs[2 * i + 1];
+        mo->rp[i] = (RunParam){.name = p[i].name, .master = p[i].param, .m = m, .v = v};
+    }
+    return AGPT_OK;
+}
+
+static Status save(const TrainerConfig *c, const Moments *mo, int n, int64_t updates, int64_t epoch, int64_t pos) {
+    RunProgress pr = {.step = updates, .epoch = epoch, .position = pos};
+    return run_state_save(c->dir, &pr, c->config_text, mo->rp, n);
+}
+
+static Status check_config(const TrainerConfig *c, const TrainParam *p, int n) {
+    AGPT_CHECK_ARG(c->accum >= 1 && c->total_updates >= 1 && c->ckpt_every >= 0 && c->dir && c->config_text && n >= 1,
+                   "trainer: need accum >= 1, total updates >= 1, a run folder, the options text and parameters");
+    AGPT_CHECK_ARG(c->beta1 >= 0 && c->beta1 < 1 && c->beta2 >= 0 && c->beta2 < 1 && c->eps > 0,
+                   "trainer: AdamW betas must be in [0,1) and eps > 0");
+    AGPT_TRY(schedule_check(&c->schedule));
+    for (int i = 0; i < n; i++)
+        AGPT_CHECK_ARG(p[i].param.dtype == DT_F32 && p[i].param.device == DEV_CPU && p[i].grad.dtype == DT_F32 &&
+                           p[i].grad.device == DEV_CPU && tensor_same_shape(&p[i].param, &p[i].grad),
+                       "trainer: parameter %s: param and grad must be f32 CPU tensors of one shape", p[i].name);
+    return AGPT_OK;
+}
+
+Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, TrainStepFn step, void *ctx,
+                   TrainerResult *res) {
+    memset(res, 0, sizeof *res);
+    AGPT_TRY(check_config(c, p, n));
+    Moments mo = {0};
+    Loader *loader = NULL;
+    FILE *log = NULL;
+    void *sample = NULL;
+    Status s = moments_alloc(&mo, p, n);
+    LoaderConfig lc = c->loader;
+    int64_t updates = 0;
+    if (s == AGPT_OK && c->resume) {
+        RunProgress pr;
+        s = run_state_load(c->dir, c->config_text, mo.rp, n, &pr);
+        updates = pr.step, lc.epoch = pr.epoch, lc.position = pr.position;
+    }
+    if (s == AGPT_OK) s = loader_start(&lc, &loader);
+    if (s == AGPT_OK && !(sample = malloc(lc.sample_bytes))) s = AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory");
+    if (s == AGPT_OK) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/log.jsonl", c->dir);
+        // A resume appends; a new run starts the log afresh.
+        if (!(log = fopen(path, c->resume ? "a" : "w")))
+            s = AGPT_FAIL(AGPT_ERR_IO, "trainer: cannot write %s: %s", path, strerror(errno));
+    }
+    // The data position after the last sample used: where a checkpoint resumes.
+    int64_t next_epoch = lc.epoch, next_pos = lc.position;
+    const int64_t epoch_len = loader_epoch_length(&lc);
+    while (s == AGPT_OK && updates < c->total_updates) {
+        double t0 = timer_now_s();
+        for (int i = 0; i < n && s == AGPT_OK; i++) s = tensor_zero(&p[i].grad);
+        TrainLosses sum = {0};
+        for (int a = 0; a < c->accum && s == AGPT_OK; a++) {
+            int64_t epoch, pos;
+            s = loader_next(loader, sample, &epoch, &pos, NULL);
+            TrainLosses l = {0};
+            if (s == AGPT_OK) s = step(ctx, sample, &l);
+            if (s != AGPT_OK) break;
+            sum.ce += l.ce, sum.focal += l.focal, sum.dice += l.dice;
+            next_epoch = pos + 1 < epoch_len ? epoch : epoch + 1;
+            next_pos = pos + 1 < epoch_len ? pos + 1 : 0;
+        }
+        if (s != AGPT_OK) break;
+        // DeepSpeed divides the loss by the accumulation steps: the update sees the mean gradient.
+        double total = 0, ss = 0;
+        for (int i = 0; i < n && s == AGPT_OK; i++) s = op_scale(e, &p[i].grad, 1.0f / (float)c->accum);
+        for (int i = 0; i < n && s == AGPT_OK; i++) s = op_sum_squares(e, &ss, &p[i].grad), total += ss;
+        if (s != AGPT_OK) break;
+        double norm = sqrt(total);
+        if (!isfinite(norm)) {
+            s = AGPT_FAIL(AGPT_ERR_ARG, "gradient norm is %g at update %lld: the loss diverged; lower the learning "
+                          "rate or check the data", norm, (long long)updates + 1);
+            break;
+        }
+        if (c->grad_clip > 0 && c->grad_clip / (norm + 1e-6) < 1)  // torch's clip_grad_norm_
+            for (int i = 0; i < n && s == AGPT_OK; i++)
+                s = op_scale(e, &p[i].grad, (float)(c->grad_clip / (norm + 1e-6)));
+        updates++;
+        double lr = schedule_lr_at_update(&c->schedule, updates);
+        for (int i = 0; i < n && s == AGPT_OK; i++)
+            s = op_adamw(e, &p[i].param, &p[i].grad, &mo.rp[i].m, &mo.rp[i].v, (float)lr, c->beta1, c->beta2, c->eps,
+                         c->weight_decay, (int)updates);
+        if (s != AGPT_OK) break;
+        double k = 1.0 / c->accum;
+        res->last_loss = (sum.ce + sum.focal + sum.dice) * k;
+        fprintf(log, "{\"step\":%lld,\"ce\":%.9g,\"focal\":%.9g,\"dice\":%.9g,\"grad_norm\":%.9g,\"lr\":%.9g,"
+                "\"ms\":%.3f}\n", (long long)updates, sum.ce * k, sum.focal * k, sum.dice * k, norm, lr,
+                (timer_now_s() - t0) * 1e3);
+        fflush(log);
+        bool stop = c->stop && *c->stop;
+        if ((c->ckpt_every > 0 && updates % c->ckpt_every == 0) || updates == c->total_updates || stop)
+            s = save(c, &mo, n, updates, next_epoch, next_pos);
+        if (stop) {
+            res->stopped = true;
+            break;
+        }
+    }
+    res->updates = updates;
+    loader_free(loader);
+    free(sample);
+    if (log) fclose(log);
+    moments_free(&mo, n);
+    return s;
+}

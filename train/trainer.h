@@ -1,0 +1,59 @@
+// The training loop, independent of the model math: the model's forward + backward on one sample plugs in as a
+// TrainStepFn over a list of named parameters and their gradients. The loop does what the reference's DeepSpeed
+// engine does for one optimizer update (anomalygpt-reference.md 6.2): `accum` micro-steps that accumulate
+// gradients, their mean, the global-norm clip, AdamW at the schedule's lr (train/schedule.h); then a log.jsonl
+// line, a checkpoint every `ckpt_every` updates and at the end (train/run_state.h), and a clean stop on request.
+//
+// Determinism. Samples come from train/loader.h (order and randomness fixed by seed, epoch, index); the step
+// function must be a pure function of the parameters and the sample. A run resumed from a checkpoint then ends
+// bit-identical to one that never stopped: the state holds the parameters, the AdamW moments, the update count
+// and the data position.
+//
+// Scope: the parameters, gradients and moments are f32 CPU tensors (the CPU trainer; a device trainer copies to and
+// from them at checkpoints). The loop works on them through kernels/ops.h.
+#pragma once
+#include <signal.h>
+#include <stdbool.h>
+
+#include "kernels/engine.h"
+#include "train/loader.h"
+#include "train/schedule.h"
+
+typedef struct TrainParam {
+    const char *name;  // model-file name: the delta's and the state's key
+    Tensor param;      // [any] f32 CPU, updated in place
+    Tensor grad;       // [same] f32 CPU, accumulated by the step function, zeroed by the loop
+} TrainParam;
+
+typedef struct TrainLosses {
+    double ce, focal, dice;  // this micro-step's losses (0 where a part has none)
+} TrainLosses;
+
+// Forward + backward of one sample: ADDS d loss / d param into every grad and reports the losses.
+typedef Status (*TrainStepFn)(void *ctx, const void *sample, TrainLosses *out);
+
+typedef struct TrainerConfig {
+    int accum;                    // micro-steps per update (8 in the reference)
+    int64_t total_updates;        // stop after this many updates
+    int ckpt_every;               // save every this many updates (0: only at the end and on a stop)
+    float beta1, beta2, eps, weight_decay, grad_clip;  // AdamW; clip <= 0 disables
+    WarmupDecayConfig schedule;
+    const char *dir;              // run folder: log.jsonl, delta.safetensors, state.safetensors
+    const char *config_text;      // canonical options text (refuses a resume with other options)
+    bool resume;                  // continue from dir/state.safetensors
+    LoaderConfig loader;          // epoch and position are overwritten on a resume
+    volatile sig_atomic_t *stop;  // set by a SIGINT handler: save at the next update and return (may be NULL)
+} TrainerConfig;
+
+typedef struct TrainerResult {
+    int64_t updates;              // updates done in total (resumed ones included)
+    bool stopped;                 // ended by *stop before total_updates
+    double last_loss;             // ce + focal + dice of the last update, averaged over its micro-steps
+} TrainerResult;
+
+// The reference's AdamW values (lr comes from the schedule): betas (0.9, 0.95), eps 1e-8, weight decay 0.001,
+// clip 1.0, accumulation 8.
+TrainerConfig trainer_default_config(void);
+
+Status trainer_run(Engine *e, const TrainerConfig *cfg, TrainParam *params, int n_params, TrainStepFn step,
+                   void *ctx, TrainerResult *result);
