@@ -993,6 +993,207 @@ Status op_maxpool2x2(Engine *e, Tensor *out, const Tensor *x) {
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// training: backward of the vision path and the prompt learner, pixel losses
+
+Status op_conv2d_backward(Engine *e, Tensor *dx, Tensor *dw, Tensor *dbias, const Tensor *dout, const Tensor *x,
+                          const Tensor *w, int padding) {
+    const char *op = "op_conv2d_backward";
+    AGPT_TRY(check_tensor(e, x, op, "x"));
+    DType dt = x->dtype;
+    AGPT_TRY(check_float(e, x, dt, op, "x"));
+    AGPT_TRY(check_float(e, w, dt, op, "w"));
+    AGPT_TRY(check_float(e, dout, dt, op, "dout"));
+    char a[96], b[96], c[96];
+    AGPT_CHECK_ARG(x->ndim == 4 && w->ndim == 4,
+                   "op_conv2d_backward: x %s must be [B,Cin,H,W] and w %s [Cout,Cin,k,k]", DESC(x, a), DESC(w, b));
+    const int64_t B = x->shape[0], Cin = x->shape[1], H = x->shape[2], W = x->shape[3];
+    const int64_t Cout = w->shape[0], k = w->shape[2], p = padding;
+    AGPT_CHECK_ARG(w->shape[1] == Cin && w->shape[3] == k && k >= 1,
+                   "op_conv2d_backward: w %s does not fit x %s: expected [Cout,%lld,k,k] with k >= 1", DESC(w, b),
+                   DESC(x, a), (long long)Cin);
+    AGPT_CHECK_ARG(padding >= 0, "op_conv2d_backward: padding must be >= 0 (got %d)", padding);
+    AGPT_CHECK_ARG(Cin >= 1, "op_conv2d_backward: x %s has no channels", DESC(x, a));
+    const int64_t Ho = H + 2 * p - k + 1, Wo = W + 2 * p - k + 1;
+    AGPT_CHECK_ARG(Ho >= 1 && Wo >= 1, "op_conv2d_backward: a %lldx%lld kernel with padding %d does not fit x %s",
+                   (long long)k, (long long)k, padding, DESC(x, a));
+    AGPT_CHECK_ARG(dout->ndim == 4 && dout->shape[0] == B && dout->shape[1] == Cout && dout->shape[2] == Ho &&
+                       dout->shape[3] == Wo,
+                   "op_conv2d_backward: dout is %s, expected [%lld,%lld,%lld,%lld] for x %s, w %s and padding %d",
+                   DESC(dout, c), (long long)B, (long long)Cout, (long long)Ho, (long long)Wo, DESC(x, a), DESC(w, b),
+                   padding);
+    if (dx) {
+        AGPT_TRY(check_float(e, dx, dt, op, "dx"));
+        AGPT_TRY(check_same_shape(dx, x, op, "dx and x"));
+        AGPT_CHECK_ARG(dx->data != dout->data && dx->data != w->data && dx->data != x->data,
+                       "op_conv2d_backward: dx must not alias dout, x or w");
+    }
+    if (dw) {
+        AGPT_TRY(check_float(e, dw, dt, op, "dw"));
+        AGPT_TRY(check_same_shape(dw, w, op, "dw and w"));
+        AGPT_CHECK_ARG(!dx || dx->data != dw->data, "op_conv2d_backward: dw must not alias dx");
+    }
+    if (dbias) AGPT_TRY(check_vector(e, dbias, dt, Cout, op, "dbias"));
+    AGPT_CHECK_ARG(Cin * k * k <= INT32_MAX && Ho * Wo <= INT32_MAX && Cout <= INT32_MAX,
+                   "op_conv2d_backward: x %s with w %s is too large for one GEMM", DESC(x, a), DESC(w, b));
+    if (B == 0 || (!dx && !dw && !dbias)) return AGPT_OK;
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_conv2d_backward(e, dt, PTR(dx), PTR(dw), PTR(dbias), dout->data, x->data, w->data, B, Cin, H, W,
+                                    Cout, k, p);
+#endif
+    }
+    return cpu_conv2d_backward(dx ? F(dx) : NULL, dw ? F(dw) : NULL, dbias ? F(dbias) : NULL, CF(dout), CF(x), CF(w),
+                               B, Cin, H, W, Cout, k, p);
+}
+
+Status op_relu_backward(Engine *e, Tensor *dx, const Tensor *dout, const Tensor *y) {
+    const char *op = "op_relu_backward";
+    AGPT_TRY(check_tensor(e, y, op, "y"));
+    DType dt = y->dtype;
+    AGPT_TRY(check_float(e, y, dt, op, "y"));
+    AGPT_TRY(check_float(e, dout, dt, op, "dout"));
+    AGPT_TRY(check_float(e, dx, dt, op, "dx"));
+    AGPT_TRY(check_same_shape(dout, y, op, "dout and y"));
+    AGPT_TRY(check_same_shape(dx, y, op, "dx and y"));
+    int64_t n = tensor_numel(y);
+    if (n == 0) return AGPT_OK;
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_relu_backward(e, dt, dx->data, dout->data, y->data, n);
+#endif
+    }
+    cpu_relu_backward(F(dx), CF(dout), CF(y), n);
+    return AGPT_OK;
+}
+
+Status op_maxpool2x2_backward(Engine *e, Tensor *dx, const Tensor *dout, const Tensor *x) {
+    const char *op = "op_maxpool2x2_backward";
+    AGPT_TRY(check_tensor(e, x, op, "x"));
+    DType dt = x->dtype;
+    AGPT_TRY(check_float(e, x, dt, op, "x"));
+    AGPT_TRY(check_float(e, dout, dt, op, "dout"));
+    AGPT_TRY(check_float(e, dx, dt, op, "dx"));
+    char a[96], b[96];
+    AGPT_CHECK_ARG(x->ndim == 4, "op_maxpool2x2_backward: x %s must be [B,C,H,W]", DESC(x, a));
+    const int64_t B = x->shape[0], C = x->shape[1], H = x->shape[2], W = x->shape[3];
+    AGPT_CHECK_ARG(dout->ndim == 4 && dout->shape[0] == B && dout->shape[1] == C && dout->shape[2] == H / 2 &&
+                       dout->shape[3] == W / 2,
+                   "op_maxpool2x2_backward: dout is %s, expected [%lld,%lld,%lld,%lld] for x %s", DESC(dout, b),
+                   (long long)B, (long long)C, (long long)(H / 2), (long long)(W / 2), DESC(x, a));
+    AGPT_TRY(check_same_shape(dx, x, op, "dx and x"));
+    if (tensor_numel(x) == 0) return AGPT_OK;
+    AGPT_CHECK_ARG(dx->data != x->data && dx->data != dout->data,
+                   "op_maxpool2x2_backward: dx must not alias x or dout");
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_maxpool2x2_backward(e, dt, dx->data, dout->data, x->data, B * C, H, W);
+#endif
+    }
+    cpu_maxpool2x2_backward(F(dx), CF(dout), CF(x), B * C, H, W);
+    return AGPT_OK;
+}
+
+Status op_upsample_bilinear_backward(Engine *e, Tensor *dx, const Tensor *dout) {
+    const char *op = "op_upsample_bilinear_backward";
+    AGPT_TRY(check_tensor(e, dout, op, "dout"));
+    DType dt = dout->dtype;
+    AGPT_TRY(check_float(e, dout, dt, op, "dout"));
+    AGPT_TRY(check_float(e, dx, dt, op, "dx"));
+    char a[96], b[96];
+    AGPT_CHECK_ARG(dx->ndim == 4 && dout->ndim == 4,
+                   "op_upsample_bilinear_backward: dx %s and dout %s must both be [B,C,H,W]", DESC(dx, a),
+                   DESC(dout, b));
+    AGPT_CHECK_ARG(dx->shape[0] == dout->shape[0] && dx->shape[1] == dout->shape[1],
+                   "op_upsample_bilinear_backward: dx %s and dout %s differ in batch or channels", DESC(dx, a),
+                   DESC(dout, b));
+    int64_t BC = dx->shape[0] * dx->shape[1];
+    int64_t h = dx->shape[2], w = dx->shape[3], H = dout->shape[2], W = dout->shape[3];
+    if (BC == 0 || h == 0 || w == 0) return AGPT_OK;  // (an empty dout gives a zero dx)
+    AGPT_CHECK_ARG(dx->data != dout->data, "op_upsample_bilinear_backward: dx must not alias dout");
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_upsample_bilinear_backward(e, dt, dx->data, dout->data, BC, h, w, H, W);
+#endif
+    }
+    return cpu_upsample_bilinear_backward(F(dx), CF(dout), BC, h, w, H, W);
+}
+
+Status op_l2_normalize_backward(Engine *e, Tensor *dx, const Tensor *dout, const Tensor *x, float eps) {
+    const char *op = "op_l2_normalize_backward";
+    AGPT_TRY(check_tensor(e, x, op, "x"));
+    DType dt = x->dtype;
+    AGPT_TRY(check_float(e, x, dt, op, "x"));
+    AGPT_TRY(check_float(e, dout, dt, op, "dout"));
+    AGPT_TRY(check_float(e, dx, dt, op, "dx"));
+    AGPT_TRY(check_same_shape(dout, x, op, "dout and x"));
+    AGPT_TRY(check_same_shape(dx, x, op, "dx and x"));
+    AGPT_CHECK_ARG(eps >= 0, "op_l2_normalize_backward: eps must be >= 0 (got %g)", (double)eps);
+    AGPT_CHECK_ARG(dx->data != x->data, "op_l2_normalize_backward: dx must not alias x (it may alias dout)");
+    int64_t rows = tensor_rows(x), C = tensor_cols(x);
+    if (rows == 0 || C == 0) return AGPT_OK;
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_l2_normalize_backward(e, dt, dx->data, dout->data, x->data, rows, C, eps);
+#endif
+    }
+    cpu_l2_normalize_backward(F(dx), CF(dout), CF(x), rows, C, eps);
+    return AGPT_OK;
+}
+
+Status op_pixel_loss(Engine *e, double *focal, double *dice, Tensor *dp1, const Tensor *p1, const Tensor *gt,
+                     float scale) {
+    const char *op = "op_pixel_loss";
+    AGPT_TRY(check_tensor(e, p1, op, "p1"));
+    char a[96], b[96];
+    AGPT_CHECK_ARG(p1->dtype == DT_F32 && p1->ndim == 3, "op_pixel_loss: p1 %s must be f32 [B,H,W]", DESC(p1, a));
+    AGPT_TRY(check_tensor(e, gt, op, "gt"));
+    AGPT_CHECK_ARG(gt->dtype == DT_F32 && tensor_same_shape(gt, p1), "op_pixel_loss: gt %s must be f32 like p1 %s",
+                   DESC(gt, b), DESC(p1, a));
+    if (dp1) {
+        AGPT_TRY(check_tensor(e, dp1, op, "dp1"));
+        AGPT_CHECK_ARG(dp1->dtype == DT_F32 && tensor_same_shape(dp1, p1),
+                       "op_pixel_loss: dp1 %s must be f32 like p1 %s", DESC(dp1, b), DESC(p1, a));
+        AGPT_CHECK_ARG(dp1->data != p1->data && dp1->data != gt->data, "op_pixel_loss: dp1 must not alias p1 or gt");
+    }
+    const int64_t B = p1->shape[0], H = p1->shape[1], W = p1->shape[2];
+    AGPT_CHECK_ARG(B > 0 && H * W > 0, "op_pixel_loss: p1 %s is empty; the mean over no pixels is undefined",
+                   DESC(p1, a));
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_pixel_loss(e, focal, dice, PTR(dp1), CF(p1), CF(gt), B, H, W, scale);
+#endif
+    }
+    return cpu_pixel_loss(focal, dice, dp1 ? F(dp1) : NULL, CF(p1), CF(gt), B, H, W, scale);
+}
+
+Status op_upsample_softmax2_backward(Engine *e, Tensor *dlogits, const Tensor *dp1, const Tensor *logits) {
+    const char *op = "op_upsample_softmax2_backward";
+    AGPT_TRY(check_tensor(e, logits, op, "logits"));
+    DType dt = logits->dtype;
+    AGPT_TRY(check_float(e, logits, dt, op, "logits"));
+    AGPT_TRY(check_float(e, dlogits, dt, op, "dlogits"));
+    AGPT_TRY(check_tensor(e, dp1, op, "dp1"));
+    char a[96], b[96];
+    AGPT_CHECK_ARG(logits->ndim == 4 && logits->shape[1] == 2 && dp1->ndim == 3 && dp1->shape[0] == logits->shape[0],
+                   "op_upsample_softmax2_backward: logits %s and dp1 %s, expected [B,2,h,w] and [B,H,W]",
+                   DESC(logits, a), DESC(dp1, b));
+    AGPT_CHECK_ARG(dp1->dtype == DT_F32, "op_upsample_softmax2_backward: dp1 %s must be f32 (op_pixel_loss's)",
+                   DESC(dp1, b));
+    AGPT_TRY(check_same_shape(dlogits, logits, op, "dlogits and logits"));
+    const int64_t B = logits->shape[0], h = logits->shape[2], w = logits->shape[3], H = dp1->shape[1],
+                  W = dp1->shape[2];
+    if (B * h * w == 0) return AGPT_OK;
+    AGPT_CHECK_ARG(dlogits->data != logits->data && dlogits->data != dp1->data,
+                   "op_upsample_softmax2_backward: dlogits must not alias logits or dp1");
+    if (ON_CUDA(e)) {
+#ifdef AGPT_WITH_CUDA
+        return cuda_upsample_softmax2_backward(e, dt, dlogits->data, CF(dp1), logits->data, B, h, w, H, W);
+#endif
+    }
+    return cpu_upsample_softmax2_backward(F(dlogits), CF(dp1), CF(logits), B, h, w, H, W);
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // embedding lookup
 
 Status op_embedding(Engine *e, Tensor *out, const Tensor *table, const Tensor *ids) {

@@ -159,6 +159,43 @@ Status op_relu(Engine *e, Tensor *out, const Tensor *x);
 // row or column is dropped. A NaN in a window wins. out must not alias x.
 Status op_maxpool2x2(Engine *e, Tensor *out, const Tensor *x);
 
+// ---- training: backward of the vision path and the prompt learner, pixel losses ----------------------------
+// f32 on the CPU (the reference: double sums where they are long, deterministic whatever the thread count);
+// f32, f16 or bf16 storage on CUDA with f32 math (which results use atomics, and so are not bitwise reproducible
+// there, is said per op in kernels/cuda/cuda_ops.h).
+
+// Backward of op_conv2d (stride 1, zero padding p): x [B,Cin,H,W], w [Cout,Cin,k,k], dout [B,Cout,Ho,Wo].
+// dx overwritten (NULL: skipped), dw and dbias accumulated (+=; either may be NULL).
+Status op_conv2d_backward(Engine *e, Tensor *dx, Tensor *dw, Tensor *dbias, const Tensor *dout, const Tensor *x,
+                          const Tensor *w, int padding);
+// dx = dout where y > 0, else 0 (y = relu output or its input; same thing for the mask). dx may alias dout.
+// A NaN y passes dout, as PyTorch's threshold_backward (y <= 0 is false for NaN).
+Status op_relu_backward(Engine *e, Tensor *dx, const Tensor *dout, const Tensor *y);
+// Backward of op_maxpool2x2: each dout element goes to the position of its window's maximum (the first in
+// row-major window order on ties, as PyTorch's CPU kernel; a NaN wins as in the forward); every other dx element 0.
+// x [B,C,H,W], dout [B,C,H/2,W/2], dx [B,C,H,W] overwritten (odd last row/col get 0).
+Status op_maxpool2x2_backward(Engine *e, Tensor *dx, const Tensor *dout, const Tensor *x);
+// Backward of op_upsample_bilinear (align_corners=True): dout [B,C,H,W] -> dx [B,C,h,w] overwritten (the transpose
+// of the interpolation; on CPU a deterministic gather or per-row scatter, never atomics-order dependent on CPU).
+Status op_upsample_bilinear_backward(Engine *e, Tensor *dx, const Tensor *dout);
+// Backward of op_l2_normalize (y = x / max(||x||, eps) per row of the last dim): dx overwritten. dx may alias dout.
+Status op_l2_normalize_backward(Engine *e, Tensor *dx, const Tensor *dout, const Tensor *x, float eps);
+// The reference's pixel losses on one decoder layer's map (anomalygpt-reference.md 6.5) and their gradient:
+//   p1 [B,H,W] f32 = the "abnormal" probability (softmax channel 1; channel 0 is 1 - p1), gt [B,H,W] f32 in {0,1}
+//   (class 1 where gt > 0.5 for the focal loss; the Dice sums use gt as given).
+//   focal = mean over B*H*W pixels of -(1-pt)^2 ln(pt), pt = (1-1e-5) p_g + 1e-5 p_{1-g} + 1e-5 (gamma 2, smooth
+//   1e-5, alpha 1)
+//   dice  = 1 - mean_b (2 sum(p1 g) + 1) / (sum p1 + sum g + 1)
+//   *focal, *dice written (host doubles; either may be NULL); dp1 [B,H,W] f32: dp1 += scale * d(focal + dice)/d p1
+//   (accumulated; NULL: no gradient). Note the focal loss in PyTorch sees both channels p0 = 1 - p1 and p1; the
+//   gradient w.r.t. p1 here is the total derivative through p0 = 1 - p1.
+Status op_pixel_loss(Engine *e, double *focal, double *dice, Tensor *dp1, const Tensor *p1, const Tensor *gt,
+                     float scale);
+// Backward of the map's per-layer step p1 = softmax2_class1(upsample_bilinear(logits)) given d p1: logits
+// [B,2,h,w], dp1 [B,H,W] -> dlogits [B,2,h,w] overwritten. Recomputes p1 from the logits (no upsampled planes in
+// memory): with u = upsampled logits, d u1 = dp1 * p1 (1 - p1), d u0 = -d u1, then the upsample transpose.
+Status op_upsample_softmax2_backward(Engine *e, Tensor *dlogits, const Tensor *dp1, const Tensor *logits);
+
 // ---- embedding lookup -------------------------------------------------------------------------------------
 
 // Row gather: out[i] = table[ids[i]] for i < N. table [V,C] and out [N,C] share the dtype (f32 on the CPU;

@@ -120,3 +120,24 @@ Status cpu_sample(int32_t *token, const float *logits, int64_t V, float temperat
 // rows. dlogits may equal logits. AGPT_ERR_OOM when the per-row loss scratch (rows doubles) cannot be had.
 Status cpu_cross_entropy(double *loss_sum, float *dlogits, const float *logits, const int32_t *targets,
                          int64_t rows, int64_t V, int32_t ignore_index, float grad_scale);
+
+// ---- training: backward of the vision path and the prompt learner, pixel losses -------------------------------
+// (kernels/cpu/conv.c, vision.c, loss.c; shapes already checked by kernels/ops.c.) Those that allocate scratch
+// return a Status (AGPT_ERR_OOM without it).
+// op_conv2d's backward: dx [B,Cin,H,W] overwritten (NULL: skipped), dw [Cout,Cin,k,k] and dbias [Cout] accumulated
+// (NULL: skipped). im2col + SGEMM per chunk of output rows; dw and dbias summed in double where the sums are long.
+Status cpu_conv2d_backward(float *dx, float *dw, float *dbias, const float *dout, const float *x, const float *w,
+                           int64_t B, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t k, int64_t pad);
+void cpu_relu_backward(float *dx, const float *dout, const float *y, int64_t n);  // dx may alias dout
+// x [BC,H,W], dout [BC,H/2,W/2] -> dx [BC,H,W] overwritten.
+void cpu_maxpool2x2_backward(float *dx, const float *dout, const float *x, int64_t BC, int64_t H, int64_t W);
+// dout [BC,H,W] -> dx [BC,h,w] overwritten: the transpose of cpu_upsample_bilinear.
+Status cpu_upsample_bilinear_backward(float *dx, const float *dout, int64_t BC, int64_t h, int64_t w, int64_t H,
+                                      int64_t W);
+void cpu_l2_normalize_backward(float *dx, const float *dout, const float *x, int64_t rows, int64_t C, float eps);
+// focal, dice (either may be NULL) and dp1 += scale * the gradient (NULL: none); p1, gt, dp1 [B,H,W].
+Status cpu_pixel_loss(double *focal, double *dice, float *dp1, const float *p1, const float *gt, int64_t B,
+                      int64_t H, int64_t W, float scale);
+// dp1 [B,H,W], logits [B,2,h,w] -> dlogits [B,2,h,w] overwritten.
+Status cpu_upsample_softmax2_backward(float *dlogits, const float *dp1, const float *logits, int64_t B, int64_t h,
+                                      int64_t w, int64_t H, int64_t W);

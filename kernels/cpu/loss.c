@@ -5,6 +5,8 @@
 
 #include "kernels/cpu/cpu_ops.h"
 
+#define PAR_IF(n) if ((n) > 16384)
+
 // One row: returns its loss; writes d (which may be x itself) when not NULL. x[t] is read before any write.
 static double row_cross_entropy(float *d, const float *x, int64_t V, int32_t t, float grad_scale) {
     float mx = -INFINITY;
@@ -43,5 +45,72 @@ Status cpu_cross_entropy(double *loss_sum, float *dlogits, const float *logits, 
         *loss_sum = s;
         free(row_loss);
     }
+    return AGPT_OK;
+}
+
+// ---- pixel losses of the anomaly maps (reference section 6.5) -------------------------------------------------
+// Per pixel with q = p1 and class g = (gt > 0.5): pt = (1 - s) p_g + s p_{1-g} + s with p0 = 1 - q, i.e.
+// pt = (1 - 2s) q + 2s for g = 1 and pt = 1 - (1 - 2s) q for g = 0; focal term f = -(1 - pt)^2 ln pt with
+// df/dpt = 2 (1 - pt) ln pt - (1 - pt)^2 / pt. Dice per sample b: I = sum q g, S = sum q + sum g,
+// dice_b = (2 I + 1) / (S + 1), d(1 - mean_b dice_b)/dq = -(2 g (S + 1) - (2 I + 1)) / (B (S + 1)^2).
+// Everything in double; the sums go per image row first (a fixed split), then in row order, so the result does
+// not depend on the thread count.
+static const double kFocalSmooth = 1e-5;
+
+static inline double focal_pt(double q, double g) {
+    return g > 0.5 ? (1.0 - 2.0 * kFocalSmooth) * q + 2.0 * kFocalSmooth : 1.0 - (1.0 - 2.0 * kFocalSmooth) * q;
+}
+
+Status cpu_pixel_loss(double *focal, double *dice, float *dp1, const float *p1, const float *gt, int64_t B,
+                      int64_t H, int64_t W, float scale) {
+    const int64_t rows = B * H, M = B * H * W;
+    double *part = malloc((size_t)(rows * 4) * sizeof(double));  // per row: focal, sum q g, sum q, sum g
+    double *stat = malloc((size_t)(B * 2) * sizeof(double));      // per sample: I, S
+    if (!part || !stat) {
+        free(part), free(stat);
+        return AGPT_FAIL(AGPT_ERR_OOM, "op_pixel_loss: could not allocate %zu bytes of scratch",
+                         (size_t)(rows * 4 + B * 2) * sizeof(double));
+    }
+#pragma omp parallel for PAR_IF(M)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *q = p1 + r * W, *g = gt + r * W;
+        double f = 0, qg = 0, sq = 0, sg = 0;
+        for (int64_t i = 0; i < W; i++) {
+            const double pt = focal_pt(q[i], g[i]), om = 1.0 - pt;
+            f += -om * om * log(pt);
+            qg += (double)q[i] * g[i], sq += q[i], sg += g[i];
+        }
+        part[4 * r] = f, part[4 * r + 1] = qg, part[4 * r + 2] = sq, part[4 * r + 3] = sg;
+    }
+    double fsum = 0, dsum = 0;
+    for (int64_t b = 0; b < B; b++) {
+        double I = 0, S = 0;
+        for (int64_t r = b * H; r < (b + 1) * H; r++) {
+            fsum += part[4 * r];
+            I += part[4 * r + 1], S += part[4 * r + 2] + part[4 * r + 3];
+        }
+        stat[2 * b] = I, stat[2 * b + 1] = S;
+        dsum += (2.0 * I + 1.0) / (S + 1.0);
+    }
+    if (focal) *focal = fsum / (double)M;
+    if (dice) *dice = 1.0 - dsum / (double)B;
+    if (dp1) {
+#pragma omp parallel for PAR_IF(M)
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t b = r / H;
+            const double I = stat[2 * b], S1 = stat[2 * b + 1] + 1.0;
+            const double dice_c = -1.0 / ((double)B * S1 * S1);
+            const float *q = p1 + r * W, *g = gt + r * W;
+            float *d = dp1 + r * W;
+            for (int64_t i = 0; i < W; i++) {
+                const double pt = focal_pt(q[i], g[i]), om = 1.0 - pt;
+                const double dfdpt = 2.0 * om * log(pt) - om * om / pt;
+                const double dpt = g[i] > 0.5 ? (1.0 - 2.0 * kFocalSmooth) : -(1.0 - 2.0 * kFocalSmooth);
+                const double dd = dice_c * (2.0 * g[i] * S1 - (2.0 * I + 1.0));
+                d[i] = (float)((double)d[i] + (double)scale * (dfdpt * dpt / (double)M + dd));
+            }
+        }
+    }
+    free(part), free(stat);
     return AGPT_OK;
 }

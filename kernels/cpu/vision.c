@@ -181,3 +181,123 @@ void cpu_upsample_softmax2_axpy(float *out, const float *logits, int64_t B, int6
         }
     }
 }
+
+// ---- backward ------------------------------------------------------------------------------------------------
+
+// dx = dout / d - [n >= eps] <dout, x> x / (d^2 n), n = ||x||, d = max(n, eps): the derivative of x / d, where the
+// clamped norm passes its gradient when n >= eps (PyTorch's clamp_min backward). Per row in double; dout is read
+// in full before dx is written, so dx may alias dout.
+void cpu_l2_normalize_backward(float *dx, const float *dout, const float *x, int64_t rows, int64_t C, float eps) {
+#pragma omp parallel for PAR_IF(rows * C)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * C, *gr = dout + r * C;
+        double ss = 0, dot = 0;
+        for (int64_t i = 0; i < C; i++) ss += (double)xr[i] * xr[i], dot += (double)gr[i] * xr[i];
+        const double n = sqrt(ss);
+        const bool pass = !(n < (double)eps);  // NaN passes, and poisons the row
+        const double d = pass ? n : (double)eps, c = pass ? dot / (d * d * n) : 0.0;
+        float *o = dx + r * C;
+        for (int64_t i = 0; i < C; i++) o[i] = (float)((double)gr[i] / d - c * xr[i]);
+    }
+}
+
+// The transpose of cpu_upsample_bilinear on P planes dout [P,H,W] -> dx plane p at dx + p * dx_stride ([h,w]):
+// every output pixel's four weights (the forward's float lambdas) sent back to its source pixels, summed in double.
+// First along the width (each output row into tmp [P,H,w], rows independent), then a gather along the height (each
+// source row sums the output rows that read it, in row order), so nothing depends on the thread count.
+static Status bilinear_transpose(float *dx, int64_t dx_stride, const float *dout, int64_t P, int64_t h, int64_t w,
+                                 int64_t H, int64_t W, const char *op) {
+    const float sh = bilinear_scale(h, H), sw = bilinear_scale(w, W);
+    double *tmp = malloc((size_t)(P * H * w + 1) * sizeof(double));
+    int64_t *ry = malloc((size_t)(H * 2 + 1) * sizeof(int64_t));
+    double *ly = malloc((size_t)(H * 2 + 1) * sizeof(double));
+    if (!tmp || !ry || !ly) {
+        free(tmp), free(ry), free(ly);
+        return AGPT_FAIL(AGPT_ERR_OOM, "%s: could not allocate %zu bytes of scratch", op,
+                         (size_t)(P * H * w) * sizeof(double));
+    }
+    for (int64_t oy = 0; oy < H; oy++) {
+        float l0, l1;
+        bilinear_axis(oy, h, H, sh, &ry[2 * oy], &ry[2 * oy + 1], &l0, &l1);
+        ly[2 * oy] = l0, ly[2 * oy + 1] = l1;
+    }
+#pragma omp parallel for PAR_IF(P * H * W)
+    for (int64_t row = 0; row < P * H; row++) {
+        const float *g = dout + row * W;
+        double *t = tmp + row * w;
+        for (int64_t j = 0; j < w; j++) t[j] = 0.0;
+        for (int64_t ox = 0; ox < W; ox++) {
+            int64_t x0, x1;
+            float wl0, wl1;
+            bilinear_axis(ox, w, W, sw, &x0, &x1, &wl0, &wl1);
+            t[x0] += (double)g[ox] * wl0;
+            t[x1] += (double)g[ox] * wl1;
+        }
+    }
+#pragma omp parallel for PAR_IF(P * h * H * w)
+    for (int64_t row = 0; row < P * h; row++) {
+        const int64_t p = row / h, y = row % h;
+        float *o = dx + p * dx_stride + y * w;
+        for (int64_t j = 0; j < w; j++) {
+            double s = 0;
+            for (int64_t oy = 0; oy < H; oy++) {
+                const double *t = tmp + (p * H + oy) * w;
+                if (ry[2 * oy] == y) s += t[j] * ly[2 * oy];
+                if (ry[2 * oy + 1] == y) s += t[j] * ly[2 * oy + 1];
+            }
+            o[j] = (float)s;
+        }
+    }
+    free(tmp), free(ry), free(ly);
+    return AGPT_OK;
+}
+
+Status cpu_upsample_bilinear_backward(float *dx, const float *dout, int64_t BC, int64_t h, int64_t w, int64_t H,
+                                      int64_t W) {
+    return bilinear_transpose(dx, h * w, dout, BC, h, w, H, W, "op_upsample_bilinear_backward");
+}
+
+// p1 recomputed per output pixel with cpu_upsample_softmax2_axpy's arithmetic; du1 = dp1 p1 (1 - p1) (the
+// derivative of the two-class softmax's class 1 in its own logit) and du0 = -du1, so the class-0 plane of dlogits
+// is exactly the negated transpose of the class-1 plane.
+Status cpu_upsample_softmax2_backward(float *dlogits, const float *dp1, const float *logits, int64_t B, int64_t h,
+                                      int64_t w, int64_t H, int64_t W) {
+    float *du1 = malloc((size_t)(B * H * W + 1) * sizeof(float));
+    if (!du1)
+        return AGPT_FAIL(AGPT_ERR_OOM, "op_upsample_softmax2_backward: could not allocate %zu bytes of scratch",
+                         (size_t)(B * H * W) * sizeof(float));
+    const float sh = bilinear_scale(h, H), sw = bilinear_scale(w, W);
+#pragma omp parallel for PAR_IF(B * H * W)
+    for (int64_t row = 0; row < B * H; row++) {
+        const int64_t b = row / H, oy = row % H;
+        int64_t y0, y1;
+        float hl0, hl1;
+        bilinear_axis(oy, h, H, sh, &y0, &y1, &hl0, &hl1);
+        const float *c0 = logits + (b * 2) * h * w, *c1 = logits + (b * 2 + 1) * h * w;
+        for (int64_t ox = 0; ox < W; ox++) {
+            int64_t x0, x1;
+            float wl0, wl1;
+            bilinear_axis(ox, w, W, sw, &x0, &x1, &wl0, &wl1);
+            float l[2];
+            for (int c = 0; c < 2; c++) {
+                const float *r0 = (c ? c1 : c0) + y0 * w, *r1 = (c ? c1 : c0) + y1 * w;
+                const float t0 = fmaf(r0[x0], wl0, r0[x1] * wl1);
+                const float t1 = fmaf(r1[x0], wl0, r1[x1] * wl1);
+                l[c] = fmaf(t0, hl0, t1 * hl1);
+            }
+            const float m = fmaxf(l[0], l[1]);
+            const float e0 = expf(l[0] - m), e1 = expf(l[1] - m);
+            const double p = (double)e1 / ((double)e0 + e1);
+            du1[row * W + ox] = (float)((double)dp1[row * W + ox] * p * (1.0 - p));
+        }
+    }
+    Status s = bilinear_transpose(dlogits + h * w, 2 * h * w, du1, B, h, w, H, W, "op_upsample_softmax2_backward");
+    free(du1);
+    if (s != AGPT_OK) return s;
+    for (int64_t b = 0; b < B; b++) {
+        float *d0 = dlogits + (b * 2) * h * w;
+        const float *d1 = d0 + h * w;
+        for (int64_t i = 0; i < h * w; i++) d0[i] = -d1[i];
+    }
+    return AGPT_OK;
+}
