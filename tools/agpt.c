@@ -136,8 +136,10 @@ static void usage(FILE *f) {
             "                             a hot folder (agpt serve --help)\n"
             "  synth --class NAME --count N --out DIR IMAGES...\n"
             "                             the synthetic anomalies and conversations training sees (agpt synth --help)\n"
+            "  train --model M --out RUNDIR (--data DIR [--format mvtec|visa] | --normal DIR --class NAME)\n"
+            "                             train the decoder and prompt learner on normal images (agpt train --help)\n"
             "\n"
-            "Later: serve, train, eval (see README.md).\n");
+            "Later: eval (see README.md).\n");
 }
 
 int main(int argc, char **argv) {
@@ -173,6 +175,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "detect") == 0) return cmd_detect(argc - i, argv + i);
     if (strcmp(cmd, "serve") == 0) return cmd_serve(argc - i, argv + i);
     if (strcmp(cmd, "synth") == 0) return cmd_synth(argc - i, argv + i);
+    if (strcmp(cmd, "train") == 0) return cmd_train(argc - i, argv + i);
     if (strcmp(cmd, "help") == 0) {
         usage(stdout);
         return 0;

@@ -130,6 +130,12 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
                 "\"ms\":%.3f}\n", (long long)updates, sum.ce * k, sum.focal * k, sum.dice * k, norm, lr,
                 (timer_now_s() - t0) * 1e3);
         fflush(log);
+        if (c->on_update) {
+            TrainerUpdate u = {.update = updates, .total_updates = c->total_updates,
+                               .mean = {sum.ce * k, sum.focal * k, sum.dice * k}, .grad_norm = norm, .lr = lr,
+                               .ms = (timer_now_s() - t0) * 1e3, .epoch = next_epoch};
+            c->on_update(c->on_update_ctx, &u);
+        }
         bool stop = c->stop && *c->stop;
         if ((c->ckpt_every > 0 && updates % c->ckpt_every == 0) || updates == c->total_updates || stop)
             s = save(c, &mo, n, updates, next_epoch, next_pos);

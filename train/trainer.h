@@ -32,6 +32,15 @@ typedef struct TrainLosses {
 // Forward + backward of one sample: ADDS d loss / d param into every grad and reports the losses.
 typedef Status (*TrainStepFn)(void *ctx, const void *sample, TrainLosses *out);
 
+// What on_update gets: the update just done, its mean losses over the micro-steps, the gradient norm before
+// clipping, the learning rate it used and its wall time.
+typedef struct TrainerUpdate {
+    int64_t update, total_updates;
+    TrainLosses mean;
+    double grad_norm, lr, ms;
+    int64_t epoch;                // epoch of the next sample
+} TrainerUpdate;
+
 typedef struct TrainerConfig {
     int accum;                    // micro-steps per update (8 in the reference)
     int64_t total_updates;        // stop after this many updates
@@ -43,7 +52,11 @@ typedef struct TrainerConfig {
     bool resume;                  // continue from dir/state.safetensors
     LoaderConfig loader;          // epoch and position are overwritten on a resume
     volatile sig_atomic_t *stop;  // set by a SIGINT handler: save at the next update and return (may be NULL)
+    // Called after every update (may be NULL): the progress bar.
+    void (*on_update)(void *ctx, const TrainerUpdate *u);
+    void *on_update_ctx;
 } TrainerConfig;
+
 
 typedef struct TrainerResult {
     int64_t updates;              // updates done in total (resumed ones included)

@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# agpt train as a user runs it, on the small complete model tests/make_test_model.c assembles, with tiny MVTec-AD,
+# VisA and plain-folder trees made from the CC0 photos in ../shared/data/images: the loss falls, the delta loads in
+# agpt detect --weights and changes its maps, a run SIGKILLed mid-way and resumed ends with the same delta bytes as
+# an uninterrupted one (with another loader thread count), Ctrl-C saves and a resume finishes, usage errors exit 2
+# before the model loads, a resume with other options is refused.
+# Usage: tests/test_train.sh path/to/agpt tests/data shared/data path/to/make_test_model
+set -u
+agpt=$1
+data=$2
+shared=$3
+make_test_model=$4
+tok=$shared/llama-tokenizer.model
+for f in "$tok" "$shared/images/brick.png" "$shared/images/grass.png" "$shared/images/gravel.png"; do
+    [ -f "$f" ] || { echo "SKIP: needs $f"; exit 77; }
+done
+passed=0
+failed=0
+tmp=$(mktemp -d)
+trap 'kill -9 $(jobs -p) 2>/dev/null; rm -rf "$tmp"' EXIT
+ok() { if "$@"; then passed=$((passed + 1)); else failed=$((failed + 1)); echo "FAIL: $*"; fi; }
+expect_rc() {  # expect_rc RC PATTERN COMMAND...: exits RC and says PATTERN
+    local rc=$1 pattern=$2
+    shift 2
+    "$@" >"$tmp/log" 2>&1
+    local got=$?
+    if [ $got -eq "$rc" ] && grep -q -- "$pattern" "$tmp/log"; then passed=$((passed + 1)); else
+        failed=$((failed + 1)); echo "FAIL (exit $got, wanted $rc, '$pattern'): $*"; tail -5 "$tmp/log"; fi
+}
+mkdir -p "$tmp/model"
+"$make_test_model" "$tmp/model" "$data" >/dev/null || { echo "FAIL make_test_model"; exit 1; }
+m=$tmp/model/model.safetensors
+
+# A tiny MVTec-AD tree (two classes), a VisA tree and a plain folder.
+for c in bottle carpet; do mkdir -p "$tmp/mvtec/$c/train/good" "$tmp/mvtec/$c/test/good"; done
+cp "$shared/images/brick.png" "$tmp/mvtec/bottle/train/good/000.png"
+cp "$shared/images/grass.png" "$tmp/mvtec/bottle/train/good/001.png"
+cp "$shared/images/gravel.png" "$tmp/mvtec/carpet/train/good/000.png"
+cp "$shared/images/gravel.png" "$tmp/mvtec/bottle/test/good/000.png"  # test split: not a training image
+mkdir -p "$tmp/visa/split_csv" "$tmp/visa/pcb1/Data/Images/Normal"
+cp "$shared/images/brick.png" "$tmp/visa/pcb1/Data/Images/Normal/0001.JPG"
+cp "$shared/images/grass.png" "$tmp/visa/pcb1/Data/Images/Normal/0002.JPG"
+printf 'object,split,label,image,mask\npcb1,train,normal,pcb1/Data/Images/Normal/0001.JPG,\npcb1,test,normal,pcb1/Data/Images/Normal/0002.JPG,\n' \
+    >"$tmp/visa/split_csv/1cls.csv"
+mkdir -p "$tmp/folder/sub"
+cp "$shared/images/brick.png" "$tmp/folder/a.png"
+cp "$shared/images/grass.png" "$tmp/folder/sub/b.png"
+
+common=(--model "$m" --tokenizer "$tok" --data "$tmp/mvtec" --steps 8 --accum 2 --lr 3e-3 --warmup 2 --seed 7)
+
+# An uninterrupted run: 8 updates, one log line each, a delta and a state; the loss falls.
+expect_rc 0 "done after 8 updates" "$agpt" train "${common[@]}" --out "$tmp/run1" --loader-threads 1
+ok test -s "$tmp/run1/delta.safetensors"
+ok test -s "$tmp/run1/state.safetensors"
+ok test "$(wc -l <"$tmp/run1/log.jsonl")" -eq 8
+ok grep -q "3 images, 2 classes" "$tmp/log"
+ok grep -q "memory plan" "$tmp/log"
+loss_falls() {  # the mean of the last two updates' ce + focal + dice below the first two's
+    python3 - "$1" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+tot = [r["ce"] + r["focal"] + r["dice"] for r in rows]
+first, last = sum(tot[:2]) / 2, sum(tot[-2:]) / 2
+print(f"  loss {first:.4f} -> {last:.4f}")
+sys.exit(0 if last < first else 1)
+EOF
+}
+ok loss_falls "$tmp/run1/log.jsonl"
+
+# The delta layers over the base in agpt detect and changes the maps.
+"$agpt" detect --model "$m" --tokenizer "$tok" --class bottle --max-new 4 "$shared/images/brick.png" \
+    >"$tmp/base.jsonl" 2>/dev/null
+expect_rc 0 "1 of 1" "$agpt" detect --model "$m" --weights "$tmp/run1/delta.safetensors" --tokenizer "$tok" \
+    --class bottle --max-new 4 "$shared/images/brick.png"
+grep '"ok":true' "$tmp/log" >"$tmp/tuned.jsonl"
+score() { sed -n 's/.*"score":\([0-9.eE+-]*\).*/\1/p' "$1" | head -1; }
+ok test -n "$(score "$tmp/tuned.jsonl")"
+ok test "$(score "$tmp/base.jsonl")" != "$(score "$tmp/tuned.jsonl")"
+
+# SIGKILL mid-run (a checkpoint every update), then --resume: the same delta bytes as run1, with 3 loader threads.
+"$agpt" train "${common[@]}" --out "$tmp/run2" --ckpt-every 1 --loader-threads 3 >"$tmp/run2.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 600); do
+    [ -f "$tmp/run2/log.jsonl" ] && [ "$(wc -l <"$tmp/run2/log.jsonl")" -ge 3 ] && break
+    sleep 0.1
+done
+kill -9 $pid 2>/dev/null
+wait $pid 2>/dev/null
+lines=$(wc -l <"$tmp/run2/log.jsonl")
+ok test "$lines" -ge 3 -a "$lines" -lt 8
+expect_rc 0 "done after 8 updates" "$agpt" train "${common[@]}" --resume "$tmp/run2" --loader-threads 3
+ok cmp -s "$tmp/run1/delta.safetensors" "$tmp/run2/delta.safetensors"
+
+# Ctrl-C: saves and exits 0; the resume finishes with the same bytes again.
+"$agpt" train "${common[@]}" --out "$tmp/run3" --loader-threads 2 >"$tmp/run3.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 600); do
+    [ -f "$tmp/run3/log.jsonl" ] && [ "$(wc -l <"$tmp/run3/log.jsonl")" -ge 2 ] && break
+    sleep 0.1
+done
+kill -INT $pid
+wait $pid
+ok test $? -eq 0
+ok grep -q "stopped after" "$tmp/run3.log"
+expect_rc 0 "done after 8 updates" "$agpt" train "${common[@]}" --resume "$tmp/run3"
+ok cmp -s "$tmp/run1/delta.safetensors" "$tmp/run3/delta.safetensors"
+
+# A resume with other numbers is refused, naming the option.
+expect_rc 1 "lr" "$agpt" train --model "$m" --tokenizer "$tok" --data "$tmp/mvtec" --steps 8 --accum 2 --lr 1e-3 \
+    --warmup 2 --seed 7 --resume "$tmp/run1"
+
+# The other layouts, and the LoRA / llama_proj options.
+expect_rc 0 "1 images, 1 classes" "$agpt" train --model "$m" --tokenizer "$tok" --data "$tmp/visa" --format visa \
+    --steps 1 --accum 1 --out "$tmp/run4"
+expect_rc 0 "2 images, 1 classes" "$agpt" train --model "$m" --tokenizer "$tok" --normal "$tmp/folder" --class gear \
+    --steps 1 --accum 1 --train decoder,prompt_learner,llama_proj,lora --out "$tmp/run5"
+expect_rc 0 "1 images, 1 classes" "$agpt" train --model "$m" --tokenizer "$tok" --data "$tmp/mvtec" --classes carpet \
+    --steps 1 --accum 1 --out "$tmp/run6"
+
+# Usage errors: exit 2 before the model loads.
+expect_rc 2 "needs an integer" "$agpt" train --model "$m" --data "$tmp/mvtec" --out "$tmp/x" --steps 1.5
+expect_rc 2 "needs an integer" "$agpt" train --model "$m" --data "$tmp/mvtec" --out "$tmp/x" --accum 0
+expect_rc 2 "needs a number" "$agpt" train --model "$m" --data "$tmp/mvtec" --out "$tmp/x" --lr abc
+expect_rc 2 "needs a number" "$agpt" train --model "$m" --data "$tmp/mvtec" --out "$tmp/x" --fewshot-p 2
+expect_rc 2 "are required" "$agpt" train --data "$tmp/mvtec" --out "$tmp/x"
+expect_rc 2 "either --data" "$agpt" train --model "$m" --out "$tmp/x"
+expect_rc 2 "needs --class" "$agpt" train --model "$m" --normal "$tmp/folder" --out "$tmp/x"
+expect_rc 2 "mvtec or visa" "$agpt" train --model "$m" --data "$tmp/mvtec" --format coco --out "$tmp/x"
+expect_rc 2 "--train takes" "$agpt" train --model "$m" --data "$tmp/mvtec" --train decoder,vit --out "$tmp/x"
+expect_rc 2 "unknown option" "$agpt" train --model "$m" --data "$tmp/mvtec" --bogus --out "$tmp/x"
+expect_rc 2 "not both" "$agpt" train --model "$m" --data "$tmp/mvtec" --steps 3 --epochs 2 --out "$tmp/x"
+mkdir -p "$tmp/empty"
+expect_rc 2 "no training images" "$agpt" train --model "$m" --data "$tmp/empty" --out "$tmp/x"
+expect_rc 2 "no training images" "$agpt" train --model "$m" --data "$tmp/mvtec" --classes zipper --out "$tmp/x"
+expect_rc 2 "cannot read" "$agpt" train --model "$m" --data "$tmp/visa-missing" --format visa --out "$tmp/x"
+printf 'PK\003\004 a torch.save zip' >"$tmp/model.pth"
+expect_rc 2 "agpt convert" "$agpt" train --model "$tmp/model.pth" --data "$tmp/mvtec" --out "$tmp/x"
+# Bad data found after the model loads: exit 1 with the file named.
+printf 'not an image' >"$tmp/folder/broken.png"
+expect_rc 1 "broken.png" "$agpt" train --model "$m" --tokenizer "$tok" --normal "$tmp/folder" --class gear \
+    --steps 2 --accum 2 --out "$tmp/run7"
+
+echo "$passed passed, $failed failed"
+[ $failed -eq 0 ]

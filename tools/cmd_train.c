@@ -1,0 +1,477 @@
+// agpt train: the reference's training of the decoder and the prompt learner (and, as options, llama_proj and the
+// LoRA factors) on normal images with synthetic anomalies (anomalygpt-reference.md 6). This file only parses
+// options and prints; the work is train/anomaly_data (samples), model/anomalygpt_train (the step),
+// train/trainer (the update loop, checkpoints, resume) and train/loader (threads).
+//
+// Exit status: 0 trained (or stopped by Ctrl-C with a checkpoint saved), 1 an error, 2 a usage error (found before
+// the model loads).
+#define _DEFAULT_SOURCE  // strdup, strcasecmp, DT_DIR
+#include <dirent.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "model/anomalygpt_train.h"
+#include "runtime/timer.h"
+#include "tools/cli.h"
+#include "tools/inspect_io.h"
+#include "train/anomaly_data.h"
+#include "train/memory_plan.h"
+#include "train/run_state.h"
+#include "train/trainer.h"
+
+#define MAX_OVERLAYS 4
+#define MAX_CLASSES 64
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: agpt train --model BASE.safetensors --out RUNDIR (--data DIR [--format mvtec|visa] [--classes a,b]\n"
+            "                  | --normal DIR --class NAME) [options]\n"
+            "Trains the patch decoder and the prompt learner as the reference does (anomalygpt-reference.md 6):\n"
+            "every normal training image gives one micro-step of two conversations, the image with the answer \"No,\n"
+            "there is no anomaly\" and the image with NSA synthetic anomalies (agpt synth shows them) with the answer\n"
+            "naming where they are; loss = LLM cross-entropy + focal + Dice of the four layers' maps. RUNDIR gets\n"
+            "delta.safetensors (layer it with agpt detect --weights RUNDIR/delta.safetensors), state.safetensors\n"
+            "(--resume) and log.jsonl (one line per update).\n"
+            "  --data DIR       MVTec-AD layout: DIR/<class>/train/good/*.png (--format mvtec, the default), or VisA:\n"
+            "                   DIR/split_csv/1cls.csv rows with split 'train' (--format visa); --classes a,b keeps those\n"
+            "  --normal DIR --class NAME   a plain folder of normal images of one product (searched recursively)\n"
+            "  --params F.json  synthesis parameters and the class description for classes the reference does not know\n"
+            "                   (agpt synth --help lists the keys)\n"
+            "  --steps N        optimizer updates (default: --epochs 50 as the reference, N = epochs * images / accum)\n"
+            "  --epochs E       passes over the images instead of --steps\n"
+            "  --accum K        micro-steps (images) per update, 1..1024 (8, as the reference per GPU)\n"
+            "  --lr X           peak learning rate (1e-3); WarmupDecayLR: log warmup over --warmup updates (default\n"
+            "                   max(10, N/10), as the reference) then linear decay to 0 at N\n"
+            "  --train PARTS    comma list of decoder, prompt_learner, llama_proj, lora (default decoder,prompt_learner)\n"
+            "  --fewshot-p P    chance a micro-step feeds the prompt learner the few-shot map (0.5, as the reference)\n"
+            "  --seed S         sample order and every random draw (42)\n"
+            "  --ckpt-every N   save every N updates (default: only at the end; Ctrl-C saves and exits)\n"
+            "  --resume RUNDIR  continue a run bit for bit (same options; RUNDIR is its --out)\n"
+            "  --weights F      layer trained weights over the base before training (repeatable)\n"
+            "  --tokenizer F    override the LLaMA tokenizer embedded in the model file\n"
+            "  --loader-threads N   sample builders (decode, resize, synthesis, tokens), 1..64 (2); results do not\n"
+            "                   depend on it\n"
+            "  --memory-budget-gb G refuse to start when the planned peak is larger\n"
+            "  --device cpu, --threads N   (training on CUDA is not wired yet: the step's CUDA kernels exist but the\n"
+            "                   trainer keeps f32 parameters on the host)\n");
+}
+
+// ---- the image list --------------------------------------------------------------------------------------
+
+typedef struct ImageSet {
+    char **paths, **classes;
+    int n, cap;
+    int unreadable_dirs;
+} ImageSet;
+
+static Status set_push(ImageSet *s, const char *path, const char *cls) {
+    if (s->n == s->cap) {
+        int cap = s->cap ? 2 * s->cap : 256;
+        char **p = realloc(s->paths, (size_t)cap * sizeof *p), **c = p ? realloc(s->classes, (size_t)cap * sizeof *c) : NULL;
+        if (p) s->paths = p;
+        if (c) s->classes = c;
+        if (!p || !c) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the image list");
+        s->cap = cap;
+    }
+    s->paths[s->n] = strdup(path);
+    s->classes[s->n] = strdup(cls);
+    if (!s->paths[s->n] || !s->classes[s->n]) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the image list");
+    s->n++;
+    return AGPT_OK;
+}
+
+static void set_free(ImageSet *s) {
+    for (int i = 0; i < s->n; i++) free(s->paths[i]), free(s->classes[i]);
+    free(s->paths), free(s->classes);
+    memset(s, 0, sizeof *s);
+}
+
+static bool is_image_name(const char *name, bool png_only) {
+    const char *dot = strrchr(name, '.');
+    if (!dot || name[0] == '.') return false;
+    if (png_only) return !strcasecmp(dot, ".png");
+    return !strcasecmp(dot, ".png") || !strcasecmp(dot, ".jpg") || !strcasecmp(dot, ".jpeg");
+}
+
+// Every image file under dir (recursively), with class cls.
+static Status walk_images(ImageSet *s, const char *dir, const char *cls, bool png_only, int depth) {
+    if (depth > 16) return AGPT_OK;
+    DIR *d = opendir(dir);
+    if (!d) return AGPT_FAIL(AGPT_ERR_IO, "cannot read folder %s", dir);
+    Status st = AGPT_OK;
+    struct dirent *e;
+    while (st == AGPT_OK && (e = readdir(d))) {
+        if (e->d_name[0] == '.') continue;
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        struct stat sb;
+        if (stat(path, &sb) != 0) continue;
+        if (S_ISDIR(sb.st_mode)) st = walk_images(s, path, cls, png_only, depth + 1);
+        else if (S_ISREG(sb.st_mode) && is_image_name(e->d_name, png_only)) st = set_push(s, path, cls);
+    }
+    closedir(d);
+    return st;
+}
+
+static bool class_wanted(const char *list, const char *cls) {
+    if (!list) return true;
+    size_t n = strlen(cls);
+    for (const char *p = list; *p;) {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        if (len == n && !strncmp(p, cls, n)) return true;
+        p += len + (end ? 1 : 0);
+    }
+    return false;
+}
+
+// MVTec-AD: DIR/<class>/train/good/*.png (mvtec.py keeps files with 'train' and 'good' in the path and 'png' in
+// the name; class = the folder three above the file).
+static Status list_mvtec(ImageSet *s, const char *root, const char *classes) {
+    DIR *d = opendir(root);
+    if (!d) return AGPT_FAIL(AGPT_ERR_IO, "cannot read the dataset folder %s", root);
+    Status st = AGPT_OK;
+    struct dirent *e;
+    while (st == AGPT_OK && (e = readdir(d))) {
+        if (e->d_name[0] == '.' || !class_wanted(classes, e->d_name)) continue;
+        char good[4096];
+        snprintf(good, sizeof good, "%s/%s/train/good", root, e->d_name);
+        struct stat sb;
+        if (stat(good, &sb) != 0 || !S_ISDIR(sb.st_mode)) continue;
+        st = walk_images(s, good, e->d_name, true, 0);
+    }
+    closedir(d);
+    return st;
+}
+
+// VisA: DIR/split_csv/1cls.csv, rows "object,split,label,image,mask" with split 'train' (visa.py).
+static Status list_visa(ImageSet *s, const char *root, const char *classes) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/split_csv/1cls.csv", root);
+    FILE *f = fopen(path, "r");
+    if (!f) return AGPT_FAIL(AGPT_ERR_IO, "cannot read %s (is %s a VisA folder?)", path, root);
+    char line[8192];
+    Status st = AGPT_OK;
+    int row = 0;
+    while (st == AGPT_OK && fgets(line, sizeof line, f)) {
+        row++;
+        line[strcspn(line, "\r\n")] = 0;
+        char *field[5] = {0};
+        int k = 0;
+        for (char *p = line; k < 5 && p; k++) {
+            field[k] = p;
+            char *c = strchr(p, ',');
+            if (c) *c = 0;
+            p = c ? c + 1 : NULL;
+        }
+        if (row == 1 && field[0] && !strcmp(field[0], "object")) continue;  // the header
+        if (k < 4 || !field[3][0]) {
+            st = AGPT_FAIL(AGPT_ERR_FORMAT, "%s line %d: expected object,split,label,image,mask", path, row);
+            break;
+        }
+        if (strcmp(field[1], "train") || !class_wanted(classes, field[0])) continue;
+        char img[8192];
+        snprintf(img, sizeof img, "%s/%s", root, field[3]);
+        st = set_push(s, img, field[0]);
+    }
+    fclose(f);
+    return st;
+}
+
+// ---- progress ----------------------------------------------------------------------------------------------
+
+typedef struct Progress {
+    double t0;
+    int64_t first;  // the first update of this process (a resume starts later)
+    bool tty;
+} Progress;
+
+static void on_update(void *ctx, const TrainerUpdate *u) {
+    Progress *p = ctx;
+    if (p->first < 0) p->first = u->update - 1;
+    double elapsed = timer_now_s() - p->t0, per = elapsed / (double)(u->update - p->first);
+    double eta = per * (double)(u->total_updates - u->update);
+    fprintf(stderr, "%supdate %lld/%lld  ce %.4f focal %.4f dice %.4f  |g| %.3g  lr %.3g  %.2f s/update  ETA %.0f s%s",
+            p->tty ? "\r" : "", (long long)u->update, (long long)u->total_updates, u->mean.ce, u->mean.focal,
+            u->mean.dice, u->grad_norm, u->lr, per, eta, p->tty ? "   " : "\n");
+    if (p->tty && u->update == u->total_updates) fputc('\n', stderr);
+}
+
+static volatile sig_atomic_t stop_requested = 0;
+static void on_sigint(int sig) {
+    (void)sig;
+    stop_requested = 1;
+}
+
+// ---- options -----------------------------------------------------------------------------------------------
+
+typedef struct TrainOptions {
+    const char *model, *out, *data, *format, *classes, *normal, *class_name, *params, *tokenizer, *train;
+    const char *overlays[MAX_OVERLAYS];
+    int n_overlays;
+    long long steps, epochs, accum, warmup, seed, ckpt_every, loader_threads;
+    double lr, fewshot_p, budget_gb;
+    bool resume;
+    Device device;
+    DType dtype;
+    int threads;
+} TrainOptions;
+
+static bool parts_ok(const char *list, bool *decoder, bool *prompt, bool *proj, bool *lora) {
+    *decoder = *prompt = *proj = *lora = false;
+    for (const char *p = list; *p;) {
+        const char *end = strchr(p, ',');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        if (len == 7 && !strncmp(p, "decoder", 7)) *decoder = true;
+        else if (len == 14 && !strncmp(p, "prompt_learner", 14)) *prompt = true;
+        else if (len == 10 && !strncmp(p, "llama_proj", 10)) *proj = true;
+        else if (len == 4 && !strncmp(p, "lora", 4)) *lora = true;
+        else {
+            fprintf(stderr, "agpt train: --train takes decoder, prompt_learner, llama_proj, lora, not '%.*s'\n",
+                    (int)len, p);
+            return false;
+        }
+        p += len + (end ? 1 : 0);
+    }
+    if (!*decoder && !*prompt && !*proj && !*lora) {
+        fprintf(stderr, "agpt train: --train names no part\n");
+        return false;
+    }
+    return true;
+}
+
+// The options that change a run's numbers, one per line: a resume with other values is refused.
+static char *config_text(const TrainOptions *o, const ImageSet *set) {
+    uint64_t h = 1469598103934665603ull;
+    for (int i = 0; i < set->n; i++) {
+        for (const char *c = set->paths[i]; *c; c++) h = (h ^ (uint8_t)*c) * 1099511628211ull;
+        for (const char *c = set->classes[i]; *c; c++) h = (h ^ (uint8_t)*c) * 1099511628211ull;
+    }
+    char *text = malloc(8192);
+    if (!text) return NULL;
+    int n = snprintf(text, 8192, "model=%s\nimages=%d\nimages_hash=%016llx\nsteps=%lld\naccum=%lld\nlr=%.9g\n"
+                     "warmup=%lld\ntrain=%s\nfewshot_p=%.9g\nseed=%lld\nparams=%s\n", o->model, set->n,
+                     (unsigned long long)h, o->steps, o->accum, o->lr, o->warmup, o->train, o->fewshot_p, o->seed,
+                     o->params ? o->params : "");
+    for (int k = 0; k < o->n_overlays && n < 8000; k++) n += snprintf(text + n, 8192 - n, "weights=%s\n", o->overlays[k]);
+    return text;
+}
+
+static int parse(int argc, char **argv, TrainOptions *o) {
+    const char *cmd = "train";
+    *o = (TrainOptions){.format = "mvtec", .train = "decoder,prompt_learner", .steps = -1, .epochs = -1,
+                        .accum = 8, .warmup = -1, .seed = 42, .ckpt_every = 0, .loader_threads = 2, .lr = 1e-3,
+                        .fewshot_p = 0.5, .budget_gb = 0, .device = DEV_CPU, .dtype = DT_F32};
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            usage(stdout);
+            return 0;
+        }
+        int engine = cli_engine_option(argc, argv, &i, cmd, &o->device, &o->dtype, &o->threads);
+        if (engine < 0) return 2;
+        if (engine > 0) continue;
+#define VALUE() do { if (!(v = cli_value(argc, argv, &i, cmd))) return 2; } while (0)
+#define INT(lo, hi, dst) do { VALUE(); if (cli_parse_int(cmd, a, v, lo, hi, dst)) return 2; } while (0)
+#define DBL(lo, hi, dst) do { VALUE(); if (cli_parse_double(cmd, a, v, lo, hi, dst)) return 2; } while (0)
+        if (!strcmp(a, "--model")) { VALUE(); o->model = v; }
+        else if (!strcmp(a, "--out") || !strcmp(a, "-o")) { VALUE(); o->out = v; }
+        else if (!strcmp(a, "--resume")) { VALUE(); o->out = v, o->resume = true; }
+        else if (!strcmp(a, "--data")) { VALUE(); o->data = v; }
+        else if (!strcmp(a, "--format")) { VALUE(); o->format = v; }
+        else if (!strcmp(a, "--classes")) { VALUE(); o->classes = v; }
+        else if (!strcmp(a, "--normal")) { VALUE(); o->normal = v; }
+        else if (!strcmp(a, "--class")) { VALUE(); o->class_name = v; if (!class_name_ok(cmd, v)) return 2; }
+        else if (!strcmp(a, "--params")) { VALUE(); o->params = v; }
+        else if (!strcmp(a, "--tokenizer")) { VALUE(); o->tokenizer = v; }
+        else if (!strcmp(a, "--train")) { VALUE(); o->train = v; }
+        else if (!strcmp(a, "--weights")) {
+            VALUE();
+            if (o->n_overlays == MAX_OVERLAYS) { fprintf(stderr, "agpt train: at most %d --weights\n", MAX_OVERLAYS); return 2; }
+            o->overlays[o->n_overlays++] = v;
+        }
+        else if (!strcmp(a, "--steps")) INT(1, 100000000, &o->steps);
+        else if (!strcmp(a, "--epochs")) INT(1, 100000, &o->epochs);
+        else if (!strcmp(a, "--accum")) INT(1, 1024, &o->accum);
+        else if (!strcmp(a, "--warmup")) INT(1, 100000000, &o->warmup);
+        else if (!strcmp(a, "--seed")) INT(0, (long long)1 << 62, &o->seed);
+        else if (!strcmp(a, "--ckpt-every")) INT(0, 100000000, &o->ckpt_every);
+        else if (!strcmp(a, "--loader-threads")) INT(1, 64, &o->loader_threads);
+        else if (!strcmp(a, "--lr")) DBL(1e-12, 10, &o->lr);
+        else if (!strcmp(a, "--fewshot-p")) DBL(0, 1, &o->fewshot_p);
+        else if (!strcmp(a, "--memory-budget-gb")) DBL(0.001, 1e6, &o->budget_gb);
+        else {
+            fprintf(stderr, "agpt train: unknown option '%s' (agpt train --help)\n", a);
+            return 2;
+        }
+#undef VALUE
+#undef INT
+#undef DBL
+    }
+    if (!o->model || !o->out) {
+        fprintf(stderr, "agpt train: --model and --out (or --resume RUNDIR) are required (agpt train --help)\n");
+        return 2;
+    }
+    if (!o->data == !o->normal) {
+        fprintf(stderr, "agpt train: give either --data DIR or --normal DIR --class NAME\n");
+        return 2;
+    }
+    if (o->normal && !o->class_name) {
+        fprintf(stderr, "agpt train: --normal needs --class NAME (the product's name)\n");
+        return 2;
+    }
+    if (strcmp(o->format, "mvtec") && strcmp(o->format, "visa")) {
+        fprintf(stderr, "agpt train: --format is mvtec or visa, not '%s' (a plain folder: --normal DIR)\n", o->format);
+        return 2;
+    }
+    if (o->steps > 0 && o->epochs > 0) {
+        fprintf(stderr, "agpt train: give --steps or --epochs, not both\n");
+        return 2;
+    }
+    bool d, p, j, l;
+    if (!parts_ok(o->train, &d, &p, &j, &l)) return 2;
+    return -1;  // go on
+}
+
+int cmd_train(int argc, char **argv) {
+    const char *cmd = "train";
+    TrainOptions o;
+    int rc = parse(argc, argv, &o);
+    if (rc >= 0) return rc;
+    bool t_decoder, t_prompt, t_proj, t_lora;
+    parts_ok(o.train, &t_decoder, &t_prompt, &t_proj, &t_lora);
+    Device dev = o.device;
+    int threads = o.threads;
+    if (dev != DEV_CPU || o.dtype != DT_F32) {
+        fprintf(stderr, "agpt train: only --device cpu --dtype f32 for now (the trainer keeps its f32 parameters on "
+                        "the host)\n");
+        return 2;
+    }
+
+    // The images, before anything loads.
+    ImageSet set = {0};
+    Status s = o.normal ? walk_images(&set, o.normal, o.class_name, false, 0)
+             : !strcmp(o.format, "visa") ? list_visa(&set, o.data, o.classes) : list_mvtec(&set, o.data, o.classes);
+    if (s == AGPT_OK && set.n == 0)
+        s = AGPT_FAIL(AGPT_ERR_ARG, "no training images found in %s (%s)", o.normal ? o.normal : o.data,
+                      o.normal ? "a folder of .png/.jpg images" : !strcmp(o.format, "visa")
+                          ? "split_csv/1cls.csv rows with split 'train'" : "<class>/train/good/*.png");
+    if (s == AGPT_OK) s = check_model_path(o.model, "--model");
+    for (int k = 0; s == AGPT_OK && k < o.n_overlays; k++) s = check_model_path(o.overlays[k], "--weights");
+    if (s == AGPT_OK) s = ensure_dir(o.out);
+    if (s != AGPT_OK) {
+        set_free(&set);
+        cli_report(cmd, s);
+        return 2;
+    }
+    if (o.steps < 0) {
+        long long epochs = o.epochs > 0 ? o.epochs : 50;
+        o.steps = epochs * set.n / o.accum;
+        if (o.steps < 1) o.steps = 1;
+    }
+    if (o.warmup < 0) o.warmup = o.steps / 10 > 10 ? o.steps / 10 : 10;
+    if (o.warmup > o.steps) o.warmup = o.steps;
+
+    Engine eng;
+    if ((s = engine_create(&eng, dev, 0, threads, (uint64_t)o.seed))) {
+        set_free(&set);
+        return cli_report(cmd, s);
+    }
+    AnomalyTrainModel model;
+    AnomalyTrainOptions mopt = {.max_batch = 2, .train_proj = t_proj, .train_lora = t_lora};
+    double t_open = timer_now_s();
+    s = anomaly_train_open(&model, &eng, o.model, o.overlays, o.n_overlays, o.tokenizer, &mopt);
+    if (s != AGPT_OK) {
+        set_free(&set);
+        engine_destroy(&eng);
+        return cli_report(cmd, s);
+    }
+    AnomalyData data;
+    s = anomaly_data_init(&data, (const char *const *)set.paths, (const char *const *)set.classes, set.n, o.params,
+                          model.tokenizer);
+    data.fewshot_p = o.fewshot_p;
+    char *cfg_text = s == AGPT_OK ? config_text(&o, &set) : NULL;
+    if (s == AGPT_OK && !cfg_text) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory");
+
+    // The memory the step needs, from the model's sizes.
+    if (s == AGPT_OK) {
+        const VisionEncoder *v = &model.vision.vision;
+        MemPlanConfig mc = mem_plan_reference_config();
+        mc.vit_width = v->block.dim, mc.vit_layers = v->layers, mc.vit_mlp = v->block.mlp_hidden;
+        mc.vit_heads = v->block.heads, mc.vit_tokens = v->tokens, mc.vit_patch = v->patch, mc.image = v->image;
+        mc.embed = v->embed;
+        for (int i = 0; i < PROMPT_CONVS; i++) mc.prompt_channels[i] = model.prompts.channels[i];
+        mc.llm_width = model.llm.block.dim, mc.llm_layers = model.llm.layers, mc.llm_hidden = model.llm.block.hidden;
+        mc.llm_heads = model.llm.block.heads, mc.vocab = model.llm.vocab, mc.lora_rank = model.llm.rank;
+        mc.seq_len = TRAIN_PREFIX_TOKENS + ANOMALY_TEXT_MAX;
+        mc.weight_dtype = DT_F32, mc.compute_dtype = DT_F32;
+        mc.train_decoder = t_decoder, mc.train_prompt = t_prompt, mc.train_proj = t_proj, mc.train_lora = t_lora;
+        mc.recompute = false, mc.flash_attention = false, mc.optimizer_on_host = false;
+        MemPlan plan;
+        s = mem_plan_compute(&mc, &plan);
+        if (s == AGPT_OK) {
+            char text[4096];
+            mem_plan_format(&plan, text, sizeof text);
+            fprintf(stderr, "agpt train: %d images, %d classes; %lld updates of %lld images; memory plan (f32, CPU):\n%s",
+                    set.n, data.n_classes, o.steps, o.accum, text);
+            if (o.budget_gb > 0) s = mem_plan_check(&plan, o.budget_gb * 1073741824.0);
+        }
+    }
+
+    // The trained tensors as the trainer's parameters (f32 host tensors: the CPU engine's weights themselves).
+    AnomalyTrainTensor tt[512];
+    TrainParam params[512];
+    int n_params = 0;
+    if (s == AGPT_OK) {
+        int n = anomaly_train_tensors(&model, tt, 512);
+        for (int i = 0; i < n && i < 512; i++) {
+            bool dec = !strncmp(tt[i].name, "image_decoder.", 14), pl = !strncmp(tt[i].name, "prompt_learner.", 15);
+            bool pj = !strncmp(tt[i].name, "llama_proj.", 11);
+            bool keep = dec ? t_decoder : pl ? t_prompt : pj ? t_proj : t_lora;
+            if (keep) params[n_params++] = (TrainParam){.name = tt[i].name, .param = *tt[i].param, .grad = *tt[i].grad};
+        }
+    }
+    TrainerResult res = {0};
+    if (s == AGPT_OK) {
+        fprintf(stderr, "agpt train: model ready in %.1f s; training %d tensors\n", timer_now_s() - t_open, n_params);
+        AnomalyStepContext sc = {.model = &model, .data = &data};
+        TrainerConfig tc = trainer_default_config();
+        tc.accum = (int)o.accum;
+        tc.total_updates = o.steps;
+        tc.ckpt_every = (int)o.ckpt_every;
+        tc.schedule = (WarmupDecayConfig){.warmup_min_lr = 0, .warmup_max_lr = o.lr, .warmup_num_steps = o.warmup,
+                                          .total_num_steps = o.steps, .warmup_type = WARMUP_LOG, .optimizer_lr = o.lr};
+        tc.dir = o.out;
+        tc.config_text = cfg_text;
+        tc.resume = o.resume;
+        tc.loader = (LoaderConfig){.n_items = data.n_items, .sample_bytes = sizeof(AnomalySample),
+                                   .threads = (int)o.loader_threads, .seed = (uint64_t)o.seed, .rank = 0, .world = 1,
+                                   .make_sample = anomaly_make_sample, .ctx = &data};
+        tc.stop = &stop_requested;
+        Progress prog = {.t0 = timer_now_s(), .first = -1, .tty = isatty(2)};
+        tc.on_update = on_update;
+        tc.on_update_ctx = &prog;
+        struct sigaction sa = {.sa_handler = on_sigint};
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGINT, &sa, NULL);
+        sigaction(SIGTERM, &sa, NULL);
+        s = trainer_run(&eng, &tc, params, n_params, anomaly_step, &sc, &res);
+        signal(SIGINT, SIG_DFL);
+        signal(SIGTERM, SIG_DFL);
+    }
+    if (s == AGPT_OK)
+        fprintf(stderr, "agpt train: %s after %lld updates (last loss %.4f); %s/delta.safetensors: layer it with "
+                "agpt detect --weights; --resume %s continues\n", res.stopped ? "stopped" : "done",
+                (long long)res.updates, res.last_loss, o.out, o.out);
+    free(cfg_text);
+    anomaly_data_free(&data);
+    anomaly_train_close(&model);
+    engine_destroy(&eng);
+    set_free(&set);
+    return s == AGPT_OK ? 0 : cli_report(cmd, s);
+}

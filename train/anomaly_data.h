@@ -1,0 +1,72 @@
+// The reference's anomaly training samples (anomalygpt-reference.md 6.1, 6.3, 6.4; mvtec.py / visa.py
+// __getitem__ and collate, openllama.py forward): one dataset item, a normal training image, becomes one
+// micro-step of two conversations:
+//   0: the image (Resize((224,224)) bicubic) with a zero mask and the normal answer;
+//   1: the image with NSA synthetic anomalies blended in (train/synth.h), gt = label > 0.3, and the
+//      "Yes, ..." answer naming the regions' positions (train/conversation_train.h); when synthesis finds no
+//      place for a patch, both are the normal conversation and the mask stays zero.
+// With probability fewshot_p (1/2 in the reference, per micro-step) both carry the class's reference image, so
+// the prompt learner sees the few-shot map (3.4). The reference image of a class is the first of its normal
+// training images in name order (the reference takes os.listdir's first, which is filesystem order).
+//
+// Determinism: every draw of a sample (the source image of the blend, the patches, the few-shot coin) comes from
+// the loader's per-sample Rng (train/loader.h), so a sample depends only on (seed, epoch, index). The reference
+// blends from the image its worker visited before (prev_idx), which depends on worker scheduling; here the source
+// is another training image drawn from the sample's Rng.
+#pragma once
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "model/anomalygpt_train.h"
+#include "model/sp_tokenizer.h"
+#include "train/conversation_train.h"
+#include "train/synth.h"
+#include "train/trainer.h"
+
+#define ANOMALY_SIDE 224
+#define ANOMALY_TEXT_MAX 256   // text tokens per conversation kept in a sample (the reference's answers need ~70)
+
+typedef struct AnomalyClass {
+    char name[128];
+    SynthParams params;        // patch_ex's arguments and the description sentence
+    float *reference;          // [3,S,S] normalised: the class's reference image (inference preprocessing)
+} AnomalyClass;
+
+typedef struct AnomalyData {
+    int n_items;
+    char **paths;              // [n_items] normal training images
+    int *item_class;           // [n_items] index into classes
+    AnomalyClass *classes;
+    int n_classes;
+    const SpTokenizer *tokenizer;  // not owned
+    double fewshot_p;          // 0.5: the chance a micro-step uses the few-shot branch
+} AnomalyData;
+
+// One loader slot: the two conversations of an item.
+typedef struct AnomalySample {
+    float image[2][3 * ANOMALY_SIDE * ANOMALY_SIDE];  // normalised model inputs
+    float mask[2][ANOMALY_SIDE * ANOMALY_SIDE];       // {0,1}
+    int32_t ids[2][ANOMALY_TEXT_MAX], targets[2][ANOMALY_TEXT_MAX];
+    int n_tokens[2];
+    int cls;                   // class index
+    int fewshot;               // 1: both use the class's reference
+    int n_patches;             // synthetic regions pasted into conversation 1
+} AnomalySample;
+
+// Builds the data from normal training images and their classes (class names: the reference's 15 MVTec-AD and
+// 12 VisA names get its synthesis parameters and descriptions; another name the defaults, overridden by the
+// JSON file params_json when given). Reads each class's reference image now (an unreadable one is an error
+// naming it). Copies the strings.
+Status anomaly_data_init(AnomalyData *d, const char *const *paths, const char *const *class_names, int n,
+                         const char *params_json, const SpTokenizer *tokenizer);
+void anomaly_data_free(AnomalyData *d);
+
+// The loader's callback (LoaderMakeSample): item `index` with the sample's Rng into an AnomalySample.
+Status anomaly_make_sample(void *data, int64_t index, Rng *rng, void *out);
+
+// The trainer's step (TrainStepFn): ctx is an AnomalyStepContext.
+typedef struct AnomalyStepContext {
+    AnomalyTrainModel *model;
+    const AnomalyData *data;
+} AnomalyStepContext;
+Status anomaly_step(void *ctx, const void *sample, TrainLosses *out);
