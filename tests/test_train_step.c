@@ -6,10 +6,12 @@
 // feeding the prompt learner), the same with a reference (the few-shot map feeding it) and an instruction-style
 // sample (no mask). The golden is computed in float64; each gradient may be off by 1e-5 (rel L2) or by 4 x its f32 noise,
 // whichever is larger (the golden records the noise: see make_train_step_goldens.py). Then: gradients
-// accumulate over steps, bad batches are refused.
+// accumulate over steps, bad batches are refused. Last, 20 updates of train/trainer.h's loop (AdamW, clipping,
+// WarmupDecayLR) on the zero-shot batch give PyTorch's losses to 1e-4.
 //
 //   test_train_step DATA_DIR MODEL_FILE TOKENIZER
 // Exit: 0 all passed, 1 a check failed, 77 (skipped) when the golden, the model or the tokenizer is absent.
+#define _DEFAULT_SOURCE  // mkdtemp
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +19,7 @@
 #include <unistd.h>
 
 #include "model/anomalygpt_train.h"
+#include "train/trainer.h"
 #include "test.h"
 #include "test_util.h"
 
@@ -146,6 +149,91 @@ static void run_case(AnomalyTrainModel *m, const char *name, const Inputs *in) {
     free(ids), free(tg);
 }
 
+// ---- 20 updates of the whole loop on the zero-shot batch, against PyTorch's losses -------------------------
+
+typedef struct LoopCtx {
+    AnomalyTrainModel *m;
+    AnomalyTrainExample ex[2];
+    int B;
+} LoopCtx;
+
+static Status loop_sample(void *ctx, int64_t index, Rng *rng, void *out) {
+    (void)ctx, (void)rng;
+    *(int64_t *)out = index;
+    return AGPT_OK;
+}
+
+static Status loop_step(void *ctx, const void *sample, TrainLosses *out) {
+    (void)sample;
+    LoopCtx *c = ctx;
+    AnomalyTrainLosses l;
+    AGPT_TRY(anomaly_train_step(c->m, c->ex, c->B, &l));
+    out->ce = l.ce, out->focal = l.focal, out->dice = l.dice;
+    return AGPT_OK;
+}
+
+static void run_loop(AnomalyTrainModel *m, const Inputs *in) {
+    LoopCtx c = {.m = m};
+    int32_t *ids = NULL, *tg = NULL;
+    c.B = case_examples("zeroshot", in, c.ex, &ids, &tg);
+    if (c.B < 1) return;
+    AnomalyTrainTensor t[128];
+    TrainParam params[128];
+    int n = anomaly_train_tensors(m, t, 128), np = 0;
+    for (int i = 0; i < n && i < 128; i++)  // the reference's trained parts
+        if (!strncmp(t[i].name, "image_decoder.", 14) || !strncmp(t[i].name, "prompt_learner.", 15))
+            params[np++] = (TrainParam){.name = t[i].name, .param = *t[i].param, .grad = *t[i].grad};
+    char dir[] = "/tmp/agpt-train-loop-XXXXXX";
+    CHECK(mkdtemp(dir) != NULL, "mkdtemp");
+    TrainerConfig tc = trainer_default_config();
+    tc.accum = 1;
+    tc.total_updates = 20;
+    tc.schedule = (WarmupDecayConfig){.warmup_min_lr = 0, .warmup_max_lr = 1e-3, .warmup_num_steps = 5,
+                                      .total_num_steps = 20, .warmup_type = WARMUP_LOG, .optimizer_lr = 1e-3};
+    tc.dir = dir;
+    tc.config_text = "test_train_step loop\n";
+    tc.loader = (LoaderConfig){.n_items = 1, .sample_bytes = sizeof(int64_t), .threads = 1, .seed = 1, .world = 1,
+                               .make_sample = loop_sample};
+    TrainerResult res;
+    CHECK_OK(trainer_run(m->engine, &tc, params, np, loop_step, &c, &res));
+    // The losses before every update, from log.jsonl, against PyTorch's (float64) to 1e-4.
+    char path[256];
+    snprintf(path, sizeof path, "%s/log.jsonl", dir);
+    FILE *f = fopen(path, "r");
+    CHECK(f != NULL, "%s", path);
+    int64_t k = 0;
+    float *want[3] = {test_golden_f32(golden, "loop.ce", &k), test_golden_f32(golden, "loop.focal", &k),
+                      test_golden_f32(golden, "loop.dice", &k)};
+    char line[1024];
+    int u = 0;
+    double worst = 0;
+    while (f && want[0] && want[1] && want[2] && fgets(line, sizeof line, f) && u < k) {
+        double got[3];
+        CHECK(sscanf(line, "{\"step\":%*d,\"ce\":%lf,\"focal\":%lf,\"dice\":%lf", &got[0], &got[1], &got[2]) == 3,
+              "log line %d: %s", u + 1, line);
+        for (int j = 0; j < 3; j++) {
+            double err = fabs(got[j] - want[j][u]) / fmax(fabs(want[j][u]), 1e-3);
+            if (err > worst) worst = err;
+            CHECK(err <= 1e-4, "loop update %d part %d: %.9g vs PyTorch %.9g (rel %.2e)", u + 1, j, got[j],
+                  (double)want[j][u], err);
+        }
+        u++;
+    }
+    CHECK(u == 20 && k == 20, "loop: %d log lines, %lld golden updates", u, (long long)k);
+    if (want[0] && u == 20)
+        printf("  loop: 20 updates, loss %.4f -> %.4f, worst rel difference to PyTorch %.2e\n",
+               want[0][0] + want[1][0] + want[2][0], want[0][19] + want[1][19] + want[2][19], worst);
+    if (f) fclose(f);
+    for (int j = 0; j < 3; j++) free(want[j]);
+    const char *files[3] = {"log.jsonl", "delta.safetensors", "state.safetensors"};
+    for (int j = 0; j < 3; j++) {
+        snprintf(path, sizeof path, "%s/%s", dir, files[j]);
+        unlink(path);
+    }
+    rmdir(dir);
+    free(ids), free(tg);
+}
+
 int main(int argc, char **argv) {
     const char *data = argc > 1 ? argv[1] : AGPT_TEST_DATA;
     const char *model = argc > 2 ? argv[2] : "";
@@ -181,6 +269,8 @@ int main(int argc, char **argv) {
     run_case(&m, "zeroshot", &in);
     run_case(&m, "fewshot", &in);
     run_case(&m, "sft", &in);
+    printf("golden: 20 updates of the loop\n");
+    run_loop(&m, &in);  // last: it changes the weights
 
     free(in.normal), free(in.anomalous), free(in.reference), free(in.mask), free(in.zero_mask);
     anomaly_train_close(&m);

@@ -20,7 +20,8 @@ Cases: "zeroshot" (an anomaly item: the normal image with a zero mask and the im
 mask, class bottle), "fewshot" (the same with a reference image of another texture), "sft" (one image, no mask, class object:
 the cross-entropy alone). For every case the losses and the gradient of every trainable tensor (decoder, prompt
 learner, and as options llama_proj and the LoRA factors) are written to tests/data/train_step.safetensors,
-with the normalised inputs, the mask, token ids and targets the C test feeds. Needs
+with the normalised inputs, the mask, token ids and targets the C test feeds; and the losses of 20 updates of the
+whole loop (AdamW, clipping, WarmupDecayLR) on the zero-shot batch. Needs
 ../shared/data/llama-tokenizer.model (skips with a message when it is missing).
 """
 import copy
@@ -39,6 +40,7 @@ import make_imagebind_goldens as ib
 from golden_io import write
 from make_anomalygpt_goldens import ALPHA, HEADS, HIDDEN, INTER, LAYERS, R, VOCAB, WIDTHS, vision_model
 from make_prompt_learner_goldens import PromptLearner
+from make_schedule import formula_gamma
 
 torch.use_deterministic_algorithms(True)
 torch.set_num_threads(1)
@@ -51,6 +53,7 @@ DESCRIPTION = ("This is a photo of a bottle for anomaly detection, which should 
 QUESTION = DESCRIPTION + " Is there any anomaly in the image?"
 NORMAL = "No, there is no anomaly in the image."
 ANOMALY = "Yes, there is an anomaly in the image, at the top of the image."
+LOOP_UPDATES, LOOP_WARMUP, LOOP_LR = 20, 5, 1e-3
 
 
 def load_parts():
@@ -259,6 +262,28 @@ def main():
         print(f"  {name}: ce {res['ce']:.6f} focal {res['focal']:.6f} dice {res['dice']:.6f}; "
               f"|grad| decoder.fc.0.w {gn['image_decoder.fc.0.weight']:.3e}, "
               f"prompt_learner.meta_net.0.weight {gn['prompt_learner.meta_net.0.weight']:.3e}")
+    # 20 updates of the whole loop on the zero-shot batch (anomalygpt-reference.md 6.2): AdamW (0.9, 0.95, eps
+    # 1e-8, weight decay 1e-3) over the decoder and the prompt learner, the global-norm clip at 1.0, and
+    # WarmupDecayLR as DeepSpeed's engine steps it (update 1 at the optimizer's lr, then lr(k - 2); log warmup over
+    # 5, total 20, max 1e-3), accumulation 1. The losses before every update are the golden.
+    images, masks, cls, answers, ref = cases["zeroshot"]
+    tf = sd["text_features." + cls].double()
+    trained = [p for fc in vm.image_decoder.fc for p in fc.parameters()] + list(pl.parameters())
+    opt = torch.optim.AdamW(trained, lr=LOOP_LR, betas=(0.9, 0.95), eps=1e-8, weight_decay=1e-3)
+    losses = {"ce": [], "focal": [], "dice": []}
+    for k in range(1, LOOP_UPDATES + 1):
+        lr = LOOP_LR if k == 1 else LOOP_LR * formula_gamma(k - 2, LOOP_UPDATES, LOOP_WARMUP, "log")
+        for group in opt.param_groups:
+            group["lr"] = lr
+        res, _ = step(vm, pm, pl, proj, sp, images, masks, cls, tf, answers, ref)  # leaves .grad set
+        for key in losses:
+            losses[key].append(res[key])
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        opt.step()
+    for key, values in losses.items():
+        tensors[f"loop.{key}"] = torch.tensor(values, dtype=torch.float32)
+    print(f"  loop: {LOOP_UPDATES} updates, loss {losses['ce'][0] + losses['focal'][0] + losses['dice'][0]:.4f} -> "
+          f"{losses['ce'][-1] + losses['focal'][-1] + losses['dice'][-1]:.4f}")
     write(OUT, tensors, meta)
 
 
