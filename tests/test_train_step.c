@@ -49,8 +49,8 @@ static void check_grads(AnomalyTrainModel *m, const char *case_name, double fact
     const char *worst_name = "";
     for (int i = 0; i < n && i < 128; i++) {
         char key[512], what[600];
-        snprintf(key, sizeof key, "%s.grad.%s", case_name, t[i].name);
-        snprintf(what, sizeof what, "%s: d %s", case_name, t[i].name);
+        snprintf(key, sizeof key, "%s.grad.%.127s", case_name, t[i].name);
+        snprintf(what, sizeof what, "%s: d %.127s", case_name, t[i].name);
         int64_t count = 0;
         float *want = test_golden_f32(golden, key, &count);
         if (!want) continue;
@@ -66,7 +66,7 @@ static void check_grads(AnomalyTrainModel *m, const char *case_name, double fact
             // PyTorch's own float32 error and the float64 gradient's change under a 1e-6 jitter of the 16 x 16
             // score grids), for ill-conditioned gradients: the few-shot case's first conv weight (noise 9e-5;
             // measured here 8.5e-5 with the prompt learner's input map within 3.5e-7 of float64).
-            snprintf(key, sizeof key, "%s.f32err.%s", case_name, t[i].name);
+            snprintf(key, sizeof key, "%s.f32err.%.127s", case_name, t[i].name);
             double noise = golden_scalar(key), tol = fmax(TOL, 4 * (isfinite(noise) ? noise : 0));
             if (err / tol > worst) worst = err / tol, worst_name = t[i].name;
             CHECK(err <= tol, "%s: rel L2 %.3e (allowed %.1e; PyTorch f32 %.1e)", what, err, tol, noise);

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "model/anomalygpt_train.h"
+#include "runtime/comm.h"
 #include "runtime/timer.h"
 #include "tools/cli.h"
 #include "tools/inspect_io.h"
@@ -246,7 +247,7 @@ static bool parts_ok(const char *list, bool *decoder, bool *prompt, bool *proj, 
 }
 
 // The options that change a run's numbers, one per line: a resume with other values is refused.
-static char *config_text(const TrainOptions *o, const ImageSet *set) {
+static char *config_text(const TrainOptions *o, const ImageSet *set, int world) {
     uint64_t h = 1469598103934665603ull;
     for (int i = 0; i < set->n; i++) {
         for (const char *c = set->paths[i]; *c; c++) h = (h ^ (uint8_t)*c) * 1099511628211ull;
@@ -255,9 +256,9 @@ static char *config_text(const TrainOptions *o, const ImageSet *set) {
     char *text = malloc(8192);
     if (!text) return NULL;
     int n = snprintf(text, 8192, "model=%s\nimages=%d\nimages_hash=%016llx\nsteps=%lld\naccum=%lld\nlr=%.9g\n"
-                     "warmup=%lld\ntrain=%s\nfewshot_p=%.9g\nseed=%lld\nparams=%s\n", o->model, set->n,
+                     "warmup=%lld\ntrain=%s\nfewshot_p=%.9g\nseed=%lld\nparams=%s\nworld=%d\n", o->model, set->n,
                      (unsigned long long)h, o->steps, o->accum, o->lr, o->warmup, o->train, o->fewshot_p, o->seed,
-                     o->params ? o->params : "");
+                     o->params ? o->params : "", world);
     for (int k = 0; k < o->n_overlays && n < 8000; k++) n += snprintf(text + n, 8192 - n, "weights=%s\n", o->overlays[k]);
     return text;
 }
@@ -369,9 +370,21 @@ int cmd_train(int argc, char **argv) {
         cli_report(cmd, s);
         return 2;
     }
-    if (o.steps < 0) {
+    Comm comm;
+    if ((s = comm_init(&comm)) != AGPT_OK) {
+        set_free(&set);
+        return cli_report(cmd, s);
+    }
+    const bool lead = comm.rank == 0;
+    if (set.n < comm.size) {
+        set_free(&set);
+        cli_report(cmd, AGPT_FAIL(AGPT_ERR_ARG, "%d training images cannot be shared by %d ranks", set.n, comm.size));
+        comm_finalize(&comm);
+        return 2;
+    }
+    if (o.steps < 0) {  // every rank takes floor(images / ranks) of each epoch
         long long epochs = o.epochs > 0 ? o.epochs : 50;
-        o.steps = epochs * set.n / o.accum;
+        o.steps = epochs * (set.n / comm.size) / o.accum;
         if (o.steps < 1) o.steps = 1;
     }
     if (o.warmup < 0) o.warmup = o.steps / 10 > 10 ? o.steps / 10 : 10;
@@ -380,22 +393,26 @@ int cmd_train(int argc, char **argv) {
     Engine eng;
     if ((s = engine_create(&eng, dev, 0, threads, (uint64_t)o.seed))) {
         set_free(&set);
+        comm_finalize(&comm);
         return cli_report(cmd, s);
     }
     AnomalyTrainModel model;
     AnomalyTrainOptions mopt = {.max_batch = 2, .train_proj = t_proj, .train_lora = t_lora};
     double t_open = timer_now_s();
     s = anomaly_train_open(&model, &eng, o.model, o.overlays, o.n_overlays, o.tokenizer, &mopt);
+    int failed_rank;
+    s = comm_agree_status(&comm, s, &failed_rank);
     if (s != AGPT_OK) {
         set_free(&set);
         engine_destroy(&eng);
+        comm_finalize(&comm);
         return cli_report(cmd, s);
     }
     AnomalyData data;
     s = anomaly_data_init(&data, (const char *const *)set.paths, (const char *const *)set.classes, set.n, o.params,
                           model.tokenizer);
     data.fewshot_p = o.fewshot_p;
-    char *cfg_text = s == AGPT_OK ? config_text(&o, &set) : NULL;
+    char *cfg_text = s == AGPT_OK ? config_text(&o, &set, comm.size) : NULL;
     if (s == AGPT_OK && !cfg_text) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory");
 
     // The memory the step needs, from the model's sizes.
@@ -414,14 +431,16 @@ int cmd_train(int argc, char **argv) {
         mc.recompute = false, mc.flash_attention = false, mc.optimizer_on_host = false;
         MemPlan plan;
         s = mem_plan_compute(&mc, &plan);
-        if (s == AGPT_OK) {
+        if (s == AGPT_OK && lead) {
             char text[4096];
             mem_plan_format(&plan, text, sizeof text);
-            fprintf(stderr, "agpt train: %d images, %d classes; %lld updates of %lld images; memory plan (f32, CPU):\n%s",
-                    set.n, data.n_classes, o.steps, o.accum, text);
-            if (o.budget_gb > 0) s = mem_plan_check(&plan, o.budget_gb * 1073741824.0);
+            fprintf(stderr, "agpt train: %d images, %d classes; %lld updates of %lld images x %d rank%s (%s); memory "
+                    "plan per rank (f32, CPU):\n%s", set.n, data.n_classes, o.steps, o.accum, comm.size,
+                    comm.size > 1 ? "s" : "", comm_backend_name(&comm), text);
         }
+        if (s == AGPT_OK && o.budget_gb > 0) s = mem_plan_check(&plan, o.budget_gb * 1073741824.0);
     }
+    s = comm_agree_status(&comm, s, &failed_rank);
 
     // The trained tensors as the trainer's parameters (f32 host tensors: the CPU engine's weights themselves).
     AnomalyTrainTensor tt[512];
@@ -438,7 +457,9 @@ int cmd_train(int argc, char **argv) {
     }
     TrainerResult res = {0};
     if (s == AGPT_OK) {
-        fprintf(stderr, "agpt train: model ready in %.1f s; training %d tensors\n", timer_now_s() - t_open, n_params);
+        if (lead)
+            fprintf(stderr, "agpt train: model ready in %.1f s; training %d tensors\n", timer_now_s() - t_open,
+                    n_params);
         AnomalyStepContext sc = {.model = &model, .data = &data};
         TrainerConfig tc = trainer_default_config();
         tc.accum = (int)o.accum;
@@ -453,6 +474,7 @@ int cmd_train(int argc, char **argv) {
                                    .threads = (int)o.loader_threads, .seed = (uint64_t)o.seed, .rank = 0, .world = 1,
                                    .make_sample = anomaly_make_sample, .ctx = &data};
         tc.stop = &stop_requested;
+        tc.comm = &comm;
         Progress prog = {.t0 = timer_now_s(), .first = -1, .tty = isatty(2)};
         tc.on_update = on_update;
         tc.on_update_ctx = &prog;
@@ -464,7 +486,7 @@ int cmd_train(int argc, char **argv) {
         signal(SIGINT, SIG_DFL);
         signal(SIGTERM, SIG_DFL);
     }
-    if (s == AGPT_OK)
+    if (s == AGPT_OK && lead)
         fprintf(stderr, "agpt train: %s after %lld updates (last loss %.4f); %s/delta.safetensors: layer it with "
                 "agpt detect --weights; --resume %s continues\n", res.stopped ? "stopped" : "done",
                 (long long)res.updates, res.last_loss, o.out, o.out);
@@ -473,5 +495,6 @@ int cmd_train(int argc, char **argv) {
     anomaly_train_close(&model);
     engine_destroy(&eng);
     set_free(&set);
+    comm_finalize(&comm);
     return s == AGPT_OK ? 0 : cli_report(cmd, s);
 }

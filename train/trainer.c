@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "kernels/ops.h"
+#include "runtime/comm.h"
 #include "runtime/memory.h"
 #include "runtime/timer.h"
 #include "train/run_state.h"
@@ -61,16 +62,33 @@ static Status check_config(const TrainerConfig *c, const TrainParam *p, int n) {
     return AGPT_OK;
 }
 
+// Rank 0 saves; every rank learns whether that worked before going on.
+static Status save_all(const TrainerConfig *c, const Comm *comm, const Moments *mo, int n, int64_t updates,
+                       int64_t epoch, int64_t pos) {
+    Status s = comm->rank == 0 ? save(c, mo, n, updates, epoch, pos) : AGPT_OK;
+    int failed;
+    return comm_agree_status(comm, s, &failed);
+}
+
 Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, TrainStepFn step, void *ctx,
                    TrainerResult *res) {
     memset(res, 0, sizeof *res);
     AGPT_TRY(check_config(c, p, n));
+    const Comm single = {.backend = COMM_SINGLE, .rank = 0, .size = 1};
+    const Comm *comm = c->comm ? c->comm : &single;
+    const bool lead = comm->rank == 0;  // writes the log and the checkpoints
     Moments mo = {0};
     Loader *loader = NULL;
     FILE *log = NULL;
     void *sample = NULL;
     Status s = moments_alloc(&mo, p, n);
+    double **acc = calloc((size_t)n, sizeof *acc);  // [n] the update's gradient sums, in double
+    if (!acc) s = AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory");
+    for (int i = 0; s == AGPT_OK && i < n; i++)
+        if (!(acc[i] = malloc((size_t)tensor_numel(&p[i].grad) * sizeof(double))))
+            s = AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory for the gradient sums of %s", p[i].name);
     LoaderConfig lc = c->loader;
+    lc.rank = comm->rank, lc.world = comm->size;
     int64_t updates = 0;
     if (s == AGPT_OK && c->resume) {
         RunProgress pr;
@@ -79,34 +97,54 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
     }
     if (s == AGPT_OK) s = loader_start(&lc, &loader);
     if (s == AGPT_OK && !(sample = malloc(lc.sample_bytes))) s = AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory");
-    if (s == AGPT_OK) {
+    if (s == AGPT_OK && lead) {
         char path[4096];
         snprintf(path, sizeof path, "%s/log.jsonl", c->dir);
         // A resume appends; a new run starts the log afresh.
         if (!(log = fopen(path, c->resume ? "a" : "w")))
             s = AGPT_FAIL(AGPT_ERR_IO, "trainer: cannot write %s: %s", path, strerror(errno));
     }
-    // The data position after the last sample used: where a checkpoint resumes.
+    int failed_rank;
+    s = comm_agree_status(comm, s, &failed_rank);
+    // The data position after the last sample used: where a checkpoint resumes (the same on every rank).
     int64_t next_epoch = lc.epoch, next_pos = lc.position;
     const int64_t epoch_len = loader_epoch_length(&lc);
     while (s == AGPT_OK && updates < c->total_updates) {
         double t0 = timer_now_s();
-        for (int i = 0; i < n && s == AGPT_OK; i++) s = tensor_zero(&p[i].grad);
-        TrainLosses sum = {0};
+        for (int i = 0; i < n; i++) memset(acc[i], 0, (size_t)tensor_numel(&p[i].grad) * sizeof(double));
+        double sum[3] = {0, 0, 0};  // ce, focal, dice over this rank's micro-steps
         for (int a = 0; a < c->accum && s == AGPT_OK; a++) {
             int64_t epoch, pos;
-            s = loader_next(loader, sample, &epoch, &pos, NULL);
+            for (int i = 0; i < n && s == AGPT_OK; i++) s = tensor_zero(&p[i].grad);
+            if (s == AGPT_OK) s = loader_next(loader, sample, &epoch, &pos, NULL);
             TrainLosses l = {0};
             if (s == AGPT_OK) s = step(ctx, sample, &l);
             if (s != AGPT_OK) break;
-            sum.ce += l.ce, sum.focal += l.focal, sum.dice += l.dice;
+            // Each micro-step's gradient is summed in double, so the update does not depend on the order of the
+            // micro-steps (one process of accum N*K and N ranks of accum K sum the same gradients).
+            for (int i = 0; i < n; i++) {
+                const float *g = p[i].grad.data;
+                for (int64_t j = 0, m = tensor_numel(&p[i].grad); j < m; j++) acc[i][j] += g[j];
+            }
+            sum[0] += l.ce, sum[1] += l.focal, sum[2] += l.dice;
             next_epoch = pos + 1 < epoch_len ? epoch : epoch + 1;
             next_pos = pos + 1 < epoch_len ? pos + 1 : 0;
         }
-        if (s != AGPT_OK) break;
-        // DeepSpeed divides the loss by the accumulation steps: the update sees the mean gradient.
+        // A rank that failed stops every rank here, before they would wait for it in a collective.
+        if ((s = comm_agree_status(comm, s, &failed_rank)) != AGPT_OK) break;
+        // The gradients summed over the ranks' micro-steps; DeepSpeed divides the loss by the accumulation
+        // steps and averages over ranks: the update sees the mean gradient of all world * accum micro-steps.
+        // The stop request rides along, so that every rank stops after the same update.
+        double shared[4] = {sum[0], sum[1], sum[2], c->stop && *c->stop ? 1.0 : 0.0};
+        for (int i = 0; i < n && s == AGPT_OK; i++)
+            s = comm_allreduce_sum_f64(comm, acc[i], (size_t)tensor_numel(&p[i].grad));
+        if (s == AGPT_OK) s = comm_allreduce_sum_f64(comm, shared, 4);
+        const int micro = c->accum * comm->size;
+        for (int i = 0; i < n && s == AGPT_OK; i++) {  // the mean gradient, rounded to f32 once
+            float *g = p[i].grad.data;
+            for (int64_t j = 0, m = tensor_numel(&p[i].grad); j < m; j++) g[j] = (float)(acc[i][j] / micro);
+        }
         double total = 0, ss = 0;
-        for (int i = 0; i < n && s == AGPT_OK; i++) s = op_scale(e, &p[i].grad, 1.0f / (float)c->accum);
         for (int i = 0; i < n && s == AGPT_OK; i++) s = op_sum_squares(e, &ss, &p[i].grad), total += ss;
         if (s != AGPT_OK) break;
         double norm = sqrt(total);
@@ -124,21 +162,23 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
             s = op_adamw(e, &p[i].param, &p[i].grad, &mo.rp[i].m, &mo.rp[i].v, (float)lr, c->beta1, c->beta2, c->eps,
                          c->weight_decay, (int)updates);
         if (s != AGPT_OK) break;
-        double k = 1.0 / c->accum;
-        res->last_loss = (sum.ce + sum.focal + sum.dice) * k;
-        fprintf(log, "{\"step\":%lld,\"ce\":%.9g,\"focal\":%.9g,\"dice\":%.9g,\"grad_norm\":%.9g,\"lr\":%.9g,"
-                "\"ms\":%.3f}\n", (long long)updates, sum.ce * k, sum.focal * k, sum.dice * k, norm, lr,
-                (timer_now_s() - t0) * 1e3);
-        fflush(log);
-        if (c->on_update) {
-            TrainerUpdate u = {.update = updates, .total_updates = c->total_updates,
-                               .mean = {sum.ce * k, sum.focal * k, sum.dice * k}, .grad_norm = norm, .lr = lr,
-                               .ms = (timer_now_s() - t0) * 1e3, .epoch = next_epoch};
-            c->on_update(c->on_update_ctx, &u);
+        double k = 1.0 / micro;
+        res->last_loss = (shared[0] + shared[1] + shared[2]) * k;
+        if (lead) {
+            fprintf(log, "{\"step\":%lld,\"ce\":%.9g,\"focal\":%.9g,\"dice\":%.9g,\"grad_norm\":%.9g,\"lr\":%.9g,"
+                    "\"ms\":%.3f}\n", (long long)updates, shared[0] * k, shared[1] * k, shared[2] * k, norm, lr,
+                    (timer_now_s() - t0) * 1e3);
+            fflush(log);
+            if (c->on_update) {
+                TrainerUpdate u = {.update = updates, .total_updates = c->total_updates,
+                                   .mean = {shared[0] * k, shared[1] * k, shared[2] * k}, .grad_norm = norm,
+                                   .lr = lr, .ms = (timer_now_s() - t0) * 1e3, .epoch = next_epoch};
+                c->on_update(c->on_update_ctx, &u);
+            }
         }
-        bool stop = c->stop && *c->stop;
+        bool stop = shared[3] > 0;
         if ((c->ckpt_every > 0 && updates % c->ckpt_every == 0) || updates == c->total_updates || stop)
-            s = save(c, &mo, n, updates, next_epoch, next_pos);
+            s = save_all(c, comm, &mo, n, updates, next_epoch, next_pos);
         if (stop) {
             res->stopped = true;
             break;
@@ -149,5 +189,7 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
     free(sample);
     if (log) fclose(log);
     moments_free(&mo, n);
+    for (int i = 0; acc && i < n; i++) free(acc[i]);
+    free(acc);
     return s;
 }

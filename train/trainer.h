@@ -16,6 +16,7 @@
 #include <stdbool.h>
 
 #include "kernels/engine.h"
+#include "runtime/comm.h"
 #include "train/loader.h"
 #include "train/schedule.h"
 
@@ -52,7 +53,13 @@ typedef struct TrainerConfig {
     bool resume;                  // continue from dir/state.safetensors
     LoaderConfig loader;          // epoch and position are overwritten on a resume
     volatile sig_atomic_t *stop;  // set by a SIGINT handler: save at the next update and return (may be NULL)
-    // Called after every update (may be NULL): the progress bar.
+    // Data parallel (may be NULL: one process): every rank takes its share of the sample order (train/loader.h),
+    // the gradients and losses are summed over the ranks before the update, rank 0 alone writes the log and the
+    // checkpoints (every rank can resume from them: they hold the shared data position), and a rank that fails
+    // stops them all after the micro-step it failed in. N ranks of accum K compute what one process of accum
+    // N * K computes on the same samples (up to the order of the sums).
+    const Comm *comm;
+    // Called after every update on rank 0 (may be NULL): the progress bar.
     void (*on_update)(void *ctx, const TrainerUpdate *u);
     void *on_update_ctx;
 } TrainerConfig;

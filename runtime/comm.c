@@ -1,0 +1,135 @@
+#include "runtime/comm.h"
+
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef AGPT_WITH_MPI
+#include <mpi.h>
+#endif
+
+// The number of ranks an MPI launcher announces in the environment (0 when none does).
+static int launcher_size(void) {
+    const char *keys[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE"};  // OpenMPI's mpirun; srun --mpi=pmi2, MPICH
+    for (size_t i = 0; i < sizeof keys / sizeof *keys; i++) {
+        const char *v = getenv(keys[i]);
+        if (v && atoi(v) > 0) return atoi(v);
+    }
+    return 0;
+}
+
+Status comm_init(Comm *c) {
+    memset(c, 0, sizeof *c);
+    c->backend = COMM_SINGLE;
+    c->size = 1;
+    int announced = launcher_size();
+    if (announced <= 1) return AGPT_OK;
+#ifdef AGPT_WITH_MPI
+    int ok = MPI_Init(NULL, NULL);
+    if (ok != MPI_SUCCESS) return AGPT_FAIL(AGPT_ERR_DEVICE, "MPI_Init failed (%d)", ok);
+    c->backend = COMM_MPI;
+    MPI_Comm_rank(MPI_COMM_WORLD, &c->rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &c->size);
+    // The errors of a collective come back as return codes, not as an abort of the whole job.
+    MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+    MPI_Comm node;
+    if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
+        MPI_Comm_rank(node, &c->local_rank);
+        MPI_Comm_free(&node);
+    }
+    return AGPT_OK;
+#else
+    return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "started by an MPI launcher with %d ranks, but this agpt was built "
+                     "without MPI (install libopenmpi-dev and rebuild)", announced);
+#endif
+}
+
+void comm_finalize(Comm *c) {
+#ifdef AGPT_WITH_MPI
+    if (c->backend == COMM_MPI) MPI_Finalize();
+#endif
+    memset(c, 0, sizeof *c);
+    c->size = 1;
+}
+
+const char *comm_backend_name(const Comm *c) { return c->backend == COMM_MPI ? "MPI" : "single"; }
+
+#ifdef AGPT_WITH_MPI
+static Status mpi_error(int code, const char *what) {
+    char text[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    MPI_Error_string(code, text, &len);
+    return AGPT_FAIL(AGPT_ERR_DEVICE, "%s failed: %.*s", what, len, text);
+}
+
+// MPI counts are ints: long buffers go in pieces.
+static Status allreduce_chunks(void *x, size_t n, size_t elem, MPI_Datatype type) {
+    const size_t chunk = (size_t)INT_MAX / 2;
+    for (size_t off = 0; off < n; off += chunk) {
+        int count = (int)(n - off < chunk ? n - off : chunk);
+        int rc = MPI_Allreduce(MPI_IN_PLACE, (char *)x + off * elem, count, type, MPI_SUM, MPI_COMM_WORLD);
+        if (rc != MPI_SUCCESS) return mpi_error(rc, "MPI_Allreduce");
+    }
+    return AGPT_OK;
+}
+#endif
+
+Status comm_allreduce_sum_f32(const Comm *c, float *x, size_t n) {
+    if (c->backend == COMM_SINGLE || n == 0) return AGPT_OK;
+#ifdef AGPT_WITH_MPI
+    return allreduce_chunks(x, n, sizeof *x, MPI_FLOAT);
+#else
+    return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "no MPI in this build");
+#endif
+}
+
+Status comm_allreduce_sum_f64(const Comm *c, double *x, size_t n) {
+    if (c->backend == COMM_SINGLE || n == 0) return AGPT_OK;
+#ifdef AGPT_WITH_MPI
+    return allreduce_chunks(x, n, sizeof *x, MPI_DOUBLE);
+#else
+    return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "no MPI in this build");
+#endif
+}
+
+Status comm_agree_status(const Comm *c, Status local, int *failed_rank) {
+    *failed_rank = local != AGPT_OK ? c->rank : -1;
+    if (c->backend == COMM_SINGLE) return local;
+#ifdef AGPT_WITH_MPI
+    // The lowest failing rank: MIN over (rank if failed else size).
+    int mine = local != AGPT_OK ? c->rank : c->size, first = c->size;
+    int rc = MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    if (rc != MPI_SUCCESS) return mpi_error(rc, "MPI_Allreduce (status)");
+    if (first == c->size) return AGPT_OK;
+    int code = (int)local;
+    rc = MPI_Bcast(&code, 1, MPI_INT, first, MPI_COMM_WORLD);
+    if (rc != MPI_SUCCESS) return mpi_error(rc, "MPI_Bcast (status)");
+    *failed_rank = first;
+    if (first == c->rank) return local;  // its own message stays
+    return AGPT_FAIL((Status)code, "rank %d of %d failed (its message is above); this rank stops too", first, c->size);
+#else
+    return local;
+#endif
+}
+
+Status comm_broadcast(const Comm *c, void *buf, size_t bytes, int root) {
+    if (c->backend == COMM_SINGLE || bytes == 0) return AGPT_OK;
+#ifdef AGPT_WITH_MPI
+    AGPT_CHECK_ARG(bytes <= (size_t)INT_MAX, "comm_broadcast: %zu bytes is too many for one MPI_Bcast", bytes);
+    int rc = MPI_Bcast(buf, (int)bytes, MPI_BYTE, root, MPI_COMM_WORLD);
+    return rc == MPI_SUCCESS ? AGPT_OK : mpi_error(rc, "MPI_Bcast");
+#else
+    (void)buf, (void)root;
+    return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "no MPI in this build");
+#endif
+}
+
+Status comm_barrier(const Comm *c) {
+    if (c->backend == COMM_SINGLE) return AGPT_OK;
+#ifdef AGPT_WITH_MPI
+    int rc = MPI_Barrier(MPI_COMM_WORLD);
+    return rc == MPI_SUCCESS ? AGPT_OK : mpi_error(rc, "MPI_Barrier");
+#else
+    return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "no MPI in this build");
+#endif
+}

@@ -1,0 +1,43 @@
+// The communicator of data-parallel training: which rank this process is, and the collectives the trainer needs.
+//
+// Backends:
+//   single  one process (rank 0 of 1): every collective is a no-op (the default, and what a plain `agpt train` is)
+//   MPI     processes started by mpirun / srun (OpenMPI's or any MPI's launcher): host buffers, MPI_COMM_WORLD.
+//           Chosen by comm_init when the launcher's environment says there are several ranks
+//           (OMPI_COMM_WORLD_SIZE from mpirun, PMI_SIZE from srun --mpi=pmi2 or MPICH), so a plain run never starts
+//           MPI. Built when CMake finds MPI (AGPT_WITH_MPI).
+// NCCL (device buffers) is not built yet: training runs on the CPU only.
+//
+// Collectives are blocking. MPI has no timeouts: a rank that dies makes mpirun end the job (OpenMPI kills the
+// others), and a rank that fails with an error tells the others through comm_agree_status before the next
+// collective, so no rank waits for one that has stopped.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#include "runtime/status.h"
+
+typedef enum CommBackend { COMM_SINGLE = 0, COMM_MPI = 1 } CommBackend;
+
+typedef struct Comm {
+    CommBackend backend;
+    int rank, size;    // this process, and how many take part
+    int local_rank;    // among the processes of this node (the GPU a rank would use)
+} Comm;
+
+// Single, or MPI when started by an MPI launcher with more than one rank (an error when that is so but agpt was
+// built without MPI).
+Status comm_init(Comm *c);
+void comm_finalize(Comm *c);
+const char *comm_backend_name(const Comm *c);
+
+// x[i] = sum over ranks of x[i], in place, on host f32 buffers. The result is the same on every rank.
+Status comm_allreduce_sum_f32(const Comm *c, float *x, size_t n);
+// The same for doubles (loss sums, norms).
+Status comm_allreduce_sum_f64(const Comm *c, double *x, size_t n);
+// Every rank's local status in, the job's out: AGPT_OK when every rank is fine; otherwise the status of the
+// lowest failing rank, with "rank R failed" as the message on the other ranks (*failed_rank = R, or -1).
+Status comm_agree_status(const Comm *c, Status local, int *failed_rank);
+// bytes of rank root's buffer to every rank.
+Status comm_broadcast(const Comm *c, void *buf, size_t bytes, int root);
+Status comm_barrier(const Comm *c);
