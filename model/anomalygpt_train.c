@@ -95,6 +95,8 @@ Status anomaly_train_open(AnomalyTrainModel *m, Engine *e, const char *model, co
 }
 
 void anomaly_train_close(AnomalyTrainModel *m) {
+    if (m->have_llm_state) llama_train_state_free(&m->llm_state);
+    arena_free(&m->step_arena);
     arena_free(&m->grad_arena);
     llama_lora_train_free(&m->llm);
     sp_free(m->tokenizer);
@@ -531,18 +533,25 @@ static Status step_in_arena(AnomalyTrainModel *m, StepActs *t, const AnomalyTrai
     Tensor token3 = tensor_3d(t->image_token.data, DT_F32, e->device, B, 1, D);
     AGPT_TRY(image_token_forward(e, &m->proj, &t->embedding, &token3));
     AGPT_TRY(assemble(m, t, ex, labels));
-    LlamaTrainState st;
-    AGPT_TRY(llama_train_state_create(&st, e, &m->llm, B, T));
+    if (m->have_llm_state && (m->llm_state.B != B || m->llm_state.T != T)) {
+        llama_train_state_free(&m->llm_state);
+        m->have_llm_state = false;
+    }
+    if (!m->have_llm_state) {
+        AGPT_TRY(llama_train_state_create(&m->llm_state, e, &m->llm, B, T));
+        m->have_llm_state = true;
+    }
+    LlamaTrainState *st = &m->llm_state;
     float ce = 0;
-    Status s = llama_lora_train_forward(e, &m->llm, &st, &t->embeds);
-    if (s == AGPT_OK) s = llama_lora_train_loss(e, &m->llm, &st, labels, 0, &ce);
-    if (s == AGPT_OK) s = llama_lora_train_backward(e, &m->llm, &st, m->opt.train_lora);
+    Status s = llama_lora_train_forward(e, &m->llm, st, &t->embeds);
+    if (s == AGPT_OK) s = llama_lora_train_loss(e, &m->llm, st, labels, 0, &ce);
+    if (s == AGPT_OK) s = llama_lora_train_backward(e, &m->llm, st, m->opt.train_lora);
     out->ce = ce;
-    out->targets = st.n_targets;
+    out->targets = st->n_targets;
 
     // Backward: the image token, the prompt learner, the maps.
     if (s == AGPT_OK && m->opt.train_proj) {
-        Tensor rows = tensor_2d(st.d_x.data, DT_F32, e->device, (int64_t)B * T, D);
+        Tensor rows = tensor_2d(st->d_x.data, DT_F32, e->device, (int64_t)B * T, D);
         Tensor d_token;
         s = arena_tensor(arena, DT_F32, 2, SHAPE(B, D), &d_token);
         const int image_row = 1 + m->n_head;
@@ -555,8 +564,7 @@ static Status step_in_arena(AnomalyTrainModel *m, StepActs *t, const AnomalyTrai
     }
     Tensor d_map = {0};
     if (s == AGPT_OK && !fewshot) s = arena_tensor(arena, DT_F32, 4, SHAPE(B, 1, S, S), &d_map);
-    if (s == AGPT_OK) s = backward_prompts(m, t, &st.d_x, arena, fewshot ? NULL : &d_map);
-    llama_train_state_free(&st);
+    if (s == AGPT_OK) s = backward_prompts(m, t, &st->d_x, arena, fewshot ? NULL : &d_map);
     AGPT_TRY(s);
     // The few-shot map comes from the frozen encoder alone: no gradient flows back from the prompt learner then.
     return backward_maps(m, t, ex, fewshot ? NULL : &d_map, pixel_loss, arena, &out->focal, &out->dice);
@@ -585,12 +593,15 @@ Status anomaly_train_step(AnomalyTrainModel *m, const AnomalyTrainExample *ex, i
     StepActs t = {.B = B, .S = v->image, .g = v->image / v->patch, .E = m->vision.decoder.out_dim,
                   .T = TRAIN_PREFIX_TOKENS + longest};
     t.N = t.g * t.g;
-    Arena arena;
-    AGPT_TRY(arena_init(&arena, m->engine->device, step_bytes(m, B, t.T)));
+    size_t need = step_bytes(m, B, t.T);
+    if (m->step_arena.capacity < need) {
+        arena_free(&m->step_arena);
+        AGPT_TRY(arena_init(&m->step_arena, m->engine->device, need + need / 4));  // room for longer answers
+    }
+    arena_reset_to(&m->step_arena, 0);
     int32_t *labels = malloc((size_t)B * t.T * sizeof *labels);
-    Status s = labels ? step_in_arena(m, &t, ex, &arena, labels, out)
+    Status s = labels ? step_in_arena(m, &t, ex, &m->step_arena, labels, out)
                       : AGPT_FAIL(AGPT_ERR_OOM, "no memory for %d labels", B * t.T);
     free(labels);
-    arena_free(&arena);
     return s;
 }

@@ -47,6 +47,11 @@ typedef struct AnomalyTrainModel {
     Tensor d_base_prompts;                                 // [9,D]
     Tensor d_proj_w, d_proj_b;                             // [D,E], [D] (train_proj)
     Arena grad_arena;
+    // Kept from step to step, so that a step does not map (and fault in) fresh pages: the activations' arena
+    // (grown when a step needs more) and the LLM's training state (remade when the batch shape changes).
+    Arena step_arena;
+    LlamaTrainState llm_state;
+    bool have_llm_state;
 } AnomalyTrainModel;
 
 // One conversation of a step.

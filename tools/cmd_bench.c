@@ -100,17 +100,20 @@ static void usage(void) {
            "  Times each op at AnomalyGPT's sizes (ViT-H width 1280, 257 tokens; LLaMA-7B width 4096, MLP 11008)\n"
            "  and prints GB/s or TFLOP/s with the fraction of the copy bandwidth or matmul rate measured in the\n"
            "  same run. --quick uses smaller sizes (for CI and CPUs). Default: cuda + bf16 when a GPU exists.\n"
-           "Also: agpt bench vit | llama | detect (end-to-end inspections/s, random weights); each takes --help.\n");
+           "Also: agpt bench vit | llama | detect (end-to-end inspections/s, random weights) | train (the training\n"
+           "step on a model file); each takes --help.\n");
 }
 
 int cmd_bench_vit(int argc, char **argv);
 int cmd_bench_llama(int argc, char **argv);
 int cmd_bench_detect(int argc, char **argv);
+int cmd_bench_train(int argc, char **argv);
 
 int cmd_bench(int argc, char **argv) {
     if (argc >= 2 && strcmp(argv[1], "vit") == 0) return cmd_bench_vit(argc - 1, argv + 1);
     if (argc >= 2 && strcmp(argv[1], "llama") == 0) return cmd_bench_llama(argc - 1, argv + 1);
     if (argc >= 2 && strcmp(argv[1], "detect") == 0) return cmd_bench_detect(argc - 1, argv + 1);
+    if (argc >= 2 && strcmp(argv[1], "train") == 0) return cmd_bench_train(argc - 1, argv + 1);
     if (argc < 2 || strcmp(argv[1], "ops") != 0) {
         if (argc >= 2 && strcmp(argv[1], "--help") == 0) { usage(); return 0; }
         fprintf(stderr, "agpt bench: 'agpt bench ops' or 'agpt bench vit'\n");

@@ -120,10 +120,12 @@ def jittered(x, jitter, seed):
     return x * (1 + jitter * noise).to(x.dtype)
 
 
-def step(vm, pm, pl, proj, sp, images, masks, class_name, text_features, answers, reference, jitter=0.0):
+def step(vm, pm, pl, proj, sp, images, masks, class_name, text_features, answers, reference, jitter=0.0,
+         frozen=None):
     """One training forward and backward; returns the losses and the named gradients. jitter > 0 multiplies the
     16 x 16 score grids (the decoder's logits, the few-shot similarities) by (1 + jitter * N(0,1)) per element
-    before the upsampling: where an f32 computation's rounding enters the maps."""
+    before the upsampling: where an f32 computation's rounding enters the maps. frozen(p) True: p gets no
+    gradient (bench/peers/torch_train_step.py trains what the reference trains)."""
     params = {}
     for i, fc in enumerate(vm.image_decoder.fc):
         params[f"image_decoder.fc.{i}.weight"] = fc.weight
@@ -136,7 +138,7 @@ def step(vm, pm, pl, proj, sp, images, masks, class_name, text_features, answers
         if "lora_" in k:
             params["llama_model." + k] = v
     for p in params.values():
-        p.requires_grad_(True)
+        p.requires_grad_(not (frozen and frozen(p)))
         p.grad = None
 
     dt = next(pl.parameters()).dtype
