@@ -157,9 +157,10 @@ Status cpu_conv2d_backward(float *dx, float *dw, float *dbias, const float *dout
         }
     }
     if (!dx && !dw) return AGPT_OK;
-    const bool dw_double = dw && Cout * K <= kConvDwDouble;
+    // The chunking does not depend on which gradients are asked for, so dx has the same bits with or without dw.
+    const bool small_dw = Cout * K <= kConvDwDouble, dw_double = dw && small_dw;
     int64_t rows = kConvColFloats / (K * Wo);
-    if (dw_double && rows > kConvDwPixels / Wo) rows = kConvDwPixels / Wo;
+    if (small_dw && rows > kConvDwPixels / Wo) rows = kConvDwPixels / Wo;
     if (rows < 1) rows = 1;
     if (rows > Ho) rows = Ho;
     const size_t col_bytes = (size_t)(K * rows * Wo) * sizeof(float);

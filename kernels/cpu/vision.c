@@ -287,8 +287,8 @@ Status cpu_upsample_softmax2_backward(float *dlogits, const float *dp1, const fl
             }
             const float m = fmaxf(l[0], l[1]);
             const float e0 = expf(l[0] - m), e1 = expf(l[1] - m);
-            const double p = (double)e1 / ((double)e0 + e1);
-            du1[row * W + ox] = (float)((double)dp1[row * W + ox] * p * (1.0 - p));
+            const double s = (double)e0 + e1;  // p (1 - p) = e0 e1 / s^2: no cancellation where p is near 1
+            du1[row * W + ox] = (float)((double)dp1[row * W + ox] * ((double)e0 * e1 / (s * s)));
         }
     }
     Status s = bilinear_transpose(dlogits + h * w, 2 * h * w, du1, B, h, w, H, W, "op_upsample_softmax2_backward");

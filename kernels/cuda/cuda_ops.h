@@ -117,6 +117,30 @@ Status cuda_relu(Engine *e, DType dt, void *out, const void *x, int64_t n);  // 
 // x [BC,H,W] -> out [BC,H/2,W/2], 2x2 windows, floor; a NaN in a window wins.
 Status cuda_maxpool2x2(Engine *e, DType dt, void *out, const void *x, int64_t BC, int64_t H, int64_t W);
 
+// ---- training: backward of the vision path and the prompt learner, pixel losses (kernels/cuda/train_vision.cu) --
+// UNVERIFIED ON GPU (written without one; tests/test_ops_cuda.c compares each with the CPU op). No atomics: every
+// result is a fixed-order sum, the same bits run to run. fp32 math, one rounding per store.
+// dx overwritten, dw and dbias += (each may be NULL). Our tiled implicit GEMMs (no cuDNN backward); dw's pixel
+// reduction is split over blocks with f32 partials in e->workspace where the output has few tiles.
+Status cuda_conv2d_backward(Engine *e, DType dt, void *dx, void *dw, void *dbias, const void *dout, const void *x,
+                            const void *w, int64_t B, int64_t Cin, int64_t H, int64_t W, int64_t Cout, int64_t k,
+                            int64_t pad);
+Status cuda_relu_backward(Engine *e, DType dt, void *dx, const void *dout, const void *y, int64_t n);
+Status cuda_maxpool2x2_backward(Engine *e, DType dt, void *dx, const void *dout, const void *x, int64_t BC, int64_t H,
+                                int64_t W);
+// dout [BC,H,W] -> dx [BC,h,w]: a gather per source pixel.
+Status cuda_upsample_bilinear_backward(Engine *e, DType dt, void *dx, const void *dout, int64_t BC, int64_t h,
+                                       int64_t w, int64_t H, int64_t W);
+Status cuda_l2_normalize_backward(Engine *e, DType dt, void *dx, const void *dout, const void *x, int64_t rows,
+                                  int64_t C, float eps);
+// p1, gt, dp1 f32 [B,H,W]; double sums through e->workspace (4 B H + 3 B doubles); waits for the stream only when
+// focal or dice is asked for.
+Status cuda_pixel_loss(Engine *e, double *focal, double *dice, float *dp1, const float *p1, const float *gt,
+                       int64_t B, int64_t H, int64_t W, float scale);
+// dp1 f32 [B,H,W], logits [B,2,h,w] (dt) -> dlogits [B,2,h,w] (dt) overwritten.
+Status cuda_upsample_softmax2_backward(Engine *e, DType dt, void *dlogits, const float *dp1, const void *logits,
+                                       int64_t B, int64_t h, int64_t w, int64_t H, int64_t W);
+
 // ---- embedding lookup (kernels/cuda/embedding.cu) ----
 // out[i] = table[ids[i]] for i < N: table [V,C] and out [N,C] on the device; ids_host is i32 host memory, already
 // checked to be in [0,V). The ids go through e->workspace (cudaMemcpyAsync on the engine's stream, in chunks when
