@@ -101,19 +101,21 @@ static void usage(void) {
            "  and prints GB/s or TFLOP/s with the fraction of the copy bandwidth or matmul rate measured in the\n"
            "  same run. --quick uses smaller sizes (for CI and CPUs). Default: cuda + bf16 when a GPU exists.\n"
            "Also: agpt bench vit | llama | detect (end-to-end inspections/s, random weights) | train (the training\n"
-           "step on a model file); each takes --help.\n");
+           "step on a model file) | comm (all-reduce bandwidth under mpirun); each takes --help.\n");
 }
 
 int cmd_bench_vit(int argc, char **argv);
 int cmd_bench_llama(int argc, char **argv);
 int cmd_bench_detect(int argc, char **argv);
 int cmd_bench_train(int argc, char **argv);
+int cmd_bench_comm(int argc, char **argv);
 
 int cmd_bench(int argc, char **argv) {
     if (argc >= 2 && strcmp(argv[1], "vit") == 0) return cmd_bench_vit(argc - 1, argv + 1);
     if (argc >= 2 && strcmp(argv[1], "llama") == 0) return cmd_bench_llama(argc - 1, argv + 1);
     if (argc >= 2 && strcmp(argv[1], "detect") == 0) return cmd_bench_detect(argc - 1, argv + 1);
     if (argc >= 2 && strcmp(argv[1], "train") == 0) return cmd_bench_train(argc - 1, argv + 1);
+    if (argc >= 2 && strcmp(argv[1], "comm") == 0) return cmd_bench_comm(argc - 1, argv + 1);
     if (argc < 2 || strcmp(argv[1], "ops") != 0) {
         if (argc >= 2 && strcmp(argv[1], "--help") == 0) { usage(); return 0; }
         fprintf(stderr, "agpt bench: 'agpt bench ops' or 'agpt bench vit'\n");

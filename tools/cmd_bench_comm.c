@@ -1,0 +1,57 @@
+// agpt bench comm: the all-reduce the data-parallel trainer runs (runtime/comm.h), timed per message size, under
+// mpirun: `mpirun -np N agpt bench comm`. Prints, per size, the time and the bus bandwidth (the NCCL-tests
+// convention: bytes x 2 (N - 1) / N / time, what each rank's link carries in a ring all-reduce), so runs with
+// different N compare. One process: the single backend (no-op), reported as such.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "runtime/comm.h"
+#include "runtime/timer.h"
+#include "tools/cli.h"
+
+int cmd_bench_comm(int argc, char **argv) {
+    const char *cmd = "bench comm";
+    long long max_mb = 256, iters = 5;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            printf("usage: mpirun -np N agpt bench comm [--max-mb M (256)] [--iters N (5)]\n"
+                   "  f64 all-reduce (the trainer's gradient sums) from 4 KB to M MB: time and bus bandwidth.\n");
+            return 0;
+        }
+        if (!strcmp(a, "--max-mb") || !strcmp(a, "--iters")) {
+            if (!(v = cli_value(argc, argv, &i, cmd))) return 2;
+            if (cli_parse_int(cmd, a, v, 1, 1 << 16, !strcmp(a, "--iters") ? &iters : &max_mb)) return 2;
+        } else {
+            fprintf(stderr, "agpt bench comm: unknown option '%s'\n", a);
+            return 2;
+        }
+    }
+    Comm c;
+    Status s = comm_init(&c);
+    if (s) return cli_report(cmd, s);
+    size_t max_bytes = (size_t)max_mb << 20;
+    double *buf = malloc(max_bytes);
+    if (!buf) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory for %lld MB", max_mb);
+    if (s == AGPT_OK && c.rank == 0)
+        printf("agpt bench comm: %s backend, %d rank%s; f64 all-reduce (sum)\n%12s %12s %12s\n", comm_backend_name(&c),
+               c.size, c.size > 1 ? "s" : "", "bytes", "ms", "busbw GB/s");
+    for (size_t bytes = 4096; s == AGPT_OK && bytes <= max_bytes; bytes *= 4) {
+        size_t n = bytes / sizeof(double);
+        for (size_t i = 0; i < n; i++) buf[i] = c.rank + 1;
+        s = comm_allreduce_sum_f64(&c, buf, n);  // warm-up, and a check of the sum
+        double want = c.size * (c.size + 1) / 2.0;
+        if (s == AGPT_OK && (buf[0] != want || buf[n - 1] != want))
+            s = AGPT_FAIL(AGPT_ERR_DEVICE, "all-reduce of %zu bytes gave %g, expected %g", bytes, buf[0], want);
+        if (s == AGPT_OK) s = comm_barrier(&c);
+        double t0 = timer_now_s();
+        for (long long k = 0; k < iters && s == AGPT_OK; k++) s = comm_allreduce_sum_f64(&c, buf, n);
+        double per = (timer_now_s() - t0) / (double)iters;
+        double bus = c.size > 1 ? (double)bytes * 2 * (c.size - 1) / c.size / per / 1e9 : 0;
+        if (s == AGPT_OK && c.rank == 0) printf("%12zu %12.3f %12.2f\n", bytes, per * 1e3, bus);
+    }
+    free(buf);
+    comm_finalize(&c);
+    return s == AGPT_OK ? 0 : cli_report(cmd, s);
+}
