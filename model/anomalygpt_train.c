@@ -95,7 +95,8 @@ Status anomaly_train_open(AnomalyTrainModel *m, Engine *e, const char *model, co
 }
 
 void anomaly_train_close(AnomalyTrainModel *m) {
-    if (m->have_llm_state) llama_train_state_free(&m->llm_state);
+    for (int k = 0; k < 2; k++)
+        if (m->have_llm_state[k]) llama_train_state_free(&m->llm_state[k]);
     arena_free(&m->step_arena);
     arena_free(&m->grad_arena);
     llama_lora_train_free(&m->llm);
@@ -533,15 +534,16 @@ static Status step_in_arena(AnomalyTrainModel *m, StepActs *t, const AnomalyTrai
     Tensor token3 = tensor_3d(t->image_token.data, DT_F32, e->device, B, 1, D);
     AGPT_TRY(image_token_forward(e, &m->proj, &t->embedding, &token3));
     AGPT_TRY(assemble(m, t, ex, labels));
-    if (m->have_llm_state && (m->llm_state.B != B || m->llm_state.T != T)) {
-        llama_train_state_free(&m->llm_state);
-        m->have_llm_state = false;
+    const int slot = B > 1;  // instruction steps (1 conversation) alternate with anomaly items (2)
+    if (m->have_llm_state[slot] && (m->llm_state[slot].B != B || m->llm_state[slot].T != T)) {
+        llama_train_state_free(&m->llm_state[slot]);
+        m->have_llm_state[slot] = false;
     }
-    if (!m->have_llm_state) {
-        AGPT_TRY(llama_train_state_create(&m->llm_state, e, &m->llm, B, T));
-        m->have_llm_state = true;
+    if (!m->have_llm_state[slot]) {
+        AGPT_TRY(llama_train_state_create(&m->llm_state[slot], e, &m->llm, B, T));
+        m->have_llm_state[slot] = true;
     }
-    LlamaTrainState *st = &m->llm_state;
+    LlamaTrainState *st = &m->llm_state[slot];
     float ce = 0;
     Status s = llama_lora_train_forward(e, &m->llm, st, &t->embeds);
     if (s == AGPT_OK) s = llama_lora_train_loss(e, &m->llm, st, labels, 0, &ce);
@@ -591,7 +593,8 @@ Status anomaly_train_step(AnomalyTrainModel *m, const AnomalyTrainExample *ex, i
     }
     const VisionEncoder *v = &m->vision.vision;
     StepActs t = {.B = B, .S = v->image, .g = v->image / v->patch, .E = m->vision.decoder.out_dim,
-                  .T = TRAIN_PREFIX_TOKENS + longest};
+                  .T = (TRAIN_PREFIX_TOKENS + longest + TRAIN_PAD_MULTIPLE - 1) / TRAIN_PAD_MULTIPLE *
+                       TRAIN_PAD_MULTIPLE};
     t.N = t.g * t.g;
     size_t need = step_bytes(m, B, t.T);
     if (m->step_arena.capacity < need) {

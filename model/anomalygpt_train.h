@@ -23,6 +23,7 @@
 
 #define TRAIN_PREFIX_TOKENS 30  // <s>, 6 of "### Human: <Img>", the image token, 4 of "</Img> ", 18 prompts
 #define TRAIN_PAD_ID 2          // right padding (pad = eos), label -100
+#define TRAIN_PAD_MULTIPLE 16   // sequence lengths are padded up to a multiple of this
 
 typedef struct AnomalyTrainOptions {
     int max_batch;      // conversations per step (2: an anomaly item is its normal image and its synthetic anomaly)
@@ -48,10 +49,12 @@ typedef struct AnomalyTrainModel {
     Tensor d_proj_w, d_proj_b;                             // [D,E], [D] (train_proj)
     Arena grad_arena;
     // Kept from step to step, so that a step does not map (and fault in) fresh pages: the activations' arena
-    // (grown when a step needs more) and the LLM's training state (remade when the batch shape changes).
+    // (grown when a step needs more) and the LLM's training state, one per batch size of 1 and more (remade when
+    // the sequence length changes; lengths are padded up to a multiple of TRAIN_PAD_MULTIPLE, which changes no
+    // number: the padding is right padding without loss, behind a causal mask).
     Arena step_arena;
-    LlamaTrainState llm_state;
-    bool have_llm_state;
+    LlamaTrainState llm_state[2];
+    bool have_llm_state[2];
 } AnomalyTrainModel;
 
 // One conversation of a step.

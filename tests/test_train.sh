@@ -3,7 +3,8 @@
 # VisA and plain-folder trees made from the CC0 photos in ../shared/data/images: the loss falls, the delta loads in
 # agpt detect --weights and changes its maps, a run SIGKILLed mid-way and resumed ends with the same delta bytes as
 # an uninterrupted one (with another loader thread count), Ctrl-C saves and a resume finishes, usage errors exit 2
-# before the model loads, a resume with other options is refused.
+# before the model loads, a resume with other options is refused, the instruction stream (--sft) runs and its
+# bad files are refused.
 # Usage: tests/test_train.sh path/to/agpt tests/data shared/data path/to/make_test_model
 set -u
 agpt=$1
@@ -116,6 +117,31 @@ expect_rc 0 "2 images, 1 classes" "$agpt" train --model "$m" --tokenizer "$tok" 
     --steps 1 --accum 1 --train decoder,prompt_learner,llama_proj,lora --out "$tmp/run5"
 expect_rc 0 "1 images, 1 classes" "$agpt" train --model "$m" --tokenizer "$tok" --data "$tmp/mvtec" --classes carpet \
     --steps 1 --accum 1 --out "$tmp/run6"
+
+# The instruction stream: each image's micro-step is followed by an instruction one.
+mkdir -p "$tmp/sft"
+cp "$shared/images/gravel.png" "$tmp/sft/000001.jpg"  # decoded by content, named as PandaGPT's files are
+cp "$shared/images/brick.png" "$tmp/sft/000002.jpg"
+cat >"$tmp/sft.json" <<'JSON'
+[{"image_name": "000001", "conversation": [{"from": "human", "value": "What is in this image?"},
+  {"from": "gpt", "value": "A gravel path seen from above."}, {"from": "human", "value": "Ignored?"}]},
+ {"image_name": "000002.jpg", "conversation": [{"from": "human", "value": "Describe the wall."},
+  {"from": "gpt", "value": "Red bricks in a running bond."}]}]
+JSON
+expect_rc 0 "done after 2 updates" "$agpt" train --model "$m" --tokenizer "$tok" --data "$tmp/mvtec" --steps 2 --accum 2 \
+    --sft "$tmp/sft.json" --sft-images "$tmp/sft" --out "$tmp/run8"
+ok test "$(wc -l <"$tmp/run8/log.jsonl")" -eq 2
+printf '[{"image_name": "000001", "conversation": [{"from": "gpt", "value": "x"}]}]' >"$tmp/sft-bad.json"
+expect_rc 1 "lack an image_name or a human then a gpt turn" "$agpt" train --model "$m" --tokenizer "$tok" \
+    --data "$tmp/mvtec" --steps 1 --sft "$tmp/sft-bad.json" --sft-images "$tmp/sft" --out "$tmp/run9"
+printf '[{"image_name": "404", "conversation": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}]' \
+    >"$tmp/sft-missing.json"
+expect_rc 1 "404.jpg" "$agpt" train --model "$m" --tokenizer "$tok" --data "$tmp/mvtec" --steps 1 \
+    --sft "$tmp/sft-missing.json" --sft-images "$tmp/sft" --out "$tmp/run9"
+printf '{"not": "an array"}' >"$tmp/sft-object.json"
+expect_rc 1 "expected a JSON array" "$agpt" train --model "$m" --tokenizer "$tok" --data "$tmp/mvtec" --steps 1 \
+    --sft "$tmp/sft-object.json" --sft-images "$tmp/sft" --out "$tmp/run9"
+expect_rc 2 "go together" "$agpt" train --model "$m" --data "$tmp/mvtec" --sft "$tmp/sft.json" --out "$tmp/x"
 
 # Usage errors: exit 2 before the model loads.
 expect_rc 2 "needs an integer" "$agpt" train --model "$m" --data "$tmp/mvtec" --out "$tmp/x" --steps 1.5

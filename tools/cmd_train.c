@@ -31,7 +31,7 @@
 static void usage(FILE *f) {
     fprintf(f,
             "usage: agpt train --model BASE.safetensors --out RUNDIR (--data DIR [--format mvtec|visa] [--classes a,b]\n"
-            "                  | --normal DIR --class NAME) [options]\n"
+            "                  | --normal DIR --class NAME) [--sft FILE.json --sft-images DIR] [options]\n"
             "Trains the patch decoder and the prompt learner as the reference does (anomalygpt-reference.md 6):\n"
             "every normal training image gives one micro-step of two conversations, the image with the answer \"No,\n"
             "there is no anomaly\" and the image with NSA synthetic anomalies (agpt synth shows them) with the answer\n"
@@ -41,11 +41,14 @@ static void usage(FILE *f) {
             "  --data DIR       MVTec-AD layout: DIR/<class>/train/good/*.png (--format mvtec, the default), or VisA:\n"
             "                   DIR/split_csv/1cls.csv rows with split 'train' (--format visa); --classes a,b keeps those\n"
             "  --normal DIR --class NAME   a plain folder of normal images of one product (searched recursively)\n"
+            "  --sft F.json --sft-images DIR   also the PandaGPT instruction stream (its first two turns): every\n"
+            "                   image's micro-step is followed by one instruction micro-step, as the reference's loop\n"
             "  --params F.json  synthesis parameters and the class description for classes the reference does not know\n"
             "                   (agpt synth --help lists the keys)\n"
             "  --steps N        optimizer updates (default: --epochs 50 as the reference, N = epochs * images / accum)\n"
             "  --epochs E       passes over the images instead of --steps\n"
-            "  --accum K        micro-steps (images) per update, 1..1024 (8, as the reference per GPU)\n"
+            "  --accum K        images per update, 1..1024 (8: the reference's 8 micro-steps per GPU; with --sft an image\n"
+            "                   brings its instruction micro-step, so --accum 4 is the reference's update)\n"
             "  --lr X           peak learning rate (1e-3); WarmupDecayLR: log warmup over --warmup updates (default\n"
             "                   max(10, N/10), as the reference) then linear decay to 0 at N\n"
             "  --train PARTS    comma list of decoder, prompt_learner, llama_proj, lora (default decoder,prompt_learner)\n"
@@ -213,6 +216,7 @@ static void on_sigint(int sig) {
 
 typedef struct TrainOptions {
     const char *model, *out, *data, *format, *classes, *normal, *class_name, *params, *tokenizer, *train;
+    const char *sft, *sft_images;
     const char *overlays[MAX_OVERLAYS];
     int n_overlays;
     long long steps, epochs, accum, warmup, seed, ckpt_every, loader_threads;
@@ -256,9 +260,9 @@ static char *config_text(const TrainOptions *o, const ImageSet *set, int world) 
     char *text = malloc(8192);
     if (!text) return NULL;
     int n = snprintf(text, 8192, "model=%s\nimages=%d\nimages_hash=%016llx\nsteps=%lld\naccum=%lld\nlr=%.9g\n"
-                     "warmup=%lld\ntrain=%s\nfewshot_p=%.9g\nseed=%lld\nparams=%s\nworld=%d\n", o->model, set->n,
+                     "warmup=%lld\ntrain=%s\nfewshot_p=%.9g\nseed=%lld\nparams=%s\nworld=%d\nsft=%s\n", o->model, set->n,
                      (unsigned long long)h, o->steps, o->accum, o->lr, o->warmup, o->train, o->fewshot_p, o->seed,
-                     o->params ? o->params : "", world);
+                     o->params ? o->params : "", world, o->sft ? o->sft : "");
     for (int k = 0; k < o->n_overlays && n < 8000; k++) n += snprintf(text + n, 8192 - n, "weights=%s\n", o->overlays[k]);
     return text;
 }
@@ -289,6 +293,8 @@ static int parse(int argc, char **argv, TrainOptions *o) {
         else if (!strcmp(a, "--normal")) { VALUE(); o->normal = v; }
         else if (!strcmp(a, "--class")) { VALUE(); o->class_name = v; if (!class_name_ok(cmd, v)) return 2; }
         else if (!strcmp(a, "--params")) { VALUE(); o->params = v; }
+        else if (!strcmp(a, "--sft")) { VALUE(); o->sft = v; }
+        else if (!strcmp(a, "--sft-images")) { VALUE(); o->sft_images = v; }
         else if (!strcmp(a, "--tokenizer")) { VALUE(); o->tokenizer = v; }
         else if (!strcmp(a, "--train")) { VALUE(); o->train = v; }
         else if (!strcmp(a, "--weights")) {
@@ -328,6 +334,10 @@ static int parse(int argc, char **argv, TrainOptions *o) {
     }
     if (strcmp(o->format, "mvtec") && strcmp(o->format, "visa")) {
         fprintf(stderr, "agpt train: --format is mvtec or visa, not '%s' (a plain folder: --normal DIR)\n", o->format);
+        return 2;
+    }
+    if (!o->sft != !o->sft_images) {
+        fprintf(stderr, "agpt train: --sft FILE.json and --sft-images DIR go together\n");
         return 2;
     }
     if (o->steps > 0 && o->epochs > 0) {
@@ -412,6 +422,7 @@ int cmd_train(int argc, char **argv) {
     s = anomaly_data_init(&data, (const char *const *)set.paths, (const char *const *)set.classes, set.n, o.params,
                           model.tokenizer);
     data.fewshot_p = o.fewshot_p;
+    if (s == AGPT_OK && o.sft) s = anomaly_data_load_sft(&data, o.sft, o.sft_images);
     char *cfg_text = s == AGPT_OK ? config_text(&o, &set, comm.size) : NULL;
     if (s == AGPT_OK && !cfg_text) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory");
 
@@ -425,7 +436,7 @@ int cmd_train(int argc, char **argv) {
         for (int i = 0; i < PROMPT_CONVS; i++) mc.prompt_channels[i] = model.prompts.channels[i];
         mc.llm_width = model.llm.block.dim, mc.llm_layers = model.llm.layers, mc.llm_hidden = model.llm.block.hidden;
         mc.llm_heads = model.llm.block.heads, mc.vocab = model.llm.vocab, mc.lora_rank = model.llm.rank;
-        mc.seq_len = TRAIN_PREFIX_TOKENS + ANOMALY_TEXT_MAX;
+        mc.seq_len = TRAIN_PREFIX_TOKENS + (data.n_sft ? SFT_TEXT_MAX : ANOMALY_TEXT_MAX);
         mc.weight_dtype = DT_F32, mc.compute_dtype = DT_F32;
         mc.train_decoder = t_decoder, mc.train_prompt = t_prompt, mc.train_proj = t_proj, mc.train_lora = t_lora;
         mc.recompute = false, mc.flash_attention = false, mc.optimizer_on_host = false;
@@ -463,6 +474,7 @@ int cmd_train(int argc, char **argv) {
         AnomalyStepContext sc = {.model = &model, .data = &data};
         TrainerConfig tc = trainer_default_config();
         tc.accum = (int)o.accum;
+        tc.micro_per_sample = anomaly_micro_per_sample(&data);
         tc.total_updates = o.steps;
         tc.ckpt_every = (int)o.ckpt_every;
         tc.schedule = (WarmupDecayConfig){.warmup_min_lr = 0, .warmup_max_lr = o.lr, .warmup_num_steps = o.warmup,

@@ -1,7 +1,10 @@
 #define _DEFAULT_SOURCE  // strdup
 #include "train/anomaly_data.h"
 
+#include <cjson/cJSON.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <string.h>
 
 #include "model/preprocess.h"
@@ -93,11 +96,110 @@ Status anomaly_data_init(AnomalyData *d, const char *const *paths, const char *c
 }
 
 void anomaly_data_free(AnomalyData *d) {
+    for (int i = 0; i < d->n_sft; i++) free(d->sft_images[i]), free(d->sft_human[i]), free(d->sft_gpt[i]);
+    free(d->sft_images), free(d->sft_human), free(d->sft_gpt);
     for (int i = 0; d->paths && i < d->n_items; i++) free(d->paths[i]);
     for (int c = 0; d->classes && c < d->n_classes; c++) free(d->classes[c].reference);
     free(d->paths), free(d->item_class), free(d->classes);
     memset(d, 0, sizeof *d);
 }
+
+static char *read_text_file(const char *path, Status *s) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        *s = AGPT_FAIL(AGPT_ERR_IO, "cannot read the instruction data %s", path);
+        return NULL;
+    }
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *text = n >= 0 ? malloc((size_t)n + 1) : NULL;
+    if (!text || fread(text, 1, (size_t)n, f) != (size_t)n) {
+        free(text);
+        fclose(f);
+        *s = AGPT_FAIL(AGPT_ERR_IO, "cannot read the instruction data %s", path);
+        return NULL;
+    }
+    text[n] = 0;
+    fclose(f);
+    return text;
+}
+
+// The value of turn `k` if it is from `who`, else NULL.
+static const char *turn_value(const cJSON *conv, int k, const char *who) {
+    const cJSON *t = cJSON_GetArrayItem(conv, k);
+    const cJSON *from = cJSON_GetObjectItemCaseSensitive(t, "from");
+    const cJSON *value = cJSON_GetObjectItemCaseSensitive(t, "value");
+    if (!cJSON_IsString(from) || strcmp(from->valuestring, who) || !cJSON_IsString(value)) return NULL;
+    return value->valuestring;
+}
+
+Status anomaly_data_load_sft(AnomalyData *d, const char *json_path, const char *image_dir) {
+    Status s = AGPT_OK;
+    char *text = read_text_file(json_path, &s);
+    if (!text) return s;
+    cJSON *root = cJSON_Parse(text);
+    free(text);
+    if (!cJSON_IsArray(root)) {
+        cJSON_Delete(root);
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "%s: expected a JSON array of {\"image_name\", \"conversation\"} items",
+                         json_path);
+    }
+    int n = cJSON_GetArraySize(root), bad = 0, missing = 0;
+    char bad_names[3][64] = {{0}}, missing_names[3][512] = {{0}};
+    d->sft_images = calloc((size_t)(n > 0 ? n : 1), sizeof(char *));
+    d->sft_human = calloc((size_t)(n > 0 ? n : 1), sizeof(char *));
+    d->sft_gpt = calloc((size_t)(n > 0 ? n : 1), sizeof(char *));
+    if (!d->sft_images || !d->sft_human || !d->sft_gpt) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory for %d items", n);
+    for (int i = 0; s == AGPT_OK && i < n; i++) {
+        const cJSON *it = cJSON_GetArrayItem(root, i);
+        const cJSON *name = cJSON_GetObjectItemCaseSensitive(it, "image_name");
+        const cJSON *conv = cJSON_GetObjectItemCaseSensitive(it, "conversation");
+        const char *human = cJSON_IsArray(conv) ? turn_value(conv, 0, "human") : NULL;
+        const char *gpt = cJSON_IsArray(conv) ? turn_value(conv, 1, "gpt") : NULL;
+        if (!cJSON_IsString(name) || !name->valuestring[0] || !human || !gpt) {
+            if (bad < 3) snprintf(bad_names[bad], sizeof bad_names[bad], "item %d", i);
+            bad++;
+            continue;
+        }
+        const char *nm = name->valuestring;
+        size_t len = strlen(nm);
+        bool has_jpg = len >= 4 && !strcmp(nm + len - 4, ".jpg");
+        size_t cap = strlen(image_dir) + len + 8;
+        char *path = malloc(cap);
+        if (!path) {
+            s = AGPT_FAIL(AGPT_ERR_OOM, "no memory");
+            break;
+        }
+        snprintf(path, cap, "%s/%s%s", image_dir, nm, has_jpg ? "" : ".jpg");
+        struct stat sb;
+        if (stat(path, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+            if (missing < 3) snprintf(missing_names[missing], sizeof missing_names[missing], "%s", path);
+            missing++;
+            free(path);
+            continue;
+        }
+        int k = d->n_sft;
+        d->sft_images[k] = path;
+        d->sft_human[k] = strdup(human);
+        d->sft_gpt[k] = strdup(gpt);
+        d->n_sft = k + 1;
+        if (!d->sft_human[k] || !d->sft_gpt[k]) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory");
+    }
+    cJSON_Delete(root);
+    if (s == AGPT_OK && bad)
+        s = AGPT_FAIL(AGPT_ERR_FORMAT, "%s: %d of %d items lack an image_name or a human then a gpt turn (%s%s%s%s%s)",
+                      json_path, bad, n, bad_names[0], bad > 1 ? ", " : "", bad_names[1], bad > 2 ? ", " : "",
+                      bad_names[2]);
+    if (s == AGPT_OK && missing)
+        s = AGPT_FAIL(AGPT_ERR_IO, "%s: %d of %d images are missing in %s (%s%s%s%s%s)", json_path, missing, n,
+                      image_dir, missing_names[0], missing > 1 ? ", " : "", missing_names[1], missing > 2 ? ", " : "",
+                      missing_names[2]);
+    if (s == AGPT_OK && d->n_sft == 0) s = AGPT_FAIL(AGPT_ERR_ARG, "%s holds no conversations", json_path);
+    return s;
+}
+
+int anomaly_micro_per_sample(const AnomalyData *d) { return d->n_sft > 0 ? 2 : 1; }
 
 // One conversation's tokens into the sample (the text is cut at ANOMALY_TEXT_MAX tokens).
 static Status put_tokens(const AnomalyData *d, const char *question, const char *answer, AnomalySample *s, int b) {
@@ -144,6 +246,20 @@ Status anomaly_make_sample(void *ctx, int64_t index, Rng *rng, void *out) {
     }
     if (st == AGPT_OK) st = put_tokens(d, question, syn.n_patches > 0 ? anomalous : normal, s, 1);
     s->fewshot = st == AGPT_OK && rng_uniform(rng) < d->fewshot_p;
+    if (st == AGPT_OK && d->n_sft > 0) {  // the instruction micro-step that follows (train_model(batch_sft))
+        int64_t k = (int64_t)(rng_u64(rng) % (uint64_t)d->n_sft);
+        st = load_resized(d->sft_images[k], dest);
+        TrainTokens t = {0};
+        if (st == AGPT_OK) st = train_tokenize(d->tokenizer, d->sft_human[k], d->sft_gpt[k], SFT_TEXT_MAX, &t);
+        if (st == AGPT_OK) {
+            preprocess_normalize(dest, S, s->sft_image);
+            memcpy(s->sft_ids, t.ids, (size_t)t.n * sizeof(int32_t));
+            memcpy(s->sft_targets, t.targets, (size_t)t.n * sizeof(int32_t));
+            s->sft_tokens = t.n;
+            s->has_sft = 1;
+        }
+        train_tokens_free(&t);
+    }
     synth_sample_free(&syn);
     free(dest), free(src);
     return st;
@@ -161,5 +277,11 @@ Status anomaly_step(void *ctx, const void *sample, TrainLosses *out) {
     AnomalyTrainLosses l;
     AGPT_TRY(anomaly_train_step(c->model, ex, 2, &l));
     out->ce = l.ce, out->focal = l.focal, out->dice = l.dice;
+    if (s->has_sft && s->sft_tokens > 0) {  // class 'object', no mask, no few-shot: the LLM loss alone
+        AnomalyTrainExample sft = {.image = s->sft_image, .class_name = "object", .ids = s->sft_ids,
+                                   .targets = s->sft_targets, .n_tokens = s->sft_tokens};
+        AGPT_TRY(anomaly_train_step(c->model, &sft, 1, &l));
+        out->ce += l.ce;
+    }
     return AGPT_OK;
 }

@@ -25,6 +25,7 @@
 
 #define ANOMALY_SIDE 224
 #define ANOMALY_TEXT_MAX 256   // text tokens per conversation kept in a sample (the reference's answers need ~70)
+#define SFT_TEXT_MAX TRAIN_MAX_TGT_LEN  // an instruction conversation keeps max_tgt_len tokens (1024)
 
 typedef struct AnomalyClass {
     char name[128];
@@ -40,6 +41,11 @@ typedef struct AnomalyData {
     int n_classes;
     const SpTokenizer *tokenizer;  // not owned
     double fewshot_p;          // 0.5: the chance a micro-step uses the few-shot branch
+    // The instruction stream (anomaly_data_load_sft; none when n_sft is 0): PandaGPT-style conversations, the
+    // first two turns of each.
+    int n_sft;
+    char **sft_images;         // [n_sft] image paths
+    char **sft_human, **sft_gpt;  // [n_sft] the human turn and the gpt turn
 } AnomalyData;
 
 // One loader slot: the two conversations of an item.
@@ -51,6 +57,11 @@ typedef struct AnomalySample {
     int cls;                   // class index
     int fewshot;               // 1: both use the class's reference
     int n_patches;             // synthetic regions pasted into conversation 1
+    // With an instruction stream: one instruction micro-step after the anomaly one (train_mvtec.py's loop).
+    int has_sft;
+    float sft_image[3 * ANOMALY_SIDE * ANOMALY_SIDE];
+    int32_t sft_ids[SFT_TEXT_MAX], sft_targets[SFT_TEXT_MAX];
+    int sft_tokens;
 } AnomalySample;
 
 // Builds the data from normal training images and their classes (class names: the reference's 15 MVTec-AD and
@@ -61,6 +72,14 @@ Status anomaly_data_init(AnomalyData *d, const char *const *paths, const char *c
                          const char *params_json, const SpTokenizer *tokenizer);
 void anomaly_data_free(AnomalyData *d);
 
+// The instruction stream (anomalygpt-reference.md 6.3, sft_dataset.py): a JSON array of {"image_name": NAME,
+// "conversation": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}; the first two turns are
+// kept, ".jpg" is appended to a name without it, and the image is image_dir/NAME. Every micro-step then also
+// trains on one of them (drawn from the sample's Rng; the reference re-draws a permutation each epoch): the
+// image (Resize((224,224))), class 'object', no mask, no few-shot, the LLM loss alone. Malformed items and missing
+// images are refused in one message (their count and the first few names).
+Status anomaly_data_load_sft(AnomalyData *d, const char *json_path, const char *image_dir);
+
 // The loader's callback (LoaderMakeSample): item `index` with the sample's Rng into an AnomalySample.
 Status anomaly_make_sample(void *data, int64_t index, Rng *rng, void *out);
 
@@ -69,4 +88,7 @@ typedef struct AnomalyStepContext {
     AnomalyTrainModel *model;
     const AnomalyData *data;
 } AnomalyStepContext;
+// Micro-steps per sample: 2 with an instruction stream (the reference's update of accum micro-steps covers
+// accum / 2 anomaly items and accum / 2 instruction samples), else 1. The trainer's micro_per_sample.
 Status anomaly_step(void *ctx, const void *sample, TrainLosses *out);
+int anomaly_micro_per_sample(const AnomalyData *d);

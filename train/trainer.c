@@ -139,7 +139,7 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
         for (int i = 0; i < n && s == AGPT_OK; i++)
             s = comm_allreduce_sum_f64(comm, acc[i], (size_t)tensor_numel(&p[i].grad));
         if (s == AGPT_OK) s = comm_allreduce_sum_f64(comm, shared, 4);
-        const int micro = c->accum * comm->size;
+        const int micro = c->accum * comm->size * (c->micro_per_sample > 1 ? c->micro_per_sample : 1);
         for (int i = 0; i < n && s == AGPT_OK; i++) {  // the mean gradient, rounded to f32 once
             float *g = p[i].grad.data;
             for (int64_t j = 0, m = tensor_numel(&p[i].grad); j < m; j++) g[j] = (float)(acc[i][j] / micro);

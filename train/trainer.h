@@ -43,7 +43,10 @@ typedef struct TrainerUpdate {
 } TrainerUpdate;
 
 typedef struct TrainerConfig {
-    int accum;                    // micro-steps per update (8 in the reference)
+    int accum;                    // samples per update (8 in the reference, where a sample is one micro-step)
+    int micro_per_sample;         // micro-steps a sample holds (0 or 1: one; 2: an anomaly item and an
+                                  // instruction sample): the update's gradient is the sum over accum samples
+                                  // of every rank divided by accum * ranks * micro_per_sample
     int64_t total_updates;        // stop after this many updates
     int ckpt_every;               // save every this many updates (0: only at the end and on a stop)
     float beta1, beta2, eps, weight_decay, grad_clip;  // AdamW; clip <= 0 disables
