@@ -221,12 +221,6 @@ static Status upload_image(const Tensor *batch, int b, const float *host, int S)
     return tensor_copy(&dst, &src);
 }
 
-// Image b of a [B,N+1,C] tap as a [1,N+1,C] tensor.
-static Tensor tap_image(const Tensor *tap, int b) {
-    const int64_t T = tap->shape[1], C = tap->shape[2];
-    return tensor_3d((char *)tap->data + (size_t)b * T * C * sizeof(float), DT_F32, tap->device, 1, T, C);
-}
-
 // The reference turned by k quarter turns, as torch.rot90(x, k, dims=(1, 2)) on [3,S,S]: out[c][i][j] =
 // x[c][j][S-1-i] for k = 1. (The training's kornia rotation of a square image by 90-degree steps is this up to
 // float error; the few-shot map takes a max over all four turns, so the direction does not matter.)
@@ -248,11 +242,12 @@ static void rotate_quarter(const float *x, float *out, int S, int k) {
     }
 }
 
-// The few-shot map of example b against its reference's four rotations: acts->fewshot[b] = 1 - sim.
-static Status fewshot_map(AnomalyTrainModel *m, StepActs *t, int b, const float *reference, Arena *arena) {
+// The few-shot maps of examples b0..b1-1, which share one reference, against its four rotations:
+// acts->fewshot[b] = 1 - sim. The reference goes through the encoder once for them all.
+static Status fewshot_maps(AnomalyTrainModel *m, StepActs *t, int b0, int b1, const float *reference, Arena *arena) {
     Engine *e = m->engine;
     VisionModel *vm = &m->vision;
-    const int S = t->S;
+    const int S = t->S, T = t->N + 1, C = vm->vision.block.dim;
     size_t plane = (size_t)3 * S * S;
     float *turned = malloc(plane * 4 * sizeof(float));
     if (!turned) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the reference's rotations");
@@ -263,14 +258,15 @@ static Status fewshot_map(AnomalyTrainModel *m, StepActs *t, int b, const float 
     free(turned);
     AGPT_TRY(s);
     Tensor emb = tensor_2d(vm->embedding.data, DT_F32, e->device, 4, vm->vision.embed), taps[VISION_TAPS];
-    for (int i = 0; i < VISION_TAPS; i++)
-        taps[i] = tensor_3d(vm->taps[i].data, DT_F32, e->device, 4, t->N + 1, vm->vision.block.dim);
+    for (int i = 0; i < VISION_TAPS; i++) taps[i] = tensor_3d(vm->taps[i].data, DT_F32, e->device, 4, T, C);
     AGPT_TRY(vision_forward(e, &vm->vision, &vm->arena, &images, &emb, taps));
     FewShotRefs refs;
     AGPT_TRY(fewshot_refs_build(e, taps, &refs));
-    Tensor query[VISION_TAPS];
-    for (int i = 0; i < VISION_TAPS; i++) query[i] = tap_image(&t->taps[i], b);
-    Tensor out = tensor_3d((char *)t->fewshot.data + (size_t)b * S * S * sizeof(float), DT_F32, e->device, 1, S, S);
+    const int n = b1 - b0;
+    Tensor query[VISION_TAPS];  // images b0..b1-1 of the kept taps
+    for (int i = 0; i < VISION_TAPS; i++)
+        query[i] = tensor_3d((char *)t->taps[i].data + (size_t)b0 * T * C * sizeof(float), DT_F32, e->device, n, T, C);
+    Tensor out = tensor_3d((char *)t->fewshot.data + (size_t)b0 * S * S * sizeof(float), DT_F32, e->device, n, S, S);
     s = anomaly_map_fewshot(e, &refs, arena, query, &out);
     fewshot_refs_free(&refs);
     return s;
@@ -526,8 +522,10 @@ static Status step_in_arena(AnomalyTrainModel *m, StepActs *t, const AnomalyTrai
             Tensor src = tensor_2d((void *)ex[b].mask, DT_F32, DEV_CPU, S, S);
             AGPT_TRY(tensor_copy(&dst, &src));
         }
-    if (fewshot)
-        for (int b = 0; b < B; b++) AGPT_TRY(fewshot_map(m, t, b, ex[b].reference, arena));
+    for (int b0 = 0, b1; fewshot && b0 < B; b0 = b1) {  // runs of examples with the same reference
+        for (b1 = b0 + 1; b1 < B && ex[b1].reference == ex[b0].reference;) b1++;
+        AGPT_TRY(fewshot_maps(m, t, b0, b1, ex[b0].reference, arena));
+    }
 
     // Prompts, the image token, the LLM input and its loss.
     AGPT_TRY(forward_prompts(m, t, fewshot ? &t->fewshot : &t->map));
