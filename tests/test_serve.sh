@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # agpt serve on loopback with the small complete model that tests/make_test_model.c assembles: every endpoint and
 # error status (tests/serve_check.py api), answers equal to agpt detect's, a bounded load + bad-request run, the web
-# page in headless Chromium (skipped inside when chromium/selenium are missing), SIGTERM with work in flight, banks
-# persisting across a restart, the API key, a full queue (429), and the hot folder.
+# page in headless Chromium over WebDriver (skipped inside when chromium/chromium-driver are missing), SIGTERM with
+# work in flight, banks persisting across a restart, the API key, a full queue (429), and the hot folder.
+# serve_check.py needs python3's standard library only: the reference venv's python when it exists, else python3
+# (AGPT_TEST_PYTHON=... picks one).
 # Usage: tests/test_serve.sh path/to/agpt tests/data shared/data path/to/make_test_model [screenshot.png]
 set -u
 agpt=$1
@@ -11,8 +13,8 @@ shared=$3
 make_test_model=$4
 shot=${5:-$(dirname "$agpt")/serve-page.png}
 here=$(cd "$(dirname "$0")" && pwd)
-py=$here/reference/.venv/bin/python
-[ -x "$py" ] || py=python3
+py=${AGPT_TEST_PYTHON:-$here/reference/.venv/bin/python}
+[ -n "${AGPT_TEST_PYTHON:-}" ] || [ -x "$py" ] || py=python3
 if ! command -v "$py" >/dev/null || ! command -v curl >/dev/null; then
     echo "SKIP: needs python3 and curl"
     exit 77
