@@ -4,6 +4,7 @@
   serve_check.py load  URL EXPECTED.json PID SECONDS     concurrent clients mixing valid and bad requests
   serve_check.py page  URL EXPECTED.json IMAGE SHOT.png  the web page in headless Chromium over WebDriver (77: no browser)
   serve_check.py drain URL IMAGE PID                     SIGTERM with requests in flight
+  serve_check.py retry URL EXPECTED.json IMAGE           a failed batch retried one by one (see cmd_retry)
 
 EXPECTED.json maps an image path to agpt detect's JSON line for it (same model, --max-new as the server).
 Prints one line per check and ends with "N passed, M failed"; exit 0 = passed, 1 = failed.
@@ -601,8 +602,44 @@ def cmd_page(url, expected_path, image, shot):
     finish()
 
 
+# ---- a batch that fails is retried one by one --------------------------------------------------------------
+
+def cmd_retry(url, expected_path, image):
+    """The server runs with a short --context, --max-batch 4 and a long --batch-wait-ms: three plain inspections
+    and one whose prompt passes the HTTP checks but not the model's context share one batch, which fails as a
+    whole; retried one by one, the three get agpt detect's answers (still saying "batch": 4) and the one its 400."""
+    s = Server(url)
+    expected = load_expected(expected_path)[image]
+    data = open(image, "rb").read()
+    body, ct = multipart([("prompt", "Is there any defect " * 40)], [("image", "query.png", data)])
+    results = [None] * 4
+
+    def one(k):
+        if k == 3:
+            results[k] = s.json("POST", "/v1/inspect", body, {"Content-Type": ct})
+        else:
+            results[k] = s.json("POST", "/v1/inspect", data, {"Content-Type": "image/png"})
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(3):
+        st, _, j = results[k]
+        ok, why = same_answer(j, expected)
+        check(f"request {k} of the failed batch answered as agpt detect", st == 200 and ok and j.get("batch") == 4,
+              f"{st} {why} batch {j and j.get('batch')}")
+    st, _, j = results[3]
+    check("the request too long for the context refused alone", st == 400 and j and "context" in j.get("error", ""),
+          f"{st} {j}")
+    st, _, text = s.request("GET", "/metrics")
+    check("no 500 from the retry", 'code="500"' not in text.decode())
+    finish()
+
+
 if __name__ == "__main__":
-    cmds = {"api": cmd_api, "load": cmd_load, "page": cmd_page, "drain": cmd_drain}
+    cmds = {"api": cmd_api, "load": cmd_load, "page": cmd_page, "drain": cmd_drain, "retry": cmd_retry}
     if len(sys.argv) < 2 or sys.argv[1] not in cmds:
         print(__doc__)
         sys.exit(2)

@@ -138,6 +138,12 @@ if start_server restarted --bank-dir "$banks"; then
     stop_server "$tmp/restarted.log"
 fi
 
+# A batch that fails as a whole (one prompt too long for a short context) is retried one by one.
+if start_server batch --context 128 --max-batch 4 --batch-wait-ms 3000 --bank-dir "$tmp/banks4"; then
+    run_py retry retry "$url" "$tmp/expected.json" "$ib/query.png"
+    stop_server "$tmp/batch.log"
+fi
+
 # The API key and a full queue.
 if start_server keyed --api-key s3cret --queue 1 --max-batch 1 --batch-wait-ms 0 --bank-dir "$tmp/banks2"; then
     [ "$(curl -s -o "$tmp/out" -w '%{http_code}' "$url/v1/banks")" = 401 ] && grep -q '"status":401' "$tmp/out" && ok || bad "401 without a key"
