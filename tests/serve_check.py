@@ -2,8 +2,9 @@
 
   serve_check.py api   URL EXPECTED.json IMAGES_DIR      every endpoint and error status
   serve_check.py load  URL EXPECTED.json PID SECONDS     concurrent clients mixing valid and bad requests
-  serve_check.py page  URL EXPECTED.json IMAGE SHOT.png  the web page in headless Chromium (exit 77: no browser)
+  serve_check.py page  URL EXPECTED.json IMAGE SHOT.png  the web page in headless Chromium over WebDriver (77: no browser)
   serve_check.py drain URL IMAGE PID                     SIGTERM with requests in flight
+  serve_check.py retry URL EXPECTED.json IMAGE           a failed batch retried one by one (see cmd_retry)
 
 EXPECTED.json maps an image path to agpt detect's JSON line for it (same model, --max-new as the server).
 Prints one line per check and ends with "N passed, M failed"; exit 0 = passed, 1 = failed.
@@ -429,71 +430,216 @@ def cmd_drain(url, image, pid):
 
 
 # ---- the web page in a browser -----------------------------------------------------------------------------
+# chromedriver spoken to directly over the W3C WebDriver protocol (HTTP + JSON), so that the test needs python3's
+# standard library, chromium and chromium-driver only (tools/install-deps.sh), no selenium.
+
+ELEMENT = "element-6066-11e4-a52e-4f735466cecf"  # the W3C key of an element reference
+ENTER = "\ue007"
+
+
+class WebDriverError(Exception):
+    pass
+
+
+class WebDriver:
+    def __init__(self, driver_path, chromium, args):
+        import subprocess
+        with socket.socket() as sk:  # a free port for chromedriver
+            sk.bind(("127.0.0.1", 0))
+            port = sk.getsockname()[1]
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([driver_path, f"--port={port}"], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        self.sid = None
+        try:
+            for _ in range(200):
+                try:
+                    if self.cmd("GET", "/status").get("value", {}).get("ready"):
+                        break
+                except (OSError, WebDriverError):
+                    pass
+                if self.proc.poll() is not None:
+                    raise WebDriverError(f"chromedriver exited with status {self.proc.returncode}")
+                time.sleep(0.1)
+            caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome",
+                                                     "goog:chromeOptions": {"binary": chromium, "args": args}}}}
+            self.sid = self.cmd("POST", "/session", caps, timeout=120)["value"]["sessionId"]
+        except Exception:
+            self.quit()
+            raise
+
+    def cmd(self, method, path, body=None, timeout=60):
+        import urllib.error
+        import urllib.request
+        data = json.dumps(body).encode() if body is not None else (b"{}" if method == "POST" else None)
+        req = urllib.request.Request(self.base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json; charset=utf-8"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:  # W3C errors: {"value": {"error", "message"}}
+            try:
+                v = json.loads(e.read()).get("value", {})
+            except ValueError:
+                v = {}
+            raise WebDriverError(f"{method} {path}: {v.get('error', e.code)}: {str(v.get('message', ''))[:300]}")
+
+    def s(self, method, path, body=None):  # a command of this session; its "value"
+        return self.cmd(method, f"/session/{self.sid}{path}", body).get("value")
+
+    def get(self, url):
+        self.s("POST", "/url", {"url": url})
+
+    def title(self):
+        return self.s("GET", "/title")
+
+    def find(self, css):
+        return self.s("POST", "/element", {"using": "css selector", "value": css})[ELEMENT]
+
+    def find_all(self, css):
+        return [e[ELEMENT] for e in self.s("POST", "/elements", {"using": "css selector", "value": css})]
+
+    def text(self, css):
+        return self.s("GET", f"/element/{self.find(css)}/text")
+
+    def displayed(self, css):
+        return bool(self.s("GET", f"/element/{self.find(css)}/displayed"))
+
+    def attribute(self, css, name):
+        return self.s("GET", f"/element/{self.find(css)}/attribute/{name}")
+
+    def send_keys(self, css, text):
+        self.s("POST", f"/element/{self.find(css)}/value", {"text": text})
+
+    def click(self, css):
+        self.s("POST", f"/element/{self.find(css)}/click")
+
+    def script(self, js):
+        return self.s("POST", "/execute/sync", {"script": js, "args": []})
+
+    def screenshot(self, path):
+        import base64
+        png = base64.b64decode(self.s("GET", "/screenshot"))
+        with open(path, "wb") as f:
+            f.write(png)
+
+    def wait_until(self, cond, what, timeout=30):
+        t_end = time.time() + timeout
+        while True:
+            try:
+                if cond():
+                    return True
+            except WebDriverError:
+                pass  # the element is not there yet
+            if time.time() > t_end:
+                raise WebDriverError(f"timed out after {timeout} s waiting for {what}")
+            time.sleep(0.1)
+
+    def quit(self):
+        if self.sid:
+            try:
+                self.cmd("DELETE", f"/session/{self.sid}", timeout=20)
+            except (OSError, WebDriverError):
+                pass
+            self.sid = None
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+
 
 def cmd_page(url, expected_path, image, shot):
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.common.keys import Keys
-        from selenium.webdriver.support.ui import WebDriverWait
-    except ImportError:
-        print("SKIP: selenium is not installed (tests/reference/requirements.txt)")
-        sys.exit(77)
+    import shutil
     chromium = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if os.path.exists(p)), None)
-    driver_path = next((p for p in ("/usr/bin/chromedriver",) if os.path.exists(p)), None)
+    driver_path = next((p for p in ("/usr/bin/chromedriver", shutil.which("chromedriver")) if p and os.path.exists(p)),
+                       None)
     if not chromium or not driver_path:
         print("SKIP: chromium or chromium-driver is not installed (tools/install-deps.sh)")
         sys.exit(77)
     expected = load_expected(expected_path)[image]
-    opt = webdriver.ChromeOptions()
-    opt.binary_location = chromium
-    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1100,1000"):
-        opt.add_argument(a)
-    d = webdriver.Chrome(service=Service(driver_path), options=opt)
+    d = WebDriver(driver_path, chromium, ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                                          "--window-size=1100,1000"])
     try:
         d.get(url)
-        wait = WebDriverWait(d, 20)
-        check("page title", d.title == "agpt inspection", d.title)
-        d.find_element(By.ID, "image").send_keys(os.path.abspath(image))
+        check("page title", d.title() == "agpt inspection", d.title())
+        d.send_keys("#image", os.path.abspath(image))
         # Keyboard only: focus the button and press Enter.
-        d.find_element(By.ID, "go").send_keys(Keys.ENTER)
-        wait.until(lambda d: d.find_element(By.ID, "status").text in ("Done.", "Failed."))
-        verdict = d.find_element(By.ID, "verdict").text
+        d.send_keys("#go", ENTER)
+        d.wait_until(lambda: d.text("#status") in ("Done.", "Failed."), "the inspection")
+        verdict = d.text("#verdict")
         want = expected["verdict"].upper() if expected["verdict"] else "no verdict"
         check("page verdict", verdict == want, f"{verdict!r} != {want!r}")
-        check("page answer = agpt detect", d.find_element(By.ID, "answer").text == expected["answer"].strip(),
-              d.find_element(By.ID, "answer").text)
-        src = d.find_element(By.ID, "overlay").get_attribute("src") or ""
+        answer = d.text("#answer")
+        check("page answer = agpt detect", answer == expected["answer"].strip(), answer)
+        src = d.attribute("#overlay", "src") or ""
         check("page heatmap overlay", src.startswith("data:image/png;base64,") and
-              d.execute_script("return document.getElementById('overlay').naturalWidth") > 0)
-        check("page chat box shown", d.find_element(By.ID, "chatbox").is_displayed())
-        q = d.find_element(By.ID, "question")
-        q.send_keys("Where is the anomaly?", Keys.ENTER)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chat p.a")) == 1 or
-                   d.find_element(By.ID, "error").is_displayed())
-        check("page follow-up answered", len(d.find_elements(By.CSS_SELECTOR, "#chat p.a")) == 1)
-        check("page no error shown", not d.find_element(By.ID, "error").is_displayed(),
-              d.find_element(By.ID, "error").text)
-        d.execute_script("window.scrollTo(0, 0)")
-        d.save_screenshot(shot)
-        check("screenshot saved", os.path.getsize(shot) > 1000)
+              d.script("return document.getElementById('overlay').naturalWidth") > 0)
+        check("page chat box shown", d.displayed("#chatbox"))
+        d.send_keys("#question", "Where is the anomaly?" + ENTER)
+        d.wait_until(lambda: len(d.find_all("#chat p.a")) == 1 or d.displayed("#error"), "the follow-up answer")
+        check("page follow-up answered", len(d.find_all("#chat p.a")) == 1)
+        check("page no error shown", not d.displayed("#error"), d.text("#error"))
+        d.script("window.scrollTo(0, 0)")
+        d.screenshot(shot)
+        with open(shot, "rb") as f:
+            head = f.read(8)
+        check("screenshot saved", head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(shot) > 1000)
         # An API error is shown plainly.
         bad = os.path.join(os.path.dirname(os.path.abspath(shot)), "not-an-image.png")
         with open(bad, "wb") as f:
             f.write(b"this is not an image")
-        d.find_element(By.ID, "image").send_keys(bad)
-        d.find_element(By.ID, "go").click()
-        wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
-        err = d.find_element(By.ID, "error").text
+        d.send_keys("#image", bad)
+        d.click("#go")
+        d.wait_until(lambda: d.displayed("#error"), "the error message")
+        err = d.text("#error")
         check("page shows API errors", "HTTP 400" in err and "not a PNG or JPEG" in err, err)
+    except WebDriverError as e:
+        check("page driven", False, str(e))
     finally:
         d.quit()
     finish()
 
 
+# ---- a batch that fails is retried one by one --------------------------------------------------------------
+
+def cmd_retry(url, expected_path, image):
+    """The server runs with a short --context, --max-batch 4 and a long --batch-wait-ms: three plain inspections
+    and one whose prompt passes the HTTP checks but not the model's context share one batch, which fails as a
+    whole; retried one by one, the three get agpt detect's answers (still saying "batch": 4) and the one its 400."""
+    s = Server(url)
+    expected = load_expected(expected_path)[image]
+    data = open(image, "rb").read()
+    body, ct = multipart([("prompt", "Is there any defect " * 40)], [("image", "query.png", data)])
+    results = [None] * 4
+
+    def one(k):
+        if k == 3:
+            results[k] = s.json("POST", "/v1/inspect", body, {"Content-Type": ct})
+        else:
+            results[k] = s.json("POST", "/v1/inspect", data, {"Content-Type": "image/png"})
+
+    threads = [threading.Thread(target=one, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(3):
+        st, _, j = results[k]
+        ok, why = same_answer(j, expected)
+        check(f"request {k} of the failed batch answered as agpt detect", st == 200 and ok and j.get("batch") == 4,
+              f"{st} {why} batch {j and j.get('batch')}")
+    st, _, j = results[3]
+    check("the request too long for the context refused alone", st == 400 and j and "context" in j.get("error", ""),
+          f"{st} {j}")
+    st, _, text = s.request("GET", "/metrics")
+    check("no 500 from the retry", 'code="500"' not in text.decode())
+    finish()
+
+
 if __name__ == "__main__":
-    cmds = {"api": cmd_api, "load": cmd_load, "page": cmd_page, "drain": cmd_drain}
+    cmds = {"api": cmd_api, "load": cmd_load, "page": cmd_page, "drain": cmd_drain, "retry": cmd_retry}
     if len(sys.argv) < 2 or sys.argv[1] not in cmds:
         print(__doc__)
         sys.exit(2)

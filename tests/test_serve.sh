@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # agpt serve on loopback with the small complete model that tests/make_test_model.c assembles: every endpoint and
 # error status (tests/serve_check.py api), answers equal to agpt detect's, a bounded load + bad-request run, the web
-# page in headless Chromium (skipped inside when chromium/selenium are missing), SIGTERM with work in flight, banks
-# persisting across a restart, the API key, a full queue (429), and the hot folder.
+# page in headless Chromium over WebDriver (skipped inside when chromium/chromium-driver are missing), SIGTERM with
+# work in flight, banks persisting across a restart, the API key, a full queue (429), the hot folder, and
+# agpt detect --watch (the hot folder without the server: lines equal agpt detect's, SIGINT/SIGTERM exit 0).
+# serve_check.py needs python3's standard library only: the reference venv's python when it exists, else python3
+# (AGPT_TEST_PYTHON=... picks one).
 # Usage: tests/test_serve.sh path/to/agpt tests/data shared/data path/to/make_test_model [screenshot.png]
 set -u
 agpt=$1
@@ -11,8 +14,8 @@ shared=$3
 make_test_model=$4
 shot=${5:-$(dirname "$agpt")/serve-page.png}
 here=$(cd "$(dirname "$0")" && pwd)
-py=$here/reference/.venv/bin/python
-[ -x "$py" ] || py=python3
+py=${AGPT_TEST_PYTHON:-$here/reference/.venv/bin/python}
+[ -n "${AGPT_TEST_PYTHON:-}" ] || [ -x "$py" ] || py=python3
 if ! command -v "$py" >/dev/null || ! command -v curl >/dev/null; then
     echo "SKIP: needs python3 and curl"
     exit 77
@@ -135,6 +138,12 @@ if start_server restarted --bank-dir "$banks"; then
     stop_server "$tmp/restarted.log"
 fi
 
+# A batch that fails as a whole (one prompt too long for a short context) is retried one by one.
+if start_server batch --context 128 --max-batch 4 --batch-wait-ms 3000 --bank-dir "$tmp/banks4"; then
+    run_py retry retry "$url" "$tmp/expected.json" "$ib/query.png"
+    stop_server "$tmp/batch.log"
+fi
+
 # The API key and a full queue.
 if start_server keyed --api-key s3cret --queue 1 --max-batch 1 --batch-wait-ms 0 --bank-dir "$tmp/banks2"; then
     [ "$(curl -s -o "$tmp/out" -w '%{http_code}' "$url/v1/banks")" = 401 ] && grep -q '"status":401' "$tmp/out" && ok || bad "401 without a key"
@@ -187,6 +196,71 @@ sys.exit(0 if ok else 1)
 EOF
     stop_server "$tmp/hot.log"
 fi
+
+# agpt detect --watch: the same hot folder without the server, each line agpt detect's own for that image.
+for args in "--watch $tmp/nowhere" "--watch $tmp --batch 2" "--sort" "--watch-log $tmp/x.jsonl"; do
+    # shellcheck disable=SC2086
+    "$agpt" detect --model "$m" $args >"$tmp/out" 2>&1
+    [ $? -eq 2 ] && ok || { bad "detect usage error for '$args'"; cat "$tmp/out"; }
+done
+"$agpt" detect --model "$m" --watch "$tmp" "$ib/query.png" >"$tmp/out" 2>&1
+[ $? -eq 2 ] && grep -q "takes no images" "$tmp/out" && ok || { bad "detect --watch with images listed"; cat "$tmp/out"; }
+dhot="$tmp/dhot"
+mkdir -p "$dhot"
+cp "$ib/query.png" "$dhot/a_first.png"
+"$agpt" detect "${common[@]}" --watch "$dhot" --sort >"$tmp/dwatch.jsonl" 2>"$tmp/dwatch.log" &
+dpid=$!
+pids+=("$dpid")
+for _ in $(seq 100); do [ -s "$tmp/dwatch.jsonl" ] && break; sleep 0.1; done
+cp "$ib/ref0.png" "$dhot/b_copied.png"
+cp "$data/images/jpg_420.jpg" "$dhot/.c_renamed.jpg" && mv "$dhot/.c_renamed.jpg" "$dhot/c_renamed.jpg"
+printf 'not an image' >"$dhot/d_corrupt.png"
+printf 'notes' >"$dhot/readme.txt"
+for _ in $(seq 100); do [ "$(wc -l <"$tmp/dwatch.jsonl")" -ge 4 ] && break; sleep 0.1; done
+kill -INT "$dpid"
+wait "$dpid"
+rc=$?
+[ $rc -eq 0 ] && grep -q "agpt detect: stopped watching .*: 4 image(s).*, 1 failed" "$tmp/dwatch.log" && ok ||
+    { bad "detect --watch: SIGINT exit $rc"; cat "$tmp/dwatch.log"; }
+"$py" - "$tmp/dwatch.jsonl" "$tmp/detect.jsonl" "$dhot" "$ib" "$data/images" <<'EOF' && ok || bad "detect --watch lines"
+import json, os, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+detect = {j["image"]: j for j in map(json.loads, open(sys.argv[2]))}
+hot, ib, imgs = sys.argv[3:6]
+by = {os.path.basename(l["image"]): l for l in lines}
+want = {"a_first.png": f"{ib}/query.png", "b_copied.png": f"{ib}/ref0.png", "c_renamed.jpg": f"{imgs}/jpg_420.jpg"}
+ok = [os.path.basename(l["image"]) for l in lines] == ["a_first.png", "b_copied.png", "c_renamed.jpg", "d_corrupt.png"]
+strip = lambda j: {k: v for k, v in j.items() if k not in ("image", "ms", "moved_to")}
+for name, src in want.items():
+    got, e = by.get(name, {}), detect[src]
+    ok = ok and strip(got) == strip(e) and got["image"] == f"{hot}/{name}" and set(got["ms"]) == set(e["ms"])
+    # --sort: a verdict moves the file into ok/ or ng/; a null verdict (this random model's) leaves it in place.
+    sub = {"normal": "ok", "anomalous": "ng"}.get(e["verdict"])
+    ok = ok and got.get("moved_to") == (f"{hot}/{sub}/{name}" if sub else None)
+    ok = ok and os.path.exists(got.get("moved_to") or f"{hot}/{name}")
+ok = ok and by.get("d_corrupt.png", {}).get("ok") is False and "not a PNG or JPEG" in by["d_corrupt.png"].get("error", "")
+ok = ok and os.path.exists(f"{hot}/d_corrupt.png") and os.path.exists(f"{hot}/readme.txt")
+if not ok:
+    print(json.dumps(lines, indent=1)[:3000])
+sys.exit(0 if ok else 1)
+EOF
+# --watch-log and SIGTERM: the lines go to the file, none to stdout.
+dhot2="$tmp/dhot2"
+mkdir -p "$dhot2"
+"$agpt" detect "${common[@]}" --watch "$dhot2" --watch-log "$tmp/dwatch2.jsonl" >"$tmp/dwatch2.out" 2>"$tmp/dwatch2.log" &
+dpid=$!
+pids+=("$dpid")
+for _ in $(seq 100); do grep -q "agpt detect: watching" "$tmp/dwatch2.log" && break; sleep 0.1; done
+cp "$ib/ref1.png" "$dhot2/e.png"
+for _ in $(seq 100); do [ -s "$tmp/dwatch2.jsonl" ] && break; sleep 0.1; done
+kill -TERM "$dpid"
+wait "$dpid"
+rc=$?
+want=$("$py" -c "import json,sys; print(json.load(open(sys.argv[1]))[sys.argv[2]]['answer'])" "$tmp/expected.json" "$ib/ref1.png")
+got=$("$py" -c "import json,sys; l=[json.loads(x) for x in open(sys.argv[1])]; print(l[0]['answer'] if len(l) == 1 else '')" \
+    "$tmp/dwatch2.jsonl" 2>/dev/null)
+[ $rc -eq 0 ] && [ ! -s "$tmp/dwatch2.out" ] && [ -n "$got" ] && [ "$got" = "$want" ] && ok ||
+    { bad "detect --watch-log, SIGTERM (exit $rc)"; cat "$tmp/dwatch2.log"; }
 
 echo "$passed passed, $failed failed"
 [ $failed -eq 0 ]

@@ -8,9 +8,13 @@
 // the answer is there to read). No threshold is involved. --verdict-only stops generating after a few tokens. A
 // model file without the LLM gives maps and scores only.
 //
+// With --watch DIR the images come from a hot folder (tools/watch.h) instead, one at a time, each inspected as
+// above, until SIGINT or SIGTERM.
+//
 // Exit status: 0 when every image was processed and every line written, 1 when some were not (an image that
 // failed, stdout that could not be written, or a model that did not load), 2 for a usage error (found before
-// any model loads: bad numbers, an unwritable --out, no images).
+// any model loads: bad numbers, an unwritable --out, no images). --watch: 0 once stopped by a signal (failed
+// images get their "ok": false line), 1 when the folder could not be watched or the log written.
 #define _DEFAULT_SOURCE  // DT_DIR, strdup, strcasecmp
 #include <cjson/cJSON.h>
 #include <ctype.h>
@@ -19,6 +23,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <strings.h>
 #include <sys/stat.h>
 
@@ -31,6 +37,7 @@
 #include "runtime/timer.h"
 #include "tools/cli.h"
 #include "tools/inspect_io.h"
+#include "tools/watch.h"
 
 #define MAX_REFS 64
 #define MAX_OVERLAYS 7
@@ -60,6 +67,10 @@ static void usage(FILE *f) {
             "                   size (decode_image and outputs are its own)\n"
             "  --device cpu|cuda, --dtype f32|f16|bf16 (cuda: the compute dtype, default f16; cpu: bf16/f16 keep the\n"
             "                   weight matrices in it, half the memory; default f32), --threads N\n"
+            "  --watch DIR      a hot folder instead of IMAGES: inspect the images there, then every image written or\n"
+            "                   renamed into DIR (inotify), one at a time, until SIGINT or SIGTERM (exit 0); the same\n"
+            "                   JSON lines on stdout, or appended to --watch-log F; --sort moves a normal image into\n"
+            "                   DIR/ok/, an anomalous one into DIR/ng/ (\"moved_to\"), and leaves the others\n"
             "Folders are walked recursively for .png, .jpg and .jpeg files, in name order (a folder holding none\n"
             "is named on stderr). Timings (ms): total = vision + prefill + generate + outputs (this image's time on\n"
             "the inspection thread); decode_image runs ahead on a decoding thread, overlapping the previous image,\n"
@@ -315,12 +326,13 @@ static void add_text(cJSON *obj, const char *key, const char *text) {
 typedef enum Outcome { OUT_FAILED, OUT_ANOMALOUS, OUT_NORMAL, OUT_UNCLEAR, OUT_MAP_ONLY, OUT_KINDS } Outcome;
 
 // The JSON line of one image: its results when s is AGPT_OK, else "ok": false and error (the library's last
-// message when error is NULL); *outcome says which. Returns an error when the line could not be written.
-static Status print_result(const LineOptions *o, const char *path, Status s, const char *error,
-                           const AnomalyAnswer *ans, float score, const char *used_class, const char *heat,
-                           const char *raw, double load_ms, double outputs_ms, double total_ms, Outcome *outcome) {
+// message when error is NULL); *outcome says which. NULL when out of memory.
+static cJSON *result_line(const LineOptions *o, const char *path, Status s, const char *error,
+                          const AnomalyAnswer *ans, float score, const char *used_class, const char *heat,
+                          const char *raw, double load_ms, double outputs_ms, double total_ms, Outcome *outcome) {
+    *outcome = OUT_FAILED;
     cJSON *line = cJSON_CreateObject();
-    if (!line) return AGPT_FAIL(AGPT_ERR_OOM, "out of memory printing a result");
+    if (!line) return NULL;
     add_text(line, "image", path);
     *outcome = OUT_FAILED;
     if (s == AGPT_OK) {
@@ -357,7 +369,95 @@ static Status print_result(const LineOptions *o, const char *path, Status s, con
         cJSON_AddFalseToObject(line, "ok");
         add_text(line, "error", error ? error : agpt_last_error());
     }
-    return print_json_line(line);
+    return line;
+}
+
+// result_line printed on stdout. Returns an error when the line could not be written.
+static Status print_result(const LineOptions *o, const char *path, Status s, const char *error,
+                           const AnomalyAnswer *ans, float score, const char *used_class, const char *heat,
+                           const char *raw, double load_ms, double outputs_ms, double total_ms, Outcome *outcome) {
+    cJSON *line = result_line(o, path, s, error, ans, score, used_class, heat, raw, load_ms, outputs_ms, total_ms,
+                              outcome);
+    return line ? print_json_line(line) : AGPT_FAIL(AGPT_ERR_OOM, "out of memory printing a result");
+}
+
+// What inspecting one image needs: the model, the question and how to answer it, where the map goes.
+typedef struct Inspector {
+    LineOptions lo;
+    AnomalyGPT *agpt;
+    VisionModel *vm;
+    Sampler *sampler;         // NULL: greedy
+    uint64_t seed;
+    const char *question;
+    int max_new;
+    float *map;               // [S,S]
+} Inspector;
+
+// One image, decoded already (load_status: how its decoding went, load_error its message), inspected alone:
+// sampling allowed, a model without the LLM too. Returns its JSON line (NULL when out of memory).
+static cJSON *inspect_one(const Inspector *in, const char *path, const char *stem, const Image *img,
+                          Status load_status, const char *load_error, double load_ms, Outcome *outcome) {
+    const LineOptions *o = &in->lo;
+    double t1 = timer_now_s(), outputs_ms = 0;
+    float score = 0;
+    AnomalyAnswer ans = {.map = in->map};
+    const char *used_class = o->map_class;
+    char heat[4096] = "", raw[4096] = "";
+    Status s = load_status;
+    if (s == AGPT_OK) {
+        if (o->llm) {
+            if (in->sampler) rng_seed(&in->sampler->rng, in->seed);  // each answer independent of order
+            s = anomalygpt_ask(in->agpt, img, NULL, 0, in->question, in->sampler,
+                               o->verdict_only ? VERDICT_TOKENS : in->max_new, &ans);
+            score = ans.score;
+            used_class = ans.class_name;
+        } else {
+            double tv = timer_now_s();
+            s = vision_model_map(in->vm, img, 1, o->map_class, in->map, &score);
+            ans.vision_ms = 1e3 * (timer_now_s() - tv);
+        }
+        if (s == AGPT_OK && o->out_dir) {
+            double tw = timer_now_s();
+            s = write_map_outputs(in->vm, img, in->map, o->out_dir, stem, heat, raw, sizeof heat);
+            outputs_ms = 1e3 * (timer_now_s() - tw);
+        }
+    }
+    cJSON *line = result_line(o, path, s, load_status != AGPT_OK ? load_error : NULL, &ans, score, used_class, heat,
+                              raw, load_ms, outputs_ms, 1e3 * (timer_now_s() - t1), outcome);
+    free(ans.text);
+    return line;
+}
+
+// ---- the hot folder (--watch): tools/watch.c calls back for every complete image -------------------------
+
+typedef struct DetectWatch {
+    const Inspector *in;
+    int counts[OUT_KINDS];
+} DetectWatch;
+
+static atomic_bool watch_stop;
+static void on_stop_signal(int sig) {
+    (void)sig;
+    atomic_store(&watch_stop, true);
+}
+
+static cJSON *watch_inspect(void *arg, const char *path) {
+    DetectWatch *w = arg;
+    double t0 = timer_now_s();
+    Image img;
+    Status st = image_load(path, &img);
+    double load_ms = 1e3 * (timer_now_s() - t0);
+    char *err = st != AGPT_OK ? strdup(agpt_last_error()) : NULL;
+    char stem[256];
+    stem_of(path, stem, sizeof stem);
+    Outcome outcome;
+    cJSON *line = inspect_one(w->in, path, stem, st == AGPT_OK ? &img : NULL, st, err ? err : "out of memory",
+                              load_ms, &outcome);
+    if (st == AGPT_OK) image_free(&img);
+    free(err);
+    w->counts[outcome]++;
+    if (line) cJSON_DeleteItemFromObjectCaseSensitive(line, "image");  // the watcher puts "image" first itself
+    return line;
 }
 
 // "This is a photo of a NAME ..." as a malloc'd string (NULL when out of memory).
@@ -381,8 +481,9 @@ static bool int_value(const char *opt, const char *v, long long lo, long long hi
 int cmd_detect(int argc, char **argv) {
     const char *model = NULL, *class_name = NULL, *prompt = NULL, *out_dir = NULL, *sp_model = NULL, *clip_vocab = NULL;
     const char *overlays[MAX_OVERLAYS], *refs[MAX_REFS], *empty_folder = NULL;
+    const char *watch_dir = NULL, *watch_log = NULL;
     int n_overlays = 0, n_refs = 0, threads = 0, max_new = 512, context = 2048, batch_n = 1;
-    bool verdict_only = false, squash = false, fuse = false, rotate = false;
+    bool verdict_only = false, squash = false, fuse = false, rotate = false, watch_sort = false, batch_given = false;
     SamplerConfig scfg = sampler_default_config();
     scfg.greedy = true;  // a line wants the same verdict for the same image
     Device dev = cuda_device_count() > 0 ? DEV_CUDA : DEV_CPU;
@@ -417,7 +518,14 @@ int cmd_detect(int argc, char **argv) {
         else if (!strcmp(a, "--clip-vocab")) { VALUE(); clip_vocab = v; }
         else if (!strcmp(a, "--max-new")) { VALUE(); if (!int_value(a, v, 1, 1024, &max_new)) goto usage_error; }
         else if (!strcmp(a, "--context")) { VALUE(); if (!int_value(a, v, 64, 32768, &context)) goto usage_error; }
-        else if (!strcmp(a, "--batch")) { VALUE(); if (!int_value(a, v, 1, MAX_BATCH, &batch_n)) goto usage_error; }
+        else if (!strcmp(a, "--batch")) {
+            VALUE();
+            if (!int_value(a, v, 1, MAX_BATCH, &batch_n)) goto usage_error;
+            batch_given = true;
+        }
+        else if (!strcmp(a, "--watch")) { VALUE(); watch_dir = v; }
+        else if (!strcmp(a, "--watch-log")) { VALUE(); watch_log = v; }
+        else if (!strcmp(a, "--sort")) watch_sort = true;
         else if (!strcmp(a, "--verdict-only")) verdict_only = true;
         else if (!strcmp(a, "--squash")) squash = true;
         else if (!strcmp(a, "--fuse-text-map")) fuse = true;
@@ -442,7 +550,18 @@ int cmd_detect(int argc, char **argv) {
         }
 #undef VALUE
     }
-    if (!model || images.n == 0) {
+    if (watch_dir) {
+        struct stat sb;
+        const char *problem = images.n > 0 || empty_folder ? "takes no images besides the folder"
+                              : batch_given ? "inspects one image at a time: no --batch"
+                              : stat(watch_dir, &sb) != 0 || !S_ISDIR(sb.st_mode) ? "needs an existing folder"
+                                                                                   : NULL;
+        if (problem) { fprintf(stderr, "agpt detect: --watch %s %s\n", watch_dir, problem); goto usage_error; }
+        if (!model) { fprintf(stderr, "agpt detect: --model is required\n"); goto usage_error; }
+    } else if (watch_sort || watch_log) {
+        fprintf(stderr, "agpt detect: --sort and --watch-log go with --watch\n");
+        goto usage_error;
+    } else if (!model || images.n == 0) {
         if (model && empty_folder)
             fprintf(stderr, "agpt detect: no images to inspect (%s holds none)\n", empty_folder);
         else
@@ -494,7 +613,7 @@ int cmd_detect(int argc, char **argv) {
         LOG_W("--batch applies to greedy answers%s: images go one by one", llm ? "; sampling is on" : " (no language model)");
         batch_n = 1;
     }
-    if (batch_n > images.n) batch_n = images.n;
+    if (batch_n > images.n && images.n > 0) batch_n = images.n;  // --watch: none listed
     s = llm ? anomalygpt_open_batch(&agpt, &eng, model, overlays, n_overlays, sp_model, dt, context, batch_n)
             : vision_model_open(vm, &eng, model, overlays, n_overlays, dt, batch > 1 ? batch : 1);
     bool opened = s == AGPT_OK;
@@ -539,6 +658,27 @@ int cmd_detect(int argc, char **argv) {
     double t_images = timer_now_s();
     LineOptions lo = {.llm = llm, .verdict_only = verdict_only, .fuse = fuse, .n_refs = n_refs,
                       .map_class = map_class, .out_dir = out_dir, .agpt = &agpt};
+    Inspector in = {.lo = lo, .agpt = &agpt, .vm = vm, .sampler = llm && !scfg.greedy ? &sampler : NULL,
+                    .seed = scfg.seed, .question = question, .max_new = max_new, .map = map};
+    if (watch_dir) {  // until SIGINT or SIGTERM: the inspection under way finishes, then the watch ends
+        DetectWatch w = {.in = &in};
+        WatchConfig wc = {watch_dir, watch_log ? watch_log : "-", watch_sort};
+        struct sigaction sa = {.sa_handler = on_stop_signal, .sa_flags = SA_RESTART};
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGINT, &sa, NULL);
+        sigaction(SIGTERM, &sa, NULL);
+        fprintf(stderr, "agpt detect: watching %s%s (SIGINT or SIGTERM stops)\n", watch_dir,
+                watch_sort ? ", sorting into ok/ and ng/" : "");
+        s = watch_folder(&wc, watch_inspect, &w, &watch_stop);
+        int n = 0;
+        for (int k = 0; k < OUT_KINDS; k++) n += w.counts[k];
+        if (s != AGPT_OK) rc = cli_report("detect", agpt_add_context(s, "watching %s after %d image(s)", watch_dir, n));
+        else
+            fprintf(stderr, "agpt detect: stopped watching %s: %d image(s) (%d anomalous, %d normal, %d unclear, %d "
+                    "maps only), %d failed\n", watch_dir, n, w.counts[OUT_ANOMALOUS], w.counts[OUT_NORMAL],
+                    w.counts[OUT_UNCLEAR], w.counts[OUT_MAP_ONLY], w.counts[OUT_FAILED]);
+        goto finish;
+    }
     // Groups of batch_n images (1: one at a time); a thread decodes the next group while this one is inspected.
     AnomalyAnswer *answers = calloc((size_t)batch_n, sizeof *answers);
     Prefetcher *ahead = calloc(1, sizeof *ahead);
@@ -559,33 +699,10 @@ int cmd_detect(int argc, char **argv) {
         char heat[4096], raw[4096];
         Outcome outcome;
         if (batch_n == 1) {  // one image: sampling allowed, a model without the LLM too
-            double t1 = timer_now_s(), outputs_ms = 0;
-            float score = 0;
-            AnomalyAnswer ans = {.map = map};
-            const char *used_class = map_class;
-            s = g->st[0];
-            if (s == AGPT_OK) {
-                if (llm) {
-                    if (!scfg.greedy) rng_seed(&sampler.rng, scfg.seed);  // each answer independent of order
-                    s = anomalygpt_ask(&agpt, &g->img[0], NULL, 0, question, scfg.greedy ? NULL : &sampler,
-                                       verdict_only ? VERDICT_TOKENS : max_new, &ans);
-                    score = ans.score;
-                    used_class = ans.class_name;
-                } else {
-                    double tv = timer_now_s();
-                    s = vision_model_map(vm, &g->img[0], 1, map_class, map, &score);
-                    ans.vision_ms = 1e3 * (timer_now_s() - tv);
-                }
-                if (s == AGPT_OK && out_dir) {
-                    double tw = timer_now_s();
-                    s = write_map_outputs(vm, &g->img[0], map, out_dir, images.names[i0], heat, raw, sizeof heat);
-                    outputs_ms = 1e3 * (timer_now_s() - tw);
-                }
-            }
-            written = print_result(&lo, images.paths[i0], s, g->st[0] != AGPT_OK ? g->err[0] : NULL, &ans, score,
-                                   used_class, heat, raw, g->ms[0], outputs_ms, 1e3 * (timer_now_s() - t1), &outcome);
+            cJSON *line = inspect_one(&in, images.paths[i0], images.names[i0], &g->img[0], g->st[0], g->err[0],
+                                      g->ms[0], &outcome);
+            written = line ? print_json_line(line) : AGPT_FAIL(AGPT_ERR_OOM, "out of memory printing a result");
             counts[outcome]++;
-            free(ans.text);
         } else {  // greedy with the LLM: the readable images through anomalygpt_ask_batch, the others reported
             int m = g->n, k = 0;
             Image ok_img[MAX_BATCH];
