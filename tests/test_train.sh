@@ -43,9 +43,9 @@ cp "$shared/images/brick.png" "$tmp/visa/pcb1/Data/Images/Normal/0001.JPG"
 cp "$shared/images/grass.png" "$tmp/visa/pcb1/Data/Images/Normal/0002.JPG"
 printf 'object,split,label,image,mask\npcb1,train,normal,pcb1/Data/Images/Normal/0001.JPG,\npcb1,test,normal,pcb1/Data/Images/Normal/0002.JPG,\n' \
     >"$tmp/visa/split_csv/1cls.csv"
-mkdir -p "$tmp/folder/sub"
+mkdir -p "$tmp/folder"
 cp "$shared/images/brick.png" "$tmp/folder/a.png"
-cp "$shared/images/grass.png" "$tmp/folder/sub/b.png"
+cp "$shared/images/grass.png" "$tmp/folder/b.png"
 
 common=(--model "$m" --tokenizer "$tok" --data "$tmp/mvtec" --steps 8 --accum 2 --lr 3e-3 --warmup 2 --seed 7)
 
@@ -156,9 +156,12 @@ expect_rc 2 "--train takes" "$agpt" train --model "$m" --data "$tmp/mvtec" --tra
 expect_rc 2 "unknown option" "$agpt" train --model "$m" --data "$tmp/mvtec" --bogus --out "$tmp/x"
 expect_rc 2 "not both" "$agpt" train --model "$m" --data "$tmp/mvtec" --steps 3 --epochs 2 --out "$tmp/x"
 mkdir -p "$tmp/empty"
-expect_rc 2 "no training images" "$agpt" train --model "$m" --data "$tmp/empty" --out "$tmp/x"
-expect_rc 2 "no training images" "$agpt" train --model "$m" --data "$tmp/mvtec" --classes zipper --out "$tmp/x"
-expect_rc 2 "cannot read" "$agpt" train --model "$m" --data "$tmp/visa-missing" --format visa --out "$tmp/x"
+expect_rc 2 "no images found" "$agpt" train --model "$m" --data "$tmp/empty" --out "$tmp/x"
+expect_rc 2 "without test images (zipper)" "$agpt" train --model "$m" --data "$tmp/mvtec" --classes zipper --out "$tmp/x"
+expect_rc 2 "not a folder" "$agpt" train --model "$m" --data "$tmp/visa-missing" --format visa --out "$tmp/x"
+mkdir -p "$tmp/testonly/bottle/test/good"
+cp "$shared/images/brick.png" "$tmp/testonly/bottle/test/good/000.png"
+expect_rc 2 "no training images" "$agpt" train --model "$m" --data "$tmp/testonly" --out "$tmp/x"
 printf 'PK\003\004 a torch.save zip' >"$tmp/model.pth"
 expect_rc 2 "agpt convert" "$agpt" train --model "$tmp/model.pth" --data "$tmp/mvtec" --out "$tmp/x"
 # Bad data found after the model loads: exit 1 with the file named.

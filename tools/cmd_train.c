@@ -5,14 +5,11 @@
 //
 // Exit status: 0 trained (or stopped by Ctrl-C with a checkpoint saved), 1 an error, 2 a usage error (found before
 // the model loads).
-#define _DEFAULT_SOURCE  // strdup, strcasecmp, DT_DIR
-#include <dirent.h>
+#define _DEFAULT_SOURCE  // strtok
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "model/anomalygpt_train.h"
@@ -21,6 +18,7 @@
 #include "tools/cli.h"
 #include "tools/inspect_io.h"
 #include "train/anomaly_data.h"
+#include "train/dataset.h"
 #include "train/memory_plan.h"
 #include "train/run_state.h"
 #include "train/trainer.h"
@@ -40,7 +38,7 @@ static void usage(FILE *f) {
             "(--resume) and log.jsonl (one line per update).\n"
             "  --data DIR       MVTec-AD layout: DIR/<class>/train/good/*.png (--format mvtec, the default), or VisA:\n"
             "                   DIR/split_csv/1cls.csv rows with split 'train' (--format visa); --classes a,b keeps those\n"
-            "  --normal DIR --class NAME   a plain folder of normal images of one product (searched recursively)\n"
+            "  --normal DIR --class NAME   a plain folder of normal images of one product (.png/.jpg/.jpeg in it)\n"
             "  --sft F.json --sft-images DIR   also the PandaGPT instruction stream (its first two turns): every\n"
             "                   image's micro-step is followed by one instruction micro-step, as the reference's loop\n"
             "  --params F.json  synthesis parameters and the class description for classes the reference does not know\n"
@@ -65,126 +63,77 @@ static void usage(FILE *f) {
             "                   trainer keeps f32 parameters on the host)\n");
 }
 
+typedef struct TrainOptions {
+    const char *model, *out, *data, *format, *classes, *normal, *class_name, *params, *tokenizer, *train;
+    const char *sft, *sft_images;
+    const char *overlays[MAX_OVERLAYS];
+    int n_overlays;
+    long long steps, epochs, accum, warmup, seed, ckpt_every, loader_threads;
+    double lr, fewshot_p, budget_gb;
+    bool resume;
+    Device device;
+    DType dtype;
+    int threads;
+} TrainOptions;
+
 // ---- the image list --------------------------------------------------------------------------------------
 
+// The training images and their classes, from the dataset readers (train/dataset.h) eval uses too.
 typedef struct ImageSet {
-    char **paths, **classes;
-    int n, cap;
-    int unreadable_dirs;
+    char **paths, **classes;  // views into the dataset
+    int n;
+    Dataset ds;
 } ImageSet;
 
-static Status set_push(ImageSet *s, const char *path, const char *cls) {
-    if (s->n == s->cap) {
-        int cap = s->cap ? 2 * s->cap : 256;
-        char **p = realloc(s->paths, (size_t)cap * sizeof *p), **c = p ? realloc(s->classes, (size_t)cap * sizeof *c) : NULL;
-        if (p) s->paths = p;
-        if (c) s->classes = c;
-        if (!p || !c) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the image list");
-        s->cap = cap;
-    }
-    s->paths[s->n] = strdup(path);
-    s->classes[s->n] = strdup(cls);
-    if (!s->paths[s->n] || !s->classes[s->n]) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the image list");
-    s->n++;
-    return AGPT_OK;
-}
-
 static void set_free(ImageSet *s) {
-    for (int i = 0; i < s->n; i++) free(s->paths[i]), free(s->classes[i]);
     free(s->paths), free(s->classes);
+    dataset_free(&s->ds);
     memset(s, 0, sizeof *s);
 }
 
-static bool is_image_name(const char *name, bool png_only) {
-    const char *dot = strrchr(name, '.');
-    if (!dot || name[0] == '.') return false;
-    if (png_only) return !strcasecmp(dot, ".png");
-    return !strcasecmp(dot, ".png") || !strcasecmp(dot, ".jpg") || !strcasecmp(dot, ".jpeg");
+// Splits "a,b" into at most MAX_CLASSES names (pointers into buf).
+static int split_classes(const char *list, char *buf, size_t cap, const char **names) {
+    if (!list) return 0;
+    snprintf(buf, cap, "%s", list);
+    int n = 0;
+    for (char *p = strtok(buf, ","); p && n < MAX_CLASSES; p = strtok(NULL, ",")) names[n++] = p;
+    return n;
 }
 
-// Every image file under dir (recursively), with class cls.
-static Status walk_images(ImageSet *s, const char *dir, const char *cls, bool png_only, int depth) {
-    if (depth > 16) return AGPT_OK;
-    DIR *d = opendir(dir);
-    if (!d) return AGPT_FAIL(AGPT_ERR_IO, "cannot read folder %s", dir);
-    Status st = AGPT_OK;
-    struct dirent *e;
-    while (st == AGPT_OK && (e = readdir(d))) {
-        if (e->d_name[0] == '.') continue;
-        char path[4096];
-        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-        struct stat sb;
-        if (stat(path, &sb) != 0) continue;
-        if (S_ISDIR(sb.st_mode)) st = walk_images(s, path, cls, png_only, depth + 1);
-        else if (S_ISREG(sb.st_mode) && is_image_name(e->d_name, png_only)) st = set_push(s, path, cls);
+// MVTec-AD: <root>/<class>/train/good/*.png; VisA: 1cls.csv rows with split 'train' and label normal; a plain
+// folder: its normal images.
+static Status list_training_images(const TrainOptions *o, ImageSet *set) {
+    memset(set, 0, sizeof *set);
+    char buf[4096];
+    const char *names[MAX_CLASSES];
+    int n_names = split_classes(o->classes, buf, sizeof buf, names);
+    Status s = o->normal ? dataset_read_folder(o->normal, NULL, NULL, o->class_name, &set->ds)
+             : !strcmp(o->format, "visa") ? dataset_read_visa(o->data, names, n_names, &set->ds)
+                                          : dataset_read_mvtec(o->data, names, n_names, &set->ds);
+    if (s != AGPT_OK) return s;
+    set->paths = calloc((size_t)set->ds.n + 1, sizeof *set->paths);
+    set->classes = calloc((size_t)set->ds.n + 1, sizeof *set->classes);
+    if (!set->paths || !set->classes) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the image list");
+    for (int i = 0; i < set->ds.n; i++) {
+        const DatasetItem *it = &set->ds.items[i];
+        bool training = o->normal ? !it->anomalous : it->split == DATASET_TRAIN && !it->anomalous;
+        if (!training) continue;
+        set->paths[set->n] = it->image;
+        set->classes[set->n++] = it->class_name;
     }
-    closedir(d);
-    return st;
-}
-
-static bool class_wanted(const char *list, const char *cls) {
-    if (!list) return true;
-    size_t n = strlen(cls);
-    for (const char *p = list; *p;) {
-        const char *end = strchr(p, ',');
-        size_t len = end ? (size_t)(end - p) : strlen(p);
-        if (len == n && !strncmp(p, cls, n)) return true;
-        p += len + (end ? 1 : 0);
+    if (set->n == 0)
+        return AGPT_FAIL(AGPT_ERR_ARG, "no training images found in %s (%s)", o->normal ? o->normal : o->data,
+                         o->normal ? "a folder of .png/.jpg images" : !strcmp(o->format, "visa")
+                             ? "split_csv/1cls.csv rows with split 'train' and label normal"
+                             : "<class>/train/good/*.png");
+    // Only problems that matter for training are worth a word (a class without test images does not).
+    int bad = set->ds.problems[DATASET_BAD_ROW] + set->ds.problems[DATASET_UNREADABLE];
+    if (bad) {
+        char text[1024];
+        dataset_problems_text(&set->ds, text, sizeof text);
+        fprintf(stderr, "agpt train: note: %s\n", text);
     }
-    return false;
-}
-
-// MVTec-AD: DIR/<class>/train/good/*.png (mvtec.py keeps files with 'train' and 'good' in the path and 'png' in
-// the name; class = the folder three above the file).
-static Status list_mvtec(ImageSet *s, const char *root, const char *classes) {
-    DIR *d = opendir(root);
-    if (!d) return AGPT_FAIL(AGPT_ERR_IO, "cannot read the dataset folder %s", root);
-    Status st = AGPT_OK;
-    struct dirent *e;
-    while (st == AGPT_OK && (e = readdir(d))) {
-        if (e->d_name[0] == '.' || !class_wanted(classes, e->d_name)) continue;
-        char good[4096];
-        snprintf(good, sizeof good, "%s/%s/train/good", root, e->d_name);
-        struct stat sb;
-        if (stat(good, &sb) != 0 || !S_ISDIR(sb.st_mode)) continue;
-        st = walk_images(s, good, e->d_name, true, 0);
-    }
-    closedir(d);
-    return st;
-}
-
-// VisA: DIR/split_csv/1cls.csv, rows "object,split,label,image,mask" with split 'train' (visa.py).
-static Status list_visa(ImageSet *s, const char *root, const char *classes) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/split_csv/1cls.csv", root);
-    FILE *f = fopen(path, "r");
-    if (!f) return AGPT_FAIL(AGPT_ERR_IO, "cannot read %s (is %s a VisA folder?)", path, root);
-    char line[8192];
-    Status st = AGPT_OK;
-    int row = 0;
-    while (st == AGPT_OK && fgets(line, sizeof line, f)) {
-        row++;
-        line[strcspn(line, "\r\n")] = 0;
-        char *field[5] = {0};
-        int k = 0;
-        for (char *p = line; k < 5 && p; k++) {
-            field[k] = p;
-            char *c = strchr(p, ',');
-            if (c) *c = 0;
-            p = c ? c + 1 : NULL;
-        }
-        if (row == 1 && field[0] && !strcmp(field[0], "object")) continue;  // the header
-        if (k < 4 || !field[3][0]) {
-            st = AGPT_FAIL(AGPT_ERR_FORMAT, "%s line %d: expected object,split,label,image,mask", path, row);
-            break;
-        }
-        if (strcmp(field[1], "train") || !class_wanted(classes, field[0])) continue;
-        char img[8192];
-        snprintf(img, sizeof img, "%s/%s", root, field[3]);
-        st = set_push(s, img, field[0]);
-    }
-    fclose(f);
-    return st;
+    return AGPT_OK;
 }
 
 // ---- progress ----------------------------------------------------------------------------------------------
@@ -214,18 +163,6 @@ static void on_sigint(int sig) {
 
 // ---- options -----------------------------------------------------------------------------------------------
 
-typedef struct TrainOptions {
-    const char *model, *out, *data, *format, *classes, *normal, *class_name, *params, *tokenizer, *train;
-    const char *sft, *sft_images;
-    const char *overlays[MAX_OVERLAYS];
-    int n_overlays;
-    long long steps, epochs, accum, warmup, seed, ckpt_every, loader_threads;
-    double lr, fewshot_p, budget_gb;
-    bool resume;
-    Device device;
-    DType dtype;
-    int threads;
-} TrainOptions;
 
 static bool parts_ok(const char *list, bool *decoder, bool *prompt, bool *proj, bool *lora) {
     *decoder = *prompt = *proj = *lora = false;
@@ -366,12 +303,7 @@ int cmd_train(int argc, char **argv) {
 
     // The images, before anything loads.
     ImageSet set = {0};
-    Status s = o.normal ? walk_images(&set, o.normal, o.class_name, false, 0)
-             : !strcmp(o.format, "visa") ? list_visa(&set, o.data, o.classes) : list_mvtec(&set, o.data, o.classes);
-    if (s == AGPT_OK && set.n == 0)
-        s = AGPT_FAIL(AGPT_ERR_ARG, "no training images found in %s (%s)", o.normal ? o.normal : o.data,
-                      o.normal ? "a folder of .png/.jpg images" : !strcmp(o.format, "visa")
-                          ? "split_csv/1cls.csv rows with split 'train'" : "<class>/train/good/*.png");
+    Status s = list_training_images(&o, &set);
     if (s == AGPT_OK) s = check_model_path(o.model, "--model");
     for (int k = 0; s == AGPT_OK && k < o.n_overlays; k++) s = check_model_path(o.overlays[k], "--weights");
     if (s == AGPT_OK) s = ensure_dir(o.out);
