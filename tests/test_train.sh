@@ -56,6 +56,7 @@ ok test -s "$tmp/run1/state.safetensors"
 ok test "$(wc -l <"$tmp/run1/log.jsonl")" -eq 8
 ok grep -q "3 images, 2 classes" "$tmp/log"
 ok grep -q "memory plan" "$tmp/log"
+ok test "$(grep -c pixel_auroc "$tmp/run1/val.jsonl")" -eq 2  # before training and at the end
 loss_falls() {  # the mean of the last two updates' ce + focal + dice below the first two's
     python3 - "$1" <<'EOF'
 import json, sys

@@ -19,6 +19,7 @@
 #include "tools/inspect_io.h"
 #include "train/anomaly_data.h"
 #include "train/dataset.h"
+#include "train/metrics.h"
 #include "train/memory_plan.h"
 #include "train/run_state.h"
 #include "train/trainer.h"
@@ -58,6 +59,9 @@ static void usage(FILE *f) {
             "  --tokenizer F    override the LLaMA tokenizer embedded in the model file\n"
             "  --loader-threads N   sample builders (decode, resize, synthesis, tokens), 1..64 (2); results do not\n"
             "                   depend on it\n"
+            "  --val-images K   validation: K training images with held-out synthetic anomalies (other draws than\n"
+            "                   training's) and the images themselves; their zero-shot maps' pixel and image AUROC go to\n"
+            "                   RUNDIR/val.jsonl before training, every --val-every N updates and at the end (8; 0: off)\n"
             "  --memory-budget-gb G refuse to start when the planned peak is larger\n"
             "  --device cpu, --threads N   (training on CUDA is not wired yet: the step's CUDA kernels exist but the\n"
             "                   trainer keeps f32 parameters on the host)\n");
@@ -68,7 +72,7 @@ typedef struct TrainOptions {
     const char *sft, *sft_images;
     const char *overlays[MAX_OVERLAYS];
     int n_overlays;
-    long long steps, epochs, accum, warmup, seed, ckpt_every, loader_threads;
+    long long steps, epochs, accum, warmup, seed, ckpt_every, loader_threads, val_every, val_images;
     double lr, fewshot_p, budget_gb;
     bool resume;
     Device device;
@@ -136,12 +140,89 @@ static Status list_training_images(const TrainOptions *o, ImageSet *set) {
     return AGPT_OK;
 }
 
+// ---- validation -------------------------------------------------------------------------------------------
+
+typedef struct Validation {
+    int n;                      // pairs
+    uint8_t *normal, *anomalous, *mask;  // [n][S][S][3], [n][S][S][3], [n][S][S]
+    const char **class_name;    // [n]
+    AnomalyTrainModel *model;
+    FILE *log;                  // RUNDIR/val.jsonl
+} Validation;
+
+static void validation_free(Validation *v) {
+    free(v->normal), free(v->anomalous), free(v->mask), free(v->class_name);
+    if (v->log) fclose(v->log);
+    memset(v, 0, sizeof *v);
+}
+
+// Pairs from the training images with their own draws (the seed's validation stream, apart from the samples').
+static Status validation_init(Validation *v, const AnomalyData *d, int n, uint64_t seed, const char *dir,
+                              bool resume) {
+    memset(v, 0, sizeof *v);
+    if (n == 0) return AGPT_OK;
+    const size_t S = ANOMALY_SIDE, px = S * S;
+    v->normal = malloc((size_t)n * px * 3), v->anomalous = malloc((size_t)n * px * 3), v->mask = malloc((size_t)n * px);
+    v->class_name = calloc((size_t)n, sizeof *v->class_name);
+    if (!v->normal || !v->anomalous || !v->mask || !v->class_name) return AGPT_FAIL(AGPT_ERR_OOM, "no memory");
+    for (int k = 0; k < n; k++) {
+        int64_t index = (int64_t)(((uint64_t)k * 2654435761u) % (uint64_t)d->n_items);
+        Rng rng;
+        rng_seed(&rng, seed ^ 0x76616c6964617465ull ^ ((uint64_t)k << 20));  // "validate"
+        int patches;
+        double centers[SYNTH_MAX_PATCHES][2];
+        AGPT_TRY(anomaly_make_pair(d, index, &rng, v->normal + k * px * 3, v->anomalous + k * px * 3, v->mask + k * px,
+                                   &patches, centers));
+        v->class_name[k] = d->classes[d->item_class[index]].name;
+    }
+    v->n = n;
+    char path[4096];
+    snprintf(path, sizeof path, "%s/val.jsonl", dir);
+    if (!(v->log = fopen(path, resume ? "a" : "w"))) return AGPT_FAIL(AGPT_ERR_IO, "cannot write %s", path);
+    return AGPT_OK;
+}
+
+// The zero-shot maps of the pairs with the weights as they are now: pixel AUROC over every pixel (the normal
+// images all normal), image AUROC of the maps' maxima.
+static Status validate(Validation *v, int64_t update) {
+    const int S = ANOMALY_SIDE;
+    float *map = malloc(sizeof(float) * S * S), *scores = malloc(sizeof(float) * 2 * v->n);
+    uint8_t *labels = malloc((size_t)2 * v->n);
+    PixelMetrics pm;
+    Status s = map && scores && labels ? pixel_metrics_init(&pm, 0.0, 1.0, 1 << 16) : AGPT_FAIL(AGPT_ERR_OOM, "no memory");
+    bool have_pm = s == AGPT_OK;
+    for (int k = 0; s == AGPT_OK && k < v->n; k++)
+        for (int which = 0; s == AGPT_OK && which < 2; which++) {
+            Image img = {.width = S, .height = S,
+                         .rgb = (which ? v->anomalous : v->normal) + (size_t)k * S * S * 3};
+            s = vision_model_map(&v->model->vision, &img, 1, v->class_name[k], map, &scores[2 * k + which]);
+            labels[2 * k + which] = (uint8_t)which;
+            if (s == AGPT_OK) s = pixel_metrics_add(&pm, map, which ? v->mask + (size_t)k * S * S : NULL, S, S);
+        }
+    PixelResult pr;
+    BinaryMetrics im;
+    if (s == AGPT_OK) s = pixel_metrics_result(&pm, &pr, NULL, NULL);
+    if (s == AGPT_OK) s = metrics_binary(scores, labels, 2 * v->n, &im, NULL);
+    if (s == AGPT_OK) {
+        fprintf(v->log, "{\"step\":%lld,\"pixel_auroc\":%.6f,\"image_auroc\":%.6f,\"pairs\":%d}\n",
+                (long long)update, pr.pixel.auroc, im.auroc, v->n);
+        fflush(v->log);
+        fprintf(stderr, "  validation at update %lld: pixel AUROC %.4f, image AUROC %.4f (%d held-out synthetic "
+                "anomalies)\n", (long long)update, pr.pixel.auroc, im.auroc, v->n);
+    }
+    if (have_pm) pixel_metrics_free(&pm);
+    free(map), free(scores), free(labels);
+    return s;
+}
+
 // ---- progress ----------------------------------------------------------------------------------------------
 
 typedef struct Progress {
     double t0;
     int64_t first;  // the first update of this process (a resume starts later)
     bool tty;
+    Validation *val;
+    int64_t val_every;
 } Progress;
 
 static void on_update(void *ctx, const TrainerUpdate *u) {
@@ -153,6 +234,12 @@ static void on_update(void *ctx, const TrainerUpdate *u) {
             p->tty ? "\r" : "", (long long)u->update, (long long)u->total_updates, u->mean.ce, u->mean.focal,
             u->mean.dice, u->grad_norm, u->lr, per, eta, p->tty ? "   " : "\n");
     if (p->tty && u->update == u->total_updates) fputc('\n', stderr);
+    bool due = p->val->n > 0 && (u->update == u->total_updates || (p->val_every > 0 && u->update % p->val_every == 0));
+    if (due) {
+        if (p->tty) fputc('\n', stderr);
+        if (validate(p->val, u->update) != AGPT_OK)  // a report, not a reason to lose the run
+            fprintf(stderr, "agpt train: validation failed: %s\n", agpt_last_error());
+    }
 }
 
 static volatile sig_atomic_t stop_requested = 0;
@@ -207,7 +294,7 @@ static char *config_text(const TrainOptions *o, const ImageSet *set, int world) 
 static int parse(int argc, char **argv, TrainOptions *o) {
     const char *cmd = "train";
     *o = (TrainOptions){.format = "mvtec", .train = "decoder,prompt_learner", .steps = -1, .epochs = -1,
-                        .accum = 8, .warmup = -1, .seed = 42, .ckpt_every = 0, .loader_threads = 2, .lr = 1e-3,
+                        .accum = 8, .warmup = -1, .seed = 42, .ckpt_every = 0, .loader_threads = 2, .val_every = 0, .val_images = 8, .lr = 1e-3,
                         .fewshot_p = 0.5, .budget_gb = 0, .device = DEV_CPU, .dtype = DT_F32};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
@@ -246,6 +333,8 @@ static int parse(int argc, char **argv, TrainOptions *o) {
         else if (!strcmp(a, "--seed")) INT(0, (long long)1 << 62, &o->seed);
         else if (!strcmp(a, "--ckpt-every")) INT(0, 100000000, &o->ckpt_every);
         else if (!strcmp(a, "--loader-threads")) INT(1, 64, &o->loader_threads);
+        else if (!strcmp(a, "--val-every")) INT(0, 100000000, &o->val_every);
+        else if (!strcmp(a, "--val-images")) INT(0, 4096, &o->val_images);
         else if (!strcmp(a, "--lr")) DBL(1e-12, 10, &o->lr);
         else if (!strcmp(a, "--fewshot-p")) DBL(0, 1, &o->fewshot_p);
         else if (!strcmp(a, "--memory-budget-gb")) DBL(0.001, 1e6, &o->budget_gb);
@@ -355,6 +444,10 @@ int cmd_train(int argc, char **argv) {
                           model.tokenizer);
     data.fewshot_p = o.fewshot_p;
     if (s == AGPT_OK && o.sft) s = anomaly_data_load_sft(&data, o.sft, o.sft_images);
+    Validation val = {0};
+    if (s == AGPT_OK && lead) s = validation_init(&val, &data, (int)o.val_images, (uint64_t)o.seed, o.out, o.resume);
+    val.model = &model;
+    if (s == AGPT_OK && val.n > 0 && !o.resume) s = validate(&val, 0);  // the starting point
     char *cfg_text = s == AGPT_OK ? config_text(&o, &set, comm.size) : NULL;
     if (s == AGPT_OK && !cfg_text) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory");
 
@@ -419,7 +512,7 @@ int cmd_train(int argc, char **argv) {
                                    .make_sample = anomaly_make_sample, .ctx = &data};
         tc.stop = &stop_requested;
         tc.comm = &comm;
-        Progress prog = {.t0 = timer_now_s(), .first = -1, .tty = isatty(2)};
+        Progress prog = {.t0 = timer_now_s(), .first = -1, .tty = isatty(2), .val = &val, .val_every = o.val_every};
         tc.on_update = on_update;
         tc.on_update_ctx = &prog;
         struct sigaction sa = {.sa_handler = on_sigint};
@@ -435,6 +528,7 @@ int cmd_train(int argc, char **argv) {
                 "agpt detect --weights; --resume %s continues\n", res.stopped ? "stopped" : "done",
                 (long long)res.updates, res.last_loss, o.out, o.out);
     free(cfg_text);
+    validation_free(&val);
     anomaly_data_free(&data);
     anomaly_train_close(&model);
     engine_destroy(&eng);

@@ -212,45 +212,60 @@ static Status put_tokens(const AnomalyData *d, const char *question, const char 
     return AGPT_OK;
 }
 
-Status anomaly_make_sample(void *ctx, int64_t index, Rng *rng, void *out) {
-    const AnomalyData *d = ctx;
-    AnomalySample *s = out;
+Status anomaly_make_pair(const AnomalyData *d, int64_t index, Rng *rng, uint8_t *normal, uint8_t *anomalous,
+                         uint8_t *mask, int *n_patches, double centers[SYNTH_MAX_PATCHES][2]) {
     const AnomalyClass *k = &d->classes[d->item_class[index]];
-    s->cls = d->item_class[index];
-    uint8_t *dest = malloc((size_t)S * S * 3), *src = malloc((size_t)S * S * 3);
+    uint8_t *src = malloc((size_t)S * S * 3);
     SynthSample syn = {0};
-    Status st = dest && src ? synth_sample_alloc(S, S, &syn) : AGPT_FAIL(AGPT_ERR_OOM, "no memory for a sample");
-    // The blend's source: another training image (any class, as the reference's prev_idx).
+    Status st = src ? synth_sample_alloc(S, S, &syn) : AGPT_FAIL(AGPT_ERR_OOM, "no memory");
     int64_t j = index;
     if (st == AGPT_OK && d->n_items > 1) {
         j = (int64_t)(rng_u64(rng) % (uint64_t)(d->n_items - 1));
         if (j >= index) j++;
     }
-    if (st == AGPT_OK) st = load_resized(d->paths[index], dest);
+    if (st == AGPT_OK) st = load_resized(d->paths[index], normal);
     if (st == AGPT_OK) st = load_resized(d->paths[j], src);
     SynthDraws draws = {.rng = rng};
-    if (st == AGPT_OK) st = synth_patch_ex(dest, src, &k->params, &draws, &syn);
-    char question[SYNTH_DESCRIPTION_MAX + 64], normal[256], anomalous[256];
+    if (st == AGPT_OK) st = synth_patch_ex(normal, src, &k->params, &draws, &syn);
+    if (st == AGPT_OK) {
+        memcpy(anomalous, syn.image, (size_t)S * S * 3);
+        for (int p = 0; p < S * S; p++) mask[p] = syn.n_patches > 0 && syn.label[p] > SYNTH_GT_THRESHOLD;
+        *n_patches = syn.n_patches;
+        memcpy(centers, syn.center, sizeof syn.center);
+    }
+    synth_sample_free(&syn);
+    free(src);
+    return st;
+}
+
+Status anomaly_make_sample(void *ctx, int64_t index, Rng *rng, void *out) {
+    const AnomalyData *d = ctx;
+    AnomalySample *s = out;
+    const AnomalyClass *k = &d->classes[d->item_class[index]];
+    s->cls = d->item_class[index];
+    uint8_t *dest = malloc((size_t)S * S * 3), *anomalous = malloc((size_t)S * S * 3), *mask = malloc((size_t)S * S);
+    double centers[SYNTH_MAX_PATCHES][2];
+    int n_patches = 0;
+    Status st = dest && anomalous && mask ? anomaly_make_pair(d, index, rng, dest, anomalous, mask, &n_patches, centers)
+                                          : AGPT_FAIL(AGPT_ERR_OOM, "no memory for a sample");
+    char question[SYNTH_DESCRIPTION_MAX + 64], normal[256], answer[256];
     if (st == AGPT_OK) st = train_question_text(k->params.description, question, sizeof question);
     if (st == AGPT_OK) st = train_answer_text(0, NULL, S, normal, sizeof normal);
-    if (st == AGPT_OK)
-        st = train_answer_text(syn.n_patches, (const double(*)[2])syn.center, S, anomalous, sizeof anomalous);
+    if (st == AGPT_OK) st = train_answer_text(n_patches, (const double(*)[2])centers, S, answer, sizeof answer);
     if (st == AGPT_OK) {
-        s->n_patches = syn.n_patches;
+        s->n_patches = n_patches;
         preprocess_normalize(dest, S, s->image[0]);
-        preprocess_normalize(syn.image, S, s->image[1]);
-        memset(s->mask[0], 0, sizeof s->mask[0]);
-        for (int p = 0; p < S * S; p++)  // gt = label > 0.3 (zero everywhere when no patch was pasted)
-            s->mask[1][p] = syn.n_patches > 0 && syn.label[p] > SYNTH_GT_THRESHOLD ? 1.0f : 0.0f;
+        preprocess_normalize(anomalous, S, s->image[1]);
+        for (int p = 0; p < S * S; p++) s->mask[0][p] = 0, s->mask[1][p] = mask[p];
         st = put_tokens(d, question, normal, s, 0);
     }
-    if (st == AGPT_OK) st = put_tokens(d, question, syn.n_patches > 0 ? anomalous : normal, s, 1);
+    if (st == AGPT_OK) st = put_tokens(d, question, n_patches > 0 ? answer : normal, s, 1);
     s->fewshot = st == AGPT_OK && rng_uniform(rng) < d->fewshot_p;
     if (st == AGPT_OK && d->n_sft > 0) {  // the instruction micro-step that follows (train_model(batch_sft))
-        int64_t k = (int64_t)(rng_u64(rng) % (uint64_t)d->n_sft);
-        st = load_resized(d->sft_images[k], dest);
+        int64_t q = (int64_t)(rng_u64(rng) % (uint64_t)d->n_sft);
+        st = load_resized(d->sft_images[q], dest);
         TrainTokens t = {0};
-        if (st == AGPT_OK) st = train_tokenize(d->tokenizer, d->sft_human[k], d->sft_gpt[k], SFT_TEXT_MAX, &t);
+        if (st == AGPT_OK) st = train_tokenize(d->tokenizer, d->sft_human[q], d->sft_gpt[q], SFT_TEXT_MAX, &t);
         if (st == AGPT_OK) {
             preprocess_normalize(dest, S, s->sft_image);
             memcpy(s->sft_ids, t.ids, (size_t)t.n * sizeof(int32_t));
@@ -260,8 +275,7 @@ Status anomaly_make_sample(void *ctx, int64_t index, Rng *rng, void *out) {
         }
         train_tokens_free(&t);
     }
-    synth_sample_free(&syn);
-    free(dest), free(src);
+    free(dest), free(anomalous), free(mask);
     return st;
 }
 

@@ -83,6 +83,12 @@ Status anomaly_data_load_sft(AnomalyData *d, const char *json_path, const char *
 // The loader's callback (LoaderMakeSample): item `index` with the sample's Rng into an AnomalySample.
 Status anomaly_make_sample(void *data, int64_t index, Rng *rng, void *out);
 
+// The pair of item `index` (what a sample and a validation example are made of): the image and the image with
+// synthetic anomalies as 8-bit RGB [S][S][3], the target mask [S][S] (1 = anomalous) and the regions' centres
+// (row, col) for the answer, drawn from rng. *n_patches 0: synthesis found no place (mask all 0).
+Status anomaly_make_pair(const AnomalyData *d, int64_t index, Rng *rng, uint8_t *normal, uint8_t *anomalous,
+                         uint8_t *mask, int *n_patches, double centers[SYNTH_MAX_PATCHES][2]);
+
 // The trainer's step (TrainStepFn): ctx is an AnomalyStepContext.
 typedef struct AnomalyStepContext {
     AnomalyTrainModel *model;
