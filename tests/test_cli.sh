@@ -155,6 +155,113 @@ if [ -n "$make_test_model" ] && [ -x "$make_test_model" ] && [ -f "$shared/llama
             failed=$((failed + 1)); echo "FAIL chat with a reference and a too-long turn (exit $rc)"
             cat "$tmp/chat.out" "$tmp/chat.err"
         fi
+        # ---- careless use of agpt detect (issue 17) ----
+        # stdout that cannot be written: an error and exit 1, not "processed".
+        "$agpt" detect --device cpu --model "$m" --tokenizer "$tok" --verdict-only "$ib/query.png" >/dev/full 2>"$tmp/full.err"
+        rc=$?
+        if [ $rc -eq 1 ] && grep -q "cannot write the results to stdout" "$tmp/full.err"; then passed=$((passed + 1)); else
+            failed=$((failed + 1)); echo "FAIL detect >/dev/full (exit $rc)"; cat "$tmp/full.err"; fi
+        # An empty folder (UBSan caught qsort(NULL, 0) here): named, exit 2; with images elsewhere it is a note.
+        mkdir -p "$tmp/emptydir/sub"
+        expect_fail "detect empty folder" "emptydir holds no" "$agpt" detect --device cpu --model "$m" "$tmp/emptydir"
+        check "detect empty folder among images" "$agpt" detect --device cpu --model "$m" --tokenizer "$tok" \
+            --verdict-only "$tmp/emptydir" "$ib/query.png"
+        grep -q "emptydir/sub holds no\|emptydir holds no" "$tmp/out" || { failed=$((failed + 1)); echo "FAIL empty folder note"; cat "$tmp/out"; }
+        # The summary counts the verdicts (the random model answers neither Yes nor No: "unclear"), and each
+        # line's total is its vision + prefill + generate + outputs.
+        check "detect summary" "$agpt" detect --device cpu --model "$m" --tokenizer "$tok" --max-new 6 --out "$tmp/sumout" \
+            "$ib/query.png" "$ib/ref0.png"
+        grep -q "verdicts: 0 anomalous, 0 normal, 2 unclear" "$tmp/out" && [ "$(grep -c '"verdict":null' "$tmp/out")" -eq 2 ] ||
+            { failed=$((failed + 1)); echo "FAIL detect summary counts"; cat "$tmp/out"; }
+        grep '"ok":true' "$tmp/out" | python3 -c '
+import json, sys
+for line in sys.stdin:
+    t = json.loads(line)["ms"]
+    parts = t["vision"] + t["prefill"] + t["generate"] + t.get("outputs", 0)
+    assert abs(t["total"] - parts) <= 0.05 * t["total"] + 0.5, (t, parts)
+' && passed=$((passed + 1)) || { failed=$((failed + 1)); echo "FAIL ms.total adds up"; cat "$tmp/out"; }
+        # --out that cannot be written: refused before the model loads (exit 2), nothing computed.
+        mkdir -p "$tmp/ro" && chmod 555 "$tmp/ro"
+        if [ "$(id -u)" != 0 ]; then
+            expect_fail "detect unwritable --out" "may we write there" "$agpt" detect --device cpu --model "$m" --out "$tmp/ro" "$ib/query.png"
+        fi
+        printf 'x' >"$tmp/notadir"
+        "$agpt" detect --device cpu --model "$m" --out "$tmp/notadir" "$ib/query.png" >"$tmp/out" 2>&1
+        rc=$?
+        [ $rc -eq 2 ] && grep -q "not a folder" "$tmp/out" && ! grep -q "vision 4 blocks" "$tmp/out" && passed=$((passed + 1)) ||
+            { failed=$((failed + 1)); echo "FAIL detect --out is a file: exit 2 before the model loads (exit $rc)"; cat "$tmp/out"; }
+        # A .pth given as the model: run agpt convert.
+        printf 'PK\003\004 a torch.save zip' >"$tmp/model.pth"
+        expect_fail "detect on a .pth" "run agpt convert first" "$agpt" detect --device cpu --model "$tmp/model.pth" "$ib/query.png"
+        # Too long a class is refused; a long prompt is taken whole (no cut at 2047 bytes).
+        expect_fail "detect class too long" "class" "$agpt" detect --model "$m" --class "$(printf 'x%.0s' $(seq 101))" "$ib/query.png"
+        longq="$(printf 'Is this part of the long question number %d fine? ' $(seq 60))"
+        check "detect long prompt" "$agpt" detect --device cpu --model "$m" --tokenizer "$tok" --max-new 2 --prompt "$longq" "$ib/query.png"
+        # Every numeric option's bad values: usage errors (exit 2) before any model loads (the model path does not
+        # even exist here).
+        nomodel="$tmp/none.safetensors"
+        bad_number() {  # bad_number SUBCOMMAND OPTION VALUE [ARGS...]
+            local sub=$1 opt=$2 val=$3
+            shift 3
+            "$agpt" $sub "$opt" "$val" "$@" >"$tmp/num.out" 2>&1
+            local rc=$?
+            if [ $rc -eq 2 ] && grep -q -- "$opt" "$tmp/num.out"; then passed=$((passed + 1)); else
+                failed=$((failed + 1)); echo "FAIL $sub $opt '$val' (exit $rc, want 2)"; cat "$tmp/num.out"; fi
+        }
+        for v in 1.5 4abc 0 -1 '' 100000; do bad_number detect --batch "$v" --model "$nomodel" "$ib/query.png"; done
+        for v in 0 -1 100000 2x; do bad_number detect --threads "$v" --model "$nomodel" "$ib/query.png"; done
+        for v in -5 1.5 abc; do bad_number detect --top-k "$v" --model "$nomodel" "$ib/query.png"; done
+        for v in inf nan abc 0 -1 1e9; do bad_number detect --temperature "$v" --model "$nomodel" "$ib/query.png"; done
+        for v in 0 1.5 -0.1 x; do bad_number detect --top-p "$v" --model "$nomodel" "$ib/query.png"; done
+        for v in -5 4abc 1e3; do bad_number detect --seed "$v" --model "$nomodel" "$ib/query.png"; done
+        for v in 0 2000 x; do bad_number detect --max-new "$v" --model "$nomodel" "$ib/query.png"; done
+        for v in 10 1e5 x; do bad_number detect --context "$v" --model "$nomodel" "$ib/query.png"; done
+        for v in 0 x; do bad_number map --threads "$v" --model "$nomodel" "$ib/query.png"; done
+        for v in inf 0; do bad_number map --temperature "$v" --model "$nomodel" --ask "Why?" "$ib/query.png"; done
+        for v in 0 x 1.5; do bad_number chat --max-new "$v" --model "$nomodel" "$ib/query.png"; done
+        for v in x -3; do bad_number chat --top-k "$v" --model "$nomodel" "$ib/query.png"; done
+        for v in 0 x; do bad_number bench --iters "$v" ops --quick; done
+        for v in 0 x 1.5; do bad_number train --steps "$v" --model "$nomodel" --data "$tmp" --out "$tmp/t"; done
+        for v in 0 x; do bad_number serve --max-batch "$v" --model "$nomodel"; done
+        for v in -1 70000 x; do bad_number serve --port "$v" --model "$nomodel"; done  # 0: any free port
+        for v in 0 x; do bad_number synth --count "$v" --class bottle --out "$tmp/s" "$ib/query.png"; done
+        # Two runs at once on one --out, with maps that differ (two classes): every heatmap must come from the
+        # same run as its map, and no temporary file may be left; repeated to catch the race.
+        mkdir -p "$tmp/pair"
+        for i in 1 2 3; do cp "$ib/query.png" "$tmp/pair/q$i.png"; cp "$ib/ref0.png" "$tmp/pair/r$i.png"; done
+        run_pair() {  # run_pair CLASS OUT
+            "$agpt" detect --device cpu --threads 1 --model "$m" --tokenizer "$tok" --verdict-only --class "$1" --out "$2" "$tmp/pair"
+        }
+        run_pair bottle "$tmp/pairA" >/dev/null 2>&1 && run_pair object "$tmp/pairB" >/dev/null 2>&1
+        race_ok=1
+        for r in $(seq 8); do
+            rm -rf "$tmp/pairC"
+            run_pair bottle "$tmp/pairC" >/dev/null 2>"$tmp/raceA.err" & pa=$!
+            run_pair object "$tmp/pairC" >/dev/null 2>"$tmp/raceB.err" & pb=$!
+            wait $pa; ra=$?
+            wait $pb; rb=$?
+            [ $ra -eq 0 ] && [ $rb -eq 0 ] || { race_ok=0; echo "race round $r: exits $ra $rb"; cat "$tmp/raceA.err" "$tmp/raceB.err"; }
+            for f in "$tmp"/pair/*.png; do
+                s=$(basename "$f" .png)
+                if ! { cmp -s "$tmp/pairC/$s.heatmap.png" "$tmp/pairA/$s.heatmap.png" && cmp -s "$tmp/pairC/$s.map.safetensors" "$tmp/pairA/$s.map.safetensors"; } &&
+                   ! { cmp -s "$tmp/pairC/$s.heatmap.png" "$tmp/pairB/$s.heatmap.png" && cmp -s "$tmp/pairC/$s.map.safetensors" "$tmp/pairB/$s.map.safetensors"; }; then
+                    race_ok=0; echo "race round $r: $s has a heatmap and a map from different runs (or one is missing)"
+                fi
+            done
+            [ -z "$(ls -A "$tmp/pairC" | grep -v '\.heatmap\.png$\|\.map\.safetensors$')" ] || { race_ok=0; echo "race round $r: leftovers"; ls -A "$tmp/pairC"; }
+        done
+        ! cmp -s "$tmp/pairA/q1.map.safetensors" "$tmp/pairB/q1.map.safetensors" || { race_ok=0; echo "the two classes' maps should differ"; }
+        [ $race_ok -eq 1 ] && passed=$((passed + 1)) || { failed=$((failed + 1)); echo "FAIL two runs on one --out"; }
+        # agpt chat with a history that outgrows the context: the oldest turns are dropped (and it says so).
+        printf '%s\n' "Is there any anomaly in the image?" "Where is it exactly?" "Tell me more about it." "And the colour?" |
+            "$agpt" chat --device cpu --model "$m" --tokenizer "$tok" --greedy --max-new 16 --context 140 "$ib/query.png" \
+                >"$tmp/chatd.out" 2>"$tmp/chatd.err"
+        rc=$?
+        if [ $rc -eq 0 ] && [ "$(wc -l <"$tmp/chatd.out")" -eq 4 ] && grep -q "dropped" "$tmp/chatd.err" && ! grep -q "error" "$tmp/chatd.err"; then
+            passed=$((passed + 1))
+        else
+            failed=$((failed + 1)); echo "FAIL chat drops the oldest turns (exit $rc)"; cat "$tmp/chatd.out" "$tmp/chatd.err"
+        fi
         expect_fail "chat without any tokenizer" "embeds no LLaMA tokenizer" "$agpt" chat --device cpu --model "$m" "$ib/query.png"
         expect_fail "chat missing image" "none.png" "$agpt" chat --device cpu --model "$m" --tokenizer "$tok" \
             "$tmp/none.png" </dev/null
