@@ -16,12 +16,12 @@ if [ ! -x "$py" ]; then
 fi
 
 # Import names of the packages in requirements.txt (Pillow imports as PIL).
-if "$py" -c "import torch, transformers, peft, safetensors, sentencepiece, numpy, PIL, torchvision, open_clip, ftfy, regex, cv2, skimage, scipy" 2>/dev/null; then
+if "$py" -c "import torch, transformers, peft, safetensors, sentencepiece, numpy, PIL, torchvision, open_clip, ftfy, regex, cv2, skimage, scipy, sklearn" 2>/dev/null; then
     echo "setup_venv: $venv is ready"
     exit 0
 fi
 
 echo "setup_venv: installing $(grep -v '^#' "$here/requirements.txt" | xargs)"
 "$py" -m pip install -r "$here/requirements.txt"
-"$py" -c "import torch, transformers, peft, safetensors, sentencepiece, numpy, PIL, torchvision, open_clip, ftfy, regex, cv2, skimage, scipy"
+"$py" -c "import torch, transformers, peft, safetensors, sentencepiece, numpy, PIL, torchvision, open_clip, ftfy, regex, cv2, skimage, scipy, sklearn"
 echo "setup_venv: $venv is ready"
