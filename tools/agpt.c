@@ -136,8 +136,11 @@ static void usage(FILE *f) {
             "                             a hot folder (agpt serve --help)\n"
             "  synth --class NAME --count N --out DIR IMAGES...\n"
             "                             the synthetic anomalies and conversations training sees (agpt synth --help)\n"
+            "  eval --model M --data DIR --format mvtec|visa|folder --out DIR [--k-shot 0|1|2|4] [--maps-only]\n"
+            "                             the official test protocol: accuracy, image/pixel AUROC, AUPRO, F1-max,\n"
+            "                             AP per class, reports and plots (agpt eval --help)\n"
             "\n"
-            "Later: serve, train, eval (see README.md).\n");
+            "Later: train (see README.md).\n");
 }
 
 int main(int argc, char **argv) {
@@ -173,6 +176,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "detect") == 0) return cmd_detect(argc - i, argv + i);
     if (strcmp(cmd, "serve") == 0) return cmd_serve(argc - i, argv + i);
     if (strcmp(cmd, "synth") == 0) return cmd_synth(argc - i, argv + i);
+    if (strcmp(cmd, "eval") == 0) return cmd_eval(argc - i, argv + i);
     if (strcmp(cmd, "help") == 0) {
         usage(stdout);
         return 0;
