@@ -592,6 +592,20 @@ int cmd_eval(int argc, char **argv) {
         dataset_problems_text(&e.data, text, sizeof text);
         fprintf(stderr, "agpt eval: data problems: %s\n", text);
     }
+    // Every run's references exist, before the model loads.
+    for (int a = 0; a < n_k; a++)
+        for (int b = 0; b < n_rounds; b++)
+            for (int c = 0; c < n_classes; c++) {
+                const char *refs[8];
+                bool any = false;
+                for (int i = 0; i < e.data.n && !any; i++)
+                    any = e.data.items[i].split == DATASET_TEST && !strcmp(e.data.items[i].class_name, classes[c]);
+                if (!any || ks[a] == 0) continue;
+                if ((s = dataset_references(&e.data, classes[c], ks[a], rounds[b], refs))) {
+                    dataset_free(&e.data);
+                    return cli_report("eval", s);
+                }
+            }
 
     Engine eng;
     dt = cli_model_dtype(argc, argv, dev, dt);
