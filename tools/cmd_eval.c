@@ -133,7 +133,8 @@ static void table_md(FILE *f, const Row *rows, int n, const Row *mean, const Row
                 fprintf(f, " %s |", a);
             }
         }
-        if (llm) fprintf(f, " %lld/%lld/%lld/%lld |", (long long)x->tp, (long long)x->fp, (long long)x->tn, (long long)x->fn);
+        if (llm && std) fprintf(f, " - |");  // counts differ per run: see each run's table
+        else if (llm) fprintf(f, " %lld/%lld/%lld/%lld |", (long long)x->tp, (long long)x->fp, (long long)x->tn, (long long)x->fn);
         fprintf(f, " %d (%d anomalous) |\n", x->images, x->anomalous);
     }
 }
@@ -669,6 +670,8 @@ int cmd_eval(int argc, char **argv) {
                 sd->v[j] = cnt ? sqrt(fmax(0, sq / cnt - m->v[j] * m->v[j])) : NAN;
             }
         }
+        double bound = 0;
+        for (int q = 0; q < n_runs; q++) bound = fmax(bound, runs[q].mean.auroc_bound);
         char path[4200];
         snprintf(path, sizeof path, "%s/report.md", out_dir);
         FILE *md = fopen(path, "w");
@@ -688,7 +691,7 @@ int cmd_eval(int argc, char **argv) {
                 fprintf(f, "\n");
             }
             fprintf(f, "Metrics x100. Pixel metrics on a %d-bin histogram over the map range; the largest pixel AUROC "
-                       "error bound of any class is %.2g.\n", PIXEL_BINS, runs[0].mean.auroc_bound);
+                       "error bound of any class is %.2g.\n", PIXEL_BINS, bound);
             if (dataset_problem_count(&e.data)) {
                 char text[2048];
                 dataset_problems_text(&e.data, text, sizeof text);
