@@ -9,6 +9,7 @@
 #include "runtime/safetensors.h"
 #include "runtime/timer.h"
 #include "test.h"
+#include "train/dataset.h"
 #include "train/metrics.h"
 
 static double max_diff = 0;
@@ -166,6 +167,26 @@ static void visa_sized(void) {
     free(map), free(mask);
 }
 
+// Masks resized as the official test scripts resize them (PIL bilinear through torchvision), per layout.
+static void mask_case(const SafeTensors *st, const char *dir) {
+    char path[1024];
+    snprintf(path, sizeof path, "%s/eval_mask.png", dir);
+    const struct { const char *name; DatasetFormat f; } cases[] = {{"mask.mvtec", DATASET_MVTEC}, {"mask.visa", DATASET_VISA}};
+    for (int c = 0; c < 2; c++) {
+        int64_t n;
+        const uint8_t *want = get(st, cases[c].name, &n);
+        if (!want || n != 64 * 64) continue;
+        uint8_t got[64 * 64];
+        CHECK_OK(dataset_load_mask(path, cases[c].f, 64, got));
+        int diff = 0, on = 0;
+        for (int i = 0; i < 64 * 64; i++) diff += got[i] != want[i], on += want[i];
+        printf("  %s: %d of %d pixels differ from torchvision (%d anomalous)\n", cases[c].name, diff, 64 * 64, on);
+        CHECK(diff == 0, "%s: %d pixels differ from the reference's resize", cases[c].name, diff);
+    }
+    uint8_t out[16];
+    CHECK_ERR(dataset_load_mask("/nonexistent/mask.png", DATASET_MVTEC, 4, out));
+}
+
 int main(int argc, char **argv) {
     const char *dir = argc > 1 ? argv[1] : AGPT_TEST_DATA;
     components();
@@ -182,6 +203,7 @@ int main(int argc, char **argv) {
         image_case(st, "const");
         pixel_case(st, "q", true, regions);
         pixel_case(st, "c", false, regions);
+        mask_case(st, dir);
         printf("  largest difference from the reference on exact cases: %.3g\n", max_diff);
         st_close(st);
     }

@@ -138,8 +138,9 @@ static void usage(FILE *f) {
             "                             the synthetic anomalies and conversations training sees (agpt synth --help)\n"
             "  train --model M --out RUNDIR (--data DIR [--format mvtec|visa] | --normal DIR --class NAME)\n"
             "                             train the decoder and prompt learner on normal images (agpt train --help)\n"
-            "\n"
-            "Later: eval (see README.md).\n");
+            "  eval --model M --data DIR --format mvtec|visa|folder --out DIR [--k-shot 0|1|2|4] [--maps-only]\n"
+            "                             the official test protocol: accuracy, image/pixel AUROC, AUPRO, F1-max,\n"
+            "                             AP per class, reports and plots (agpt eval --help)\n");
 }
 
 int main(int argc, char **argv) {
@@ -176,6 +177,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "serve") == 0) return cmd_serve(argc - i, argv + i);
     if (strcmp(cmd, "synth") == 0) return cmd_synth(argc - i, argv + i);
     if (strcmp(cmd, "train") == 0) return cmd_train(argc - i, argv + i);
+    if (strcmp(cmd, "eval") == 0) return cmd_eval(argc - i, argv + i);
     if (strcmp(cmd, "help") == 0) {
         usage(stdout);
         return 0;

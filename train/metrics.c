@@ -189,7 +189,7 @@ Status pixel_metrics_add(PixelMetrics *p, const float *map, const uint8_t *mask,
         if (t >= 0 && t < p->bins) b = (int)t;
         else {  // out of range (or NaN): the end bins, counted
             b = t >= p->bins ? last : 0;
-            clamped++;
+            if (t < -1e-6 * p->bins || t > p->bins * (1 + 1e-6) || t != t) clamped++;  // not mere rounding
         }
         if (mask && mask[i]) {
             p->pos[b] += 1;

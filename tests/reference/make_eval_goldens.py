@@ -17,10 +17,30 @@ import scipy
 import scipy.ndimage
 import sklearn
 import torch
+import torchvision.transforms as T
 from golden_io import write
+from PIL import Image
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "data", "eval.safetensors")
+MASK_PNG = os.path.join(os.path.dirname(__file__), "..", "data", "eval_mask.png")
+MASK_SIZE = 64
+
+
+def masks_as_reference(rng):
+    """A 150x100 gray mask with soft edges and thin lines, resized as test_mvtec.py (Resize((S,S)), ToTensor,
+    > 0.1) and test_visa.py (Resize(S) + CenterCrop(S), > max/100) do."""
+    h, w = 100, 150
+    yy, xx = np.mgrid[0:h, 0:w]
+    g = np.clip(255 - 4 * np.hypot(yy - 40, xx - 60), 0, 255)       # a soft disc
+    g[70:72, 10:140] = 255                                          # a 2-pixel line
+    g[5, 5] = 255                                                   # a lone pixel
+    g[:, 146:] = 40                                                 # a faint band at the right edge
+    img = Image.fromarray(g.astype(np.uint8), "L")
+    img.save(MASK_PNG)
+    mv = T.ToTensor()(T.Resize((MASK_SIZE, MASK_SIZE))(img))[0] > 0.1
+    v = T.ToTensor()(T.CenterCrop(MASK_SIZE)(T.Resize(MASK_SIZE)(img)))[0]
+    return mv.to(torch.uint8), (v > v.max() / 100).to(torch.uint8)
 
 
 def f1_max(y, s):
@@ -93,6 +113,7 @@ def main():
     tensors["pix.masks"] = t(masks, torch.uint8)
     lab_count = sum(scipy.ndimage.label(m, structure=np.ones((3, 3), dtype=int))[1] for m in masks)
     meta["regions"] = str(lab_count)
+    tensors["mask.mvtec"], tensors["mask.visa"] = masks_as_reference(rng)
     write(OUT, tensors, meta)
 
 
