@@ -287,6 +287,7 @@ static Status eval_class(Eval *e, RunResult *run, const char *cls, FILE *jsonl, 
     float *scores = malloc((size_t)e->data.n * sizeof *scores);
     uint8_t *labels = malloc((size_t)e->data.n);
     PixelMetrics pm = {0};
+    VerdictCounts verdicts = {0};
     Status s = index && scores && labels ? AGPT_OK : AGPT_FAIL(AGPT_ERR_OOM, "out of memory");
     if (s == AGPT_OK) s = pixel_metrics_init(&pm, 0, run->k > 0 ? 2 : 1, PIXEL_BINS);  // 1 - cos in [0, 2]
     int n = 0, n_scored = 0;
@@ -359,9 +360,7 @@ static Status eval_class(Eval *e, RunResult *run, const char *cls, FILE *jsonl, 
                 cJSON_AddStringToObject(line, "answer", clean ? clean : "");
                 free(clean);
                 cJSON_AddBoolToObject(line, "correct", metrics_answer_correct(answer, it->anomalous));
-                if (it->anomalous) yes ? row->tp++ : row->fn++;
-                else yes ? row->fp++ : row->tn++;
-                row->v[M_ACC] = (isnan(row->v[M_ACC]) ? 0 : row->v[M_ACC]) + metrics_answer_correct(answer, it->anomalous);
+                verdict_add(&verdicts, answer, it->anomalous);
             } else {
                 cJSON_AddNullToObject(line, "verdict");
             }
@@ -375,9 +374,10 @@ static Status eval_class(Eval *e, RunResult *run, const char *cls, FILE *jsonl, 
     }
     free(question);
     if (s == AGPT_OK && row->images > 0) {
-        if (e->llm) {  // accuracy holds the number right so far
-            VerdictCounts v = {row->tp, row->fp, row->tn, row->fn, (int64_t)row->v[M_ACC], row->images};
-            row->v[M_ACC] = verdict_accuracy(&v), row->v[M_PREC] = verdict_precision(&v), row->v[M_REC] = verdict_recall(&v);
+        if (e->llm) {
+            const VerdictCounts *v = &verdicts;
+            row->tp = v->tp, row->fp = v->fp, row->tn = v->tn, row->fn = v->fn;
+            row->v[M_ACC] = verdict_accuracy(v), row->v[M_PREC] = verdict_precision(v), row->v[M_REC] = verdict_recall(v);
         }
         BinaryMetrics im;
         PixelResult pr;
