@@ -571,13 +571,18 @@ static void test_thread_determinism(void) {
         CHECK_OK(op_upsample_bilinear_backward(&eng, &tup, &tgo));
     }
     threads_set(0);
-    CHECK(memcmp(dx[0], dx[1], (size_t)nx * 4) == 0 && memcmp(dw[0], dw[1], (size_t)nw * 4) == 0 &&
+    // conv2d_backward's own chunks do not depend on the thread count, but its GEMMs are OpenBLAS's, which split
+    // the work by thread count and round differently on some kernels (OPENBLAS_CORETYPE=Haswell does; SkylakeX
+    // gives the same bits): the same values to 1e-6 then, and db (summed here in double) bit for bit.
+    CHECK(rel_l2_floor(dx[1], dx[0], nx, 0) <= 1e-6 && rel_l2_floor(dw[1], dw[0], nw, 0) <= 1e-6 &&
               memcmp(db[0], db[1], (size_t)Cout * 4) == 0,
-          "conv2d_backward differs between 1 and 3 threads");
+          "conv2d_backward differs between 1 and 3 threads (dx %.2e, dw %.2e rel L2)", rel_l2_floor(dx[1], dx[0], nx, 0),
+          rel_l2_floor(dw[1], dw[0], nw, 0));
     CHECK(f[0] == f[1] && d[0] == d[1] && memcmp(dp[0], dp[1], (size_t)M * 4) == 0,
           "pixel_loss differs between 1 and 3 threads");
     CHECK(memcmp(up[0], up[1], 2 * 2 * 16 * 16 * 4) == 0, "upsample_bilinear_backward differs between 1 and 3 threads");
-    printf("  conv2d_backward, pixel_loss, upsample_bilinear_backward: the same bits with 1 and 3 threads\n");
+    printf("  pixel_loss, upsample_bilinear_backward: the same bits with 1 and 3 threads; conv2d_backward within %.1e\n",
+           fmax(rel_l2_floor(dx[1], dx[0], nx, 0), rel_l2_floor(dw[1], dw[0], nw, 0)));
     for (int t = 0; t < 2; t++) free(dx[t]), free(dw[t]), free(db[t]), free(dp[t]), free(up[t]);
     free(x), free(w), free(dout), free(p1), free(gt), free(g);
 }
