@@ -6,7 +6,8 @@ set -euo pipefail
 packages=(cmake make gcc libpng-dev libjpeg62-turbo-dev zlib1g-dev libopenblas-dev libopenblas-openmp-dev
           libopenmpi-dev openmpi-bin
           libmicrohttpd-dev libcjson-dev
-          chromium chromium-driver curl)  # the last three for tests/test_serve.sh (curl; the page in headless Chromium)
+          chromium chromium-driver curl  # tests/test_serve.sh (curl; the page in headless Chromium)
+          python3)  # the CLI tests' JSON and file checks (standard library only)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
