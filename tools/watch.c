@@ -101,7 +101,7 @@ static Status scan(Watch *w) {
         n++;
     }
     closedir(d);
-    if (s == AGPT_OK) qsort(names, (size_t)n, sizeof *names, cmp_cstr);
+    if (s == AGPT_OK && n > 1) qsort(names, (size_t)n, sizeof *names, cmp_cstr);  // names is NULL when n == 0
     for (int i = 0; i < n; i++) {
         if (s == AGPT_OK) s = handle(w, names[i]);
         free(names[i]);
