@@ -392,7 +392,9 @@ static Status backward_prompts(AnomalyTrainModel *m, StepActs *t, const Tensor *
     const int B = t->B, T = t->T, D = p->dim, prompt_row = TRAIN_PREFIX_TOKENS - PROMPT_TOKENS;
     Tensor rows = tensor_2d(d_embeds->data, DT_F32, e->device, (int64_t)B * T, D);
     const Tensor *last = &t->conv_out[PROMPT_CONVS - 1];
-    // Two ping-pong buffers as wide as the widest activation.
+    // Two buffers as wide as the widest activation: buf[0] holds the gradient at a conv's output, buf[1] the one
+    // at its input. Going down a layer, conv i's input gradient (buf[1]) becomes conv i-1's output gradient
+    // (buf[0]) through the pool and the ReLU, and conv i's output gradient in buf[0] is used up by then.
     size_t widest = 0;
     for (int i = 0; i < PROMPT_CONVS; i++) {
         size_t n = (size_t)tensor_numel(&t->conv_out[i]);
@@ -413,23 +415,21 @@ static Status backward_prompts(AnomalyTrainModel *m, StepActs *t, const Tensor *
                               D, PROMPT_BASE);
         AGPT_TRY(op_matmul(e, &dx, &d_mapped, &p->eye, NULL, true, false, 1.0f, 0.0f));
     }
-    int cur = 0;
     for (int i = PROMPT_CONVS - 1; i >= 0; i--) {
         // d_out: gradient at conv i's output (after its ReLU for i < last, already masked below).
         Tensor *x = &t->conv_in[i];
         bool need_dx = i > 0 || d_source;
-        Tensor d_in = i > 0 ? tensor_make(buf[1 - cur].data, DT_F32, e->device, x->ndim, x->shape)
+        Tensor d_in = i > 0 ? tensor_make(buf[1].data, DT_F32, e->device, x->ndim, x->shape)
                             : (d_source ? *d_source : (Tensor){0});
         AGPT_TRY(op_conv2d_backward(e, need_dx ? &d_in : NULL, &m->d_conv_w[i], &m->d_conv_b[i], &d_out, x,
                                     &p->conv_w[i], p->padding[i]));
         if (i == 0) break;
         // d_in is the gradient at the pool output of layer i-1: through the pool and the ReLU.
         const Tensor *y = &t->conv_out[i - 1];
-        Tensor d_y = tensor_make(buf[cur].data, DT_F32, e->device, y->ndim, y->shape);
+        Tensor d_y = tensor_make(buf[0].data, DT_F32, e->device, y->ndim, y->shape);
         AGPT_TRY(op_maxpool2x2_backward(e, &d_y, &d_in, y));
         AGPT_TRY(op_relu_backward(e, &d_y, &d_y, y));
         d_out = d_y;
-        // buf[cur] holds d_y (the next d_out); the next d_in goes to buf[1 - cur], which is free again.
     }
     return AGPT_OK;
 }
@@ -475,7 +475,6 @@ static Status backward_maps(AnomalyTrainModel *m, StepActs *t, const AnomalyTrai
                                         &vm->decoder.fc_w[i]));
         }
     }
-    (void)ex;
     return AGPT_OK;
 }
 
@@ -583,8 +582,9 @@ Status anomaly_train_step(AnomalyTrainModel *m, const AnomalyTrainExample *ex, i
         AGPT_CHECK_ARG((ex[b].reference != NULL) == (ex[0].reference != NULL),
                        "anomaly_train_step: either every example has a reference or none has (example %d differs)", b);
         for (int k = 0; k < ex[b].n_tokens; k++)
-            AGPT_CHECK_ARG(ex[b].ids[k] >= 0 && ex[b].ids[k] < m->llm.vocab && ex[b].targets[k] >= -100 &&
-                               ex[b].targets[k] < m->llm.vocab,
+            AGPT_CHECK_ARG(ex[b].ids[k] >= 0 && ex[b].ids[k] < m->llm.vocab &&
+                               (ex[b].targets[k] == -100 ||  // -100: no loss here (torch's ignore_index)
+                                (ex[b].targets[k] >= 0 && ex[b].targets[k] < m->llm.vocab)),
                            "anomaly_train_step: example %d token %d: id %d or target %d out of range", b, k,
                            ex[b].ids[k], ex[b].targets[k]);
         if (ex[b].n_tokens > longest) longest = ex[b].n_tokens;

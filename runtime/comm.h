@@ -9,8 +9,9 @@
 // NCCL (device buffers) is not built yet: training runs on the CPU only.
 //
 // Collectives are blocking. MPI has no timeouts: a rank that dies makes mpirun end the job (OpenMPI kills the
-// others), and a rank that fails with an error tells the others through comm_agree_status before the next
-// collective, so no rank waits for one that has stopped.
+// others). A rank that fails with an error does not tell the others by itself: callers call comm_agree_status
+// at every point where one rank may fail alone, before the next collective (the trainer does after the
+// micro-steps, the all-reduce and the optimizer step), so that no rank waits for one that has stopped.
 #pragma once
 #include <stddef.h>
 #include <stdint.h>

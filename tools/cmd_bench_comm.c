@@ -34,6 +34,8 @@ int cmd_bench_comm(int argc, char **argv) {
     size_t max_bytes = (size_t)max_mb << 20;
     double *buf = malloc(max_bytes);
     if (!buf) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory for %lld MB", max_mb);
+    int failed_rank;  // every rank learns of one rank's failed malloc, instead of waiting for it in the all-reduce
+    s = comm_agree_status(&c, s, &failed_rank);
     if (s == AGPT_OK && c.rank == 0)
         printf("agpt bench comm: %s backend, %d rank%s; f64 all-reduce (sum)\n%12s %12s %12s\n", comm_backend_name(&c),
                c.size, c.size > 1 ? "s" : "", "bytes", "ms", "busbw GB/s");
@@ -52,6 +54,7 @@ int cmd_bench_comm(int argc, char **argv) {
         if (s == AGPT_OK && c.rank == 0) printf("%12zu %12.3f %12.2f\n", bytes, per * 1e3, bus);
     }
     free(buf);
+    int rc = s == AGPT_OK ? 0 : cli_report(cmd, s);  // before MPI_Finalize, as agpt train does
     comm_finalize(&c);
-    return s == AGPT_OK ? 0 : cli_report(cmd, s);
+    return rc;
 }

@@ -42,7 +42,6 @@
 #define MAX_REFS 64
 #define MAX_OVERLAYS 7
 #define MAX_BATCH 256
-#define VERDICT_TOKENS 3  // "Yes"/"No" is the answer's first token; a margin for a leading space piece
 
 static void usage(FILE *f) {
     fprintf(f,
@@ -210,29 +209,6 @@ static Status make_names_unique(ImageList *l) {
     return AGPT_FAIL(AGPT_ERR_ARG, "cannot give the %d images distinct output names", l->n);
 }
 
-// ---- verdicts -----------------------------------------------------------------------------------------
-
-// "anomalous" / "normal" from the answer's first word, or NULL when it starts with neither.
-static const char *verdict_of(const char *answer) {
-    if (!answer) return NULL;
-    while (*answer && isspace((unsigned char)*answer)) answer++;
-    if (!strncmp(answer, "Yes", 3) && !isalpha((unsigned char)answer[3])) return "anomalous";
-    if (!strncmp(answer, "No", 2) && !isalpha((unsigned char)answer[2])) return "normal";
-    return NULL;
-}
-
-// The text of every generated token (no stripping): what --verdict-only reads its verdict from.
-static char *raw_text(const AnomalyGPT *a, const AnomalyAnswer *ans) {
-    int32_t ids[VERDICT_TOKENS + 8];
-    int n = 0;
-    for (int i = 0; i < ans->n_tokens && n < (int)(sizeof ids / sizeof ids[0]); i++)
-        if (ans->tokens[i] >= 0 && ans->tokens[i] < sp_vocab_size(a->tokenizer) && ans->tokens[i] != sp_bos_id(a->tokenizer) &&
-            ans->tokens[i] != sp_eos_id(a->tokenizer))
-            ids[n++] = ans->tokens[i];
-    char *text = NULL;
-    return sp_decode(a->tokenizer, ids, n, &text) == AGPT_OK ? text : NULL;
-}
-
 // ---- images decoded ahead -----------------------------------------------------------------------------
 
 // A group of consecutive images of the list, decoded. While the model works on one group, a thread decodes the
@@ -339,8 +315,8 @@ static cJSON *result_line(const LineOptions *o, const char *path, Status s, cons
         cJSON_AddTrueToObject(line, "ok");
         const char *verdict = NULL;
         if (o->llm) {
-            char *text = o->verdict_only ? raw_text(o->agpt, ans) : NULL;
-            verdict = verdict_of(o->verdict_only ? text : ans->text);
+            char *text = o->verdict_only ? answer_raw_text(o->agpt, ans) : NULL;
+            verdict = answer_verdict(o->verdict_only ? text : ans->text);
             free(text);
         }
         *outcome = !o->llm ? OUT_MAP_ONLY : !verdict ? OUT_UNCLEAR : verdict[0] == 'a' ? OUT_ANOMALOUS : OUT_NORMAL;

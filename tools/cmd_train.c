@@ -61,7 +61,8 @@ static void usage(FILE *f) {
             "                   depend on it\n"
             "  --val-images K   validation: K training images with held-out synthetic anomalies (other draws than\n"
             "                   training's) and the images themselves; their zero-shot maps' pixel and image AUROC go to\n"
-            "                   RUNDIR/val.jsonl before training, every --val-every N updates and at the end (8; 0: off)\n"
+            "                   RUNDIR/val.jsonl before training, every --val-every N updates and at the end (8; 0: off);\n"
+            "                   the images are training images: agpt eval on a test split measures generalisation\n"
             "  --memory-budget-gb G refuse to start when the planned peak is larger\n"
             "  --device cpu, --threads N   (training on CUDA is not wired yet: the step's CUDA kernels exist but the\n"
             "                   trainer keeps f32 parameters on the host)\n");
@@ -375,6 +376,14 @@ static int parse(int argc, char **argv, TrainOptions *o) {
     return -1;  // go on
 }
 
+// The error goes out before MPI_Finalize: once a rank has finalized and exited non-zero, mpirun may kill the
+// others before they print, and the message naming the broken file would be lost.
+static int report_and_finalize(Comm *comm, Status s) {
+    int rc = s == AGPT_OK ? 0 : cli_report("train", s);
+    comm_finalize(comm);
+    return rc;
+}
+
 int cmd_train(int argc, char **argv) {
     const char *cmd = "train";
     TrainOptions o;
@@ -424,8 +433,7 @@ int cmd_train(int argc, char **argv) {
     Engine eng;
     if ((s = engine_create(&eng, dev, 0, threads, (uint64_t)o.seed))) {
         set_free(&set);
-        comm_finalize(&comm);
-        return cli_report(cmd, s);
+        return report_and_finalize(&comm, s);
     }
     AnomalyTrainModel model;
     AnomalyTrainOptions mopt = {.max_batch = 2, .train_proj = t_proj, .train_lora = t_lora};
@@ -436,8 +444,7 @@ int cmd_train(int argc, char **argv) {
     if (s != AGPT_OK) {
         set_free(&set);
         engine_destroy(&eng);
-        comm_finalize(&comm);
-        return cli_report(cmd, s);
+        return report_and_finalize(&comm, s);
     }
     AnomalyData data;
     s = anomaly_data_init(&data, (const char *const *)set.paths, (const char *const *)set.classes, set.n, o.params,
@@ -533,6 +540,5 @@ int cmd_train(int argc, char **argv) {
     anomaly_train_close(&model);
     engine_destroy(&eng);
     set_free(&set);
-    comm_finalize(&comm);
-    return s == AGPT_OK ? 0 : cli_report(cmd, s);
+    return report_and_finalize(&comm, s);
 }

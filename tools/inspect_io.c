@@ -1,6 +1,7 @@
 #define _DEFAULT_SOURCE  // mkstemp, flock, O_DIRECTORY
 #include "tools/inspect_io.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -163,4 +164,23 @@ bool class_name_ok(const char *cmd, const char *name) {
     fprintf(stderr, "agpt %s: --class needs 1 to 100 bytes of UTF-8 (got %zu bytes%s)\n", cmd, strlen(name),
             utf8_valid(name) ? "" : ", not UTF-8");
     return false;
+}
+
+const char *answer_verdict(const char *answer) {
+    if (!answer) return NULL;
+    while (*answer && isspace((unsigned char)*answer)) answer++;
+    if (!strncmp(answer, "Yes", 3) && !isalpha((unsigned char)answer[3])) return "anomalous";
+    if (!strncmp(answer, "No", 2) && !isalpha((unsigned char)answer[2])) return "normal";
+    return NULL;
+}
+
+char *answer_raw_text(const AnomalyGPT *a, const AnomalyAnswer *ans) {
+    int32_t ids[VERDICT_TOKENS + 8];
+    int n = 0;
+    for (int i = 0; i < ans->n_tokens && n < (int)(sizeof ids / sizeof ids[0]); i++)
+        if (ans->tokens[i] >= 0 && ans->tokens[i] < sp_vocab_size(a->tokenizer) &&
+            ans->tokens[i] != sp_bos_id(a->tokenizer) && ans->tokens[i] != sp_eos_id(a->tokenizer))
+            ids[n++] = ans->tokens[i];
+    char *text = NULL;
+    return sp_decode(a->tokenizer, ids, n, &text) == AGPT_OK ? text : NULL;
 }

@@ -5,6 +5,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#include "model/anomalygpt.h"
 #include "model/vision_model.h"
 
 // Creates dir if missing (not its parents) and checks that files can be created in it (a probe file made and
@@ -37,3 +38,13 @@ Status check_model_path(const char *path, const char *option);
 // Whether a --class name can be used whole, else says why on stderr: class features are looked up and cached
 // by name, which holds 127 bytes (model/vision_model.h); convert's --class takes at most 100, and so do these.
 bool class_name_ok(const char *cmd, const char *name);
+
+// Tokens a verdict-only answer generates: "Yes"/"No" is the answer's first token, with a margin for a leading
+// space piece.
+#define VERDICT_TOKENS 3
+// The verdict of an answer, as the reference's accuracy reads it: "anomalous" when it starts with "Yes",
+// "normal" with "No" (whole words, after leading spaces), NULL when neither (or answer is NULL).
+const char *answer_verdict(const char *answer);
+// The text of every generated token of ans, nothing stripped (malloc'd, NULL on failure): what a verdict-only
+// answer, cut after VERDICT_TOKENS, reads its verdict from.
+char *answer_raw_text(const AnomalyGPT *a, const AnomalyAnswer *ans);

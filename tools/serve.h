@@ -17,12 +17,13 @@
 #include <stdint.h>
 
 #include "model/anomalygpt.h"
+#include "tools/inspect_io.h"
 
 #define SERVE_MAX_REFS 8        // reference images per bank or per request (the vision model's batch is >= 8)
 #define SERVE_MAX_BANKS 64
 #define SERVE_NAME_MAX 64       // bank names: [A-Za-z0-9_-], 1..64, so a name is always one folder under the bank dir
 #define SERVE_MAX_TURNS 16      // questions a session holds
-#define SERVE_VERDICT_TOKENS 3  // verdict_only: "Yes"/"No" is the answer's first token, a margin for a space piece
+#define SERVE_VERDICT_TOKENS VERDICT_TOKENS  // verdict_only (tools/inspect_io.h)
 
 typedef enum JobKind { JOB_INSPECT, JOB_ASK, JOB_BANK_PUT, JOB_BANK_DELETE } JobKind;
 

@@ -72,27 +72,6 @@ static char *base64(const uint8_t *p, size_t n) {
     return out;
 }
 
-// "anomalous" / "normal" from the answer's first word, or NULL when it starts with neither (as agpt detect).
-static const char *verdict_of(const char *answer) {
-    if (!answer) return NULL;
-    while (*answer && isspace((unsigned char)*answer)) answer++;
-    if (!strncmp(answer, "Yes", 3) && !isalpha((unsigned char)answer[3])) return "anomalous";
-    if (!strncmp(answer, "No", 2) && !isalpha((unsigned char)answer[2])) return "normal";
-    return NULL;
-}
-
-// The text of every generated token, nothing stripped: what a verdict-only answer reads its verdict from.
-static char *raw_text(const AnomalyGPT *a, const AnomalyAnswer *ans) {
-    int32_t ids[SERVE_VERDICT_TOKENS + 8];
-    int n = 0;
-    for (int i = 0; i < ans->n_tokens && n < (int)(sizeof ids / sizeof ids[0]); i++)
-        if (ans->tokens[i] >= 0 && ans->tokens[i] < sp_vocab_size(a->tokenizer) &&
-            ans->tokens[i] != sp_bos_id(a->tokenizer) && ans->tokens[i] != sp_eos_id(a->tokenizer))
-            ids[n++] = ans->tokens[i];
-    char *text = NULL;
-    return sp_decode(a->tokenizer, ids, n, &text) == AGPT_OK ? text : NULL;
-}
-
 bool bank_name_valid(const char *name) {
     size_t n = strlen(name);
     if (n == 0 || n > SERVE_NAME_MAX) return false;
@@ -610,8 +589,8 @@ static void answer_inspect(Server *srv, Job *job, AnomalyAnswer *ans, const floa
     double queue_ms = 1e3 * (t_batch - job->t_queued), total_ms = 1e3 * (now - job->t_arrival);
     cJSON *o = cJSON_CreateObject();
     cJSON_AddTrueToObject(o, "ok");
-    char *raw = job->verdict_only ? raw_text(a, ans) : NULL;
-    const char *verdict = verdict_of(job->verdict_only ? raw : ans->text);
+    char *raw = job->verdict_only ? answer_raw_text(a, ans) : NULL;
+    const char *verdict = answer_verdict(job->verdict_only ? raw : ans->text);
     free(raw);
     if (verdict) cJSON_AddStringToObject(o, "verdict", verdict);
     else cJSON_AddNullToObject(o, "verdict");
@@ -758,7 +737,7 @@ static void run_ask(Server *srv, Job *job) {
     cJSON_AddStringToObject(o, "session", job->session);
     cJSON_AddNumberToObject(o, "turn", turn);
     add_text(o, "answer", ans.text);
-    const char *verdict = verdict_of(ans.text);
+    const char *verdict = answer_verdict(ans.text);
     if (verdict) cJSON_AddStringToObject(o, "verdict", verdict);
     else cJSON_AddNullToObject(o, "verdict");
     cJSON_AddNumberToObject(o, "prefix_tokens", ans.prefix_tokens);

@@ -82,7 +82,8 @@ Status anomaly_data_init(AnomalyData *d, const char *const *paths, const char *c
             strcpy(k->name, cls);
             int known;
             s = synth_params_for_class(cls, &k->params, &known);
-            if (s == AGPT_OK && params_json) s = synth_params_load_json(params_json, &k->params);
+            // The reference's classes keep its values (as --help says); --params is for the user's own classes.
+            if (s == AGPT_OK && params_json && !known) s = synth_params_load_json(params_json, &k->params);
             if (s == AGPT_OK) s = synth_params_validate(&k->params);
         }
         d->item_class[i] = c;

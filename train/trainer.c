@@ -91,9 +91,9 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
     lc.rank = comm->rank, lc.world = comm->size;
     int64_t updates = 0;
     if (s == AGPT_OK && c->resume) {
-        RunProgress pr;
+        RunProgress pr = {0};
         s = run_state_load(c->dir, c->config_text, mo.rp, n, &pr);
-        updates = pr.step, lc.epoch = pr.epoch, lc.position = pr.position;
+        if (s == AGPT_OK) updates = pr.step, lc.epoch = pr.epoch, lc.position = pr.position;
     }
     if (s == AGPT_OK) s = loader_start(&lc, &loader);
     if (s == AGPT_OK && !(sample = malloc(lc.sample_bytes))) s = AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory");
@@ -146,7 +146,9 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
         }
         double total = 0, ss = 0;
         for (int i = 0; i < n && s == AGPT_OK; i++) s = op_sum_squares(e, &ss, &p[i].grad), total += ss;
-        if (s != AGPT_OK) break;
+        // A failure after the all-reduce is agreed on too: a rank that broke out alone would leave the others
+        // waiting for it in the next update's collective.
+        if ((s = comm_agree_status(comm, s, &failed_rank)) != AGPT_OK) break;
         double norm = sqrt(total);
         if (!isfinite(norm)) {
             s = AGPT_FAIL(AGPT_ERR_ARG, "gradient norm is %g at update %lld: the loss diverged; lower the learning "
@@ -161,7 +163,7 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
         for (int i = 0; i < n && s == AGPT_OK; i++)
             s = op_adamw(e, &p[i].param, &p[i].grad, &mo.rp[i].m, &mo.rp[i].v, (float)lr, c->beta1, c->beta2, c->eps,
                          c->weight_decay, (int)updates);
-        if (s != AGPT_OK) break;
+        if ((s = comm_agree_status(comm, s, &failed_rank)) != AGPT_OK) break;
         double k = 1.0 / micro;
         res->last_loss = (shared[0] + shared[1] + shared[2]) * k;
         if (lead) {

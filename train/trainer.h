@@ -59,8 +59,8 @@ typedef struct TrainerConfig {
     // Data parallel (may be NULL: one process): every rank takes its share of the sample order (train/loader.h),
     // the gradients and losses are summed over the ranks before the update, rank 0 alone writes the log and the
     // checkpoints (every rank can resume from them: they hold the shared data position), and a rank that fails
-    // stops them all after the micro-step it failed in. N ranks of accum K compute what one process of accum
-    // N * K computes on the same samples (up to the order of the sums).
+    // stops them all at the end of that update's micro-steps (the others finish theirs first). N ranks of accum
+    // K compute what one process of accum N * K computes on the same samples (up to the order of the sums).
     const Comm *comm;
     // Called after every update on rank 0 (may be NULL): the progress bar.
     void (*on_update)(void *ctx, const TrainerUpdate *u);
