@@ -87,6 +87,7 @@ Status anomaly_train_open(AnomalyTrainModel *m, Engine *e, const char *model, co
         s = AGPT_FAIL(AGPT_ERR_FORMAT, "the tokenizer splits the image markers into %d + %d tokens, not 6 + 4 (is "
                       "it LLaMA's?)", m->n_head, m->n_tail);
     if (s == AGPT_OK) s = alloc_grads(m);
+    if (s == AGPT_OK && opt->train_head) s = llama_lora_train_enable_head(&m->llm, e);
     if (s != AGPT_OK) {
         anomaly_train_close(m);
         return s;
@@ -144,6 +145,10 @@ int anomaly_train_tensors(AnomalyTrainModel *m, AnomalyTrainTensor *out, int cap
     if (m->opt.train_proj) {
         ADD(&m->proj.w, &m->d_proj_w, "llama_proj.weight");
         ADD(&m->proj.b, &m->d_proj_b, "llama_proj.bias");
+    }
+    if (m->opt.train_head) {
+        ADD(&m->llm.lm_head, &m->llm.d_lm_head, "lm_head.weight");
+        ADD(&m->llm.norm, &m->llm.d_norm, "model.norm.weight");
     }
     if (m->opt.train_lora) {
         int form = llama_lora_form(&m->vision.weights);

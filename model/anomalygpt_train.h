@@ -29,6 +29,7 @@ typedef struct AnomalyTrainOptions {
     int max_batch;      // conversations per step (2: an anomaly item is its normal image and its synthetic anomaly)
     bool train_proj;    // also llama_proj (off in the reference)
     bool train_lora;    // also the LoRA factors (off in the reference)
+    bool train_head;    // also lm_head and model.norm (not in the reference; for a model trained from scratch)
 } AnomalyTrainOptions;
 
 typedef struct AnomalyTrainModel {

@@ -109,6 +109,7 @@ void llama_lora_train_free(LlamaLoraTrain *m) {
     free(m->lora);
     free(m->grad);
     arena_free(&m->grad_arena);
+    arena_free(&m->head_arena);
     memset(m, 0, sizeof *m);
 }
 
@@ -118,7 +119,25 @@ Status llama_lora_train_zero_grad(LlamaLoraTrain *m) {
             AGPT_TRY(tensor_zero(&m->grad[l].a[p]));
             AGPT_TRY(tensor_zero(&m->grad[l].b[p]));
         }
+    if (m->train_head) {
+        AGPT_TRY(tensor_zero(&m->d_lm_head));
+        AGPT_TRY(tensor_zero(&m->d_norm));
+    }
     return AGPT_OK;
+}
+
+Status llama_lora_train_enable_head(LlamaLoraTrain *m, Engine *e) {
+    if (m->train_head) return AGPT_OK;
+    AGPT_CHECK_ARG(m->lm_head.dtype == DT_F32 && m->norm.dtype == DT_F32,
+                   "training lm_head needs f32 weights (the store holds %s)", dtype_name(m->lm_head.dtype));
+    const int64_t V = m->vocab, C = m->block.dim;
+    AGPT_TRY(arena_init(&m->head_arena, e->device, padded((size_t)(V * C) * sizeof(float)) +
+                                                       padded((size_t)C * sizeof(float))));
+    AGPT_TRY(arena_tensor(&m->head_arena, DT_F32, 2, SHAPE(V, C), &m->d_lm_head));
+    AGPT_TRY(arena_tensor(&m->head_arena, DT_F32, 1, SHAPE(C), &m->d_norm));
+    m->train_head = true;
+    AGPT_TRY(tensor_zero(&m->d_lm_head));
+    return tensor_zero(&m->d_norm);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -263,9 +282,11 @@ Status llama_lora_train_backward(Engine *e, LlamaLoraTrain *m, LlamaTrainState *
                    "llama_lora_train_loss first)");
     const int L = m->layers;
     const Tensor *x_last = &s->acts[L - 1].out;
-    AGPT_TRY(op_linear_backward(e, &s->d_n, NULL, NULL, &s->d_logits, &s->final_n, &m->lm_head));
-    // model.norm is frozen: its weight gradient goes to the LoRA scratch's sink.
-    AGPT_TRY(op_rmsnorm_backward(e, &s->d_x, &s->lora_scratch.d_norm, &s->d_n, x_last, &m->norm, &s->final_rstd));
+    AGPT_TRY(op_linear_backward(e, &s->d_n, m->train_head ? &m->d_lm_head : NULL, NULL, &s->d_logits, &s->final_n,
+                                &m->lm_head));
+    // A frozen model.norm's weight gradient goes to the LoRA scratch's sink.
+    AGPT_TRY(op_rmsnorm_backward(e, &s->d_x, m->train_head ? &m->d_norm : &s->lora_scratch.d_norm, &s->d_n, x_last,
+                                 &m->norm, &s->final_rstd));
     for (int l = L - 1; l >= 0; l--) {
         const Tensor *x = l > 0 ? &s->acts[l - 1].out : &s->x0;
         AGPT_TRY(llama_block_lora_backward(e, &m->block, &m->layer[l], &m->lora[l], m->scaling,

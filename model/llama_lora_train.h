@@ -43,14 +43,22 @@ typedef struct LlamaLoraTrain {
     LlamaLoraWeights *grad;     // [L]    dA [r,C], dB [C,r], accumulated by the backward, in the weights'
                                 //        dtype on the engine's device (grad_arena)
     Arena grad_arena;
+    // With llama_lora_train_enable_head: lm_head and model.norm trained too (not in the reference: for a model
+    // trained from scratch, whose random LLaMA cannot be adapted by LoRA alone). f32 only.
+    bool train_head;
+    Tensor d_lm_head;           // [V,C]  accumulated by the backward
+    Tensor d_norm;              // [C]
+    Arena head_arena;
 } LlamaLoraTrain;
 
 // Reads the config, the base weights and the LoRA factors from the store (a missing tensor or a wrong shape is
 // an error naming it) and allocates zeroed gradients.
 Status llama_lora_train_load(LlamaLoraTrain *m, WeightStore *w);
 void llama_lora_train_free(LlamaLoraTrain *m);
-// Sets every dA, dB to zero (before a step's first micro-batch).
+// Sets every dA, dB (and d lm_head, d norm when trained) to zero (before a step's first micro-batch).
 Status llama_lora_train_zero_grad(LlamaLoraTrain *m);
+// Makes lm_head and model.norm trainable: zeroed f32 gradients, filled by every later backward.
+Status llama_lora_train_enable_head(LlamaLoraTrain *m, Engine *e);
 
 // Activations of a forward kept for the backward, sized for exactly B sequences of T tokens, one device arena
 // plus small host buffers (positions, shifted labels).
@@ -95,5 +103,6 @@ Status llama_lora_train_loss(Engine *e, const LlamaLoraTrain *m, LlamaTrainState
                              int num_items, float *loss);
 
 // Backward of that loss: dA, dB accumulated (+=) into m->grad (skipped when train_lora is false: LoRA frozen,
-// as in AnomalyGPT), and s->d_x [B,T,C] = d loss / d embeds (overwritten).
+// as in AnomalyGPT), d lm_head and d norm (+=) when m->train_head, and s->d_x [B,T,C] = d loss / d embeds
+// (overwritten).
 Status llama_lora_train_backward(Engine *e, LlamaLoraTrain *m, LlamaTrainState *s, bool train_lora);

@@ -194,13 +194,14 @@ Status vision_model_class_features(VisionModel *m, const char *name, const Tenso
     for (int i = 0; i < m->n_classes; i++)
         if (strcmp(m->classes[i].name, clean) == 0) {
             *features = &m->classes[i].features;
-            *used_name = m->classes[i].name;
+            *used_name = m->classes[i].used;
             return AGPT_OK;
         }
     AGPT_CHECK_ARG(m->n_classes < VISION_MODEL_MAX_CLASSES, "more than %d class names in one session",
                    VISION_MODEL_MAX_CLASSES);
     ClassFeatures *cf = &m->classes[m->n_classes];
     snprintf(cf->name, sizeof cf->name, "%s", clean);
+    snprintf(cf->used, sizeof cf->used, "%s", clean);
     snprintf(key, sizeof key, MODEL_TEXT_FEATURES_PREFIX "%s", clean);
     int E = m->decoder.out_dim;
     if (weights_has(&m->weights, key)) {
@@ -221,11 +222,19 @@ Status vision_model_class_features(VisionModel *m, const char *name, const Tenso
                              "'object'; it cannot make zero-shot maps (give --reference images instead)");
         LOG_W("class '%s' has no cached text features and the model has no text encoder: using 'object', as the "
               "reference does for class names it does not know", clean);
-        return vision_model_class_features(m, "object", features, used_name);
+        // Remembered under its own name with a copy of object's features, so that it warns once, not per image.
+        const Tensor *object;
+        AGPT_TRY(vision_model_class_features(m, "object", &object, used_name));
+        cf = &m->classes[m->n_classes];  // the call above may have added 'object' in this slot
+        AGPT_CHECK_ARG(m->n_classes < VISION_MODEL_MAX_CLASSES, "more than %d class names in one session",
+                       VISION_MODEL_MAX_CLASSES);
+        snprintf(cf->name, sizeof cf->name, "%s", clean);
+        snprintf(cf->used, sizeof cf->used, "object");
+        AGPT_TRY(clone_to_device(m->engine, object, object->dtype, &cf->features));
     }
     m->n_classes++;
     *features = &cf->features;
-    *used_name = cf->name;
+    *used_name = cf->used;
     return AGPT_OK;
 }
 

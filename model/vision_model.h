@@ -8,10 +8,11 @@
 #include "model/clip_tokenizer.h"
 #include "model/preprocess.h"
 
-#define VISION_MODEL_MAX_CLASSES 64
+#define VISION_MODEL_MAX_CLASSES 256
 
 typedef struct ClassFeatures {
     char name[128];
+    char used[128];   // the name whose features these are: name, or "object" for a name the model cannot embed
     Tensor features;  // [2,E] on the device, owned
 } ClassFeatures;
 

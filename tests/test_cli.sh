@@ -67,6 +67,11 @@ if [ -f "$ib/model.safetensors" ]; then
     check "map unknown class" "$agpt" map --device cpu --model "$ib/model.safetensors" --class widget -o "$tmp/maps" "$ib/query.png"
     grep -q '"class":"object"' "$tmp/out" && grep -q "using 'object'" "$tmp/out" ||
         { failed=$((failed + 1)); echo "FAIL unknown class falls back to object"; cat "$tmp/out"; }
+    # Two images of that class: both use 'object', and the warning comes once, not per image.
+    check "map unknown class twice" "$agpt" map --device cpu --model "$ib/model.safetensors" --class widget \
+        -o "$tmp/maps" "$ib/query.png" "$ib/ref0.png"
+    [ "$(grep -c '"class":"object"' "$tmp/out")" = 2 ] && [ "$(grep -c "using 'object'" "$tmp/out")" = 1 ] ||
+        { failed=$((failed + 1)); echo "FAIL unknown class: two images, one warning"; cat "$tmp/out"; }
     # Odd inputs go through (1x1, grayscale, 16-bit, palette, CMYK, a reference of another size); a bad file is
     # reported in its own JSON line and the others still come out.
     imgs="$data/images"

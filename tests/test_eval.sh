@@ -103,6 +103,22 @@ for l in lines:
     assert isinstance(l["answer"], str) and l["verdict"] in ("anomalous", "normal")
     right = ("Yes" in l["answer"]) if l["label"] == "anomalous" else ("No" in l["answer"])
     assert l["correct"] == right, l
+# every "mean ± std" cell of report.md is over_runs' mean and std of its own row (the mean row included)
+keys = {"Accuracy": "accuracy", "I-AUROC": "image_auroc", "P-AUROC": "pixel_auroc", "AUPRO": "aupro"}
+md = open(o + "/report.md").read().split("## mean ± std over 2 runs")[1].split("\n\n")[1].splitlines()
+head = [c.strip() for c in md[0].strip("|").split("|")]
+rows = [[c.strip() for c in line.strip("|").split("|")] for line in md[2:]]
+over = r["over_runs"]
+assert len(rows) == len(over["std"]) and rows[-1][0] == "**mean**", rows
+seen = 0
+for i, row in enumerate(rows):
+    for title, key in keys.items():
+        cell, m, sd = row[head.index(title)], over["mean"][i][key], over["std"][i][key]
+        if m is None:
+            continue
+        assert cell == f"{100 * m:.1f} ± {100 * sd:.1f}", (row[0], title, cell, m, sd)
+        seen += 1
+assert seen >= 8, seen
 EOF
     then ok; else bad "full report and lines"; cat "$tmp/py.out"; fi
 else

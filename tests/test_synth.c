@@ -220,6 +220,12 @@ static void test_params_and_live_draws(void) {
     CHECK_OK(synth_params_from_json("{\"cutpaste\": true}", &p));
     CHECK(p.cutpaste == 1, "cutpaste option");
     CHECK_ERR(synth_params_from_json("{\"cutpaste\": 1}", &p));
+    CHECK_OK(synth_params_from_json("{\"blend\": \"paste\"}", &p));
+    CHECK(p.paste == 1, "blend paste");
+    CHECK_OK(synth_params_from_json("{\"blend\": \"poisson\"}", &p));
+    CHECK(p.paste == 0, "blend poisson");
+    CHECK_ERR(synth_params_from_json("{\"blend\": \"mix\"}", &p));
+    CHECK_ERR(synth_params_from_json("{\"blend\": true}", &p));
     SynthParams before = p;
     CHECK_ERR(synth_params_from_json("{\"widht_bounds_pct\": 1}", &p));
     CHECK_ERR(synth_params_from_json("{\"num_patches\": 3}", &p));
@@ -274,6 +280,54 @@ static void test_params_and_live_draws(void) {
         CHECK_OK(synth_patch_ex(tiny, tiny, &p, &d, &a));
     }
     synth_sample_free(&a);
+}
+
+// "blend": "paste": without a resize every changed pixel is a source pixel as it was (the same RGB triple at the
+// same offset inside the box), where the Poisson blend changes the patch's colours.
+// "blend": "paste" copies the patch; Poisson blending keeps only its gradients. A uniform-colour source shows
+// both: resized it stays uniform, so a paste writes exactly that colour, while a blend of a patch without
+// gradients onto a uniform destination leaves the destination's colour (why NSA patches of flat colour are
+// invisible to features that mostly see colour).
+static void test_paste(void) {
+    enum { H = 64, W = 64 };
+    static uint8_t dest[H * W * 3], src[H * W * 3];
+    const uint8_t colour[3] = {200, 50, 10};
+    for (int i = 0; i < H * W; i++) memset(dest + i * 3, 128, 3), memcpy(src + i * 3, colour, 3);
+    SynthParams p;
+    int known;
+    CHECK_OK(synth_params_for_class("my_widget", &p, &known));
+    p.num_patches = 1;
+    for (int paste = 0; paste < 2; paste++) {
+        p.paste = paste;
+        SynthSample out;
+        CHECK_OK(synth_sample_alloc(H, W, &out));
+        int changed = 0, exact = 0, patches = 0, max_dev = 0;
+        for (int idx = 0; idx < 8; idx++) {
+            Rng r;
+            SynthDraws d;
+            synth_draws_for_sample(7, idx, &r, &d);
+            CHECK_OK(synth_patch_ex(dest, src, &p, &d, &out));
+            patches += out.n_patches;
+            for (int i = 0; i < H * W * 3; i += 3) {
+                const uint8_t *o = out.image + i;
+                for (int ch = 0; ch < 3; ch++) {
+                    int dev = abs(o[ch] - 128);
+                    max_dev = dev > max_dev ? dev : max_dev;
+                }
+                if (o[0] == 128 && o[1] == 128 && o[2] == 128) continue;
+                changed++;
+                exact += !memcmp(o, colour, 3);
+            }
+        }
+        synth_sample_free(&out);
+        CHECK(patches >= 4, "%s: only %d of 8 samples got a patch", paste ? "paste" : "poisson", patches);
+        if (paste) {
+            CHECK(changed >= patches * 50, "paste: only %d pixels changed by %d patches", changed, patches);
+            CHECK(exact == changed, "paste: %d of %d changed pixels are not the source colour", changed - exact, changed);
+        } else {
+            CHECK(max_dev <= 2, "poisson: a flat patch moved a flat destination by %d levels", max_dev);
+        }
+    }
 }
 
 static const char *words[9] = {"top left", "top", "top right", "left", "center", "right",
@@ -383,6 +437,7 @@ int main(int argc, char **argv) {
         test_resize_median();
         test_patch_ex();
         test_params_and_live_draws();
+        test_paste();
         test_conversation();
     }
     st_close(golden);

@@ -120,7 +120,7 @@ static void table_md(FILE *f, const Row *rows, int n, const Row *mean, const Row
     fprintf(f, "%s---:|\n", llm ? "---:|" : "");
     for (int r = 0; r <= n; r++) {
         const Row *x = r < n ? &rows[r] : mean;
-        const Row *sd = r < n || !std ? (std && r < n ? &std[r] : NULL) : std;
+        const Row *sd = std ? &std[r] : NULL;  // std[n] is the mean row's
         fprintf(f, "| %s%s%s |", r == n ? "**" : "", x->name, r == n ? "**" : "");
         for (int j = 0; j < N_METRICS; j++) {
             if (!llm && METRIC_LLM[j]) continue;

@@ -34,8 +34,9 @@ static void usage(FILE *f) {
             "                   the VisA setting and a generic description\n"
             "  --params FILE    JSON overriding the class's values: width_bounds_pct, intensity_logistic_params,\n"
             "                   skip_background, resize_bounds, num_patches, min_object_pct, min_overlap_pct,\n"
-            "                   gamma_params, description, and cutpaste (true: patch_ex's CutPaste boxes\n"
-            "                   instead of the reference's setting; README.md)\n"
+            "                   gamma_params, description, cutpaste (true: patch_ex's CutPaste boxes\n"
+            "                   instead of the reference's setting; README.md), and blend (\"poisson\", the\n"
+            "                   reference's, or \"paste\": the patch copied as it is)\n"
             "  --seed S         default 42; --count N in [1, 1000000]\n");
 }
 

@@ -50,7 +50,9 @@ static void usage(FILE *f) {
             "                   brings its instruction micro-step, so --accum 4 is the reference's update)\n"
             "  --lr X           peak learning rate (1e-3); WarmupDecayLR: log warmup over --warmup updates (default\n"
             "                   max(10, N/10), as the reference) then linear decay to 0 at N\n"
-            "  --train PARTS    comma list of decoder, prompt_learner, llama_proj, lora (default decoder,prompt_learner)\n"
+            "  --train PARTS    comma list of decoder, prompt_learner, llama_proj, lora (default decoder,prompt_learner);\n"
+            "                   lm_head also trains lm_head and model.norm (not in the reference: for a model trained\n"
+            "                   from scratch, whose random LLaMA LoRA alone cannot adapt; f32 models only)\n"
             "  --fewshot-p P    chance a micro-step feeds the prompt learner the few-shot map (0.5, as the reference)\n"
             "  --seed S         sample order and every random draw (42)\n"
             "  --ckpt-every N   save every N updates (default: only at the end; Ctrl-C saves and exits)\n"
@@ -252,8 +254,8 @@ static void on_sigint(int sig) {
 // ---- options -----------------------------------------------------------------------------------------------
 
 
-static bool parts_ok(const char *list, bool *decoder, bool *prompt, bool *proj, bool *lora) {
-    *decoder = *prompt = *proj = *lora = false;
+static bool parts_ok(const char *list, bool *decoder, bool *prompt, bool *proj, bool *lora, bool *head) {
+    *decoder = *prompt = *proj = *lora = *head = false;
     for (const char *p = list; *p;) {
         const char *end = strchr(p, ',');
         size_t len = end ? (size_t)(end - p) : strlen(p);
@@ -261,14 +263,15 @@ static bool parts_ok(const char *list, bool *decoder, bool *prompt, bool *proj, 
         else if (len == 14 && !strncmp(p, "prompt_learner", 14)) *prompt = true;
         else if (len == 10 && !strncmp(p, "llama_proj", 10)) *proj = true;
         else if (len == 4 && !strncmp(p, "lora", 4)) *lora = true;
+        else if (len == 7 && !strncmp(p, "lm_head", 7)) *head = true;
         else {
-            fprintf(stderr, "agpt train: --train takes decoder, prompt_learner, llama_proj, lora, not '%.*s'\n",
+            fprintf(stderr, "agpt train: --train takes decoder, prompt_learner, llama_proj, lora, lm_head, not '%.*s'\n",
                     (int)len, p);
             return false;
         }
         p += len + (end ? 1 : 0);
     }
-    if (!*decoder && !*prompt && !*proj && !*lora) {
+    if (!*decoder && !*prompt && !*proj && !*lora && !*head) {
         fprintf(stderr, "agpt train: --train names no part\n");
         return false;
     }
@@ -371,8 +374,8 @@ static int parse(int argc, char **argv, TrainOptions *o) {
         fprintf(stderr, "agpt train: give --steps or --epochs, not both\n");
         return 2;
     }
-    bool d, p, j, l;
-    if (!parts_ok(o->train, &d, &p, &j, &l)) return 2;
+    bool d, p, j, l, h;
+    if (!parts_ok(o->train, &d, &p, &j, &l, &h)) return 2;
     return -1;  // go on
 }
 
@@ -389,8 +392,8 @@ int cmd_train(int argc, char **argv) {
     TrainOptions o;
     int rc = parse(argc, argv, &o);
     if (rc >= 0) return rc;
-    bool t_decoder, t_prompt, t_proj, t_lora;
-    parts_ok(o.train, &t_decoder, &t_prompt, &t_proj, &t_lora);
+    bool t_decoder, t_prompt, t_proj, t_lora, t_head;
+    parts_ok(o.train, &t_decoder, &t_prompt, &t_proj, &t_lora, &t_head);
     Device dev = o.device;
     int threads = o.threads;
     if (dev != DEV_CPU || o.dtype != DT_F32) {
@@ -436,7 +439,7 @@ int cmd_train(int argc, char **argv) {
         return report_and_finalize(&comm, s);
     }
     AnomalyTrainModel model;
-    AnomalyTrainOptions mopt = {.max_batch = 2, .train_proj = t_proj, .train_lora = t_lora};
+    AnomalyTrainOptions mopt = {.max_batch = 2, .train_proj = t_proj, .train_lora = t_lora, .train_head = t_head};
     double t_open = timer_now_s();
     s = anomaly_train_open(&model, &eng, o.model, o.overlays, o.n_overlays, o.tokenizer, &mopt);
     int failed_rank;
@@ -471,6 +474,7 @@ int cmd_train(int argc, char **argv) {
         mc.seq_len = TRAIN_PREFIX_TOKENS + (data.n_sft ? SFT_TEXT_MAX : ANOMALY_TEXT_MAX);
         mc.weight_dtype = DT_F32, mc.compute_dtype = DT_F32;
         mc.train_decoder = t_decoder, mc.train_prompt = t_prompt, mc.train_proj = t_proj, mc.train_lora = t_lora;
+        mc.train_head = t_head;
         mc.recompute = false, mc.flash_attention = false, mc.optimizer_on_host = false;
         MemPlan plan;
         s = mem_plan_compute(&mc, &plan);
@@ -494,7 +498,8 @@ int cmd_train(int argc, char **argv) {
         for (int i = 0; i < n && i < 512; i++) {
             bool dec = !strncmp(tt[i].name, "image_decoder.", 14), pl = !strncmp(tt[i].name, "prompt_learner.", 15);
             bool pj = !strncmp(tt[i].name, "llama_proj.", 11);
-            bool keep = dec ? t_decoder : pl ? t_prompt : pj ? t_proj : t_lora;
+            bool hd = !strcmp(tt[i].name, "lm_head.weight") || !strcmp(tt[i].name, "model.norm.weight");
+            bool keep = dec ? t_decoder : pl ? t_prompt : pj ? t_proj : hd ? t_head : t_lora;
             if (keep) params[n_params++] = (TrainParam){.name = tt[i].name, .param = *tt[i].param, .grad = *tt[i].grad};
         }
     }

@@ -6,8 +6,9 @@
 # normal references), and measure every op against this machine's limits.
 #
 # The small model's weights are random (the tests check it against PyTorch, number for number): its maps and
-# answers show the pipeline working, not a trained detector. For the real model, see README.md "Official
-# weights". The answers need LLaMA's tokenizer.model from ../shared/data; without it detect gives maps only.
+# answers show the pipeline working, not a trained detector. Then the default model, trained by agpt itself
+# (models/default), inspects drawn defects 1-shot and zero-shot and is evaluated on held-out photos. For the
+# real model, see README.md "Official weights". The answers need LLaMA's tokenizer.model from ../shared/data; without it detect gives maps only.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 "$root/tools/install-deps.sh"
@@ -46,6 +47,39 @@ echo "== few-shot: agpt detect --reference (two normal images)"
 "$agpt" detect --model "$demo/model.safetensors" --reference "$samples/ref0.png" --reference "$samples/ref1.png" \
     --max-new 32 --out "$demo/few-shot" "${images[@]}"
 echo "heatmaps and raw maps are in $demo/zero-shot and $demo/few-shot"
+
+echo "(the model above has random weights: it shows the pipeline matching PyTorch, not a detector)"
+
+# The default model: a small AnomalyGPT trained by agpt itself (tools/train-default.sh, models/default).
+if [ ${#extras[@]} -gt 0 ]; then
+    echo "== the default model (trained by agpt: models/default/delta.safetensors over its seeded base)"
+    mkdir -p "$demo/default/seeded"
+    "$root/build/make_test_model" "$demo/default/seeded" "$root/tests/data" >/dev/null
+    python3 "$root/tools/default_model/default_base.py" "$demo/default/seeded/model.safetensors" "$demo/default/base.safetensors"
+    default=(--model "$demo/default/base.safetensors" --weights "$root/models/default/delta.safetensors"
+             --tokenizer "$shared/llama-tokenizer.model" --threads 2)
+    # Defects drawn on crops of the CC0 photos (make_default_data heldout); a normal crop of each is the reference.
+    rm -rf "$demo/default/check"
+    "$root/build/make_default_data" heldout "$demo/default/check" 3 8 "$shared"/images/{brick,grass,gravel}.png
+    for cls in brick gravel; do
+        echo "-- 1-shot, $cls: the reference is $cls/train/good/000.png"
+        "$agpt" detect "${default[@]}" --class "$cls" --reference "$demo/default/check/$cls/train/good/000.png" \
+            --max-new 24 --out "$demo/default/heatmaps" "$demo/default/check/$cls"/test/*/000.png
+    done
+    echo "-- zero-shot, brick"
+    "$agpt" detect "${default[@]}" --class brick --max-new 24 --out "$demo/default/heatmaps-zero-shot" \
+        "$demo/default/check/brick"/test/*/000.png
+    echo "heatmaps in $demo/default/heatmaps and $demo/default/heatmaps-zero-shot"
+    # The held-out evaluation: photos and defect kinds the model never saw, from Debian packages.
+    if photos=$("$root/tools/fetch-photos.sh" "$demo/default/photos"); then
+        rm -rf "$demo/default/heldout-data"
+        "$root/build/make_default_data" heldout "$demo/default/heldout-data" 2 24 "$(echo "$photos" | sed -n 2p)"/*
+        "$agpt" eval "${default[@]}" --data "$demo/default/heldout-data" --format mvtec --k-shot 0,1 --round 0 \
+            --max-new 24 --out "$demo/default/heldout" 2>/dev/null
+    else
+        echo "no held-out photos (tools/fetch-photos.sh could not download them): held-out evaluation skipped"
+    fi
+fi
 
 if "$agpt" info | grep -q "^cuda:0"; then
     "$agpt" bench ops --device cuda --dtype bf16

@@ -53,6 +53,7 @@ Status mem_plan_compute(const MemPlanConfig *c, MemPlan *p) {
     (c->train_prompt ? &trained : &frozen)[0] += prompt;
     (c->train_proj ? &trained : &frozen)[0] += proj;
     if (c->train_lora) trained += lora;  // frozen LoRA is merged into q, k, v, o
+    if (c->train_head) trained += V * D + D;  // lm_head, model.norm
     p->trained_params = trained, p->frozen_params = frozen;
 
     add(p, "frozen weights: ViT-H vision", vit * wb);

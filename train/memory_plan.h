@@ -39,6 +39,7 @@ typedef struct MemPlanConfig {
     DType weight_dtype;          // frozen weights (F16 on the GPU, as the reference)
     DType compute_dtype;         // activations (F16; F32 on the CPU)
     bool train_decoder, train_prompt, train_proj, train_lora;  // the reference trains decoder + prompt learner
+    bool train_head;            // lm_head and model.norm (their weights stay counted under the frozen LLaMA)
     bool recompute;              // activation recomputation per LLaMA layer
     bool flash_attention;        // no [heads,T,T] scores kept (a fused attention keeps only row statistics)
     bool optimizer_on_host;      // AdamW moments on the host (not counted on the device)

@@ -185,6 +185,11 @@ Status synth_params_from_json(const char *json_text, SynthParams *params) {
         } else if (!strcmp(k, "cutpaste")) {
             if (!cJSON_IsBool(it)) s = AGPT_FAIL(AGPT_ERR_FORMAT, "synth params: \"cutpaste\" must be true or false");
             else p.cutpaste = cJSON_IsTrue(it);
+        } else if (!strcmp(k, "blend")) {
+            if (!cJSON_IsString(it) || (strcmp(it->valuestring, "poisson") && strcmp(it->valuestring, "paste")))
+                s = AGPT_FAIL(AGPT_ERR_FORMAT, "synth params: \"blend\" must be \"poisson\" or \"paste\"");
+            else
+                p.paste = !strcmp(it->valuestring, "paste");
         } else if (!strcmp(k, "description")) {
             if (!cJSON_IsString(it) || !it->valuestring[0] || strlen(it->valuestring) >= SYNTH_DESCRIPTION_MAX)
                 s = AGPT_FAIL(AGPT_ERR_FORMAT, "synth params: \"description\" must be a non-empty string under %d bytes",
@@ -195,7 +200,7 @@ Status synth_params_from_json(const char *json_text, SynthParams *params) {
             s = AGPT_FAIL(AGPT_ERR_FORMAT,
                           "synth params: unknown key \"%s\" (known: width_bounds_pct, intensity_logistic_params, "
                           "skip_background, resize_bounds, num_patches, min_object_pct, min_overlap_pct, gamma_params, "
-                          "description, cutpaste)",
+                          "description, cutpaste, blend)",
                           k);
         }
     }
@@ -544,7 +549,15 @@ static Status patch_one(const PatchCtx *c, uint8_t *img, int box[4], uint8_t **p
             }
         if (area >= 50) {  // cv2 seamlessClone fails on tiny masks
             int cx = dx1 - (dx1 - dx0) / 2, cy = dy0 + (dy1 - dy0) / 2;
-            Status cs = seamless_clone(rpatch, height, width, img, H, W, clone_mask, cx, cy, img);
+            Status cs = AGPT_OK;
+            if (p->paste) {  // the clone mask's pixels of the patch, copied into the destination box
+                for (int y = 0; y < height; y++)
+                    for (int x = 0; x < width; x++)
+                        if (clone_mask[(size_t)y * width + x])
+                            memcpy(img + ((size_t)(dy0 + y) * W + dx0 + x) * 3, rpatch + ((size_t)y * width + x) * 3, 3);
+            } else {
+                cs = seamless_clone(rpatch, height, width, img, H, W, clone_mask, cx, cy, img);
+            }
             if (cs == AGPT_OK) {
                 *pasted = 1;
                 box[0] = dy0, box[1] = dy1, box[2] = dx0, box[3] = dx1;

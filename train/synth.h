@@ -37,6 +37,10 @@ typedef struct SynthParams {
     // area 2-15 % of the image, aspect ratio in (0.3, 1) or (1, 3.3), no rescale and no background skip; still
     // Poisson-blended, as patch_ex does).
     int cutpaste;
+    // Beyond the reference, off by default: the patch is copied as it is (CutPaste's plain paste) instead of
+    // Poisson-blended. Its colours stay the source's, so a model whose features do not yet see texture (a ViT
+    // that is not trained) still sees the anomaly: the default model's recipe uses it (README.md).
+    int paste;
 } SynthParams;
 
 // The reference's values for the 15 MVTec-AD and 12 VisA classes (VisA: one setting for all); any other name gets
@@ -47,7 +51,7 @@ Status synth_params_for_class(const char *class_name, SynthParams *out, int *kno
 //   {"width_bounds_pct": [[lo1, hi1], [lo2, hi2]], "intensity_logistic_params": [k, x0],
 //    "skip_background": [brightness, threshold] or null, "resize_bounds": [lo, hi], "num_patches": 1 or 2,
 //    "min_object_pct": x, "min_overlap_pct": x, "gamma_params": [shape, scale, offset], "description": "...",
-//    "cutpaste": false}
+//    "cutpaste": false, "blend": "poisson" or "paste"}
 Status synth_params_from_json(const char *json_text, SynthParams *params);
 Status synth_params_load_json(const char *path, SynthParams *params);
 // Checks ranges (bounds ordered and inside (0, 0.5], positive gamma, ...).
