@@ -53,6 +53,29 @@ static Status alloc_grads(AnomalyTrainModel *m) {
     return anomaly_train_zero_grad(m);
 }
 
+// train_vision: zeroed f32 gradients for every block tensor of the encoder, shaped as their parameters.
+static Status alloc_vision_grads(AnomalyTrainModel *m) {
+    const VisionEncoder *v = &m->vision.vision;
+    m->d_vision = calloc((size_t)v->layers, sizeof *m->d_vision);
+    if (!m->d_vision) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for %d blocks' gradients", v->layers);
+    size_t bytes = 0;
+    for (int l = 0; l < v->layers; l++)
+        for (int i = 0; i < VIT_BLOCK_TENSORS; i++) {
+            const Tensor *p = vit_block_tensor(&v->blocks[l], i, NULL);
+            AGPT_CHECK_ARG(p->dtype == DT_F32, "training the ViT needs f32 weights (the store holds %s)",
+                           dtype_name(p->dtype));
+            bytes += (size_t)tensor_numel(p) * sizeof(float) + AGPT_ALIGN;
+        }
+    AGPT_TRY(arena_init(&m->vision_grad_arena, m->engine->device, bytes));
+    for (int l = 0; l < v->layers; l++)
+        for (int i = 0; i < VIT_BLOCK_TENSORS; i++) {
+            const Tensor *p = vit_block_tensor(&v->blocks[l], i, NULL);
+            AGPT_TRY(arena_tensor(&m->vision_grad_arena, DT_F32, p->ndim, p->shape,
+                                  vit_block_tensor(&m->d_vision[l], i, NULL)));
+        }
+    return AGPT_OK;
+}
+
 static Status tokenize_piece(const SpTokenizer *t, const char *text, int32_t *ids, int cap, int *n) {
     Status s = sp_encode(t, text, ids, cap, n);
     return s == AGPT_OK ? s : agpt_add_context(s, "tokenising '%s'", text);
@@ -86,7 +109,8 @@ Status anomaly_train_open(AnomalyTrainModel *m, Engine *e, const char *model, co
     if (s == AGPT_OK && 2 + m->n_head + m->n_tail + PROMPT_TOKENS != TRAIN_PREFIX_TOKENS)
         s = AGPT_FAIL(AGPT_ERR_FORMAT, "the tokenizer splits the image markers into %d + %d tokens, not 6 + 4 (is "
                       "it LLaMA's?)", m->n_head, m->n_tail);
-    if (s == AGPT_OK) s = alloc_grads(m);
+    if (s == AGPT_OK && opt->train_vision) s = alloc_vision_grads(m);
+    if (s == AGPT_OK) s = alloc_grads(m);  // zeroes every gradient, the ViT's too
     if (s == AGPT_OK && opt->train_head) s = llama_lora_train_enable_head(&m->llm, e);
     if (s != AGPT_OK) {
         anomaly_train_close(m);
@@ -96,8 +120,12 @@ Status anomaly_train_open(AnomalyTrainModel *m, Engine *e, const char *model, co
 }
 
 void anomaly_train_close(AnomalyTrainModel *m) {
-    for (int k = 0; k < 2; k++)
+    for (int k = 0; k < 2; k++) {
         if (m->have_llm_state[k]) llama_train_state_free(&m->llm_state[k]);
+        if (m->have_vision_acts[k]) vision_train_acts_free(&m->vision_acts[k]);
+    }
+    free(m->d_vision);
+    arena_free(&m->vision_grad_arena);
     arena_free(&m->step_arena);
     arena_free(&m->grad_arena);
     llama_lora_train_free(&m->llm);
@@ -120,6 +148,8 @@ Status anomaly_train_zero_grad(AnomalyTrainModel *m) {
         AGPT_TRY(tensor_zero(&m->d_proj_w));
         AGPT_TRY(tensor_zero(&m->d_proj_b));
     }
+    for (int l = 0; m->d_vision && l < m->vision.vision.layers; l++)
+        for (int i = 0; i < VIT_BLOCK_TENSORS; i++) AGPT_TRY(tensor_zero(vit_block_tensor(&m->d_vision[l], i, NULL)));
     return llama_lora_train_zero_grad(&m->llm);
 }
 
@@ -161,6 +191,13 @@ int anomaly_train_tensors(AnomalyTrainModel *m, AnomalyTrainTensor *out, int cap
                 ADD(&m->llm.lora[l].b[p], &m->llm.grad[l].b[p], "%s", name);
             }
     }
+    if (m->opt.train_vision)
+        for (int l = 0; l < m->vision.vision.layers; l++)
+            for (int i = 0; i < VIT_BLOCK_TENSORS; i++) {
+                const char *suffix;
+                Tensor *p = vit_block_tensor(&m->vision.vision.blocks[l], i, &suffix);
+                ADD(p, vit_block_tensor(&m->d_vision[l], i, NULL), "modality_trunks.vision.blocks.%d.%s", l, suffix);
+            }
 #undef ADD
     return n;
 }
@@ -184,6 +221,8 @@ typedef struct StepActs {
     Tensor prompts;                   // [B,18,D]
     Tensor image_token;               // [B,D]
     Tensor embeds;                    // [B,T,D]
+    Tensor d_taps[VISION_TAPS];       // [B,N+1,C]  train_vision: gradients at the taps (CLS rows 0)
+    Tensor d_embedding;               // [B,E']     train_vision: at the vision embedding
 } StepActs;
 
 static int64_t conv_side(const PromptLearner *p, int i, int64_t h) { return h + 2 * p->padding[i] - p->kernel[i] + 1; }
@@ -214,6 +253,11 @@ static size_t step_bytes(const AnomalyTrainModel *m, int B, int T) {
     // Backward temporaries: two ping-pong conv gradients, the map gradients, the decoder's per-image gradients.
     ADD(widest), ADD(widest), ADD(B * S * S), ADD(B * S * S), ADD(B * 2 * N), ADD(N * E), ADD(N * E), ADD(D * 9);
     ADD(B * D);
+    if (m->opt.train_vision) {
+        for (int i = 0; i < VISION_TAPS; i++) ADD(B * (N + 1) * C);
+        ADD(B * v->embed);
+        total += vision_train_scratch_bytes(v, B);
+    }
 #undef ADD
     return total + anomaly_map_arena_bytes(&m->vision.decoder, (int)N + 1, (int)S, 4) + 16 * a;
 }
@@ -286,7 +330,20 @@ static Status forward_maps(AnomalyTrainModel *m, StepActs *t, const AnomalyTrain
     for (int b = 0; b < B; b++) AGPT_TRY(upload_image(&images, b, ex[b].image, S));
     Tensor emb = tensor_2d(vm->embedding.data, DT_F32, e->device, B, vm->vision.embed), taps[VISION_TAPS];
     for (int i = 0; i < VISION_TAPS; i++) taps[i] = tensor_3d(vm->taps[i].data, DT_F32, e->device, B, N + 1, C);
-    AGPT_TRY(vision_forward(e, &vm->vision, &vm->arena, &images, &emb, taps));
+    if (m->opt.train_vision) {
+        const int slot = B > 1;
+        if (m->have_vision_acts[slot] && m->vision_acts[slot].B != B) {
+            vision_train_acts_free(&m->vision_acts[slot]);
+            m->have_vision_acts[slot] = false;
+        }
+        if (!m->have_vision_acts[slot]) {
+            AGPT_TRY(vision_train_acts_create(&m->vision_acts[slot], e, &vm->vision, B));
+            m->have_vision_acts[slot] = true;
+        }
+        AGPT_TRY(vision_train_forward(e, &vm->vision, &vm->arena, &m->vision_acts[slot], &images, &emb, taps));
+    } else {
+        AGPT_TRY(vision_forward(e, &vm->vision, &vm->arena, &images, &emb, taps));
+    }
     // The encoder's buffers are reused by the references' pass: keep copies.
     for (int i = 0; i < VISION_TAPS; i++) AGPT_TRY(tensor_copy(&t->taps[i], &taps[i]));
     AGPT_TRY(tensor_copy(&t->embedding, &emb));
@@ -476,8 +533,13 @@ static Status backward_maps(AnomalyTrainModel *m, StepActs *t, const AnomalyTrai
             Tensor proj = tensor_rows_view(&t->proj[i], (int64_t)b * N, N);
             AGPT_TRY(op_l2_normalize_backward(e, &d_proj, &d_unit, &proj, 0.0f));
             Tensor patches = tensor_rows_view(&patches_all, (int64_t)b * (N + 1) + 1, N);
-            AGPT_TRY(op_linear_backward(e, NULL, &m->d_fc_w[i], &m->d_fc_b[i], &d_proj, &patches,
-                                        &vm->decoder.fc_w[i]));
+            Tensor d_patches = {0};  // train_vision: this image's patch rows of the tap's gradient
+            if (m->opt.train_vision) {
+                Tensor d_all = tensor_2d(t->d_taps[i].data, DT_F32, e->device, (int64_t)B * (N + 1), C);
+                d_patches = tensor_rows_view(&d_all, (int64_t)b * (N + 1) + 1, N);
+            }
+            AGPT_TRY(op_linear_backward(e, m->opt.train_vision ? &d_patches : NULL, &m->d_fc_w[i], &m->d_fc_b[i],
+                                        &d_proj, &patches, &vm->decoder.fc_w[i]));
         }
     }
     return AGPT_OK;
@@ -508,6 +570,14 @@ static Status carve_acts(AnomalyTrainModel *m, StepActs *t, Arena *arena) {
     AGPT_TRY(arena_tensor(arena, DT_F32, 3, SHAPE(B, PROMPT_TOKENS, D), &t->prompts));
     AGPT_TRY(arena_tensor(arena, DT_F32, 2, SHAPE(B, D), &t->image_token));
     AGPT_TRY(arena_tensor(arena, DT_F32, 3, SHAPE(B, t->T, D), &t->embeds));
+    if (m->opt.train_vision) {
+        for (int i = 0; i < VISION_TAPS; i++) {
+            AGPT_TRY(arena_tensor(arena, DT_F32, 3, SHAPE(B, N + 1, C), &t->d_taps[i]));
+            AGPT_TRY(tensor_zero(&t->d_taps[i]));  // the CLS rows and layers without a loss stay 0
+        }
+        AGPT_TRY(arena_tensor(arena, DT_F32, 2, SHAPE(B, v->embed), &t->d_embedding));
+        AGPT_TRY(tensor_zero(&t->d_embedding));
+    }
     return AGPT_OK;
 }
 
@@ -554,7 +624,7 @@ static Status step_in_arena(AnomalyTrainModel *m, StepActs *t, const AnomalyTrai
     out->targets = st->n_targets;
 
     // Backward: the image token, the prompt learner, the maps.
-    if (s == AGPT_OK && m->opt.train_proj) {
+    if (s == AGPT_OK && (m->opt.train_proj || m->opt.train_vision)) {
         Tensor rows = tensor_2d(st->d_x.data, DT_F32, e->device, (int64_t)B * T, D);
         Tensor d_token;
         s = arena_tensor(arena, DT_F32, 2, SHAPE(B, D), &d_token);
@@ -563,15 +633,21 @@ static Status step_in_arena(AnomalyTrainModel *m, StepActs *t, const AnomalyTrai
             Tensor dst = tensor_rows_view(&d_token, b, 1), src = tensor_rows_view(&rows, (int64_t)b * T + image_row, 1);
             s = op_copy(e, &dst, &src);
         }
-        if (s == AGPT_OK) s = op_linear_backward(e, NULL, &m->d_proj_w, &m->d_proj_b, &d_token, &t->embedding,
-                                                 &m->proj.w);
+        const bool pj = m->opt.train_proj, vis = m->opt.train_vision;
+        if (s == AGPT_OK)
+            s = op_linear_backward(e, vis ? &t->d_embedding : NULL, pj ? &m->d_proj_w : NULL, pj ? &m->d_proj_b : NULL,
+                                   &d_token, &t->embedding, &m->proj.w);
     }
     Tensor d_map = {0};
     if (s == AGPT_OK && !fewshot) s = arena_tensor(arena, DT_F32, 4, SHAPE(B, 1, S, S), &d_map);
     if (s == AGPT_OK) s = backward_prompts(m, t, &st->d_x, arena, fewshot ? NULL : &d_map);
     AGPT_TRY(s);
-    // The few-shot map comes from the frozen encoder alone: no gradient flows back from the prompt learner then.
-    return backward_maps(m, t, ex, fewshot ? NULL : &d_map, pixel_loss, arena, &out->focal, &out->dice);
+    // The few-shot map comes from the encoder alone, without a gradient (as the reference's, whose encoder is
+    // frozen): nothing flows back from the prompt learner then.
+    AGPT_TRY(backward_maps(m, t, ex, fewshot ? NULL : &d_map, pixel_loss, arena, &out->focal, &out->dice));
+    if (!m->opt.train_vision) return AGPT_OK;
+    return vision_train_backward(e, &m->vision.vision, m->d_vision, &m->vision_acts[B > 1], arena, t->d_taps,
+                                 &t->d_embedding);
 }
 
 Status anomaly_train_step(AnomalyTrainModel *m, const AnomalyTrainExample *ex, int B, AnomalyTrainLosses *out) {

@@ -2,7 +2,7 @@
 // 3.2, 3.4, 4, 5.4, 6.5) and its backward, over kernels/ops.h, so it runs on the CPU engine and (unverified on a
 // GPU so far) on CUDA.
 //
-//   taps = ImageBind(images)                                  frozen: forward only
+//   taps = ImageBind(images)                                  frozen (trained with train_vision)
 //   per layer i:  P_i = fc_i(taps_i[1:]);  S_i = 100 (P_i/||P_i||) t^T;  A_i = softmax(upsample(S_i))
 //   M = mean_i A_i[:,1]                                       the text map ([B,S,S])
 //   pixel loss = sum_i focal(A_i, gt) + dice(A_i[:,1], gt)    only when the examples have masks
@@ -11,7 +11,9 @@
 //   loss = CE(LLaMA+LoRA(E), answer tokens) + pixel loss
 //
 // Trained: the decoder (image_decoder.fc.*) and the prompt learner (prompt_learner.*), as the reference; as
-// options llama_proj and the LoRA factors. Gradients are f32 on the engine's device and accumulate (+=) over
+// options llama_proj, the LoRA factors, lm_head + model.norm and the ViT's blocks (train_vision: the
+// gradients at the taps, from the text maps, and at the image embedding, from the LLM through llama_proj, go
+// down the trunk; the few-shot map stays gradient-free, as its reference pass). Gradients are f32 on the engine's device and accumulate (+=) over
 // steps until anomaly_train_zero_grad, so gradient accumulation needs no extra buffer.
 #pragma once
 #include <stdbool.h>
@@ -20,6 +22,7 @@
 #include "model/prompt_learner.h"
 #include "model/sp_tokenizer.h"
 #include "model/vision_model.h"
+#include "model/vision_train.h"
 
 #define TRAIN_PREFIX_TOKENS 30  // <s>, 6 of "### Human: <Img>", the image token, 4 of "</Img> ", 18 prompts
 #define TRAIN_PAD_ID 2          // right padding (pad = eos), label -100
@@ -30,6 +33,7 @@ typedef struct AnomalyTrainOptions {
     bool train_proj;    // also llama_proj (off in the reference)
     bool train_lora;    // also the LoRA factors (off in the reference)
     bool train_head;    // also lm_head and model.norm (not in the reference; for a model trained from scratch)
+    bool train_vision;  // also the ViT's blocks (not in the reference; model/vision_train.h)
 } AnomalyTrainOptions;
 
 typedef struct AnomalyTrainModel {
@@ -49,6 +53,8 @@ typedef struct AnomalyTrainModel {
     Tensor d_base_prompts;                                 // [9,D]
     Tensor d_proj_w, d_proj_b;                             // [D,E], [D] (train_proj)
     Arena grad_arena;
+    VitBlockWeights *d_vision;                             // [layers] (train_vision), in vision_grad_arena
+    Arena vision_grad_arena;
     // Kept from step to step, so that a step does not map (and fault in) fresh pages: the activations' arena
     // (grown when a step needs more) and the LLM's training state, one per batch size of 1 and more (remade when
     // the sequence length changes; lengths are padded up to a multiple of TRAIN_PAD_MULTIPLE, which changes no
@@ -56,6 +62,8 @@ typedef struct AnomalyTrainModel {
     Arena step_arena;
     LlamaTrainState llm_state[2];
     bool have_llm_state[2];
+    VisionTrainActs vision_acts[2];  // train_vision: the encoder's kept activations, per batch size 1 and more
+    bool have_vision_acts[2];
 } AnomalyTrainModel;
 
 // One conversation of a step.

@@ -214,30 +214,18 @@ size_t vision_arena_bytes(const VisionEncoder *v, int B) {
            padded(B * f) * 2 + trunk_bytes(&v->block, B, (int)T) + 16 * AGPT_ALIGN;
 }
 
-Status vision_forward(Engine *e, const VisionEncoder *v, Arena *arena, const Tensor *images, Tensor *embedding,
-                      Tensor taps[VISION_TAPS]) {
-    char d[96];
-    int S = v->image, C = v->block.dim, T = v->tokens, N = T - 1, pp = 3 * v->patch * v->patch;
-    AGPT_CHECK_ARG(images->ndim == 4 && images->shape[1] == 3 && images->shape[2] == S && images->shape[3] == S,
-                   "vision_forward: images %s, expected [B,3,%d,%d]", tensor_describe(images, d, sizeof d), S, S);
+Status vision_stem(Engine *e, const VisionEncoder *v, Arena *arena, const Tensor *images, Tensor *x0) {
+    int C = v->block.dim, T = v->tokens, N = T - 1, pp = 3 * v->patch * v->patch;
     int B = (int)images->shape[0];
     DType dt = images->dtype;
-    AGPT_CHECK_ARG(embedding->ndim == 2 && embedding->shape[0] == B && embedding->shape[1] == v->embed,
-                   "vision_forward: embedding %s, expected [%d,%d]", tensor_describe(embedding, d, sizeof d), B,
-                   v->embed);
-    for (int i = 0; i < VISION_TAPS; i++)
-        AGPT_CHECK_ARG(taps[i].ndim == 3 && taps[i].shape[0] == B && taps[i].shape[1] == T && taps[i].shape[2] == C,
-                       "vision_forward: tap %d is %s, expected [%d,%d,%d]", i, tensor_describe(&taps[i], d, sizeof d),
-                       B, T, C);
     size_t mark = arena_mark(arena);
     Status s;
 #define TRY_OR_RESET(expr) do { if ((s = (expr)) != AGPT_OK) { arena_reset_to(arena, mark); return s; } } while (0)
     // Patch embedding as one GEMM: [B*N, 3pp] @ [C, 3pp]^T.
-    Tensor patches, patch_emb, tokens, x0;
+    Tensor patches, patch_emb, tokens;
     TRY_OR_RESET(arena_tensor(arena, dt, 3, SHAPE(B, N, pp), &patches));
     TRY_OR_RESET(arena_tensor(arena, dt, 3, SHAPE(B, N, C), &patch_emb));
     TRY_OR_RESET(arena_tensor(arena, dt, 3, SHAPE(B, T, C), &tokens));
-    TRY_OR_RESET(arena_tensor(arena, dt, 3, SHAPE(B, T, C), &x0));
     TRY_OR_RESET(op_im2patches(e, &patches, images, v->patch));
     TRY_OR_RESET(op_linear(e, &patch_emb, &patches, &v->patch_w, NULL));
     // tokens[b] = [CLS; patches] + pos
@@ -252,7 +240,33 @@ Status vision_forward(Engine *e, const VisionEncoder *v, Arena *arena, const Ten
         Tensor tb = tensor_rows_view(&tokens, (int64_t)b * T, T);
         TRY_OR_RESET(op_add(e, &tb, &tb, &pos));
     }
-    TRY_OR_RESET(op_layernorm(e, &x0, NULL, NULL, &tokens, &v->pre_ln_w, &v->pre_ln_b, v->block.eps));
+    TRY_OR_RESET(op_layernorm(e, x0, NULL, NULL, &tokens, &v->pre_ln_w, &v->pre_ln_b, v->block.eps));
+#undef TRY_OR_RESET
+    arena_reset_to(arena, mark);
+    return AGPT_OK;
+}
+
+Status vision_forward(Engine *e, const VisionEncoder *v, Arena *arena, const Tensor *images, Tensor *embedding,
+                      Tensor taps[VISION_TAPS]) {
+    char d[96];
+    int S = v->image, C = v->block.dim, T = v->tokens;
+    AGPT_CHECK_ARG(images->ndim == 4 && images->shape[1] == 3 && images->shape[2] == S && images->shape[3] == S,
+                   "vision_forward: images %s, expected [B,3,%d,%d]", tensor_describe(images, d, sizeof d), S, S);
+    int B = (int)images->shape[0];
+    DType dt = images->dtype;
+    AGPT_CHECK_ARG(embedding->ndim == 2 && embedding->shape[0] == B && embedding->shape[1] == v->embed,
+                   "vision_forward: embedding %s, expected [%d,%d]", tensor_describe(embedding, d, sizeof d), B,
+                   v->embed);
+    for (int i = 0; i < VISION_TAPS; i++)
+        AGPT_CHECK_ARG(taps[i].ndim == 3 && taps[i].shape[0] == B && taps[i].shape[1] == T && taps[i].shape[2] == C,
+                       "vision_forward: tap %d is %s, expected [%d,%d,%d]", i, tensor_describe(&taps[i], d, sizeof d),
+                       B, T, C);
+    size_t mark = arena_mark(arena);
+    Status s;
+#define TRY_OR_RESET(expr) do { if ((s = (expr)) != AGPT_OK) { arena_reset_to(arena, mark); return s; } } while (0)
+    Tensor x0;
+    TRY_OR_RESET(arena_tensor(arena, dt, 3, SHAPE(B, T, C), &x0));
+    TRY_OR_RESET(vision_stem(e, v, arena, images, &x0));
     Tensor last;
     TRY_OR_RESET(run_trunk(e, &v->block, v->blocks, v->layers, arena, &x0, dt, v->taps, taps, &last));
     // Head: LayerNorm of the CLS rows, projection, L2 normalise (F.normalize: eps 1e-12).

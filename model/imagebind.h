@@ -62,6 +62,9 @@ Status vision_init_random(VisionEncoder *v, WeightStore *w, int width, int heads
 // Multiply-adds x 2 of one image's forward (ImageBind-H: about 335 GFLOP).
 double vision_flops_per_image(const VisionEncoder *v);
 
+// The patch stem: images [B,3,S,S] -> x0 [B,T,C] = LN_pre([CLS; patches W^T] + pos), the first block's input.
+// Its temporaries come from arena and are released before it returns.
+Status vision_stem(Engine *e, const VisionEncoder *v, Arena *arena, const Tensor *images, Tensor *x0);
 // Arena bytes vision_forward needs for B images (its temporaries; outputs are the caller's).
 size_t vision_arena_bytes(const VisionEncoder *v, int B);
 // images [B,3,S,S] (normalised) -> embedding [B,E] (L2-normalised) and taps[i] [B,T,C]. Temporaries come from

@@ -118,6 +118,22 @@ expect_rc 0 "2 images, 1 classes" "$agpt" train --model "$m" --tokenizer "$tok" 
     --steps 1 --accum 1 --train decoder,prompt_learner,llama_proj,lora --out "$tmp/run5"
 expect_rc 0 "1 images, 1 classes" "$agpt" train --model "$m" --tokenizer "$tok" --data "$tmp/mvtec" --classes carpet \
     --steps 1 --accum 1 --out "$tmp/run6"
+# --train vision: the delta holds the ViT's 4 x 12 block tensors, and layered over the base it changes the
+# few-shot map, which depends on the ViT alone.
+expect_rc 0 "done after 2 updates" "$agpt" train --model "$m" --tokenizer "$tok" --data "$tmp/mvtec" --steps 2 \
+    --accum 1 --lr 1e-2 --warmup 1 --train decoder,vision --out "$tmp/run7"
+ok python3 - "$tmp/run7/delta.safetensors" <<'EOF'
+import json, struct, sys
+f = open(sys.argv[1], "rb")
+header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+blocks = [k for k in header if k.startswith("modality_trunks.vision.blocks.")]
+sys.exit(0 if len(blocks) == 48 and all(header[k]["dtype"] == "F32" for k in blocks) else 1)
+EOF
+fewshot=(--tokenizer "$tok" --max-new 2 --reference "$shared/images/grass.png" "$shared/images/brick.png")
+"$agpt" detect --model "$m" "${fewshot[@]}" >"$tmp/fs-base.jsonl" 2>/dev/null
+"$agpt" detect --model "$m" --weights "$tmp/run7/delta.safetensors" "${fewshot[@]}" >"$tmp/fs-tuned.jsonl" 2>/dev/null
+ok test -n "$(score "$tmp/fs-tuned.jsonl")"
+ok test "$(score "$tmp/fs-base.jsonl")" != "$(score "$tmp/fs-tuned.jsonl")"
 
 # The instruction stream: each image's micro-step is followed by an instruction one.
 mkdir -p "$tmp/sft"

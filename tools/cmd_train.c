@@ -52,7 +52,8 @@ static void usage(FILE *f) {
             "                   max(10, N/10), as the reference) then linear decay to 0 at N\n"
             "  --train PARTS    comma list of decoder, prompt_learner, llama_proj, lora (default decoder,prompt_learner);\n"
             "                   lm_head also trains lm_head and model.norm (not in the reference: for a model trained\n"
-            "                   from scratch, whose random LLaMA LoRA alone cannot adapt; f32 models only)\n"
+            "                   from scratch, whose random LLaMA LoRA alone cannot adapt; f32 models only); vision\n"
+            "                   the ViT's blocks (not in the reference, whose encoder is frozen; stem and head stay)\n"
             "  --fewshot-p P    chance a micro-step feeds the prompt learner the few-shot map (0.5, as the reference)\n"
             "  --seed S         sample order and every random draw (42)\n"
             "  --ckpt-every N   save every N updates (default: only at the end; Ctrl-C saves and exits)\n"
@@ -254,8 +255,9 @@ static void on_sigint(int sig) {
 // ---- options -----------------------------------------------------------------------------------------------
 
 
-static bool parts_ok(const char *list, bool *decoder, bool *prompt, bool *proj, bool *lora, bool *head) {
-    *decoder = *prompt = *proj = *lora = *head = false;
+static bool parts_ok(const char *list, bool *decoder, bool *prompt, bool *proj, bool *lora, bool *head,
+                     bool *vision) {
+    *decoder = *prompt = *proj = *lora = *head = *vision = false;
     for (const char *p = list; *p;) {
         const char *end = strchr(p, ',');
         size_t len = end ? (size_t)(end - p) : strlen(p);
@@ -264,14 +266,15 @@ static bool parts_ok(const char *list, bool *decoder, bool *prompt, bool *proj, 
         else if (len == 10 && !strncmp(p, "llama_proj", 10)) *proj = true;
         else if (len == 4 && !strncmp(p, "lora", 4)) *lora = true;
         else if (len == 7 && !strncmp(p, "lm_head", 7)) *head = true;
+        else if (len == 6 && !strncmp(p, "vision", 6)) *vision = true;
         else {
-            fprintf(stderr, "agpt train: --train takes decoder, prompt_learner, llama_proj, lora, lm_head, not '%.*s'\n",
-                    (int)len, p);
+            fprintf(stderr, "agpt train: --train takes decoder, prompt_learner, llama_proj, lora, lm_head, vision, "
+                    "not '%.*s'\n", (int)len, p);
             return false;
         }
         p += len + (end ? 1 : 0);
     }
-    if (!*decoder && !*prompt && !*proj && !*lora && !*head) {
+    if (!*decoder && !*prompt && !*proj && !*lora && !*head && !*vision) {
         fprintf(stderr, "agpt train: --train names no part\n");
         return false;
     }
@@ -374,8 +377,8 @@ static int parse(int argc, char **argv, TrainOptions *o) {
         fprintf(stderr, "agpt train: give --steps or --epochs, not both\n");
         return 2;
     }
-    bool d, p, j, l, h;
-    if (!parts_ok(o->train, &d, &p, &j, &l, &h)) return 2;
+    bool d, p, j, l, h, v;
+    if (!parts_ok(o->train, &d, &p, &j, &l, &h, &v)) return 2;
     return -1;  // go on
 }
 
@@ -392,8 +395,8 @@ int cmd_train(int argc, char **argv) {
     TrainOptions o;
     int rc = parse(argc, argv, &o);
     if (rc >= 0) return rc;
-    bool t_decoder, t_prompt, t_proj, t_lora, t_head;
-    parts_ok(o.train, &t_decoder, &t_prompt, &t_proj, &t_lora, &t_head);
+    bool t_decoder, t_prompt, t_proj, t_lora, t_head, t_vision;
+    parts_ok(o.train, &t_decoder, &t_prompt, &t_proj, &t_lora, &t_head, &t_vision);
     Device dev = o.device;
     int threads = o.threads;
     if (dev != DEV_CPU || o.dtype != DT_F32) {
@@ -439,7 +442,8 @@ int cmd_train(int argc, char **argv) {
         return report_and_finalize(&comm, s);
     }
     AnomalyTrainModel model;
-    AnomalyTrainOptions mopt = {.max_batch = 2, .train_proj = t_proj, .train_lora = t_lora, .train_head = t_head};
+    AnomalyTrainOptions mopt = {.max_batch = 2, .train_proj = t_proj, .train_lora = t_lora, .train_head = t_head,
+                                .train_vision = t_vision};
     double t_open = timer_now_s();
     s = anomaly_train_open(&model, &eng, o.model, o.overlays, o.n_overlays, o.tokenizer, &mopt);
     int failed_rank;
@@ -474,7 +478,7 @@ int cmd_train(int argc, char **argv) {
         mc.seq_len = TRAIN_PREFIX_TOKENS + (data.n_sft ? SFT_TEXT_MAX : ANOMALY_TEXT_MAX);
         mc.weight_dtype = DT_F32, mc.compute_dtype = DT_F32;
         mc.train_decoder = t_decoder, mc.train_prompt = t_prompt, mc.train_proj = t_proj, mc.train_lora = t_lora;
-        mc.train_head = t_head;
+        mc.train_head = t_head, mc.train_vision = t_vision;
         mc.recompute = false, mc.flash_attention = false, mc.optimizer_on_host = false;
         MemPlan plan;
         s = mem_plan_compute(&mc, &plan);
@@ -490,16 +494,20 @@ int cmd_train(int argc, char **argv) {
     s = comm_agree_status(&comm, s, &failed_rank);
 
     // The trained tensors as the trainer's parameters (f32 host tensors: the CPU engine's weights themselves).
-    AnomalyTrainTensor tt[512];
-    TrainParam params[512];
+    AnomalyTrainTensor *tt = NULL;
+    TrainParam *params = NULL;
     int n_params = 0;
     if (s == AGPT_OK) {
-        int n = anomaly_train_tensors(&model, tt, 512);
-        for (int i = 0; i < n && i < 512; i++) {
+        int n = anomaly_train_tensors(&model, NULL, 0);  // how many (the full model with every part: ~670)
+        tt = malloc((size_t)n * sizeof *tt), params = malloc((size_t)n * sizeof *params);
+        if (!tt || !params) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory for %d trained tensors' names", n);
+        else n = anomaly_train_tensors(&model, tt, n);
+        for (int i = 0; s == AGPT_OK && i < n; i++) {
             bool dec = !strncmp(tt[i].name, "image_decoder.", 14), pl = !strncmp(tt[i].name, "prompt_learner.", 15);
             bool pj = !strncmp(tt[i].name, "llama_proj.", 11);
             bool hd = !strcmp(tt[i].name, "lm_head.weight") || !strcmp(tt[i].name, "model.norm.weight");
-            bool keep = dec ? t_decoder : pl ? t_prompt : pj ? t_proj : hd ? t_head : t_lora;
+            bool vis = !strncmp(tt[i].name, "modality_trunks.vision.", 23);
+            bool keep = dec ? t_decoder : pl ? t_prompt : pj ? t_proj : hd ? t_head : vis ? t_vision : t_lora;
             if (keep) params[n_params++] = (TrainParam){.name = tt[i].name, .param = *tt[i].param, .grad = *tt[i].grad};
         }
     }
@@ -539,6 +547,7 @@ int cmd_train(int argc, char **argv) {
         fprintf(stderr, "agpt train: %s after %lld updates (last loss %.4f); %s/delta.safetensors: layer it with "
                 "agpt detect --weights; --resume %s continues\n", res.stopped ? "stopped" : "done",
                 (long long)res.updates, res.last_loss, o.out, o.out);
+    free(tt), free(params);
     free(cfg_text);
     validation_free(&val);
     anomaly_data_free(&data);

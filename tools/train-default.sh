@@ -53,7 +53,7 @@ echo "== agpt train ($steps updates)"
 rm -rf "$out/run"
 echo '{"blend": "paste"}' >"$out/params.json"
 "$build/agpt" train --model "$out/base.safetensors" --tokenizer "$tok" --data "$out/data" --params "$out/params.json" \
-    --train decoder,prompt_learner,llama_proj,lora,lm_head --steps "$steps" --accum 4 --lr 2e-3 --warmup 50 \
+    --train "${PARTS:-decoder,prompt_learner,llama_proj,lora,lm_head}" --steps "$steps" --accum 4 --lr 2e-3 --warmup 50 \
     --fewshot-p 0.8 --seed 1 --threads 2 --val-every 500 --out "$out/run" 2>&1 | grep -v "^update \|agpt warn" || true
 [ -s "$out/run/delta.safetensors" ] || { echo "train-default: training failed" >&2; exit 1; }
 cp "$out/run/delta.safetensors" "$out/delta.safetensors"

@@ -54,6 +54,7 @@ Status mem_plan_compute(const MemPlanConfig *c, MemPlan *p) {
     (c->train_proj ? &trained : &frozen)[0] += proj;
     if (c->train_lora) trained += lora;  // frozen LoRA is merged into q, k, v, o
     if (c->train_head) trained += V * D + D;  // lm_head, model.norm
+    if (c->train_vision) trained += c->vit_layers * vit_block;  // the blocks (their weights stay counted above)
     p->trained_params = trained, p->frozen_params = frozen;
 
     add(p, "frozen weights: ViT-H vision", vit * wb);
@@ -66,6 +67,11 @@ Status mem_plan_compute(const MemPlanConfig *c, MemPlan *p) {
     // Kept: taps and class embedding per image; the decoder's features, normalised features and maps per tap.
     double S = c->image, grid = (double)(c->image / c->vit_patch), P = grid * grid;
     add(p, "kept: ViT taps + class embedding", Ci * (c->taps * N * C + E) * ab);
+    // Training the ViT keeps every block's activations (LN1, q, k, v, attention out, residual, LN2, out: 8 C; the
+    // MLP's two hidden M; 4 row statistics) and the taps' gradients.
+    if (c->train_vision)
+        add(p, "kept: ViT block activations (train vision)",
+            Ci * N * (c->vit_layers * (8 * C + 2 * M + 4) + c->taps * C) * f32);
     add(p, "kept: decoder features and maps", Ci * c->taps * (2 * P * E * ab + 2 * 2 * S * S * f32));
     // Prompt learner on the map [1,S,S]: per stage conv out, ReLU out, pool out; the last conv valid 5x5.
     double pl = 0, side = S;

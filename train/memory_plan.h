@@ -40,6 +40,7 @@ typedef struct MemPlanConfig {
     DType compute_dtype;         // activations (F16; F32 on the CPU)
     bool train_decoder, train_prompt, train_proj, train_lora;  // the reference trains decoder + prompt learner
     bool train_head;            // lm_head and model.norm (their weights stay counted under the frozen LLaMA)
+    bool train_vision;          // the ViT's blocks (their weights stay counted under the frozen ViT)
     bool recompute;              // activation recomputation per LLaMA layer
     bool flash_attention;        // no [heads,T,T] scores kept (a fused attention keeps only row statistics)
     bool optimizer_on_host;      // AdamW moments on the host (not counted on the device)
