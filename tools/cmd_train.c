@@ -54,6 +54,8 @@ static void usage(FILE *f) {
             "                   lm_head also trains lm_head and model.norm (not in the reference: for a model trained\n"
             "                   from scratch, whose random LLaMA LoRA alone cannot adapt; f32 models only); vision\n"
             "                   the ViT's blocks (not in the reference, whose encoder is frozen; stem and head stay)\n"
+            "  --vision-lr-scale F  the ViT blocks' learning rate as a fraction of the schedule's, 0 < F <= 10 (1):\n"
+            "                   the few-shot map compares their features, so they may need to move slower\n"
             "  --fewshot-p P    chance a micro-step feeds the prompt learner the few-shot map (0.5, as the reference)\n"
             "  --seed S         sample order and every random draw (42)\n"
             "  --ckpt-every N   save every N updates (default: only at the end; Ctrl-C saves and exits)\n"
@@ -77,7 +79,7 @@ typedef struct TrainOptions {
     const char *overlays[MAX_OVERLAYS];
     int n_overlays;
     long long steps, epochs, accum, warmup, seed, ckpt_every, loader_threads, val_every, val_images;
-    double lr, fewshot_p, budget_gb;
+    double lr, vision_lr_scale, fewshot_p, budget_gb;
     bool resume;
     Device device;
     DType dtype;
@@ -291,8 +293,9 @@ static char *config_text(const TrainOptions *o, const ImageSet *set, int world) 
     char *text = malloc(8192);
     if (!text) return NULL;
     int n = snprintf(text, 8192, "model=%s\nimages=%d\nimages_hash=%016llx\nsteps=%lld\naccum=%lld\nlr=%.9g\n"
-                     "warmup=%lld\ntrain=%s\nfewshot_p=%.9g\nseed=%lld\nparams=%s\nworld=%d\nsft=%s\n", o->model, set->n,
-                     (unsigned long long)h, o->steps, o->accum, o->lr, o->warmup, o->train, o->fewshot_p, o->seed,
+                     "warmup=%lld\ntrain=%s\nvision_lr_scale=%.9g\nfewshot_p=%.9g\nseed=%lld\nparams=%s\nworld=%d\nsft=%s\n",
+                     o->model, set->n, (unsigned long long)h, o->steps, o->accum, o->lr, o->warmup, o->train,
+                     o->vision_lr_scale, o->fewshot_p, o->seed,
                      o->params ? o->params : "", world, o->sft ? o->sft : "");
     for (int k = 0; k < o->n_overlays && n < 8000; k++) n += snprintf(text + n, 8192 - n, "weights=%s\n", o->overlays[k]);
     return text;
@@ -301,7 +304,7 @@ static char *config_text(const TrainOptions *o, const ImageSet *set, int world) 
 static int parse(int argc, char **argv, TrainOptions *o) {
     const char *cmd = "train";
     *o = (TrainOptions){.format = "mvtec", .train = "decoder,prompt_learner", .steps = -1, .epochs = -1,
-                        .accum = 8, .warmup = -1, .seed = 42, .ckpt_every = 0, .loader_threads = 2, .val_every = 0, .val_images = 8, .lr = 1e-3,
+                        .accum = 8, .warmup = -1, .seed = 42, .ckpt_every = 0, .loader_threads = 2, .val_every = 0, .val_images = 8, .lr = 1e-3, .vision_lr_scale = 1,
                         .fewshot_p = 0.5, .budget_gb = 0, .device = DEV_CPU, .dtype = DT_F32};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
@@ -343,6 +346,7 @@ static int parse(int argc, char **argv, TrainOptions *o) {
         else if (!strcmp(a, "--val-every")) INT(0, 100000000, &o->val_every);
         else if (!strcmp(a, "--val-images")) INT(0, 4096, &o->val_images);
         else if (!strcmp(a, "--lr")) DBL(1e-12, 10, &o->lr);
+        else if (!strcmp(a, "--vision-lr-scale")) DBL(1e-6, 10, &o->vision_lr_scale);
         else if (!strcmp(a, "--fewshot-p")) DBL(0, 1, &o->fewshot_p);
         else if (!strcmp(a, "--memory-budget-gb")) DBL(0.001, 1e6, &o->budget_gb);
         else {
@@ -508,7 +512,9 @@ int cmd_train(int argc, char **argv) {
             bool hd = !strcmp(tt[i].name, "lm_head.weight") || !strcmp(tt[i].name, "model.norm.weight");
             bool vis = !strncmp(tt[i].name, "modality_trunks.vision.", 23);
             bool keep = dec ? t_decoder : pl ? t_prompt : pj ? t_proj : hd ? t_head : vis ? t_vision : t_lora;
-            if (keep) params[n_params++] = (TrainParam){.name = tt[i].name, .param = *tt[i].param, .grad = *tt[i].grad};
+            if (keep)
+                params[n_params++] = (TrainParam){.name = tt[i].name, .param = *tt[i].param, .grad = *tt[i].grad,
+                                                  .lr_scale = vis ? (float)o.vision_lr_scale : 1};
         }
     }
     TrainerResult res = {0};

@@ -6,13 +6,14 @@
 #   STEPS=4 CROPS=8 TRAIN_PHOTOS=D HELDOUT_PHOTOS=D tools/train-default.sh OUT
 #                                         (a short run of the same recipe on given photos, no download: the test's)
 #
-# 1. the base: the small seeded model of tests/data (make_test_model) with the ViT's residual branches scaled
-#    down (tools/default_model/default_base.py says why); no pretrained weights anywhere
+# 1. the base: the small seeded model of tests/data (make_test_model) with a DCT patch embedding, the ViT's
+#    residual branches scaled down and the prompt learner's convs re-drawn (tools/default_model/default_base.py
+#    says why); no pretrained weights anywhere
 # 2. the photos: ../shared/data/images (CC0) and free photos from Debian packages (tools/fetch-photos.sh); each
 #    cut into 4 windows of 10 jittered 224 x 224 crops, a class per window (make_default_data train)
 # 3. agpt train of the decoder, the prompt learner, llama_proj, the LoRA deltas and lm_head (a random LLaMA needs
 #    its read-out trained too) with NSA synthetic anomalies pasted rather than Poisson-blended (params.json: the
-#    random ViT's features mostly see colour, and a Poisson blend takes the destination's colours, so blended
+#    untrained ViT's features mostly see colour, and a Poisson blend takes the destination's colours, so blended
 #    anomalies are invisible to its maps and the answer could not learn from them), the few-shot map (against
 #    the window's first crop) in 80 % of the micro-steps
 # 4. agpt eval on the held-out set (make_default_data heldout: photos and defect kinds training never sees),

@@ -160,9 +160,11 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
                 s = op_scale(e, &p[i].grad, (float)(c->grad_clip / (norm + 1e-6)));
         updates++;
         double lr = schedule_lr_at_update(&c->schedule, updates);
-        for (int i = 0; i < n && s == AGPT_OK; i++)
-            s = op_adamw(e, &p[i].param, &p[i].grad, &mo.rp[i].m, &mo.rp[i].v, (float)lr, c->beta1, c->beta2, c->eps,
-                         c->weight_decay, (int)updates);
+        for (int i = 0; i < n && s == AGPT_OK; i++) {
+            double lr_i = p[i].lr_scale > 0 ? lr * p[i].lr_scale : lr;
+            s = op_adamw(e, &p[i].param, &p[i].grad, &mo.rp[i].m, &mo.rp[i].v, (float)lr_i, c->beta1, c->beta2,
+                         c->eps, c->weight_decay, (int)updates);
+        }
         if ((s = comm_agree_status(comm, s, &failed_rank)) != AGPT_OK) break;
         double k = 1.0 / micro;
         res->last_loss = (shared[0] + shared[1] + shared[2]) * k;

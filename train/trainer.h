@@ -24,6 +24,8 @@ typedef struct TrainParam {
     const char *name;  // model-file name: the delta's and the state's key
     Tensor param;      // [any] f32 CPU, updated in place
     Tensor grad;       // [same] f32 CPU, accumulated by the step function, zeroed by the loop
+    float lr_scale;    // this tensor's learning rate over the schedule's (0 stands for 1): a part that should
+                       // move slower than the rest, such as a ViT whose features the few-shot map compares
 } TrainParam;
 
 typedef struct TrainLosses {
