@@ -5,6 +5,8 @@
 #   tools/train-default.sh [OUT]          (default OUT: build/default-model; needs a built build/)
 #   STEPS=4 CROPS=8 TRAIN_PHOTOS=D HELDOUT_PHOTOS=D tools/train-default.sh OUT
 #                                         (a short run of the same recipe on given photos, no download: the test's)
+#   PARTS=decoder,...,vision VISION_LR_SCALE=0.1 tools/train-default.sh OUT
+#                                         (other trained parts, for experiments; BUILD=DIR another build folder)
 #
 # 1. the base: the small seeded model of tests/data (make_test_model) with a DCT patch embedding, the ViT's
 #    residual branches scaled down and the prompt learner's convs re-drawn (tools/default_model/default_base.py
@@ -54,7 +56,7 @@ echo "== agpt train ($steps updates)"
 rm -rf "$out/run"
 echo '{"blend": "paste"}' >"$out/params.json"
 "$build/agpt" train --model "$out/base.safetensors" --tokenizer "$tok" --data "$out/data" --params "$out/params.json" \
-    --train "${PARTS:-decoder,prompt_learner,llama_proj,lora,lm_head}" --steps "$steps" --accum 4 --lr 2e-3 --warmup 50 \
+    --train "${PARTS:-decoder,prompt_learner,llama_proj,lora,lm_head}" --vision-lr-scale "${VISION_LR_SCALE:-1}" --steps "$steps" --accum 4 --lr 2e-3 --warmup 50 \
     --fewshot-p 0.8 --seed 1 --threads 2 --val-every 500 --out "$out/run" 2>&1 | grep -v "^update \|agpt warn" || true
 [ -s "$out/run/delta.safetensors" ] || { echo "train-default: training failed" >&2; exit 1; }
 cp "$out/run/delta.safetensors" "$out/delta.safetensors"
