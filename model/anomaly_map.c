@@ -190,6 +190,38 @@ void fewshot_refs_free(FewShotRefs *r) {
     memset(r, 0, sizeof *r);
 }
 
+Status fewshot_refs_append(Engine *e, const Tensor more_taps[VISION_TAPS], FewShotRefs *refs) {
+    if (refs->k == 0) return fewshot_refs_build(e, more_taps, refs);
+    FewShotRefs more, both = {0};
+    AGPT_TRY(fewshot_refs_build(e, more_taps, &more));
+    Status s = AGPT_OK;
+    for (int i = 0; i < VISION_TAPS && s == AGPT_OK; i++) {
+        const Tensor *a = &refs->patches[i], *b = &more.patches[i];
+        if (a->shape[1] != b->shape[1] || a->dtype != b->dtype) {
+            s = AGPT_FAIL(AGPT_ERR_ARG, "fewshot_refs_append: tap %d has %lld channels, the references %lld", i,
+                          (long long)b->shape[1], (long long)a->shape[1]);
+            break;
+        }
+        Tensor *p = &both.patches[i];
+        *p = tensor_2d(NULL, a->dtype, e->device, a->shape[0] + b->shape[0], a->shape[1]);
+        s = e->device == DEV_CUDA ? mem_device_alloc(tensor_nbytes(p), &p->data) : mem_host_alloc(tensor_nbytes(p), &p->data);
+        if (s == AGPT_OK) {  // rows already normalised: copied as they are
+            Tensor head = tensor_rows_view(p, 0, a->shape[0]), tail = tensor_rows_view(p, a->shape[0], b->shape[0]);
+            s = tensor_copy(&head, a);
+            if (s == AGPT_OK) s = tensor_copy(&tail, b);
+        }
+    }
+    both.k = refs->k + more.k;
+    fewshot_refs_free(&more);
+    if (s != AGPT_OK) {
+        fewshot_refs_free(&both);
+        return s;
+    }
+    fewshot_refs_free(refs);
+    *refs = both;
+    return AGPT_OK;
+}
+
 Status anomaly_map_fewshot(Engine *e, const FewShotRefs *refs, Arena *arena, const Tensor taps[VISION_TAPS],
                            Tensor *map) {
     char a[96];

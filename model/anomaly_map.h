@@ -46,6 +46,8 @@ typedef struct FewShotRefs {
 // ref_taps[i] [k,T,C] from vision_forward on the k reference images.
 Status fewshot_refs_build(Engine *e, const Tensor ref_taps[VISION_TAPS], FewShotRefs *out);
 void fewshot_refs_free(FewShotRefs *r);
+// Adds the k2 images of more_taps[i] [k2,T,C] to refs (built or empty): the references of several encoder batches.
+Status fewshot_refs_append(Engine *e, const Tensor more_taps[VISION_TAPS], FewShotRefs *refs);
 // query taps[i] [B,T,C] -> map [B,S,S] = 1 - upsample(mean_i max_r cos).
 Status anomaly_map_fewshot(Engine *e, const FewShotRefs *refs, Arena *arena, const Tensor taps[VISION_TAPS],
                            Tensor *map);

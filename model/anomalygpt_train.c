@@ -291,32 +291,42 @@ static void rotate_quarter(const float *x, float *out, int S, int k) {
     }
 }
 
-// The few-shot maps of examples b0..b1-1, which share one reference, against its four rotations:
-// acts->fewshot[b] = 1 - sim. The reference goes through the encoder once for them all.
+// The few-shot maps of examples b0..b1-1, which share one reference, against its four rotations (of each of its
+// N x N shifts with opt.reference_shifts N): acts->fewshot[b] = 1 - sim. The reference's views go through the
+// encoder four at a time, once for all the examples.
 static Status fewshot_maps(AnomalyTrainModel *m, StepActs *t, int b0, int b1, const float *reference, Arena *arena) {
     Engine *e = m->engine;
     VisionModel *vm = &m->vision;
-    const int S = t->S, T = t->N + 1, C = vm->vision.block.dim;
+    const int S = t->S, T = t->N + 1, C = vm->vision.block.dim, P = vm->vision.patch;
+    const int shifts = m->opt.reference_shifts > 1 ? m->opt.reference_shifts : 1;
+    AGPT_CHECK_ARG(shifts <= P, "%d reference shifts per axis: at most the patch side, %d", shifts, P);
     size_t plane = (size_t)3 * S * S;
-    float *turned = malloc(plane * 4 * sizeof(float));
+    float *turned = malloc(plane * 5 * sizeof(float)), *moved = turned + 4 * plane;
     if (!turned) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the reference's rotations");
-    for (int k = 0; k < 4; k++) rotate_quarter(reference, turned + k * plane, S, k);
-    Tensor images = tensor_4d(vm->images.data, DT_F32, e->device, 4, 3, S, S);
-    Tensor src = tensor_4d(turned, DT_F32, DEV_CPU, 4, 3, S, S);
-    Status s = tensor_copy(&images, &src);
+    FewShotRefs refs = {0};
+    Status s = AGPT_OK;
+    for (int v = 0; v < shifts * shifts && s == AGPT_OK; v++) {
+        const float *view = reference;
+        if (v) {  // as VisionModel's views: down by v / N, right by v % N steps of P / N
+            preprocess_shift_chw(reference, S, v / shifts * P / shifts, v % shifts * P / shifts, moved);
+            view = moved;
+        }
+        for (int k = 0; k < 4; k++) rotate_quarter(view, turned + k * plane, S, k);
+        Tensor images = tensor_4d(vm->images.data, DT_F32, e->device, 4, 3, S, S);
+        Tensor src = tensor_4d(turned, DT_F32, DEV_CPU, 4, 3, S, S);
+        s = tensor_copy(&images, &src);
+        Tensor emb = tensor_2d(vm->embedding.data, DT_F32, e->device, 4, vm->vision.embed), taps[VISION_TAPS];
+        for (int i = 0; i < VISION_TAPS; i++) taps[i] = tensor_3d(vm->taps[i].data, DT_F32, e->device, 4, T, C);
+        if (s == AGPT_OK) s = vision_forward(e, &vm->vision, &vm->arena, &images, &emb, taps);
+        if (s == AGPT_OK) s = fewshot_refs_append(e, taps, &refs);
+    }
     free(turned);
-    AGPT_TRY(s);
-    Tensor emb = tensor_2d(vm->embedding.data, DT_F32, e->device, 4, vm->vision.embed), taps[VISION_TAPS];
-    for (int i = 0; i < VISION_TAPS; i++) taps[i] = tensor_3d(vm->taps[i].data, DT_F32, e->device, 4, T, C);
-    AGPT_TRY(vision_forward(e, &vm->vision, &vm->arena, &images, &emb, taps));
-    FewShotRefs refs;
-    AGPT_TRY(fewshot_refs_build(e, taps, &refs));
     const int n = b1 - b0;
     Tensor query[VISION_TAPS];  // images b0..b1-1 of the kept taps
     for (int i = 0; i < VISION_TAPS; i++)
         query[i] = tensor_3d((char *)t->taps[i].data + (size_t)b0 * T * C * sizeof(float), DT_F32, e->device, n, T, C);
     Tensor out = tensor_3d((char *)t->fewshot.data + (size_t)b0 * S * S * sizeof(float), DT_F32, e->device, n, S, S);
-    s = anomaly_map_fewshot(e, &refs, arena, query, &out);
+    if (s == AGPT_OK) s = anomaly_map_fewshot(e, &refs, arena, query, &out);
     fewshot_refs_free(&refs);
     return s;
 }

@@ -34,6 +34,8 @@ typedef struct AnomalyTrainOptions {
     bool train_lora;    // also the LoRA factors (off in the reference)
     bool train_head;    // also lm_head and model.norm (not in the reference; for a model trained from scratch)
     bool train_vision;  // also the ViT's blocks (not in the reference; model/vision_train.h)
+    int reference_shifts;  // N > 1: the few-shot map's reference also moved as VisionModel.reference_shifts does
+                           // at inference, each of the N x N views in its four rotations (not in the reference)
 } AnomalyTrainOptions;
 
 typedef struct AnomalyTrainModel {
@@ -73,7 +75,8 @@ typedef struct AnomalyTrainExample {
     const float *mask;             // host [S,S] in {0,1}, or NULL: no pixel loss (instruction data)
     const char *class_name;        // whose text features make the zero-shot maps ('object' for instruction data)
     const float *reference;        // NULL, or host [3,S,S] normalised: the few-shot map (with the reference's
-                                   // four rotations) feeds the prompt learner instead of the text map
+                                   // four rotations, of each shift with opt.reference_shifts) feeds the prompt
+                                   // learner instead of the text map
     const int32_t *ids, *targets;  // [n_tokens] the conversation's text part (train_tokenize)
     int n_tokens;
 } AnomalyTrainExample;

@@ -345,3 +345,14 @@ Status preprocess_image(const Image *img, PreprocessMode mode, int size, float *
     free(pixels);
     return st;
 }
+
+void preprocess_shift_chw(const float *src, int size, int dy, int dx, float *out_chw) {
+    for (int c = 0; c < 3; c++)
+        for (int y = 0; y < size; y++) {
+            int sy = y - dy < 0 ? 0 : y - dy;
+            for (int x = 0; x < size; x++) {
+                int sx = x - dx < 0 ? 0 : x - dx;
+                out_chw[((size_t)c * size + y) * size + x] = src[((size_t)c * size + sy) * size + sx];
+            }
+        }
+}

@@ -75,4 +75,8 @@ void preprocess_normalize(const uint8_t *hwc, int size, float *out_chw);
 // Uses the reference's pass order (RESIZE_PILLOW_10).
 Status preprocess_image(const Image *img, PreprocessMode mode, int size, float *out_chw);
 
+// A [3,size,size] image moved down by dy and right by dx pixels (0 <= dy, dx < size), the uncovered border filled
+// with the nearest edge pixel: a reference's view whose patch grid falls between the original's.
+void preprocess_shift_chw(const float *src, int size, int dy, int dx, float *out_chw);
+
 const char *preprocess_mode_name(PreprocessMode mode);

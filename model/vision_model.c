@@ -245,8 +245,11 @@ static void rot90_chw(const float *src, float *dst, int S) {
             for (int x = 0; x < S; x++) dst[((size_t)c * S + y) * S + x] = src[((size_t)c * S + x) * S + (S - 1 - y)];
 }
 
-// Preprocesses the images into m->images rows [0, n * turns): row i is images[i % n] turned (i / n) quarters.
-static Status upload_images_turned(VisionModel *m, const Image *images, int n, int turns) {
+// The variants of n images: variant i is images[i % n] moved by view v = i / (n * turns), (v / N, v % N) x
+// patch / N pixels down and right (N = shifts), then turned (i / n) % turns quarters; i < n * turns * N * N.
+// Preprocesses variants [first, first + count) into m->images rows [0, count).
+static Status upload_variants(VisionModel *m, const Image *images, int n, int turns, int shifts, int first,
+                              int count) {
     int S = m->vision.image;
     size_t per = (size_t)3 * S * S;
     float *chw = NULL, *turned = NULL;
@@ -255,20 +258,27 @@ static Status upload_images_turned(VisionModel *m, const Image *images, int n, i
     Status s = mem_host_alloc(per * sizeof(float), &conv);
     if (s == AGPT_OK) s = mem_host_alloc(per * sizeof(float), (void **)&turned);
     DType dt = m->images.dtype;
-    for (int i = 0; i < n * turns && s == AGPT_OK; i++) {
+    for (int row = 0; row < count && s == AGPT_OK; row++) {
+        int i = first + row;
         s = preprocess_image(&images[i % n], m->mode, S, chw);
         if (s != AGPT_OK) {
             s = agpt_add_context(s, "image %d", i % n);
             break;
         }
-        for (int t = 0; t < i / n; t++) {  // a quarter turn at a time: at most three, on 224x224
+        int view = i / (n * turns), P = m->vision.patch;
+        if (view) {
+            preprocess_shift_chw(chw, S, view / shifts * P / shifts, view % shifts * P / shifts, turned);
+            float *swap = chw;
+            chw = turned, turned = swap;
+        }
+        for (int t = 0; t < (i / n) % turns; t++) {  // a quarter turn at a time: at most three, on 224x224
             rot90_chw(chw, turned, S);
             float *swap = chw;
             chw = turned, turned = swap;
         }
         convert_host(conv, dt, chw, DT_F32, per);
         Tensor host = tensor_1d(conv, dt, DEV_CPU, (int64_t)per);
-        Tensor dst = tensor_1d((char *)m->images.data + i * per * dtype_size(dt), dt, m->engine->device,
+        Tensor dst = tensor_1d((char *)m->images.data + row * per * dtype_size(dt), dt, m->engine->device,
                                (int64_t)per);
         s = tensor_copy(&dst, &host);
     }
@@ -278,7 +288,7 @@ static Status upload_images_turned(VisionModel *m, const Image *images, int n, i
     return s;
 }
 
-static Status upload_images(VisionModel *m, const Image *images, int n) { return upload_images_turned(m, images, n, 1); }
+static Status upload_images(VisionModel *m, const Image *images, int n) { return upload_variants(m, images, n, 1, 1, 0, n); }
 
 // Runs the encoder on the first n rows of m->images; taps and embedding views of n images come back.
 static Status encode(VisionModel *m, int n, Tensor taps[VISION_TAPS], Tensor *embedding) {
@@ -295,13 +305,20 @@ static Status encode(VisionModel *m, int n, Tensor taps[VISION_TAPS], Tensor *em
 Status vision_model_set_references(VisionModel *m, const Image *refs, int k) {
     fewshot_refs_free(&m->refs);
     if (k == 0) return AGPT_OK;
-    int turns = m->augment_rotations ? 4 : 1;
-    AGPT_CHECK_ARG(k * turns <= m->max_batch, "%d reference images%s but the model was opened for batches of %d; "
-                   "open it with a larger batch", k * turns, turns > 1 ? " (with rotations)" : "", m->max_batch);
-    AGPT_TRY(upload_images_turned(m, refs, k, turns));
-    Tensor taps[VISION_TAPS], emb;
-    AGPT_TRY(encode(m, k * turns, taps, &emb));
-    return fewshot_refs_build(m->engine, taps, &m->refs);
+    int turns = m->augment_rotations ? 4 : 1, shifts = m->reference_shifts > 1 ? m->reference_shifts : 1;
+    AGPT_CHECK_ARG(shifts <= m->vision.patch, "%d reference shifts per axis: at most the patch side, %d", shifts,
+                   m->vision.patch);
+    int variants = k * turns * shifts * shifts;
+    Status s = AGPT_OK;
+    for (int first = 0; first < variants && s == AGPT_OK; first += m->max_batch) {  // in encoder batches
+        int count = variants - first < m->max_batch ? variants - first : m->max_batch;
+        Tensor taps[VISION_TAPS], emb;
+        s = upload_variants(m, refs, k, turns, shifts, first, count);
+        if (s == AGPT_OK) s = encode(m, count, taps, &emb);
+        if (s == AGPT_OK) s = fewshot_refs_append(m->engine, taps, &m->refs);
+    }
+    if (s != AGPT_OK) fewshot_refs_free(&m->refs);
+    return s;
 }
 
 Status vision_model_map(VisionModel *m, const Image *images, int n, const char *class_name, float *maps,

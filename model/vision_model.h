@@ -39,6 +39,9 @@ typedef struct VisionModel {
     // Options beyond the reference's inference, off by default so that the default reproduces it:
     bool fuse_text_map;         // with references: the mean of the few-shot and the zero-shot maps
     bool augment_rotations;     // references also seen turned by 90, 180 and 270 degrees (as in training)
+    int reference_shifts;       // N > 1: each reference also seen moved down and right by (a, b) x patch / N pixels,
+                                // 0 <= a, b < N (N x N views; 0 or 1: none), so that a query whose patch grid falls
+                                // between the reference's still finds its patches
 } VisionModel;
 
 // Opens `path` (and optional layered files searched first, e.g. trained deltas), loads the vision encoder and
@@ -66,8 +69,8 @@ Status class_features_compute(Engine *e, const TextEncoder *t, const ClipTokeniz
 size_t class_features_arena_bytes(const TextEncoder *t);
 
 // Sets the few-shot references (k images, any sizes: each is preprocessed like a query). k = 0 clears them,
-// returning to the zero-shot text map. With augment_rotations, k*4 images go through the encoder, so the model
-// must have been opened with max_batch >= 4k.
+// returning to the zero-shot text map. With augment_rotations and reference_shifts N, k * 4 * N * N images go
+// through the encoder (in batches of max_batch).
 Status vision_model_set_references(VisionModel *m, const Image *refs, int k);
 
 // Maps for n images (n <= max_batch): the few-shot map when references are set (fused with the zero-shot map of

@@ -440,6 +440,16 @@ static void test_memory_plan(void) {
     MemPlan pl;
     CHECK_OK(mem_plan_compute(&lo, &pl));
     CHECK(pl.trained_params == 112663480.0 + 32 * 4 * 2 * 32 * 4096.0 + 1024 * 4096 + 4096, "LoRA + proj counted");
+    // lm_head + model.norm and the ViT's blocks move from frozen to trained: every parameter counted once.
+    MemPlanConfig hv = c;
+    hv.train_head = true, hv.train_vision = true;
+    MemPlan ph;
+    CHECK_OK(mem_plan_compute(&hv, &ph));
+    double head = 32001.0 * 4096 + 4096, blocks = 32 * (4 * 1280.0 * 1280 + 4 * 1280 + 2 * 1280.0 * 5120 + 5120 + 1280 + 4 * 1280);
+    CHECK(ph.trained_params == p.trained_params + head + blocks && ph.frozen_params == p.frozen_params - head - blocks,
+          "lm_head and the ViT's blocks trained: %.0f trained, %.0f frozen (expected %.0f, %.0f)", ph.trained_params,
+          ph.frozen_params, p.trained_params + head + blocks, p.frozen_params - head - blocks);
+    CHECK(fabs(ph.item[1].bytes - p.item[1].bytes + head * 2) < 1, "the frozen LLaMA's bytes lose lm_head's");
     MemPlanConfig z = c;
     z.micro_batch = 0;
     CHECK_ERR(mem_plan_compute(&z, &pl));

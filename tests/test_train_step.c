@@ -297,6 +297,32 @@ static void check_head_by_differences(Engine *e, const char *model, const char *
     anomaly_train_close(&m);
 }
 
+// --reference-shifts 2 (not in the reference, so no PyTorch golden): the few-shot case with the reference's
+// half-patch shifts too. Its map feeds only the prompt learner, so the cross-entropy moves and the pixel losses
+// (on the decoder's text maps) stay bit for bit.
+static void check_shifted_references(Engine *e, const char *model, const char *tokenizer, const Inputs *in) {
+    AnomalyTrainLosses L[2];
+    for (int shifted = 0; shifted < 2; shifted++) {
+        AnomalyTrainModel m;
+        AnomalyTrainOptions opt = {.max_batch = 2, .reference_shifts = shifted ? 2 : 1};
+        CHECK_OK(anomaly_train_open(&m, e, model, NULL, 0, tokenizer, &opt));
+        if (test_failed) return;
+        AnomalyTrainExample ex[2];
+        int32_t *ids = NULL, *tg = NULL;
+        int B = case_examples("fewshot", in, ex, &ids, &tg);
+        CHECK_OK(anomaly_train_zero_grad(&m));
+        CHECK_OK(anomaly_train_step(&m, ex, B, &L[shifted]));
+        free(ids), free(tg);
+        anomaly_train_close(&m);
+    }
+    printf("  few-shot with shifted references: ce %.6f (without %.6f), focal %.6f dice %.6f\n", L[1].ce, L[0].ce,
+           L[1].focal, L[1].dice);
+    CHECK(isfinite(L[1].ce) && fabs(L[1].ce - L[0].ce) > 1e-6 * fabs(L[0].ce),
+          "the cross-entropy does not see the shifted views (%.9g vs %.9g)", L[1].ce, L[0].ce);
+    CHECK(L[1].focal == L[0].focal && L[1].dice == L[0].dice, "the pixel losses moved: focal %.9g vs %.9g, dice "
+          "%.9g vs %.9g", L[1].focal, L[0].focal, L[1].dice, L[0].dice);
+}
+
 // --train vision (not in the reference, so no PyTorch golden). (1) The training forward of the encoder is
 // vision_forward's: the same taps and embedding, bit for bit. (2) The blocks' gradients against central
 // differences of the whole step loss (CE + focal + Dice, so the taps' gradients from the text maps and the
@@ -457,6 +483,7 @@ int main(int argc, char **argv) {
     run_case(&m, "sft", &in);
     check_head_by_differences(&e, model, tokenizer, &in);
     check_vision_by_differences(&e, model, tokenizer, &in);
+    check_shifted_references(&e, model, tokenizer, &in);
     printf("golden: 20 updates of the loop\n");
     run_loop(&m, &in);  // last: it changes the weights
 

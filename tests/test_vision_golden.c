@@ -163,6 +163,72 @@ static void run(Engine *e, DType dt, double tol, const char *label) {
 
 // The CLIP tokenizer gives the golden ids (open_clip's) for every class's 24 sentences, and VisionModel computes
 // the features of a class the file does not cache ('metal nut') through tokenizer + text encoder + ensemble.
+// A 224 x 224 image moved down and right by d pixels, the border filled with the edge pixel (as the shifted
+// references are made, after a preprocessing that is the identity at 224 x 224).
+static Image shifted_image(const Image *src, int d) {
+    Image out = {src->width, src->height, NULL};
+    if (mem_host_alloc((size_t)src->width * src->height * 3, (void **)&out.rgb) != AGPT_OK) abort();
+    for (int y = 0; y < src->height; y++)
+        for (int x = 0; x < src->width; x++)
+            memcpy(out.rgb + ((size_t)y * src->width + x) * 3,
+                   src->rgb + ((size_t)(y < d ? 0 : y - d) * src->width + (x < d ? 0 : x - d)) * 3, 3);
+    return out;
+}
+
+// --reference-shifts 2: a query that is the reference moved by half a patch finds every patch among the
+// reference's views (map ~0), which it does not without them; the views' encoder batches do not change it.
+static void check_shifted_references(Engine *cpu, const char *model, const char *const *overlays) {
+    VisionModel vm, small;
+    if (vision_model_open(&vm, cpu, model, overlays, 1, DT_F32, 8) != AGPT_OK ||
+        vision_model_open(&small, cpu, model, overlays, 1, DT_F32, 1) != AGPT_OK) {
+        CHECK(0, "vision_model_open: %s", agpt_last_error());
+        return;
+    }
+    char p[1300];
+    snprintf(p, sizeof p, "%s/ref0.png", dir);
+    Image ref;
+    CHECK_OK(image_load(p, &ref));
+    CHECK(ref.width == 224 && ref.height == 224, "ref0.png is %dx%d, the test needs 224x224", ref.width, ref.height);
+    Image moved = shifted_image(&ref, vm.vision.patch / 2);
+    float *map = malloc(2 * 224 * 224 * sizeof(float)), plain = 0, with = 0, self = 0, chunked = 0;
+    CHECK_OK(vision_model_set_references(&vm, &ref, 1));
+    CHECK_OK(vision_model_map(&vm, &moved, 1, "object", map, &plain));
+    vm.reference_shifts = small.reference_shifts = 2;
+    CHECK_OK(vision_model_set_references(&vm, &ref, 1));
+    CHECK(vm.refs.k == 4, "1 reference with shifts: %d views, expected 4", vm.refs.k);
+    CHECK_OK(vision_model_map(&vm, &moved, 1, "object", map, &with));
+    CHECK_OK(vision_model_map(&vm, &ref, 1, "object", map, &self));
+    CHECK_OK(vision_model_set_references(&small, &ref, 1));  // four encoder batches of one view
+    CHECK_OK(vision_model_map(&small, &ref, 1, "object", map + 224 * 224, &chunked));
+    double worst = 0;
+    for (int i = 0; i < 224 * 224; i++) {
+        double d = fabs((double)map[i] - map[224 * 224 + i]);
+        worst = d > worst || d != d ? d : worst;
+    }
+    printf("  shifted query: max %.6f without --reference-shifts, %.2e with; the reference itself %.2e; "
+           "batches of 1 differ by %.2e\n", (double)plain, (double)with, (double)self, worst);
+    CHECK(plain > 0.01f, "the moved query matches the unshifted reference (max %g): the test cannot tell", plain);
+    CHECK(with >= 0 && with < 1e-5f && self >= 0 && self < 1e-5f, "with shifts the moved query's map max is %g, the "
+          "reference's %g: expected ~0", with, self);
+    CHECK(worst <= 1e-5, "the map changes by %g when the views are encoded one at a time", worst);
+    // 7 x 7 views: every 2 pixels (patch 14), so a query moved by 4 pixels is among them, and not among 2 x 2.
+    Image moved4 = shifted_image(&ref, 2 * vm.vision.patch / 7);
+    float two = 0, seven = 0;
+    CHECK_OK(vision_model_map(&vm, &moved4, 1, "object", map, &two));
+    vm.reference_shifts = 7;
+    CHECK_OK(vision_model_set_references(&vm, &ref, 1));
+    CHECK(vm.refs.k == 49, "1 reference with 7 x 7 shifts: %d views, expected 49", vm.refs.k);
+    CHECK_OK(vision_model_map(&vm, &moved4, 1, "object", map, &seven));
+    printf("  query moved by 4 pixels: max %.6f with 2 x 2 views, %.2e with 7 x 7\n", (double)two, (double)seven);
+    CHECK(two > 0.01f && seven >= 0 && seven < 1e-5f, "moved by 4 pixels: max %g (2 x 2 views), %g (7 x 7)", two, seven);
+    image_free(&moved4);
+    free(map);
+    image_free(&moved);
+    image_free(&ref);
+    vision_model_close(&small);
+    vision_model_close(&vm);
+}
+
 static void run_tokenizer_and_model(const char *table_path) {
     printf("== tokenizer and VisionModel ==\n");
     char vocab[1200];
@@ -247,6 +313,7 @@ static void run_tokenizer_and_model(const char *table_path) {
         image_free(&refs[1]);
         vision_model_close(&vm);
     }
+    check_shifted_references(&cpu, model, overlays);
     engine_destroy(&cpu);
     clip_tokenizer_free(tok);
 }

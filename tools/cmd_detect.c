@@ -58,7 +58,7 @@ static void usage(FILE *f) {
             "  --verdict-only   stop after the verdict (a few tokens) instead of the whole answer\n"
             "  --max-new N      answer tokens at most, 1..1024 (default 512); --context N tokens, 64..32768 (2048)\n"
             "  --tokenizer F, --clip-vocab F   override the tokenizers embedded in the model file\n"
-            "  --squash, --fuse-text-map, --rotate-references   as in agpt map\n"
+            "  --squash, --fuse-text-map, --rotate-references, --reference-shifts N   as in agpt map\n"
             "  --greedy (default) | --temperature T (1e-4..1e4) --top-p P (0..1] --top-k K (0: off) --seed S (uint64)\n"
             "  --batch N        with greedy decoding, N images at a time through every stage, 1..256 (default 1: one\n"
             "                   by one); the KV cache holds N sequences of --context tokens. Lines stay in input order;\n"
@@ -460,6 +460,7 @@ int cmd_detect(int argc, char **argv) {
     const char *watch_dir = NULL, *watch_log = NULL;
     int n_overlays = 0, n_refs = 0, threads = 0, max_new = 512, context = 2048, batch_n = 1;
     bool verdict_only = false, squash = false, fuse = false, rotate = false, watch_sort = false, batch_given = false;
+    int shifts = 1;  // --reference-shifts
     SamplerConfig scfg = sampler_default_config();
     scfg.greedy = true;  // a line wants the same verdict for the same image
     Device dev = cuda_device_count() > 0 ? DEV_CUDA : DEV_CPU;
@@ -506,6 +507,7 @@ int cmd_detect(int argc, char **argv) {
         else if (!strcmp(a, "--squash")) squash = true;
         else if (!strcmp(a, "--fuse-text-map")) fuse = true;
         else if (!strcmp(a, "--rotate-references")) rotate = true;
+        else if (!strcmp(a, "--reference-shifts")) { VALUE(); if (!int_value(a, v, 1, 14, &shifts)) goto usage_error; }
         else if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); list_free(&images); return 0; }
         else if (a[0] == '-' && a[1]) { fprintf(stderr, "agpt detect: unknown option '%s'\n", a); goto usage_error; }
         else {
@@ -584,7 +586,8 @@ int cmd_detect(int argc, char **argv) {
     int rc = 0, done = 0, failed = 0, counts[OUT_KINDS] = {0};
     float *map = NULL;
     double t0 = timer_now_s();
-    int batch = n_refs * (rotate ? 4 : 1);
+    int batch = n_refs * (rotate ? 4 : 1) * shifts * shifts;  // encoder images for the references
+    if (batch > 16) batch = 16;  // more go through in several batches
     if (batch_n > 1 && (!llm || !scfg.greedy)) {
         LOG_W("--batch applies to greedy answers%s: images go one by one", llm ? "; sampling is on" : " (no language model)");
         batch_n = 1;
@@ -601,6 +604,7 @@ int cmd_detect(int argc, char **argv) {
         if (squash) vm->mode = PREPROCESS_SQUASH;
         vm->fuse_text_map = fuse;
         vm->augment_rotations = rotate;
+        vm->reference_shifts = shifts;
         s = mem_host_alloc((size_t)batch_n * vm->vision.image * vm->vision.image * sizeof(float), (void **)&map);
     }
     if (s == AGPT_OK && n_refs > 0) {

@@ -48,6 +48,8 @@ static void usage(FILE *f) {
             "  --round R[,R..]   which references (default: MVTec 3, VisA 14, folder 0, as the official scripts);\n"
             "                    also --rounds. Runs are every k with every round, reported each and as mean and std\n"
             "  --maps-only       no language model: map metrics only (no accuracy, precision, recall)\n"
+            "  --rotate-references, --reference-shifts N   more views of each reference, as agpt map (off: the\n"
+            "                    reference's protocol)\n"
             "  --batch N         images at a time, 1..%d (default 1)\n"
             "  --max-new N       answer tokens at most, 1..1024 (default 128; the accuracy reads 'Yes'/'No')\n"
             "  --tokenizer F, --clip-vocab F   override the tokenizers embedded in the model file\n"
@@ -496,7 +498,8 @@ int cmd_eval(int argc, char **argv) {
     const char *overlays[MAX_OVERLAYS];
     int n_overlays = 0, threads = 0, ks[MAX_RUNS] = {1}, n_k = 1, rounds[MAX_RUNS], n_rounds = 0;
     int batch = 1, max_new = 128;
-    bool maps_only = false;
+    bool maps_only = false, rotate = false;
+    int shifts = 1;
     Device dev = cuda_device_count() > 0 ? DEV_CUDA : DEV_CPU;
     DType dt = DT_F16;
     for (int i = 1; i < argc; i++) {
@@ -530,6 +533,8 @@ int cmd_eval(int argc, char **argv) {
         else if (!strcmp(a, "--batch")) { VALUE(); if (cli_parse_int("eval", a, v, 1, MAX_BATCH, &x)) goto usage_error; batch = (int)x; }
         else if (!strcmp(a, "--max-new")) { VALUE(); if (cli_parse_int("eval", a, v, 1, 1024, &x)) goto usage_error; max_new = (int)x; }
         else if (!strcmp(a, "--maps-only")) maps_only = true;
+        else if (!strcmp(a, "--rotate-references")) rotate = true;
+        else if (!strcmp(a, "--reference-shifts")) { VALUE(); if (cli_parse_int("eval", a, v, 1, 14, &x)) goto usage_error; shifts = (int)x; }
         else if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); return 0; }
         else { fprintf(stderr, "agpt eval: unknown option or argument '%s'\n", a); goto usage_error; }
 #undef VALUE
@@ -630,6 +635,8 @@ int cmd_eval(int argc, char **argv) {
     if (s == AGPT_OK && clip_vocab && (s = clip_tokenizer_load_file(clip_vocab, &clip)) == AGPT_OK)
         vision_model_set_tokenizer(e.vm, clip);
     if (s == AGPT_OK) {
+        e.vm->augment_rotations = rotate;
+        e.vm->reference_shifts = shifts;
         e.S = e.vm->vision.image;
         s = mem_host_alloc((size_t)batch * e.S * e.S * sizeof(float), (void **)&e.maps);
         if (s == AGPT_OK && !(e.mask = malloc((size_t)e.S * e.S))) s = AGPT_FAIL(AGPT_ERR_OOM, "out of memory");
@@ -704,6 +711,8 @@ int cmd_eval(int argc, char **argv) {
         cJSON_AddStringToObject(root, "format", format);
         cJSON_AddStringToObject(root, "data", data_dir ? data_dir : normal);
         cJSON_AddBoolToObject(root, "maps_only", !e.llm);
+        cJSON_AddBoolToObject(root, "rotate_references", rotate);
+        cJSON_AddNumberToObject(root, "reference_shifts", shifts);
         cJSON *pm = cJSON_AddObjectToObject(root, "pixel_metrics");
         cJSON_AddStringToObject(pm, "method", "histogram");
         cJSON_AddNumberToObject(pm, "bins", PIXEL_BINS);

@@ -37,6 +37,9 @@ static void usage(FILE *f) {
             "                   shorter side + center crop (the reference's inference path)\n"
             "  --fuse-text-map  with references: the mean of the few-shot and zero-shot maps (off: the reference)\n"
             "  --rotate-references  also use each reference turned 90/180/270 degrees (off: the reference)\n"
+            "  --reference-shifts N  also use each reference moved down and right by every multiple of patch/N\n"
+            "                   pixels below a patch: N x N views (1..14; 1, the reference: none), for parts that\n"
+            "                   are not placed to the pixel (7: every 2 pixels, as the default model is used)\n"
             "  --device cpu|cuda, --dtype f32|f16|bf16 (cuda: the compute dtype, default f16 as the reference; cpu:\n"
             "                   bf16/f16 keep the weight matrices in it, half the memory; default f32), --threads N\n"
             "  -o, --out DIR    where heatmaps and raw maps go (created if missing; checked for writing first)\n"
@@ -58,7 +61,7 @@ static bool int_value(const char *opt, const char *v, long long lo, long long hi
 int cmd_map(int argc, char **argv) {
     const char *model = NULL, *class_name = "object", *out_dir = NULL, *clip_vocab = NULL;
     const char *overlays[MAX_LIST], *refs[MAX_LIST], *inputs[MAX_LIST];
-    int n_overlays = 0, n_refs = 0, n_inputs = 0, threads = 0, squash = 0, fuse = 0, rotate = 0;
+    int n_overlays = 0, n_refs = 0, n_inputs = 0, threads = 0, squash = 0, fuse = 0, rotate = 0, shifts = 1;
     const char *ask = NULL, *sp_model = NULL;
     int max_new = 512, context = 2048;
     SamplerConfig scfg = sampler_default_config();
@@ -85,6 +88,7 @@ int cmd_map(int argc, char **argv) {
         else if (!strcmp(a, "--squash")) squash = 1;
         else if (!strcmp(a, "--fuse-text-map")) fuse = 1;
         else if (!strcmp(a, "--rotate-references")) rotate = 1;
+        else if (!strcmp(a, "--reference-shifts")) { VALUE(); if (!int_value(a, v, 1, 14, &shifts)) return 2; }
         else if (!strcmp(a, "--help") || !strcmp(a, "-h")) { usage(stdout); return 0; }
         else if (a[0] == '-') { fprintf(stderr, "agpt map: unknown option '%s'\n", a); usage(stderr); return 2; }
         else { v = a; PUSH(inputs, n_inputs); }
@@ -111,7 +115,8 @@ int cmd_map(int argc, char **argv) {
     static VisionModel vision;
     VisionModel *vm = ask ? &agpt.vision : &vision;
     Sampler sampler = {0};
-    int batch = n_refs * (rotate ? 4 : 1);
+    int variants = (rotate ? 4 : 1) * shifts * shifts;  // encoder images per reference
+    int batch = n_refs * variants > 16 ? 16 : n_refs * variants;
     if (batch < 1) batch = 1;
     double t0 = timer_now_s();
     s = ask ? anomalygpt_open(&agpt, &eng, model, overlays, n_overlays, sp_model, dt, context)
@@ -125,6 +130,7 @@ int cmd_map(int argc, char **argv) {
     if (squash) vm->mode = PREPROCESS_SQUASH;
     vm->fuse_text_map = fuse;
     vm->augment_rotations = rotate;
+    vm->reference_shifts = shifts;
     ClipTokenizer *tokenizer = NULL;
     if (clip_vocab) {
         if ((s = clip_tokenizer_load_file(clip_vocab, &tokenizer))) {
@@ -204,7 +210,7 @@ int cmd_map(int argc, char **argv) {
         if (s == AGPT_OK) {
             cJSON_AddNumberToObject(line, "score", score);
             cJSON_AddStringToObject(line, "mode", !n_refs ? "zero-shot" : fuse ? "few-shot+zero-shot" : "few-shot");
-            if (n_refs) cJSON_AddNumberToObject(line, "references", n_refs * (rotate ? 4 : 1));
+            if (n_refs) cJSON_AddNumberToObject(line, "references", n_refs * variants);
             if (!n_refs || fuse) cJSON_AddStringToObject(line, "class", img_class);
             if (ask) cJSON_AddStringToObject(line, "answer", ans.text ? ans.text : "");
             cJSON_AddStringToObject(line, "heatmap", heat);

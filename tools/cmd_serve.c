@@ -28,6 +28,7 @@ static void usage(FILE *f) {
             "                   for a batch to fill (default 5), --queue N jobs waiting at most (default 64; more: 429)\n"
             "  --api-key K      require 'Authorization: Bearer K' (or X-API-Key: K) on /v1/* and /metrics\n"
             "  --bank-dir D     where reference banks persist (default ./agpt-banks)\n"
+            "  --reference-shifts N   each bank image also in N x N shifted views, as agpt map (1: none)\n"
             "  --max-body-mb N  request body limit (default 16; larger: 413), --body-budget-mb N all bodies at once\n"
             "                   (default 512; beyond it: 503)\n"
             "  --max-new N      answer tokens at most (default 512), --context N (2048)\n"
@@ -119,7 +120,7 @@ static int int_option(const char *opt, const char *v, long long lo, long long hi
 int cmd_serve(int argc, char **argv) {
     const char *model = NULL, *sp_model = NULL, *overlays[MAX_OVERLAYS], *port_file = NULL;
     const char *w_class = NULL, *w_prompt = NULL, *w_bank = NULL;
-    int n_overlays = 0, threads = 0, context = 2048, max_body_mb = 16, budget_mb = 512;
+    int n_overlays = 0, threads = 0, context = 2048, max_body_mb = 16, budget_mb = 512, reference_shifts = 1;
     bool w_verdict_only = false;
     ServeConfig cfg = {.host = "127.0.0.1", .port = 8080, .max_batch = 8, .batch_wait_ms = 5, .queue_cap = 64,
                        .http_threads = 4, .timeout_s = 15, .max_new = 512, .max_sessions = 64,
@@ -152,6 +153,7 @@ int cmd_serve(int argc, char **argv) {
             cfg.api_key = v;
         }
         else if (!strcmp(a, "--bank-dir")) { VALUE(); cfg.bank_dir = v; }
+        else if (!strcmp(a, "--reference-shifts")) INT(1, 14, &reference_shifts);
         else if (!strcmp(a, "--max-body-mb")) INT(1, 1024, &max_body_mb);
         else if (!strcmp(a, "--body-budget-mb")) INT(1, 65536, &budget_mb);
         else if (!strcmp(a, "--max-new")) INT(1, 1024, &cfg.max_new);
@@ -206,6 +208,7 @@ int cmd_serve(int argc, char **argv) {
         engine_destroy(&eng);
         return cli_report("serve", agpt_add_context(s, "opening the model (agpt serve needs one with the language model)"));
     }
+    agpt.vision.reference_shifts = reference_shifts;
     int rc = 0;
     struct MHD_Daemon *http = NULL;
     pthread_t worker, watcher;

@@ -57,6 +57,8 @@ static void usage(FILE *f) {
             "  --vision-lr-scale F  the ViT blocks' learning rate as a fraction of the schedule's, 0 < F <= 10 (1):\n"
             "                   the few-shot map compares their features, so they may need to move slower\n"
             "  --fewshot-p P    chance a micro-step feeds the prompt learner the few-shot map (0.5, as the reference)\n"
+            "  --reference-shifts N   the few-shot map's reference also in the N x N shifted views of agpt detect's\n"
+            "                   option, each in its four rotations (1..14; 1, the reference: none)\n"
             "  --seed S         sample order and every random draw (42)\n"
             "  --ckpt-every N   save every N updates (default: only at the end; Ctrl-C saves and exits)\n"
             "  --resume RUNDIR  continue a run bit for bit (same options; RUNDIR is its --out)\n"
@@ -81,6 +83,7 @@ typedef struct TrainOptions {
     long long steps, epochs, accum, warmup, seed, ckpt_every, loader_threads, val_every, val_images;
     double lr, vision_lr_scale, fewshot_p, budget_gb;
     bool resume;
+    long long reference_shifts;
     Device device;
     DType dtype;
     int threads;
@@ -297,6 +300,8 @@ static char *config_text(const TrainOptions *o, const ImageSet *set, int world) 
                      o->model, set->n, (unsigned long long)h, o->steps, o->accum, o->lr, o->warmup, o->train,
                      o->vision_lr_scale, o->fewshot_p, o->seed,
                      o->params ? o->params : "", world, o->sft ? o->sft : "");
+    if (o->reference_shifts > 1)  // absent when 1: runs from before the option resume
+        n += snprintf(text + n, 8192 - n, "reference_shifts=%lld\n", o->reference_shifts);
     for (int k = 0; k < o->n_overlays && n < 8000; k++) n += snprintf(text + n, 8192 - n, "weights=%s\n", o->overlays[k]);
     return text;
 }
@@ -305,7 +310,7 @@ static int parse(int argc, char **argv, TrainOptions *o) {
     const char *cmd = "train";
     *o = (TrainOptions){.format = "mvtec", .train = "decoder,prompt_learner", .steps = -1, .epochs = -1,
                         .accum = 8, .warmup = -1, .seed = 42, .ckpt_every = 0, .loader_threads = 2, .val_every = 0, .val_images = 8, .lr = 1e-3, .vision_lr_scale = 1,
-                        .fewshot_p = 0.5, .budget_gb = 0, .device = DEV_CPU, .dtype = DT_F32};
+                        .fewshot_p = 0.5, .reference_shifts = 1, .budget_gb = 0, .device = DEV_CPU, .dtype = DT_F32};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -348,6 +353,7 @@ static int parse(int argc, char **argv, TrainOptions *o) {
         else if (!strcmp(a, "--lr")) DBL(1e-12, 10, &o->lr);
         else if (!strcmp(a, "--vision-lr-scale")) DBL(1e-6, 10, &o->vision_lr_scale);
         else if (!strcmp(a, "--fewshot-p")) DBL(0, 1, &o->fewshot_p);
+        else if (!strcmp(a, "--reference-shifts")) INT(1, 14, &o->reference_shifts);
         else if (!strcmp(a, "--memory-budget-gb")) DBL(0.001, 1e6, &o->budget_gb);
         else {
             fprintf(stderr, "agpt train: unknown option '%s' (agpt train --help)\n", a);
@@ -447,7 +453,7 @@ int cmd_train(int argc, char **argv) {
     }
     AnomalyTrainModel model;
     AnomalyTrainOptions mopt = {.max_batch = 2, .train_proj = t_proj, .train_lora = t_lora, .train_head = t_head,
-                                .train_vision = t_vision};
+                                .train_vision = t_vision, .reference_shifts = (int)o.reference_shifts};
     double t_open = timer_now_s();
     s = anomaly_train_open(&model, &eng, o.model, o.overlays, o.n_overlays, o.tokenizer, &mopt);
     int failed_rank;

@@ -63,7 +63,8 @@ if [ ${#extras[@]} -gt 0 ]; then
     "$root/build/make_default_data" heldout "$demo/default/check" 3 8 "$shared"/images/{brick,grass,gravel}.png
     for cls in brick gravel; do
         echo "-- 1-shot, $cls: the reference is $cls/train/good/000.png"
-        "$agpt" detect "${default[@]}" --class "$cls" --reference "$demo/default/check/$cls/train/good/000.png" \
+        "$agpt" detect "${default[@]}" --class "$cls" --reference-shifts 7 \
+            --reference "$demo/default/check/$cls/train/good/000.png" \
             --max-new 24 --out "$demo/default/heatmaps" "$demo/default/check/$cls"/test/*/000.png
     done
     echo "-- zero-shot, brick"
@@ -75,7 +76,7 @@ if [ ${#extras[@]} -gt 0 ]; then
         rm -rf "$demo/default/heldout-data"
         "$root/build/make_default_data" heldout "$demo/default/heldout-data" 2 24 "$(echo "$photos" | sed -n 2p)"/*
         "$agpt" eval "${default[@]}" --data "$demo/default/heldout-data" --format mvtec --k-shot 0,1 --round 0 \
-            --max-new 24 --out "$demo/default/heldout" 2>/dev/null
+            --reference-shifts 7 --max-new 24 --out "$demo/default/heldout" 2>/dev/null
     else
         echo "no held-out photos (tools/fetch-photos.sh could not download them): held-out evaluation skipped"
     fi

@@ -48,18 +48,21 @@ Status mem_plan_compute(const MemPlanConfig *c, MemPlan *p) {
     double lora = L * 4 * (2 * R * D);
     double llama = 2 * V * D + L * (4 * D * D + 3 * D * I + 2 * D) + D;
 
-    double trained = 0, frozen = vit + llama;
-    (c->train_decoder ? &trained : &frozen)[0] += decoder;
-    (c->train_prompt ? &trained : &frozen)[0] += prompt;
-    (c->train_proj ? &trained : &frozen)[0] += proj;
+    // A trained part leaves the frozen weights: its compute copy is counted with its trained state below.
+    double head = V * D + D, blocks = c->vit_layers * vit_block;  // lm_head + model.norm; the ViT's blocks
+    double vit_frozen = vit - (c->train_vision ? blocks : 0), llama_frozen = llama - (c->train_head ? head : 0);
+    double trained = 0, other_frozen = 0;
+    (c->train_decoder ? &trained : &other_frozen)[0] += decoder;
+    (c->train_prompt ? &trained : &other_frozen)[0] += prompt;
+    (c->train_proj ? &trained : &other_frozen)[0] += proj;
     if (c->train_lora) trained += lora;  // frozen LoRA is merged into q, k, v, o
-    if (c->train_head) trained += V * D + D;  // lm_head, model.norm
-    if (c->train_vision) trained += c->vit_layers * vit_block;  // the blocks (their weights stay counted above)
-    p->trained_params = trained, p->frozen_params = frozen;
+    if (c->train_head) trained += head;
+    if (c->train_vision) trained += blocks;
+    p->trained_params = trained, p->frozen_params = vit_frozen + llama_frozen + other_frozen;
 
-    add(p, "frozen weights: ViT-H vision", vit * wb);
-    add(p, "frozen weights: LLaMA", llama * wb);
-    add(p, "frozen weights: other parts", (frozen - vit - llama) * wb);
+    add(p, "frozen weights: ViT-H vision", vit_frozen * wb);
+    add(p, "frozen weights: LLaMA", llama_frozen * wb);
+    add(p, "frozen weights: other parts", other_frozen * wb);
     double copy = c->compute_dtype == DT_F32 ? 0 : ab;  // f32 compute updates the master in place
     add(p, "trained: params + f32 master + f32 grad", trained * (copy + f32 + f32));
     add(p, "trained: AdamW moments (f32 m, v)", c->optimizer_on_host ? 0 : trained * 2 * f32);

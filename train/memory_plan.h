@@ -3,7 +3,8 @@
 //
 // What is counted (bytes on the training device; anomalygpt-reference.md 1, 3, 4, 5, 6):
 //   frozen weights     ViT-H vision trunk, the decoder / prompt learner / llama_proj / LoRA when not trained,
-//                      LLaMA-7B, all in weight_dtype (frozen LoRA is merged into q, k, v, o: no extra bytes)
+//                      LLaMA-7B, all in weight_dtype (frozen LoRA is merged into q, k, v, o: no extra bytes),
+//                      less the parts that are trained (lm_head and model.norm, the ViT's blocks)
 //   trained state      per trained parameter: the compute copy (when compute dtype != f32), the f32 master, the f32
 //                      gradient, AdamW's two f32 moments (these two on the host with optimizer_on_host, as the
 //                      reference's ZeRO-2 CPU offload does)
@@ -39,8 +40,8 @@ typedef struct MemPlanConfig {
     DType weight_dtype;          // frozen weights (F16 on the GPU, as the reference)
     DType compute_dtype;         // activations (F16; F32 on the CPU)
     bool train_decoder, train_prompt, train_proj, train_lora;  // the reference trains decoder + prompt learner
-    bool train_head;            // lm_head and model.norm (their weights stay counted under the frozen LLaMA)
-    bool train_vision;          // the ViT's blocks (their weights stay counted under the frozen ViT)
+    bool train_head;            // lm_head and model.norm (counted as trained, no longer under the frozen LLaMA)
+    bool train_vision;          // the ViT's blocks (counted as trained, no longer under the frozen ViT)
     bool recompute;              // activation recomputation per LLaMA layer
     bool flash_attention;        // no [heads,T,T] scores kept (a fused attention keeps only row statistics)
     bool optimizer_on_host;      // AdamW moments on the host (not counted on the device)

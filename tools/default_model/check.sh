@@ -12,7 +12,7 @@ rm -rf "$work/check"
 for cls in brick grass gravel; do
     tests=("$work/check/$cls"/test/*/*.png)
     "$agpt" detect --model "$base" --weights "$delta" --tokenizer "$tok" --threads 2 --max-new 24 --class "$cls" \
-        --reference "$work/check/$cls/train/good/000.png" "${tests[@]}" 2>/dev/null
+        --reference-shifts 7 --reference "$work/check/$cls/train/good/000.png" "${tests[@]}" 2>/dev/null
     "$agpt" detect --model "$base" --weights "$delta" --tokenizer "$tok" --threads 2 --max-new 24 --class "$cls" \
         "${tests[@]}" 2>/dev/null
 done | python3 -c '
