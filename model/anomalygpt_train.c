@@ -124,6 +124,8 @@ void anomaly_train_close(AnomalyTrainModel *m) {
         if (m->have_llm_state[k]) llama_train_state_free(&m->llm_state[k]);
         if (m->have_vision_acts[k]) vision_train_acts_free(&m->vision_acts[k]);
     }
+    for (int i = 0; i < m->n_ref_cache; i++) fewshot_refs_free(&m->ref_cache[i].refs);
+    free(m->ref_cache);
     free(m->d_vision);
     arena_free(&m->vision_grad_arena);
     arena_free(&m->step_arena);
@@ -291,43 +293,89 @@ static void rotate_quarter(const float *x, float *out, int S, int k) {
     }
 }
 
-// The few-shot maps of examples b0..b1-1, which share one reference, against its four rotations (of each of its
-// N x N shifts with opt.reference_shifts N): acts->fewshot[b] = 1 - sim. The reference's views go through the
-// encoder four at a time, once for all the examples.
+// The patch features of a reference's views: each of its N x N shifts (opt.reference_shifts N; as
+// VisionModel's views: down by v / N, right by v % N steps of P / N), turned 0/90/180/270 degrees unless
+// opt.no_reference_rotations. They go through the encoder four at a time.
+static Status encode_reference_views(AnomalyTrainModel *m, int S, int T, const float *reference, FewShotRefs *refs) {
+    Engine *e = m->engine;
+    VisionModel *vm = &m->vision;
+    const int C = vm->vision.block.dim, P = vm->vision.patch;
+    const int shifts = m->opt.reference_shifts > 1 ? m->opt.reference_shifts : 1;
+    const int turns = m->opt.no_reference_rotations ? 1 : 4, views = shifts * shifts * turns;
+    AGPT_CHECK_ARG(shifts <= P, "%d reference shifts per axis: at most the patch side, %d", shifts, P);
+    size_t plane = (size_t)3 * S * S;
+    float *batch = malloc(plane * 5 * sizeof(float)), *moved = batch + 4 * plane;
+    if (!batch) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the reference's views");
+    *refs = (FewShotRefs){0};
+    Status s = AGPT_OK;
+    for (int first = 0; first < views && s == AGPT_OK; first += 4) {  // the encoder's batch holds 4 (or more)
+        int count = views - first < 4 ? views - first : 4;
+        for (int j = 0; j < count; j++) {
+            int v = (first + j) / turns, k = (first + j) % turns;
+            const float *view = reference;
+            if (v) {
+                preprocess_shift_chw(reference, S, v / shifts * P / shifts, v % shifts * P / shifts, moved);
+                view = moved;
+            }
+            rotate_quarter(view, batch + j * plane, S, k);
+        }
+        Tensor images = tensor_4d(vm->images.data, DT_F32, e->device, count, 3, S, S);
+        Tensor src = tensor_4d(batch, DT_F32, DEV_CPU, count, 3, S, S);
+        s = tensor_copy(&images, &src);
+        Tensor emb = tensor_2d(vm->embedding.data, DT_F32, e->device, count, vm->vision.embed), taps[VISION_TAPS];
+        for (int i = 0; i < VISION_TAPS; i++) taps[i] = tensor_3d(vm->taps[i].data, DT_F32, e->device, count, T, C);
+        if (s == AGPT_OK) s = vision_forward(e, &vm->vision, &vm->arena, &images, &emb, taps);
+        if (s == AGPT_OK) s = fewshot_refs_append(e, taps, refs);
+    }
+    free(batch);
+    if (s != AGPT_OK) fewshot_refs_free(refs);
+    return s;
+}
+
+// FNV-1a (64-bit) over the 32-bit words of the reference's pixels: a class's reference gives the same key every time.
+static uint64_t reference_key(const float *reference, size_t floats) {
+    uint64_t h = 1469598103934665603ull;
+    const uint32_t *w = (const uint32_t *)reference;
+    for (size_t i = 0; i < floats; i++) h = (h ^ w[i]) * 1099511628211ull;
+    return h;
+}
+
+// The few-shot maps of examples b0..b1-1, which share one reference, against its views (encode_reference_views):
+// acts->fewshot[b] = 1 - sim. With the ViT frozen, the views' features are cached per reference (m->ref_cache).
 static Status fewshot_maps(AnomalyTrainModel *m, StepActs *t, int b0, int b1, const float *reference, Arena *arena) {
     Engine *e = m->engine;
     VisionModel *vm = &m->vision;
-    const int S = t->S, T = t->N + 1, C = vm->vision.block.dim, P = vm->vision.patch;
-    const int shifts = m->opt.reference_shifts > 1 ? m->opt.reference_shifts : 1;
-    AGPT_CHECK_ARG(shifts <= P, "%d reference shifts per axis: at most the patch side, %d", shifts, P);
-    size_t plane = (size_t)3 * S * S;
-    float *turned = malloc(plane * 5 * sizeof(float)), *moved = turned + 4 * plane;
-    if (!turned) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the reference's rotations");
-    FewShotRefs refs = {0};
+    const int S = t->S, T = t->N + 1, C = vm->vision.block.dim;
+    const bool cacheable = !m->opt.train_vision;
+    const uint64_t key = cacheable ? reference_key(reference, (size_t)3 * S * S) : 0;
+    const FewShotRefs *refs = NULL;
+    for (int i = 0; cacheable && i < m->n_ref_cache && !refs; i++)
+        if (m->ref_cache[i].key == key) refs = &m->ref_cache[i].refs;
+    FewShotRefs own = {0};
     Status s = AGPT_OK;
-    for (int v = 0; v < shifts * shifts && s == AGPT_OK; v++) {
-        const float *view = reference;
-        if (v) {  // as VisionModel's views: down by v / N, right by v % N steps of P / N
-            preprocess_shift_chw(reference, S, v / shifts * P / shifts, v % shifts * P / shifts, moved);
-            view = moved;
+    if (!refs) {
+        AGPT_TRY(encode_reference_views(m, S, T, reference, &own));
+        size_t bytes = 0;
+        for (int i = 0; i < VISION_TAPS; i++) bytes += tensor_nbytes(&own.patches[i]);
+        RefViewsCacheEntry *grown = NULL;
+        if (cacheable && m->ref_cache_bytes + bytes <= TRAIN_REF_CACHE_BYTES &&
+            (grown = realloc(m->ref_cache, (size_t)(m->n_ref_cache + 1) * sizeof *grown))) {
+            m->ref_cache = grown;
+            m->ref_cache[m->n_ref_cache] = (RefViewsCacheEntry){key, own};
+            refs = &m->ref_cache[m->n_ref_cache++].refs;
+            m->ref_cache_bytes += bytes;
+            own = (FewShotRefs){0};
+        } else {
+            refs = &own;
         }
-        for (int k = 0; k < 4; k++) rotate_quarter(view, turned + k * plane, S, k);
-        Tensor images = tensor_4d(vm->images.data, DT_F32, e->device, 4, 3, S, S);
-        Tensor src = tensor_4d(turned, DT_F32, DEV_CPU, 4, 3, S, S);
-        s = tensor_copy(&images, &src);
-        Tensor emb = tensor_2d(vm->embedding.data, DT_F32, e->device, 4, vm->vision.embed), taps[VISION_TAPS];
-        for (int i = 0; i < VISION_TAPS; i++) taps[i] = tensor_3d(vm->taps[i].data, DT_F32, e->device, 4, T, C);
-        if (s == AGPT_OK) s = vision_forward(e, &vm->vision, &vm->arena, &images, &emb, taps);
-        if (s == AGPT_OK) s = fewshot_refs_append(e, taps, &refs);
     }
-    free(turned);
     const int n = b1 - b0;
     Tensor query[VISION_TAPS];  // images b0..b1-1 of the kept taps
     for (int i = 0; i < VISION_TAPS; i++)
         query[i] = tensor_3d((char *)t->taps[i].data + (size_t)b0 * T * C * sizeof(float), DT_F32, e->device, n, T, C);
     Tensor out = tensor_3d((char *)t->fewshot.data + (size_t)b0 * S * S * sizeof(float), DT_F32, e->device, n, S, S);
-    if (s == AGPT_OK) s = anomaly_map_fewshot(e, &refs, arena, query, &out);
-    fewshot_refs_free(&refs);
+    s = anomaly_map_fewshot(e, refs, arena, query, &out);
+    fewshot_refs_free(&own);
     return s;
 }
 

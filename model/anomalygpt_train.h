@@ -35,8 +35,19 @@ typedef struct AnomalyTrainOptions {
     bool train_head;    // also lm_head and model.norm (not in the reference; for a model trained from scratch)
     bool train_vision;  // also the ViT's blocks (not in the reference; model/vision_train.h)
     int reference_shifts;  // N > 1: the few-shot map's reference also moved as VisionModel.reference_shifts does
-                           // at inference, each of the N x N views in its four rotations (not in the reference)
+                           // at inference (not in the reference)
+    bool no_reference_rotations;  // the reference's views not also turned 90/180/270 degrees (the reference's
+                                  // training turns them; inference does not)
 } AnomalyTrainOptions;
+
+// The patch features of one reference's views, kept from step to step while the ViT is frozen: a class's
+// reference is the same image every time, so its views go through the encoder once per run.
+typedef struct RefViewsCacheEntry {
+    uint64_t key;                // a hash of the reference's normalised pixels
+    FewShotRefs refs;
+} RefViewsCacheEntry;
+
+#define TRAIN_REF_CACHE_BYTES ((size_t)2 << 30)  // beyond this, further references are encoded every time
 
 typedef struct AnomalyTrainModel {
     Engine *engine;
@@ -66,6 +77,9 @@ typedef struct AnomalyTrainModel {
     bool have_llm_state[2];
     VisionTrainActs vision_acts[2];  // train_vision: the encoder's kept activations, per batch size 1 and more
     bool have_vision_acts[2];
+    RefViewsCacheEntry *ref_cache;   // [n_ref_cache] (not with train_vision: the features change every update)
+    int n_ref_cache;
+    size_t ref_cache_bytes;
 } AnomalyTrainModel;
 
 // One conversation of a step.
@@ -74,8 +88,8 @@ typedef struct AnomalyTrainExample {
                                    // dataset's Resize((S,S)) image)
     const float *mask;             // host [S,S] in {0,1}, or NULL: no pixel loss (instruction data)
     const char *class_name;        // whose text features make the zero-shot maps ('object' for instruction data)
-    const float *reference;        // NULL, or host [3,S,S] normalised: the few-shot map (with the reference's
-                                   // four rotations, of each shift with opt.reference_shifts) feeds the prompt
+    const float *reference;        // NULL, or host [3,S,S] normalised: the few-shot map (against the reference's
+                                   // views: its shifts, each in four rotations, as opt says) feeds the prompt
                                    // learner instead of the text map
     const int32_t *ids, *targets;  // [n_tokens] the conversation's text part (train_tokenize)
     int n_tokens;

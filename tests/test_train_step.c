@@ -317,6 +317,31 @@ static void check_shifted_references(Engine *e, const char *model, const char *t
     }
     printf("  few-shot with shifted references: ce %.6f (without %.6f), focal %.6f dice %.6f\n", L[1].ce, L[0].ce,
            L[1].focal, L[1].dice);
+    // The reference's views are cached (the ViT is frozen): a second step on the same batch hits the cache and
+    // gives the first step's losses bit for bit (no update between them).
+    AnomalyTrainModel m;
+    AnomalyTrainOptions opt = {.max_batch = 2, .reference_shifts = 2, .no_reference_rotations = true};
+    CHECK_OK(anomaly_train_open(&m, e, model, NULL, 0, tokenizer, &opt));
+    if (test_failed) return;
+    AnomalyTrainExample ex[2];
+    int32_t *ids = NULL, *tg = NULL;
+    int B = case_examples("fewshot", in, ex, &ids, &tg);
+    AnomalyTrainLosses first, again;
+    CHECK_OK(anomaly_train_zero_grad(&m));
+    CHECK_OK(anomaly_train_step(&m, ex, B, &first));
+    int cached = m.n_ref_cache, views = cached ? m.ref_cache[0].refs.k : 0;
+    CHECK_OK(anomaly_train_zero_grad(&m));
+    CHECK_OK(anomaly_train_step(&m, ex, B, &again));
+    printf("  cached reference views: %d entry of %d views; ce %.9f then %.9f; without rotations ce %.6f\n", cached,
+           views, first.ce, again.ce, first.ce);
+    CHECK(cached == 1 && m.n_ref_cache == 1 && views == 4, "the cache holds %d entries (%d views) after one "
+          "reference, %d after its second use: expected 1 of 4 views", cached, views, m.n_ref_cache);
+    CHECK(first.ce == again.ce && first.focal == again.focal && first.dice == again.dice,
+          "the cached views give other losses: ce %.9g vs %.9g", again.ce, first.ce);
+    CHECK(fabs(first.ce - L[1].ce) > 1e-7 * fabs(L[1].ce), "without rotations the cross-entropy is that of 16 "
+          "views (%.9g): the option is not used", first.ce);
+    free(ids), free(tg);
+    anomaly_train_close(&m);
     CHECK(isfinite(L[1].ce) && fabs(L[1].ce - L[0].ce) > 1e-6 * fabs(L[0].ce),
           "the cross-entropy does not see the shifted views (%.9g vs %.9g)", L[1].ce, L[0].ce);
     CHECK(L[1].focal == L[0].focal && L[1].dice == L[0].dice, "the pixel losses moved: focal %.9g vs %.9g, dice "

@@ -58,7 +58,10 @@ static void usage(FILE *f) {
             "                   the few-shot map compares their features, so they may need to move slower\n"
             "  --fewshot-p P    chance a micro-step feeds the prompt learner the few-shot map (0.5, as the reference)\n"
             "  --reference-shifts N   the few-shot map's reference also in the N x N shifted views of agpt detect's\n"
-            "                   option, each in its four rotations (1..14; 1, the reference: none)\n"
+            "                   option (1..14; 1, the reference: none); with the ViT frozen, each class's views are\n"
+            "                   encoded once and kept (up to 2 GiB)\n"
+            "  --no-reference-rotations   the reference's views not also turned 90/180/270 degrees (the reference's\n"
+            "                   training turns them; inference does not)\n"
             "  --seed S         sample order and every random draw (42)\n"
             "  --ckpt-every N   save every N updates (default: only at the end; Ctrl-C saves and exits)\n"
             "  --resume RUNDIR  continue a run bit for bit (same options; RUNDIR is its --out)\n"
@@ -82,7 +85,7 @@ typedef struct TrainOptions {
     int n_overlays;
     long long steps, epochs, accum, warmup, seed, ckpt_every, loader_threads, val_every, val_images;
     double lr, vision_lr_scale, fewshot_p, budget_gb;
-    bool resume;
+    bool resume, no_reference_rotations;
     long long reference_shifts;
     Device device;
     DType dtype;
@@ -302,6 +305,7 @@ static char *config_text(const TrainOptions *o, const ImageSet *set, int world) 
                      o->params ? o->params : "", world, o->sft ? o->sft : "");
     if (o->reference_shifts > 1)  // absent when 1: runs from before the option resume
         n += snprintf(text + n, 8192 - n, "reference_shifts=%lld\n", o->reference_shifts);
+    if (o->no_reference_rotations) n += snprintf(text + n, 8192 - n, "no_reference_rotations=1\n");
     for (int k = 0; k < o->n_overlays && n < 8000; k++) n += snprintf(text + n, 8192 - n, "weights=%s\n", o->overlays[k]);
     return text;
 }
@@ -354,6 +358,7 @@ static int parse(int argc, char **argv, TrainOptions *o) {
         else if (!strcmp(a, "--vision-lr-scale")) DBL(1e-6, 10, &o->vision_lr_scale);
         else if (!strcmp(a, "--fewshot-p")) DBL(0, 1, &o->fewshot_p);
         else if (!strcmp(a, "--reference-shifts")) INT(1, 14, &o->reference_shifts);
+        else if (!strcmp(a, "--no-reference-rotations")) o->no_reference_rotations = true;
         else if (!strcmp(a, "--memory-budget-gb")) DBL(0.001, 1e6, &o->budget_gb);
         else {
             fprintf(stderr, "agpt train: unknown option '%s' (agpt train --help)\n", a);
@@ -453,7 +458,8 @@ int cmd_train(int argc, char **argv) {
     }
     AnomalyTrainModel model;
     AnomalyTrainOptions mopt = {.max_batch = 2, .train_proj = t_proj, .train_lora = t_lora, .train_head = t_head,
-                                .train_vision = t_vision, .reference_shifts = (int)o.reference_shifts};
+                                .train_vision = t_vision, .reference_shifts = (int)o.reference_shifts,
+                                .no_reference_rotations = o.no_reference_rotations};
     double t_open = timer_now_s();
     s = anomaly_train_open(&model, &eng, o.model, o.overlays, o.n_overlays, o.tokenizer, &mopt);
     int failed_rank;
