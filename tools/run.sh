@@ -61,16 +61,17 @@ if [ ${#extras[@]} -gt 0 ]; then
     # Defects drawn on crops of the CC0 photos (make_default_data heldout); a normal crop of each is the reference.
     rm -rf "$demo/default/check"
     "$root/build/make_default_data" heldout "$demo/default/check" 3 8 "$shared"/images/{brick,grass,gravel}.png
+    mkdir -p "$demo/default/heatmaps"
     for cls in brick gravel; do
         echo "-- 1-shot, $cls: the reference is $cls/train/good/000.png"
         "$agpt" detect "${default[@]}" --class "$cls" --reference-shifts 7 \
             --reference "$demo/default/check/$cls/train/good/000.png" \
-            --max-new 24 --out "$demo/default/heatmaps" "$demo/default/check/$cls"/test/*/000.png
+            --max-new 24 --out "$demo/default/heatmaps/$cls" "$demo/default/check/$cls"/test/*/000.png
     done
     echo "-- zero-shot, brick"
     "$agpt" detect "${default[@]}" --class brick --max-new 24 --out "$demo/default/heatmaps-zero-shot" \
         "$demo/default/check/brick"/test/*/000.png
-    echo "heatmaps in $demo/default/heatmaps and $demo/default/heatmaps-zero-shot"
+    echo "heatmaps in $demo/default/heatmaps/{brick,gravel} and $demo/default/heatmaps-zero-shot"
     # The held-out evaluation: photos and defect kinds the model never saw, from Debian packages.
     if photos=$("$root/tools/fetch-photos.sh" "$demo/default/photos"); then
         rm -rf "$demo/default/heldout-data"
