@@ -314,7 +314,7 @@ static Status encode_reference_views(AnomalyTrainModel *m, int S, int T, const f
             int v = (first + j) / turns, k = (first + j) % turns;
             const float *view = reference;
             if (v) {
-                preprocess_shift_chw(reference, S, v / shifts * P / shifts, v % shifts * P / shifts, moved);
+                preprocess_reference_view(reference, S, P, shifts, v, moved);
                 view = moved;
             }
             rotate_quarter(view, batch + j * plane, S, k);

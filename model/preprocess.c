@@ -346,6 +346,10 @@ Status preprocess_image(const Image *img, PreprocessMode mode, int size, float *
     return st;
 }
 
+void preprocess_reference_view(const float *src, int size, int patch, int shifts, int view, float *out_chw) {
+    preprocess_shift_chw(src, size, view / shifts * patch / shifts, view % shifts * patch / shifts, out_chw);
+}
+
 void preprocess_shift_chw(const float *src, int size, int dy, int dx, float *out_chw) {
     for (int c = 0; c < 3; c++)
         for (int y = 0; y < size; y++) {

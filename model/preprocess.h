@@ -78,5 +78,8 @@ Status preprocess_image(const Image *img, PreprocessMode mode, int size, float *
 // A [3,size,size] image moved down by dy and right by dx pixels (0 <= dy, dx < size), the uncovered border filled
 // with the nearest edge pixel: a reference's view whose patch grid falls between the original's.
 void preprocess_shift_chw(const float *src, int size, int dy, int dx, float *out_chw);
+// View v (0 <= v < shifts^2) of a reference: moved down by v / shifts and right by v % shifts steps of
+// patch / shifts pixels (view 0 is the image itself). The views of --reference-shifts, at inference and in training.
+void preprocess_reference_view(const float *src, int size, int patch, int shifts, int view, float *out_chw);
 
 const char *preprocess_mode_name(PreprocessMode mode);

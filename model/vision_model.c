@@ -265,9 +265,9 @@ static Status upload_variants(VisionModel *m, const Image *images, int n, int tu
             s = agpt_add_context(s, "image %d", i % n);
             break;
         }
-        int view = i / (n * turns), P = m->vision.patch;
+        int view = i / (n * turns);
         if (view) {
-            preprocess_shift_chw(chw, S, view / shifts * P / shifts, view % shifts * P / shifts, turned);
+            preprocess_reference_view(chw, S, m->vision.patch, shifts, view, turned);
             float *swap = chw;
             chw = turned, turned = swap;
         }
