@@ -1,8 +1,16 @@
 #include "runtime/comm.h"
 
 #include <limits.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "runtime/timer.h"
 
 #ifdef AGPT_WITH_MPI
 #include <mpi.h>
@@ -16,6 +24,57 @@ static int launcher_size(void) {
         if (v && atoi(v) > 0) return atoi(v);
     }
     return 0;
+}
+
+// The watchdog: the collective in progress (its name and start time; NULL when none) and a thread that looks at
+// it twice a second. It never calls MPI (MPI is initialised for one thread): it prints and ends the process, and
+// mpirun ends the rest of the job.
+static struct {
+    _Atomic(const char *) what;
+    _Atomic double since;
+    double timeout_s;
+    int rank, size;
+    pthread_t thread;
+    bool running;
+} watch;
+
+static void *watchdog(void *unused) {
+    (void)unused;
+    for (;;) {
+        nanosleep(&(struct timespec){.tv_nsec = 500 * 1000 * 1000}, NULL);
+        const char *what = atomic_load(&watch.what);
+        double waited = timer_now_s() - atomic_load(&watch.since);
+        if (what && waited > watch.timeout_s) {
+            fprintf(stderr, "agpt: rank %d of %d: %s has waited %.0f s for the other ranks (timeout %g s, "
+                    "--comm-timeout): a rank is stuck or its node stopped answering; ending the job\n", watch.rank,
+                    watch.size, what, waited, watch.timeout_s);
+            fflush(stderr);
+            _exit(3);
+        }
+    }
+    return NULL;
+}
+
+// Every MPI collective goes between these two.
+static inline void collective_begin(const char *what) {
+    atomic_store(&watch.since, timer_now_s());
+    atomic_store(&watch.what, what);
+}
+static inline void collective_end(void) { atomic_store(&watch.what, (const char *)NULL); }
+
+Status comm_set_timeout(Comm *c, double seconds) {
+    AGPT_CHECK_ARG(seconds >= 0, "comm: the timeout must be >= 0 seconds (0: none), not %g", seconds);
+    c->timeout_s = seconds;
+    if (c->backend == COMM_SINGLE) return AGPT_OK;
+    watch.timeout_s = seconds > 0 ? seconds : 1e300;
+    watch.rank = c->rank, watch.size = c->size;
+    if (seconds > 0 && !watch.running) {
+        if (pthread_create(&watch.thread, NULL, watchdog, NULL))
+            return AGPT_FAIL(AGPT_ERR_OOM, "comm: cannot start the collective watchdog thread");
+        pthread_detach(watch.thread);
+        watch.running = true;
+    }
+    return AGPT_OK;
 }
 
 Status comm_init(Comm *c) {
@@ -46,7 +105,10 @@ Status comm_init(Comm *c) {
 
 void comm_finalize(Comm *c) {
 #ifdef AGPT_WITH_MPI
+    // MPI_Finalize synchronises the ranks like a collective: the watchdog stays armed through it.
+    collective_begin("MPI_Finalize");
     if (c->backend == COMM_MPI) MPI_Finalize();
+    collective_end();
 #endif
     memset(c, 0, sizeof *c);
     c->size = 1;
@@ -67,7 +129,9 @@ static Status allreduce_chunks(void *x, size_t n, size_t elem, MPI_Datatype type
     const size_t chunk = (size_t)INT_MAX / 2;
     for (size_t off = 0; off < n; off += chunk) {
         int count = (int)(n - off < chunk ? n - off : chunk);
+        collective_begin("MPI_Allreduce");
         int rc = MPI_Allreduce(MPI_IN_PLACE, (char *)x + off * elem, count, type, MPI_SUM, MPI_COMM_WORLD);
+        collective_end();
         if (rc != MPI_SUCCESS) return mpi_error(rc, "MPI_Allreduce");
     }
     return AGPT_OK;
@@ -98,11 +162,15 @@ Status comm_agree_status(const Comm *c, Status local, int *failed_rank) {
 #ifdef AGPT_WITH_MPI
     // The lowest failing rank: MIN over (rank if failed else size).
     int mine = local != AGPT_OK ? c->rank : c->size, first = c->size;
+    collective_begin("MPI_Allreduce (status)");
     int rc = MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    collective_end();
     if (rc != MPI_SUCCESS) return mpi_error(rc, "MPI_Allreduce (status)");
     if (first == c->size) return AGPT_OK;
     int code = (int)local;
+    collective_begin("MPI_Bcast (status)");
     rc = MPI_Bcast(&code, 1, MPI_INT, first, MPI_COMM_WORLD);
+    collective_end();
     if (rc != MPI_SUCCESS) return mpi_error(rc, "MPI_Bcast (status)");
     *failed_rank = first;
     if (first == c->rank) return local;  // its own message stays
@@ -116,7 +184,9 @@ Status comm_broadcast(const Comm *c, void *buf, size_t bytes, int root) {
     if (c->backend == COMM_SINGLE || bytes == 0) return AGPT_OK;
 #ifdef AGPT_WITH_MPI
     AGPT_CHECK_ARG(bytes <= (size_t)INT_MAX, "comm_broadcast: %zu bytes is too many for one MPI_Bcast", bytes);
+    collective_begin("MPI_Bcast");
     int rc = MPI_Bcast(buf, (int)bytes, MPI_BYTE, root, MPI_COMM_WORLD);
+    collective_end();
     return rc == MPI_SUCCESS ? AGPT_OK : mpi_error(rc, "MPI_Bcast");
 #else
     (void)buf, (void)root;
@@ -127,8 +197,42 @@ Status comm_broadcast(const Comm *c, void *buf, size_t bytes, int root) {
 Status comm_barrier(const Comm *c) {
     if (c->backend == COMM_SINGLE) return AGPT_OK;
 #ifdef AGPT_WITH_MPI
+    collective_begin("MPI_Barrier");
     int rc = MPI_Barrier(MPI_COMM_WORLD);
+    collective_end();
     return rc == MPI_SUCCESS ? AGPT_OK : mpi_error(rc, "MPI_Barrier");
+#else
+    return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "no MPI in this build");
+#endif
+}
+
+Status comm_reduce_scatter_sum_f64(const Comm *c, const double *x, double *part, size_t chunk) {
+    if (c->backend == COMM_SINGLE || chunk == 0) {
+        if (chunk) memmove(part, x, chunk * sizeof *part);
+        return AGPT_OK;
+    }
+#ifdef AGPT_WITH_MPI
+    AGPT_CHECK_ARG(chunk <= (size_t)INT_MAX, "comm_reduce_scatter: %zu elements per rank is too many for MPI", chunk);
+    collective_begin("MPI_Reduce_scatter_block");
+    int rc = MPI_Reduce_scatter_block(x, part, (int)chunk, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    collective_end();
+    return rc == MPI_SUCCESS ? AGPT_OK : mpi_error(rc, "MPI_Reduce_scatter_block");
+#else
+    return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "no MPI in this build");
+#endif
+}
+
+Status comm_allgather_f32(const Comm *c, const float *part, float *all, size_t chunk) {
+    if (c->backend == COMM_SINGLE || chunk == 0) {
+        if (chunk) memmove(all, part, chunk * sizeof *all);
+        return AGPT_OK;
+    }
+#ifdef AGPT_WITH_MPI
+    AGPT_CHECK_ARG(chunk <= (size_t)INT_MAX, "comm_allgather: %zu elements per rank is too many for MPI", chunk);
+    collective_begin("MPI_Allgather");
+    int rc = MPI_Allgather(part, (int)chunk, MPI_FLOAT, all, (int)chunk, MPI_FLOAT, MPI_COMM_WORLD);
+    collective_end();
+    return rc == MPI_SUCCESS ? AGPT_OK : mpi_error(rc, "MPI_Allgather");
 #else
     return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "no MPI in this build");
 #endif

@@ -8,8 +8,10 @@
 //           MPI. Built when CMake finds MPI (AGPT_WITH_MPI).
 // NCCL (device buffers) is not built yet: training runs on the CPU only.
 //
-// Collectives are blocking. MPI has no timeouts: a rank that dies makes mpirun end the job (OpenMPI kills the
-// others). A rank that fails with an error does not tell the others by itself: callers call comm_agree_status
+// Collectives are blocking. A rank that dies makes mpirun end the job (OpenMPI kills the others). A rank that
+// hangs (stopped, a stuck device, a node that stopped answering) would leave the others waiting forever, since MPI
+// has no timeouts: comm_set_timeout arms a watchdog that ends this process with a message naming the collective
+// when one has waited longer than the timeout (mpirun then ends the job). A rank that fails with an error does not tell the others by itself: callers call comm_agree_status
 // at every point where one rank may fail alone, before the next collective (the trainer does after the
 // micro-steps, the all-reduce and the optimizer step), so that no rank waits for one that has stopped.
 #pragma once
@@ -24,6 +26,7 @@ typedef struct Comm {
     CommBackend backend;
     int rank, size;    // this process, and how many take part
     int local_rank;    // among the processes of this node (the GPU a rank would use)
+    double timeout_s;  // a collective that waits longer ends the process (0: wait forever)
 } Comm;
 
 // Single, or MPI when started by an MPI launcher with more than one rank (an error when that is so but agpt was
@@ -32,10 +35,19 @@ Status comm_init(Comm *c);
 void comm_finalize(Comm *c);
 const char *comm_backend_name(const Comm *c);
 
+// Arms the watchdog: a collective that has not returned after `seconds` ends this process (exit status 3) with
+// "rank R of N: <collective> has waited S s ...". 0 disarms it. A no-op for the single backend.
+Status comm_set_timeout(Comm *c, double seconds);
+
 // x[i] = sum over ranks of x[i], in place, on host f32 buffers. The result is the same on every rank.
 Status comm_allreduce_sum_f32(const Comm *c, float *x, size_t n);
 // The same for doubles (loss sums, norms).
 Status comm_allreduce_sum_f64(const Comm *c, double *x, size_t n);
+// ZeRO's pair. Reduce-scatter: x [size * chunk] on every rank is summed over the ranks and rank r keeps elements
+// [r * chunk, (r + 1) * chunk) of the sum in part [chunk]. All-gather: rank r's part [chunk] goes to
+// all[r * chunk ...] on every rank. With one rank both copy.
+Status comm_reduce_scatter_sum_f64(const Comm *c, const double *x, double *part, size_t chunk);
+Status comm_allgather_f32(const Comm *c, const float *part, float *all, size_t chunk);
 // Every rank's local status in, the job's out: AGPT_OK when every rank is fine; otherwise the status of the
 // lowest failing rank, with "rank R failed" as the message on the other ranks (*failed_rank = R, or -1).
 Status comm_agree_status(const Comm *c, Status local, int *failed_rank);

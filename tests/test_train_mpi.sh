@@ -5,7 +5,10 @@
 #     the trainer sums micro-step gradients in double (every tensor within 1e-6 is what must hold);
 #   - a 2-rank run killed (SIGKILL) mid-way and resumed ends with the bytes of an uninterrupted 2-rank run;
 #   - a rank that meets a broken image stops the job with one message naming the rank, within seconds;
-#   - a rank killed with SIGKILL ends the job (mpirun) instead of leaving the other waiting.
+#   - a rank killed with SIGKILL ends the job (mpirun) instead of leaving the other waiting;
+#   - ZeRO-1 (--zero 1: AdamW's moments sharded, gradients reduce-scattered, parameters all-gathered) gives plain
+#     data parallel's delta within 1e-6, and killed and resumed it ends with the bytes of its uninterrupted run;
+#   - a rank that hangs (SIGSTOP) ends the job through the other's collective watchdog (--comm-timeout).
 # Usage: tests/test_train_mpi.sh path/to/agpt tests/data shared/data path/to/make_test_model
 set -u
 agpt=$1
@@ -66,6 +69,29 @@ timeout 300 "${mpi[@]}" "$agpt" train "${common[@]}" --accum 2 --resume "$tmp/ki
     { echo "FAIL resume"; cat "$tmp/resume.log"; }
 ok cmp -s "$tmp/two/delta.safetensors" "$tmp/killed/delta.safetensors"
 
+# ZeRO-1 against plain data parallel, and its kill + resume.
+timeout 300 "${mpi[@]}" "$agpt" train "${common[@]}" --accum 2 --zero 1 --out "$tmp/zero" >"$tmp/zero.log" 2>&1 ||
+    { echo "FAIL ZeRO-1"; cat "$tmp/zero.log"; }
+ok grep -q "ZeRO-1" "$tmp/zero.log"
+ok python3 "$(dirname "$0")/compare_safetensors.py" "$tmp/two/delta.safetensors" "$tmp/zero/delta.safetensors" 1e-6
+"${mpi[@]}" "$agpt" train "${common[@]}" --accum 2 --zero 1 --ckpt-every 1 --out "$tmp/zkilled" >"$tmp/zkilled.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 600); do
+    [ -f "$tmp/zkilled/log.jsonl" ] && [ "$(wc -l <"$tmp/zkilled/log.jsonl")" -ge 3 ] && break
+    sleep 0.1
+done
+pkill -9 -f "agpt train.*$tmp/zkilled" 2>/dev/null
+kill -9 $pid 2>/dev/null
+wait $pid 2>/dev/null
+lines=$(wc -l <"$tmp/zkilled/log.jsonl")
+ok test "$lines" -ge 3 -a "$lines" -lt 6
+timeout 300 "${mpi[@]}" "$agpt" train "${common[@]}" --accum 2 --zero 1 --resume "$tmp/zkilled" >"$tmp/zresume.log" 2>&1 ||
+    { echo "FAIL ZeRO-1 resume"; cat "$tmp/zresume.log"; }
+ok cmp -s "$tmp/zero/delta.safetensors" "$tmp/zkilled/delta.safetensors"
+# A plain run's checkpoint does not resume under --zero 1 (other options).
+timeout 120 "${mpi[@]}" "$agpt" train "${common[@]}" --accum 2 --zero 1 --resume "$tmp/two" >"$tmp/zmix.log" 2>&1
+ok test $? -ne 0
+
 # A broken image: the rank that reads it names the file, the other says which rank failed; both stop.
 printf 'not an image' >"$tmp/mvtec/bottle/train/good/broken.png"
 start=$(date +%s)
@@ -92,6 +118,25 @@ wait $pid
 rc=$?
 ok test $rc -ne 0
 ok test $(($(date +%s) - start)) -lt 30
+
+# A rank that hangs (stopped, not dead): the other's collective waits past --comm-timeout and ends the job.
+"${mpi[@]}" "$agpt" train "${common[@]}" --steps 200 --accum 1 --val-images 0 --comm-timeout 10 --out "$tmp/hang" \
+    >"$tmp/hang.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 600); do
+    [ -f "$tmp/hang/log.jsonl" ] && [ "$(wc -l <"$tmp/hang/log.jsonl")" -ge 1 ] && break
+    sleep 0.1
+done
+victim=$(pgrep -f "^$agpt train.*$tmp/hang" | tail -1)
+[ -n "$victim" ] && kill -STOP "$victim"
+start=$(date +%s)
+timeout 90 tail --pid=$pid -f /dev/null
+wait $pid
+rc=$?
+[ -n "$victim" ] && kill -9 "$victim" 2>/dev/null
+ok test $rc -ne 0
+ok grep -q "has waited 1[0-9] s for the other ranks" "$tmp/hang.log"
+ok test $(($(date +%s) - start)) -lt 60
 
 echo "$passed passed, $failed failed"
 [ $failed -eq 0 ]

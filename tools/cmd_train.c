@@ -74,6 +74,10 @@ static void usage(FILE *f) {
             "                   RUNDIR/val.jsonl before training, every --val-every N updates and at the end (8; 0: off);\n"
             "                   the images are training images: agpt eval on a test split measures generalisation\n"
             "  --memory-budget-gb G refuse to start when the planned peak is larger\n"
+            "  --zero 0|1       under mpirun: 1 shards AdamW's moments over the ranks (ZeRO-1: each rank keeps and\n"
+            "                   steps 1/N of them; the same result as 0, the default, within 1e-6)\n"
+            "  --comm-timeout S under mpirun: a collective that waits S seconds for the other ranks ends the job with\n"
+            "                   a message naming it (600; 0: wait forever)\n"
             "  --device cpu, --threads N   (training on CUDA is not wired yet: the step's CUDA kernels exist but the\n"
             "                   trainer keeps f32 parameters on the host)\n");
 }
@@ -86,7 +90,8 @@ typedef struct TrainOptions {
     long long steps, epochs, accum, warmup, seed, ckpt_every, loader_threads, val_every, val_images;
     double lr, vision_lr_scale, fewshot_p, budget_gb;
     bool resume, no_reference_rotations;
-    long long reference_shifts;
+    long long reference_shifts, zero;
+    double comm_timeout;
     Device device;
     DType dtype;
     int threads;
@@ -306,6 +311,7 @@ static char *config_text(const TrainOptions *o, const ImageSet *set, int world) 
     if (o->reference_shifts > 1)  // absent when 1: runs from before the option resume
         n += snprintf(text + n, 8192 - n, "reference_shifts=%lld\n", o->reference_shifts);
     if (o->no_reference_rotations) n += snprintf(text + n, 8192 - n, "no_reference_rotations=1\n");
+    if (o->zero) n += snprintf(text + n, 8192 - n, "zero=%lld\n", o->zero);
     for (int k = 0; k < o->n_overlays && n < 8000; k++) n += snprintf(text + n, 8192 - n, "weights=%s\n", o->overlays[k]);
     return text;
 }
@@ -314,7 +320,7 @@ static int parse(int argc, char **argv, TrainOptions *o) {
     const char *cmd = "train";
     *o = (TrainOptions){.format = "mvtec", .train = "decoder,prompt_learner", .steps = -1, .epochs = -1,
                         .accum = 8, .warmup = -1, .seed = 42, .ckpt_every = 0, .loader_threads = 2, .val_every = 0, .val_images = 8, .lr = 1e-3, .vision_lr_scale = 1,
-                        .fewshot_p = 0.5, .reference_shifts = 1, .budget_gb = 0, .device = DEV_CPU, .dtype = DT_F32};
+                        .fewshot_p = 0.5, .reference_shifts = 1, .comm_timeout = 600, .budget_gb = 0, .device = DEV_CPU, .dtype = DT_F32};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
@@ -360,6 +366,8 @@ static int parse(int argc, char **argv, TrainOptions *o) {
         else if (!strcmp(a, "--reference-shifts")) INT(1, 14, &o->reference_shifts);
         else if (!strcmp(a, "--no-reference-rotations")) o->no_reference_rotations = true;
         else if (!strcmp(a, "--memory-budget-gb")) DBL(0.001, 1e6, &o->budget_gb);
+        else if (!strcmp(a, "--zero")) INT(0, 1, &o->zero);
+        else if (!strcmp(a, "--comm-timeout")) DBL(0, 1e7, &o->comm_timeout);
         else {
             fprintf(stderr, "agpt train: unknown option '%s' (agpt train --help)\n", a);
             return 2;
@@ -432,9 +440,9 @@ int cmd_train(int argc, char **argv) {
         return 2;
     }
     Comm comm;
-    if ((s = comm_init(&comm)) != AGPT_OK) {
+    if ((s = comm_init(&comm)) != AGPT_OK || (s = comm_set_timeout(&comm, o.comm_timeout)) != AGPT_OK) {
         set_free(&set);
-        return cli_report(cmd, s);
+        return report_and_finalize(&comm, s);
     }
     const bool lead = comm.rank == 0;
     if (set.n < comm.size) {
@@ -496,14 +504,15 @@ int cmd_train(int argc, char **argv) {
         mc.train_decoder = t_decoder, mc.train_prompt = t_prompt, mc.train_proj = t_proj, mc.train_lora = t_lora;
         mc.train_head = t_head, mc.train_vision = t_vision;
         mc.recompute = false, mc.flash_attention = false, mc.optimizer_on_host = false;
+        mc.optimizer_shards = o.zero ? comm.size : 1;
         MemPlan plan;
         s = mem_plan_compute(&mc, &plan);
         if (s == AGPT_OK && lead) {
             char text[4096];
             mem_plan_format(&plan, text, sizeof text);
             fprintf(stderr, "agpt train: %d images, %d classes; %lld updates of %lld images x %d rank%s (%s); memory "
-                    "plan per rank (f32, CPU):\n%s", set.n, data.n_classes, o.steps, o.accum, comm.size,
-                    comm.size > 1 ? "s" : "", comm_backend_name(&comm), text);
+                    "plan per rank (f32, CPU%s):\n%s", set.n, data.n_classes, o.steps, o.accum, comm.size,
+                    comm.size > 1 ? "s" : "", comm_backend_name(&comm), o.zero ? ", ZeRO-1" : "", text);
         }
         if (s == AGPT_OK && o.budget_gb > 0) s = mem_plan_check(&plan, o.budget_gb * 1073741824.0);
     }
@@ -550,6 +559,7 @@ int cmd_train(int argc, char **argv) {
                                    .make_sample = anomaly_make_sample, .ctx = &data};
         tc.stop = &stop_requested;
         tc.comm = &comm;
+        tc.zero = (int)o.zero;
         Progress prog = {.t0 = timer_now_s(), .first = -1, .tty = isatty(2), .val = &val, .val_every = o.val_every};
         tc.on_update = on_update;
         tc.on_update_ctx = &prog;

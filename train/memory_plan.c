@@ -65,7 +65,8 @@ Status mem_plan_compute(const MemPlanConfig *c, MemPlan *p) {
     add(p, "frozen weights: other parts", other_frozen * wb);
     double copy = c->compute_dtype == DT_F32 ? 0 : ab;  // f32 compute updates the master in place
     add(p, "trained: params + f32 master + f32 grad", trained * (copy + f32 + f32));
-    add(p, "trained: AdamW moments (f32 m, v)", c->optimizer_on_host ? 0 : trained * 2 * f32);
+    double shards = c->optimizer_shards > 1 ? c->optimizer_shards : 1;  // ZeRO-1
+    add(p, "trained: AdamW moments (f32 m, v)", c->optimizer_on_host ? 0 : trained * 2 * f32 / shards);
 
     // Kept: taps and class embedding per image; the decoder's features, normalised features and maps per tap.
     double S = c->image, grid = (double)(c->image / c->vit_patch), P = grid * grid;

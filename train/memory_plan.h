@@ -45,6 +45,7 @@ typedef struct MemPlanConfig {
     bool recompute;              // activation recomputation per LLaMA layer
     bool flash_attention;        // no [heads,T,T] scores kept (a fused attention keeps only row statistics)
     bool optimizer_on_host;      // AdamW moments on the host (not counted on the device)
+    int optimizer_shards;        // ranks the moments are split over (ZeRO-1; 0 or 1: each rank keeps them all)
     size_t workspace_bytes;      // GEMM workspace and allocator slack
 } MemPlanConfig;
 

@@ -17,32 +17,91 @@ TrainerConfig trainer_default_config(void) {
                            .grad_clip = 1.0f};
 }
 
-typedef struct Moments {
-    RunParam *rp;   // [n] name, master (= the param), m, v
-    float **bufs;   // [2n] the m and v storage
-} Moments;
+// Where each parameter sits in one flat index space over all of them (the order of the list): the gradient sums
+// and, under ZeRO-1, the shards are ranges of it.
+typedef struct Layout {
+    int64_t *offset;  // [n] first flat index of parameter i
+    int64_t total;    // elements of every parameter
+    int64_t chunk;    // ceil(total / ranks): one rank's shard (the flat buffers are padded to ranks * chunk)
+    int64_t lo, hi;   // this rank's shard [lo, hi) (hi - lo < chunk for the last ranks; may be empty)
+} Layout;
 
-static void moments_free(Moments *mo, int n) {
-    for (int i = 0; mo->bufs && i < 2 * n; i++) mem_host_free(mo->bufs[i]);
-    free(mo->bufs), free(mo->rp);
-}
-
-static Status moments_alloc(Moments *mo, const TrainParam *p, int n) {
-    mo->rp = calloc((size_t)n, sizeof *mo->rp);
-    mo->bufs = calloc((size_t)2 * n, sizeof *mo->bufs);
-    if (!mo->rp || !mo->bufs) return AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory for %d parameters", n);
-    for (int i = 0; i < n; i++) {
-        size_t bytes = tensor_nbytes(&p[i].param);
-        for (int j = 0; j < 2; j++) {
-            AGPT_TRY(mem_host_alloc(bytes, (void **)&mo->bufs[2 * i + j]));
-            memset(mo->bufs[2 * i + j], 0, bytes);
-        }
-        Tensor m = p[i].param, v = p[i].param;
-        m.data = mo->bufs[2 * i], v.data = mo->bufs[2 * i + 1];
-        mo->rp[i] = (RunParam){.name = p[i].name, .master = p[i].param, .m = m, .v = v};
-    }
+static Status layout_init(Layout *L, const TrainParam *p, int n, const Comm *comm) {
+    if (!(L->offset = malloc((size_t)n * sizeof *L->offset))) return AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory");
+    L->total = 0;
+    for (int i = 0; i < n; i++) L->offset[i] = L->total, L->total += tensor_numel(&p[i].param);
+    L->chunk = (L->total + comm->size - 1) / comm->size;
+    L->lo = (int64_t)comm->rank * L->chunk;
+    L->hi = L->lo + L->chunk < L->total ? L->lo + L->chunk : L->total;
+    if (L->lo > L->hi) L->lo = L->hi;
     return AGPT_OK;
 }
+
+// The part of parameter i inside this rank's shard, as element range [*a, *b) of the tensor (empty: *a == *b).
+static void shard_range(const Layout *L, const TrainParam *p, int i, int64_t *a, int64_t *b) {
+    int64_t first = L->offset[i], last = first + tensor_numel(&p[i].param);
+    int64_t lo = L->lo > first ? L->lo : first, hi = L->hi < last ? L->hi : last;
+    *a = lo - first, *b = hi > lo ? hi - first : lo - first;
+}
+
+// Elements [a, b) of an f32 tensor as a 1-D tensor.
+static Tensor span(const Tensor *t, int64_t a, int64_t b) {
+    return tensor_1d((float *)t->data + a, DT_F32, t->device, b - a);
+}
+
+// AdamW's moments: flat f32 [len], len = every element (plain) or this rank's shard (ZeRO-1).
+typedef struct Moments {
+    float *m, *v;
+    int64_t len;
+    RunParam *rp;  // [n] name, master (= the param), m, v: what a checkpoint holds (full tensors)
+} Moments;
+
+static void moments_free(Moments *mo) {
+    mem_host_free(mo->m), mem_host_free(mo->v);
+    free(mo->rp);
+}
+
+static Status flat_alloc(float **x, int64_t len) {
+    AGPT_TRY(mem_host_alloc((size_t)(len > 0 ? len : 1) * sizeof(float), (void **)x));
+    memset(*x, 0, (size_t)(len > 0 ? len : 1) * sizeof(float));
+    return AGPT_OK;
+}
+
+// Points the checkpoint's views of m and v at full flat buffers [total].
+static void moments_view(Moments *mo, const Layout *L, const TrainParam *p, int n, float *m_all, float *v_all) {
+    for (int i = 0; i < n; i++) {
+        Tensor m = p[i].param, v = p[i].param;
+        m.data = m_all + L->offset[i], v.data = v_all + L->offset[i];
+        mo->rp[i] = (RunParam){.name = p[i].name, .master = p[i].param, .m = m, .v = v};
+    }
+}
+
+static Status moments_alloc(Moments *mo, const Layout *L, const TrainParam *p, int n, bool zero) {
+    mo->len = zero ? L->chunk : L->total;
+    if (!(mo->rp = calloc((size_t)n, sizeof *mo->rp)))
+        return AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory for %d parameters", n);
+    AGPT_TRY(flat_alloc(&mo->m, mo->len));
+    AGPT_TRY(flat_alloc(&mo->v, mo->len));
+    if (!zero) moments_view(mo, L, p, n, mo->m, mo->v);
+    return AGPT_OK;
+}
+
+// Under ZeRO-1 a checkpoint needs every rank's moments: they are gathered into full buffers for the save (and
+// the load reads full ones and keeps this rank's shard), so the state file is the same in both modes.
+typedef struct FullMoments {
+    float *m, *v;  // [ranks * chunk]
+} FullMoments;
+
+static Status full_moments_open(FullMoments *f, Moments *mo, const Layout *L, const TrainParam *p, int n,
+                                const Comm *comm) {
+    *f = (FullMoments){0};
+    AGPT_TRY(flat_alloc(&f->m, L->chunk * comm->size));
+    AGPT_TRY(flat_alloc(&f->v, L->chunk * comm->size));
+    moments_view(mo, L, p, n, f->m, f->v);
+    return AGPT_OK;
+}
+
+static void full_moments_close(FullMoments *f) { mem_host_free(f->m), mem_host_free(f->v); }
 
 static Status save(const TrainerConfig *c, const Moments *mo, int n, int64_t updates, int64_t epoch, int64_t pos) {
     RunProgress pr = {.step = updates, .epoch = epoch, .position = pos};
@@ -54,6 +113,7 @@ static Status check_config(const TrainerConfig *c, const TrainParam *p, int n) {
                    "trainer: need accum >= 1, total updates >= 1, a run folder, the options text and parameters");
     AGPT_CHECK_ARG(c->beta1 >= 0 && c->beta1 < 1 && c->beta2 >= 0 && c->beta2 < 1 && c->eps > 0,
                    "trainer: AdamW betas must be in [0,1) and eps > 0");
+    AGPT_CHECK_ARG(c->zero == 0 || c->zero == 1, "trainer: ZeRO stage %d: only 0 (off) and 1 exist", c->zero);
     AGPT_TRY(schedule_check(&c->schedule));
     for (int i = 0; i < n; i++)
         AGPT_CHECK_ARG(p[i].param.dtype == DT_F32 && p[i].param.device == DEV_CPU && p[i].grad.dtype == DT_F32 &&
@@ -62,12 +122,116 @@ static Status check_config(const TrainerConfig *c, const TrainParam *p, int n) {
     return AGPT_OK;
 }
 
-// Rank 0 saves; every rank learns whether that worked before going on.
-static Status save_all(const TrainerConfig *c, const Comm *comm, const Moments *mo, int n, int64_t updates,
-                       int64_t epoch, int64_t pos) {
-    Status s = comm->rank == 0 ? save(c, mo, n, updates, epoch, pos) : AGPT_OK;
+// Rank 0 saves; every rank learns whether that worked before going on. Under ZeRO-1 the moments are gathered
+// first (a collective: every rank takes part).
+static Status save_all(const TrainerConfig *c, const Comm *comm, Moments *mo, const Layout *L, const TrainParam *p,
+                       int n, int64_t updates, int64_t epoch, int64_t pos) {
     int failed;
+    if (!c->zero) return comm_agree_status(comm, comm->rank == 0 ? save(c, mo, n, updates, epoch, pos) : AGPT_OK,
+                                           &failed);
+    FullMoments f;
+    Status s = full_moments_open(&f, mo, L, p, n, comm);
+    s = comm_agree_status(comm, s, &failed);
+    if (s == AGPT_OK) s = comm_allgather_f32(comm, mo->m, f.m, (size_t)L->chunk);
+    if (s == AGPT_OK) s = comm_allgather_f32(comm, mo->v, f.v, (size_t)L->chunk);
+    if (s == AGPT_OK && comm->rank == 0) s = save(c, mo, n, updates, epoch, pos);
+    full_moments_close(&f);
     return comm_agree_status(comm, s, &failed);
+}
+
+static Status load(const TrainerConfig *c, const Comm *comm, Moments *mo, const Layout *L, const TrainParam *p,
+                   int n, RunProgress *pr) {
+    if (!c->zero) return run_state_load(c->dir, c->config_text, mo->rp, n, pr);
+    FullMoments f;
+    Status s = full_moments_open(&f, mo, L, p, n, comm);
+    if (s == AGPT_OK) s = run_state_load(c->dir, c->config_text, mo->rp, n, pr);
+    if (s == AGPT_OK) {
+        memcpy(mo->m, f.m + L->lo, (size_t)(L->hi - L->lo) * sizeof(float));
+        memcpy(mo->v, f.v + L->lo, (size_t)(L->hi - L->lo) * sizeof(float));
+    }
+    full_moments_close(&f);
+    return s;
+}
+
+// The update's gradient is the mean over micro; it is clipped to the global norm and AdamW steps the parameters.
+// Plain data parallel: every rank has every summed gradient and updates every parameter. ZeRO-1: the sums are
+// reduce-scattered, each rank clips and steps its shard with its shard of the moments, and the parameters are
+// all-gathered. *norm is the global gradient norm before clipping.
+typedef struct UpdateBuffers {
+    double *acc;   // [ranks * chunk] this rank's gradient sums (padding zero)
+    double *part;  // [chunk] ZeRO-1: the sums of this rank's shard over the ranks
+    float *send;   // [chunk] ZeRO-1: this rank's shard of the updated parameters
+    float *all;    // [ranks * chunk] ZeRO-1: every rank's shard
+} UpdateBuffers;
+
+static Status clip_scale(const TrainerConfig *c, double norm, int64_t update, float *scale) {
+    if (!isfinite(norm))
+        return AGPT_FAIL(AGPT_ERR_ARG, "gradient norm is %g at update %lld: the loss diverged; lower the learning "
+                         "rate or check the data", norm, (long long)update);
+    *scale = c->grad_clip > 0 && c->grad_clip / (norm + 1e-6) < 1 ? (float)(c->grad_clip / (norm + 1e-6)) : 1;  // torch's clip_grad_norm_
+    return AGPT_OK;
+}
+
+static Status update_plain(Engine *e, const TrainerConfig *c, const Comm *comm, TrainParam *p, int n, Moments *mo,
+                           const Layout *L, UpdateBuffers *u, int micro, int64_t update, double lr, double *norm) {
+    AGPT_TRY(comm_allreduce_sum_f64(comm, u->acc, (size_t)L->total));
+    for (int i = 0; i < n; i++) {  // the mean gradient, rounded to f32 once
+        float *g = p[i].grad.data;
+        const double *a = u->acc + L->offset[i];
+        for (int64_t j = 0, m = tensor_numel(&p[i].grad); j < m; j++) g[j] = (float)(a[j] / micro);
+    }
+    double total = 0, ss = 0;
+    for (int i = 0; i < n; i++) {
+        AGPT_TRY(op_sum_squares(e, &ss, &p[i].grad));
+        total += ss;
+    }
+    *norm = sqrt(total);
+    float scale = 1;
+    AGPT_TRY(clip_scale(c, *norm, update, &scale));
+    for (int i = 0; i < n && scale != 1; i++) AGPT_TRY(op_scale(e, &p[i].grad, scale));
+    for (int i = 0; i < n; i++) {
+        double lr_i = p[i].lr_scale > 0 ? lr * p[i].lr_scale : lr;
+        AGPT_TRY(op_adamw(e, &p[i].param, &p[i].grad, &mo->rp[i].m, &mo->rp[i].v, (float)lr_i, c->beta1, c->beta2,
+                          c->eps, c->weight_decay, (int)update));
+    }
+    return AGPT_OK;
+}
+
+static Status update_zero1(Engine *e, const TrainerConfig *c, const Comm *comm, TrainParam *p, int n, Moments *mo,
+                           const Layout *L, UpdateBuffers *u, int micro, int64_t update, double lr, double *norm) {
+    AGPT_TRY(comm_reduce_scatter_sum_f64(comm, u->acc, u->part, (size_t)L->chunk));
+    double total = 0, ss = 0;
+    for (int i = 0; i < n; i++) {  // this shard's mean gradient and its sum of squares
+        int64_t a, b;
+        shard_range(L, p, i, &a, &b);
+        if (a == b) continue;
+        float *g = p[i].grad.data;
+        const double *sum = u->part + (L->offset[i] + a - L->lo);
+        for (int64_t j = a; j < b; j++) g[j] = (float)(sum[j - a] / micro);
+        Tensor gs = span(&p[i].grad, a, b);
+        AGPT_TRY(op_sum_squares(e, &ss, &gs));
+        total += ss;
+    }
+    AGPT_TRY(comm_allreduce_sum_f64(comm, &total, 1));
+    *norm = sqrt(total);
+    float scale = 1;
+    AGPT_TRY(clip_scale(c, *norm, update, &scale));
+    for (int i = 0; i < n; i++) {
+        int64_t a, b;
+        shard_range(L, p, i, &a, &b);
+        if (a == b) continue;
+        Tensor w = span(&p[i].param, a, b), g = span(&p[i].grad, a, b);
+        int64_t at = L->offset[i] + a - L->lo;  // where the span's moments start in this rank's shard
+        Tensor m = tensor_1d(mo->m + at, DT_F32, DEV_CPU, b - a), v = tensor_1d(mo->v + at, DT_F32, DEV_CPU, b - a);
+        if (scale != 1) AGPT_TRY(op_scale(e, &g, scale));
+        double lr_i = p[i].lr_scale > 0 ? lr * p[i].lr_scale : lr;
+        AGPT_TRY(op_adamw(e, &w, &g, &m, &v, (float)lr_i, c->beta1, c->beta2, c->eps, c->weight_decay, (int)update));
+        memcpy(u->send + at, w.data, (size_t)(b - a) * sizeof(float));
+    }
+    AGPT_TRY(comm_allgather_f32(comm, u->send, u->all, (size_t)L->chunk));
+    for (int i = 0; i < n; i++)
+        memcpy(p[i].param.data, u->all + L->offset[i], (size_t)tensor_numel(&p[i].param) * sizeof(float));
+    return AGPT_OK;
 }
 
 Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, TrainStepFn step, void *ctx,
@@ -77,22 +241,29 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
     const Comm single = {.backend = COMM_SINGLE, .rank = 0, .size = 1};
     const Comm *comm = c->comm ? c->comm : &single;
     const bool lead = comm->rank == 0;  // writes the log and the checkpoints
+    Layout L = {0};
     Moments mo = {0};
+    UpdateBuffers u = {0};
     Loader *loader = NULL;
     FILE *log = NULL;
     void *sample = NULL;
-    Status s = moments_alloc(&mo, p, n);
-    double **acc = calloc((size_t)n, sizeof *acc);  // [n] the update's gradient sums, in double
-    if (!acc) s = AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory");
-    for (int i = 0; s == AGPT_OK && i < n; i++)
-        if (!(acc[i] = malloc((size_t)tensor_numel(&p[i].grad) * sizeof(double))))
-            s = AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory for the gradient sums of %s", p[i].name);
+    Status s = layout_init(&L, p, n, comm);
+    if (s == AGPT_OK) s = moments_alloc(&mo, &L, p, n, c->zero);
+    const size_t padded = (size_t)(L.chunk * comm->size);
+    if (s == AGPT_OK && !(u.acc = calloc(padded ? padded : 1, sizeof *u.acc)))
+        s = AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory for the gradient sums (%zu doubles)", padded);
+    if (s == AGPT_OK && c->zero &&
+        (!(u.part = calloc((size_t)L.chunk + 1, sizeof *u.part)) || !(u.send = calloc((size_t)L.chunk + 1, sizeof *u.send)) ||
+         !(u.all = calloc(padded + 1, sizeof *u.all))))
+        s = AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory for the ZeRO-1 buffers");
     LoaderConfig lc = c->loader;
     lc.rank = comm->rank, lc.world = comm->size;
     int64_t updates = 0;
-    if (s == AGPT_OK && c->resume) {
+    int failed_rank;
+    if (c->resume) {  // every rank reads the state (under ZeRO-1 each keeps its shard of the moments)
+        s = comm_agree_status(comm, s, &failed_rank);
         RunProgress pr = {0};
-        s = run_state_load(c->dir, c->config_text, mo.rp, n, &pr);
+        if (s == AGPT_OK) s = load(c, comm, &mo, &L, p, n, &pr);
         if (s == AGPT_OK) updates = pr.step, lc.epoch = pr.epoch, lc.position = pr.position;
     }
     if (s == AGPT_OK) s = loader_start(&lc, &loader);
@@ -104,14 +275,13 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
         if (!(log = fopen(path, c->resume ? "a" : "w")))
             s = AGPT_FAIL(AGPT_ERR_IO, "trainer: cannot write %s: %s", path, strerror(errno));
     }
-    int failed_rank;
     s = comm_agree_status(comm, s, &failed_rank);
     // The data position after the last sample used: where a checkpoint resumes (the same on every rank).
     int64_t next_epoch = lc.epoch, next_pos = lc.position;
     const int64_t epoch_len = loader_epoch_length(&lc);
     while (s == AGPT_OK && updates < c->total_updates) {
         double t0 = timer_now_s();
-        for (int i = 0; i < n; i++) memset(acc[i], 0, (size_t)tensor_numel(&p[i].grad) * sizeof(double));
+        memset(u.acc, 0, padded * sizeof *u.acc);
         double sum[3] = {0, 0, 0};  // ce, focal, dice over this rank's micro-steps
         for (int a = 0; a < c->accum && s == AGPT_OK; a++) {
             int64_t epoch, pos;
@@ -124,7 +294,8 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
             // micro-steps (one process of accum N*K and N ranks of accum K sum the same gradients).
             for (int i = 0; i < n; i++) {
                 const float *g = p[i].grad.data;
-                for (int64_t j = 0, m = tensor_numel(&p[i].grad); j < m; j++) acc[i][j] += g[j];
+                double *acc = u.acc + L.offset[i];
+                for (int64_t j = 0, m = tensor_numel(&p[i].grad); j < m; j++) acc[j] += g[j];
             }
             sum[0] += l.ce, sum[1] += l.focal, sum[2] += l.dice;
             next_epoch = pos + 1 < epoch_len ? epoch : epoch + 1;
@@ -132,40 +303,19 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
         }
         // A rank that failed stops every rank here, before they would wait for it in a collective.
         if ((s = comm_agree_status(comm, s, &failed_rank)) != AGPT_OK) break;
+        // The losses and the stop request, summed over the ranks: every rank stops after the same update.
+        double shared[4] = {sum[0], sum[1], sum[2], c->stop && *c->stop ? 1.0 : 0.0};
+        s = comm_allreduce_sum_f64(comm, shared, 4);
         // The gradients summed over the ranks' micro-steps; DeepSpeed divides the loss by the accumulation
         // steps and averages over ranks: the update sees the mean gradient of all world * accum micro-steps.
-        // The stop request rides along, so that every rank stops after the same update.
-        double shared[4] = {sum[0], sum[1], sum[2], c->stop && *c->stop ? 1.0 : 0.0};
-        for (int i = 0; i < n && s == AGPT_OK; i++)
-            s = comm_allreduce_sum_f64(comm, acc[i], (size_t)tensor_numel(&p[i].grad));
-        if (s == AGPT_OK) s = comm_allreduce_sum_f64(comm, shared, 4);
         const int micro = c->accum * comm->size * (c->micro_per_sample > 1 ? c->micro_per_sample : 1);
-        for (int i = 0; i < n && s == AGPT_OK; i++) {  // the mean gradient, rounded to f32 once
-            float *g = p[i].grad.data;
-            for (int64_t j = 0, m = tensor_numel(&p[i].grad); j < m; j++) g[j] = (float)(acc[i][j] / micro);
-        }
-        double total = 0, ss = 0;
-        for (int i = 0; i < n && s == AGPT_OK; i++) s = op_sum_squares(e, &ss, &p[i].grad), total += ss;
-        // A failure after the all-reduce is agreed on too: a rank that broke out alone would leave the others
-        // waiting for it in the next update's collective.
+        double lr = schedule_lr_at_update(&c->schedule, updates + 1), norm = 0;
+        if (s == AGPT_OK)
+            s = (c->zero ? update_zero1 : update_plain)(e, c, comm, p, n, &mo, &L, &u, micro, updates + 1, lr, &norm);
+        // A failure in the update is agreed on too: a rank that broke out alone would leave the others waiting
+        // for it in the next update's collective.
         if ((s = comm_agree_status(comm, s, &failed_rank)) != AGPT_OK) break;
-        double norm = sqrt(total);
-        if (!isfinite(norm)) {
-            s = AGPT_FAIL(AGPT_ERR_ARG, "gradient norm is %g at update %lld: the loss diverged; lower the learning "
-                          "rate or check the data", norm, (long long)updates + 1);
-            break;
-        }
-        if (c->grad_clip > 0 && c->grad_clip / (norm + 1e-6) < 1)  // torch's clip_grad_norm_
-            for (int i = 0; i < n && s == AGPT_OK; i++)
-                s = op_scale(e, &p[i].grad, (float)(c->grad_clip / (norm + 1e-6)));
         updates++;
-        double lr = schedule_lr_at_update(&c->schedule, updates);
-        for (int i = 0; i < n && s == AGPT_OK; i++) {
-            double lr_i = p[i].lr_scale > 0 ? lr * p[i].lr_scale : lr;
-            s = op_adamw(e, &p[i].param, &p[i].grad, &mo.rp[i].m, &mo.rp[i].v, (float)lr_i, c->beta1, c->beta2,
-                         c->eps, c->weight_decay, (int)updates);
-        }
-        if ((s = comm_agree_status(comm, s, &failed_rank)) != AGPT_OK) break;
         double k = 1.0 / micro;
         res->last_loss = (shared[0] + shared[1] + shared[2]) * k;
         if (lead) {
@@ -174,15 +324,15 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
                     (timer_now_s() - t0) * 1e3);
             fflush(log);
             if (c->on_update) {
-                TrainerUpdate u = {.update = updates, .total_updates = c->total_updates,
-                                   .mean = {shared[0] * k, shared[1] * k, shared[2] * k}, .grad_norm = norm,
-                                   .lr = lr, .ms = (timer_now_s() - t0) * 1e3, .epoch = next_epoch};
-                c->on_update(c->on_update_ctx, &u);
+                TrainerUpdate up = {.update = updates, .total_updates = c->total_updates,
+                                    .mean = {shared[0] * k, shared[1] * k, shared[2] * k}, .grad_norm = norm,
+                                    .lr = lr, .ms = (timer_now_s() - t0) * 1e3, .epoch = next_epoch};
+                c->on_update(c->on_update_ctx, &up);
             }
         }
         bool stop = shared[3] > 0;
         if ((c->ckpt_every > 0 && updates % c->ckpt_every == 0) || updates == c->total_updates || stop)
-            s = save_all(c, comm, &mo, n, updates, next_epoch, next_pos);
+            s = save_all(c, comm, &mo, &L, p, n, updates, next_epoch, next_pos);
         if (stop) {
             res->stopped = true;
             break;
@@ -192,8 +342,8 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
     loader_free(loader);
     free(sample);
     if (log) fclose(log);
-    moments_free(&mo, n);
-    for (int i = 0; acc && i < n; i++) free(acc[i]);
-    free(acc);
+    moments_free(&mo);
+    free(L.offset);
+    free(u.acc), free(u.part), free(u.send), free(u.all);
     return s;
 }

@@ -64,6 +64,11 @@ typedef struct TrainerConfig {
     // stops them all at the end of that update's micro-steps (the others finish theirs first). N ranks of accum
     // K compute what one process of accum N * K computes on the same samples (up to the order of the sums).
     const Comm *comm;
+    // ZeRO stage: 0 (off) or 1, which shards AdamW's moments over the ranks (each keeps 1/N of them): the summed
+    // gradients are reduce-scattered, each rank clips and steps its shard of the parameters, and the parameters
+    // are all-gathered. Checkpoints hold every moment either way (gathered on the save). The result equals plain
+    // data parallel up to the order of the gradient norm's sum (within 1e-6; the tests check it).
+    int zero;
     // Called after every update on rank 0 (may be NULL): the progress bar.
     void (*on_update)(void *ctx, const TrainerUpdate *u);
     void *on_update_ctx;
