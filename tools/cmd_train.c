@@ -78,8 +78,9 @@ static void usage(FILE *f) {
             "                   steps 1/N of them; the same result as 0, the default, within 1e-6)\n"
             "  --comm-timeout S under mpirun: a collective that waits S seconds for the other ranks ends the job with\n"
             "                   a message naming it (600; 0: wait forever)\n"
-            "  --device cpu, --threads N   (training on CUDA is not wired yet: the step's CUDA kernels exist but the\n"
-            "                   trainer keeps f32 parameters on the host)\n");
+            "  --device cpu|cuda, --threads N   cuda: the step on the GPU (under mpirun, GPU = the rank's place on its\n"
+            "                   node), AdamW on the host as the reference's optimizer offload; f32 only. Unverified on\n"
+            "                   a GPU: no GPU has run it yet\n");
 }
 
 typedef struct TrainOptions {
@@ -422,9 +423,9 @@ int cmd_train(int argc, char **argv) {
     parts_ok(o.train, &t_decoder, &t_prompt, &t_proj, &t_lora, &t_head, &t_vision);
     Device dev = o.device;
     int threads = o.threads;
-    if (dev != DEV_CPU || o.dtype != DT_F32) {
-        fprintf(stderr, "agpt train: only --device cpu --dtype f32 for now (the trainer keeps its f32 parameters on "
-                        "the host)\n");
+    if (o.dtype != DT_F32) {
+        fprintf(stderr, "agpt train: only --dtype f32 for now, on the CPU and on CUDA (bf16 / f16 training with "
+                        "loss scaling is not built yet)\n");
         return 2;
     }
 
@@ -460,7 +461,8 @@ int cmd_train(int argc, char **argv) {
     if (o.warmup > o.steps) o.warmup = o.steps;
 
     Engine eng;
-    if ((s = engine_create(&eng, dev, 0, threads, (uint64_t)o.seed))) {
+    // One GPU per rank: the rank's place on its node picks it (mpirun -np N with N GPUs per node).
+    if ((s = engine_create(&eng, dev, dev == DEV_CUDA ? comm.local_rank : 0, threads, (uint64_t)o.seed))) {
         set_free(&set);
         return report_and_finalize(&comm, s);
     }
@@ -503,7 +505,8 @@ int cmd_train(int argc, char **argv) {
         mc.weight_dtype = DT_F32, mc.compute_dtype = DT_F32;
         mc.train_decoder = t_decoder, mc.train_prompt = t_prompt, mc.train_proj = t_proj, mc.train_lora = t_lora;
         mc.train_head = t_head, mc.train_vision = t_vision;
-        mc.recompute = false, mc.flash_attention = false, mc.optimizer_on_host = false;
+        // On CUDA the optimizer and its moments stay on the host (train/trainer.h).
+        mc.recompute = false, mc.flash_attention = false, mc.optimizer_on_host = dev == DEV_CUDA;
         mc.optimizer_shards = o.zero ? comm.size : 1;
         MemPlan plan;
         s = mem_plan_compute(&mc, &plan);
@@ -511,14 +514,15 @@ int cmd_train(int argc, char **argv) {
             char text[4096];
             mem_plan_format(&plan, text, sizeof text);
             fprintf(stderr, "agpt train: %d images, %d classes; %lld updates of %lld images x %d rank%s (%s); memory "
-                    "plan per rank (f32, CPU%s):\n%s", set.n, data.n_classes, o.steps, o.accum, comm.size,
-                    comm.size > 1 ? "s" : "", comm_backend_name(&comm), o.zero ? ", ZeRO-1" : "", text);
+                    "plan per rank (f32, %s%s):\n%s", set.n, data.n_classes, o.steps, o.accum, comm.size,
+                    comm.size > 1 ? "s" : "", comm_backend_name(&comm), dev == DEV_CUDA ? "CUDA, AdamW on the host" : "CPU",
+                    o.zero ? ", ZeRO-1" : "", text);
         }
         if (s == AGPT_OK && o.budget_gb > 0) s = mem_plan_check(&plan, o.budget_gb * 1073741824.0);
     }
     s = comm_agree_status(&comm, s, &failed_rank);
 
-    // The trained tensors as the trainer's parameters (f32 host tensors: the CPU engine's weights themselves).
+    // The trained tensors as the trainer's parameters: the engine's weights themselves (host or GPU tensors).
     AnomalyTrainTensor *tt = NULL;
     TrainParam *params = NULL;
     int n_params = 0;

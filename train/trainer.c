@@ -108,6 +108,44 @@ static Status save(const TrainerConfig *c, const Moments *mo, int n, int64_t upd
     return run_state_save(c->dir, &pr, c->config_text, mo->rp, n);
 }
 
+// Parameters on a device: the loop works on host copies, the f32 masters and their gradients, and the optimizer
+// runs on the CPU, as the reference's DeepSpeed run offloads its optimizer to the CPU. The step's gradients
+// accumulate on the device over an update's micro-steps and come to the host once per update; the updated
+// masters go back to the device after it (and after a resume).
+typedef struct HostMirror {
+    TrainParam *host;  // [n] master + gradient on the host, same names and lr scales as the caller's list
+    float *buf;        // [2 * total] their storage
+    Engine cpu;        // the optimizer's engine
+    bool has_cpu;
+} HostMirror;
+
+static Status mirror_open(HostMirror *h, const Engine *e, const TrainParam *p, int n, const Layout *L) {
+    memset(h, 0, sizeof *h);
+    if (!(h->host = calloc((size_t)n, sizeof *h->host))) return AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory");
+    AGPT_TRY(flat_alloc(&h->buf, 2 * L->total));
+    for (int i = 0; i < n; i++) {
+        h->host[i] = p[i];
+        h->host[i].param = tensor_make(h->buf + L->offset[i], DT_F32, DEV_CPU, p[i].param.ndim, p[i].param.shape);
+        h->host[i].grad = tensor_make(h->buf + L->total + L->offset[i], DT_F32, DEV_CPU, p[i].param.ndim,
+                                      p[i].param.shape);
+        AGPT_TRY(tensor_copy(&h->host[i].param, &p[i].param));
+    }
+    AGPT_TRY(engine_create(&h->cpu, DEV_CPU, 0, e->num_threads, 0));
+    h->has_cpu = true;
+    return AGPT_OK;
+}
+
+static void mirror_close(HostMirror *h) {
+    if (h->has_cpu) engine_destroy(&h->cpu);
+    free(h->host), mem_host_free(h->buf);
+}
+
+// The masters to the device's parameters.
+static Status mirror_push(const HostMirror *h, TrainParam *p, int n) {
+    for (int i = 0; i < n; i++) AGPT_TRY(tensor_copy(&p[i].param, &h->host[i].param));
+    return AGPT_OK;
+}
+
 static Status check_config(const TrainerConfig *c, const TrainParam *p, int n) {
     AGPT_CHECK_ARG(c->accum >= 1 && c->total_updates >= 1 && c->ckpt_every >= 0 && c->dir && c->config_text && n >= 1,
                    "trainer: need accum >= 1, total updates >= 1, a run folder, the options text and parameters");
@@ -116,9 +154,11 @@ static Status check_config(const TrainerConfig *c, const TrainParam *p, int n) {
     AGPT_CHECK_ARG(c->zero == 0 || c->zero == 1, "trainer: ZeRO stage %d: only 0 (off) and 1 exist", c->zero);
     AGPT_TRY(schedule_check(&c->schedule));
     for (int i = 0; i < n; i++)
-        AGPT_CHECK_ARG(p[i].param.dtype == DT_F32 && p[i].param.device == DEV_CPU && p[i].grad.dtype == DT_F32 &&
-                           p[i].grad.device == DEV_CPU && tensor_same_shape(&p[i].param, &p[i].grad),
-                       "trainer: parameter %s: param and grad must be f32 CPU tensors of one shape", p[i].name);
+        AGPT_CHECK_ARG(p[i].param.dtype == DT_F32 && p[i].param.device == p[0].param.device &&
+                           p[i].grad.dtype == DT_F32 && p[i].grad.device == p[0].param.device &&
+                           tensor_same_shape(&p[i].param, &p[i].grad),
+                       "trainer: parameter %s: param and grad must be f32 tensors of one shape, all on one device",
+                       p[i].name);
     return AGPT_OK;
 }
 
@@ -234,10 +274,11 @@ static Status update_zero1(Engine *e, const TrainerConfig *c, const Comm *comm, 
     return AGPT_OK;
 }
 
-Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, TrainStepFn step, void *ctx,
+Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *dp, int n, TrainStepFn step, void *ctx,
                    TrainerResult *res) {
     memset(res, 0, sizeof *res);
-    AGPT_TRY(check_config(c, p, n));
+    AGPT_TRY(check_config(c, dp, n));
+    const bool on_device = dp[0].param.device != DEV_CPU || c->host_copies;
     const Comm single = {.backend = COMM_SINGLE, .rank = 0, .size = 1};
     const Comm *comm = c->comm ? c->comm : &single;
     const bool lead = comm->rank == 0;  // writes the log and the checkpoints
@@ -247,7 +288,12 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
     Loader *loader = NULL;
     FILE *log = NULL;
     void *sample = NULL;
-    Status s = layout_init(&L, p, n, comm);
+    HostMirror mirror = {0};
+    Status s = layout_init(&L, dp, n, comm);
+    if (s == AGPT_OK && on_device) s = mirror_open(&mirror, e, dp, n, &L);
+    // p: the list the optimizer works on (the caller's on the CPU, the host masters for a device), on engine oe.
+    TrainParam *p = on_device ? mirror.host : dp;
+    Engine *oe = on_device ? &mirror.cpu : e;
     if (s == AGPT_OK) s = moments_alloc(&mo, &L, p, n, c->zero);
     const size_t padded = (size_t)(L.chunk * comm->size);
     if (s == AGPT_OK && !(u.acc = calloc(padded ? padded : 1, sizeof *u.acc)))
@@ -265,6 +311,7 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
         RunProgress pr = {0};
         if (s == AGPT_OK) s = load(c, comm, &mo, &L, p, n, &pr);
         if (s == AGPT_OK) updates = pr.step, lc.epoch = pr.epoch, lc.position = pr.position;
+        if (s == AGPT_OK && on_device) s = mirror_push(&mirror, dp, n);
     }
     if (s == AGPT_OK) s = loader_start(&lc, &loader);
     if (s == AGPT_OK && !(sample = malloc(lc.sample_bytes))) s = AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory");
@@ -285,14 +332,15 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
         double sum[3] = {0, 0, 0};  // ce, focal, dice over this rank's micro-steps
         for (int a = 0; a < c->accum && s == AGPT_OK; a++) {
             int64_t epoch, pos;
-            for (int i = 0; i < n && s == AGPT_OK; i++) s = tensor_zero(&p[i].grad);
+            // On the CPU each micro-step starts from zero; on a device the gradients accumulate over the update.
+            for (int i = 0; i < n && s == AGPT_OK && (a == 0 || !on_device); i++) s = tensor_zero(&dp[i].grad);
             if (s == AGPT_OK) s = loader_next(loader, sample, &epoch, &pos, NULL);
             TrainLosses l = {0};
             if (s == AGPT_OK) s = step(ctx, sample, &l);
             if (s != AGPT_OK) break;
-            // Each micro-step's gradient is summed in double, so the update does not depend on the order of the
-            // micro-steps (one process of accum N*K and N ranks of accum K sum the same gradients).
-            for (int i = 0; i < n; i++) {
+            // On the CPU each micro-step's gradient is summed in double, so the update does not depend on the
+            // order of the micro-steps (one process of accum N*K and N ranks of accum K sum the same gradients).
+            for (int i = 0; i < n && !on_device; i++) {
                 const float *g = p[i].grad.data;
                 double *acc = u.acc + L.offset[i];
                 for (int64_t j = 0, m = tensor_numel(&p[i].grad); j < m; j++) acc[j] += g[j];
@@ -300,6 +348,12 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
             sum[0] += l.ce, sum[1] += l.focal, sum[2] += l.dice;
             next_epoch = pos + 1 < epoch_len ? epoch : epoch + 1;
             next_pos = pos + 1 < epoch_len ? pos + 1 : 0;
+        }
+        for (int i = 0; i < n && s == AGPT_OK && on_device; i++) {  // the device's sums, once per update
+            s = tensor_copy(&p[i].grad, &dp[i].grad);
+            const float *g = p[i].grad.data;
+            double *acc = u.acc + L.offset[i];
+            for (int64_t j = 0, m = tensor_numel(&p[i].grad); s == AGPT_OK && j < m; j++) acc[j] = g[j];
         }
         // A rank that failed stops every rank here, before they would wait for it in a collective.
         if ((s = comm_agree_status(comm, s, &failed_rank)) != AGPT_OK) break;
@@ -311,7 +365,8 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
         const int micro = c->accum * comm->size * (c->micro_per_sample > 1 ? c->micro_per_sample : 1);
         double lr = schedule_lr_at_update(&c->schedule, updates + 1), norm = 0;
         if (s == AGPT_OK)
-            s = (c->zero ? update_zero1 : update_plain)(e, c, comm, p, n, &mo, &L, &u, micro, updates + 1, lr, &norm);
+            s = (c->zero ? update_zero1 : update_plain)(oe, c, comm, p, n, &mo, &L, &u, micro, updates + 1, lr, &norm);
+        if (s == AGPT_OK && on_device) s = mirror_push(&mirror, dp, n);
         // A failure in the update is agreed on too: a rank that broke out alone would leave the others waiting
         // for it in the next update's collective.
         if ((s = comm_agree_status(comm, s, &failed_rank)) != AGPT_OK) break;
@@ -343,6 +398,7 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *p, int n, Trai
     free(sample);
     if (log) fclose(log);
     moments_free(&mo);
+    if (on_device) mirror_close(&mirror);
     free(L.offset);
     free(u.acc), free(u.part), free(u.send), free(u.all);
     return s;

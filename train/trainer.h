@@ -9,8 +9,11 @@
 // bit-identical to one that never stopped: the state holds the parameters, the AdamW moments, the update count
 // and the data position.
 //
-// Scope: the parameters, gradients and moments are f32 CPU tensors (the CPU trainer; a device trainer copies to and
-// from them at checkpoints). The loop works on them through kernels/ops.h.
+// Devices: the parameters and gradients are f32 tensors, all on the CPU or all on the engine's GPU. On the CPU the
+// loop updates them in place. On a GPU the optimizer runs on the CPU, as the reference's DeepSpeed run offloads
+// it: the gradients accumulate on the GPU over an update's micro-steps (in f32) and come to host copies once per
+// update; AdamW steps the host f32 masters, which go back to the GPU. The moments and checkpoints are host
+// memory either way.
 #pragma once
 #include <signal.h>
 #include <stdbool.h>
@@ -69,6 +72,9 @@ typedef struct TrainerConfig {
     // are all-gathered. Checkpoints hold every moment either way (gathered on the save). The result equals plain
     // data parallel up to the order of the gradient norm's sum (within 1e-6; the tests check it).
     int zero;
+    // Work on host copies even for CPU parameters, exactly as for parameters on a GPU (the tests run the device
+    // path's logic this way on machines without one).
+    bool host_copies;
     // Called after every update on rank 0 (may be NULL): the progress bar.
     void (*on_update)(void *ctx, const TrainerUpdate *u);
     void *on_update_ctx;
