@@ -6,10 +6,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "model/sp_tokenizer.h"
+#include "runtime/image.h"
+#include "runtime/rng.h"
 #include "test.h"
 #include "test_util.h"
+#include "train/anomaly_data.h"
 #include "train/conversation_train.h"
 #include "train/seamless_clone.h"
 #include "train/synth.h"
@@ -360,6 +364,32 @@ static void test_conversation(void) {
     const double one[1][2] = {{10, 10}};
     CHECK_ERR(train_answer_text(3, NULL, 224, buf, sizeof buf));
     CHECK_ERR(train_answer_text(1, one, 224, buf, 10));  // does not fit
+    // Real masks (supervised training): more regions extend the two-region template, each position once.
+    const double three[3][2] = {{10, 10}, {20, 200}, {15, 15}};
+    CHECK_OK(train_answer_text(3, three, 224, buf, sizeof buf));
+    CHECK(!strcmp(buf, "Yes, there are 3 anomalies in the image, they are at the top left and top right of the image."),
+          "3 regions, 2 positions: %s", buf);
+    const double four[4][2] = {{10, 10}, {10, 200}, {112, 112}, {200, 112}};
+    CHECK_OK(train_answer_text(4, four, 224, buf, sizeof buf));
+    CHECK(!strcmp(buf, "Yes, there are 4 anomalies in the image, they are at the top left, top right, center and "
+                       "bottom of the image."), "4 regions: %s", buf);
+    // The regions of a mask: 8-connected components (a diagonal neighbour joins), centroids of the first cap.
+    static uint8_t mask[224 * 224];
+    memset(mask, 0, sizeof mask);
+    for (int r = 10; r < 20; r++)
+        for (int c = 20; c < 40; c++) mask[r * 224 + c] = 1;  // centroid (14.5, 29.5)
+    for (int r = 100; r < 150; r++)
+        for (int c = 150; c < 200; c++) mask[r * 224 + c] = 1;  // (124.5, 174.5)
+    mask[150 * 224 + 200] = 1;                                  // diagonal to (149, 199): the same region
+    mask[220 * 224 + 5] = 1;                                    // a third, one pixel
+    double cen[TRAIN_MAX_REGIONS][2];
+    int regions = anomaly_mask_regions(mask, 224, cen, TRAIN_MAX_REGIONS);
+    double want_r = (50 * 50 * 124.5 + 150) / 2501, want_c = (50 * 50 * 174.5 + 200) / 2501;
+    CHECK(regions == 3 && fabs(cen[0][0] - 14.5) < 1e-12 && fabs(cen[0][1] - 29.5) < 1e-12 &&
+              fabs(cen[1][0] - want_r) < 1e-9 && fabs(cen[1][1] - want_c) < 1e-9 && cen[2][0] == 220 && cen[2][1] == 5,
+          "mask regions: %d, (%g, %g) (%g, %g) (%g, %g)", regions, cen[0][0], cen[0][1], cen[1][0], cen[1][1], cen[2][0],
+          cen[2][1]);
+    CHECK(anomaly_mask_regions(mask, 224, cen, 1) == 3, "the count does not depend on the centres kept");
     // Every reference class's question is its description (the golden checks five word for word).
     static const char *classes[] = {"bottle", "cable", "metal_nut", "chewinggum", "pill"};
     for (int i = 0; i < n && i < 6; i++) {
@@ -419,6 +449,59 @@ static int test_tokens(void) {
     return 0;
 }
 
+// Supervised items (anomaly_data_add_defects): a real defect is paired with a normal image of its class, keeps
+// its own mask and names its regions; a defect of a class without normal images, or without a mask, is refused.
+static void test_defect_items(void) {
+    char dir[] = "/tmp/agpt_defects_XXXXXX";
+    if (!mkdtemp(dir)) {
+        CHECK(0, "mkdtemp");
+        return;
+    }
+    enum { W = 224 };
+    static uint8_t rgb[W * W * 3], mask[W * W];
+    char paths[4][1100];
+    const char *names[4] = {"a.png", "b.png", "defect.png", "defect_mask.png"};
+    for (int f = 0; f < 4; f++) {
+        snprintf(paths[f], sizeof paths[f], "%s/%s", dir, names[f]);
+        for (int i = 0; i < W * W * 3; i++) rgb[i] = (uint8_t)((i * (f + 3)) % 251);
+        for (int r = 0; r < W; r++)
+            for (int c = 0; c < W; c++) mask[r * W + c] = r >= 150 && r < 200 && c >= 20 && c < 60 ? 255 : 0;
+        CHECK_OK(f == 3 ? image_save_png(paths[f], W, W, 1, mask) : image_save_png(paths[f], W, W, 3, rgb));
+    }
+    const char *normal[2] = {paths[0], paths[1]}, *cls[2] = {"bottle", "bottle"};
+    const char *defect[1] = {paths[2]}, *dmask[1] = {paths[3]}, *no_mask[1] = {NULL}, *other[1] = {"cable"};
+    AnomalyData d;
+    CHECK_OK(anomaly_data_init(&d, normal, cls, 2, NULL, NULL));
+    CHECK_ERR(anomaly_data_add_defects(&d, defect, dmask, other, 1));
+    CHECK_ERR(anomaly_data_add_defects(&d, defect, no_mask, cls, 1));
+    CHECK_OK(anomaly_data_add_defects(&d, defect, dmask, cls, 1));
+    CHECK(d.n_items == 3 && d.n_normal == 2, "2 normal images + 1 defect (%d, %d)", d.n_items, d.n_normal);
+    static uint8_t a[W * W * 3], b[W * W * 3], m[W * W], img[3][W * W * 3];
+    for (int f = 0; f < 3; f++) {
+        Image im = {0};
+        CHECK_OK(image_load(paths[f], &im));
+        if (im.rgb) memcpy(img[f], im.rgb, sizeof img[f]);
+        image_free(&im);
+    }
+    double centers[TRAIN_MAX_REGIONS][2];
+    int n = 0, seen[2] = {0, 0};
+    for (uint64_t seed = 1; seed <= 8; seed++) {
+        Rng rng;
+        rng_seed(&rng, seed);
+        CHECK_OK(anomaly_make_pair(&d, 2, &rng, a, b, m, &n, centers));
+        for (int f = 0; f < 2; f++) seen[f] += !memcmp(a, img[f], sizeof a);
+        int mask_ok = 1;
+        for (int i = 0; i < W * W; i++) mask_ok &= m[i] == (mask[i] ? 1 : 0);
+        CHECK(!memcmp(b, img[2], sizeof b) && mask_ok && n == 1 && centers[0][0] == 174.5 && centers[0][1] == 39.5,
+              "seed %d: the defect, its mask, 1 region at (%g, %g)", (int)seed, centers[0][0], centers[0][1]);
+    }
+    CHECK(seen[0] + seen[1] == 8 && seen[0] > 0 && seen[1] > 0, "the partner is one of the normal images (%d, %d)",
+          seen[0], seen[1]);
+    anomaly_data_free(&d);
+    for (int f = 0; f < 4; f++) remove(paths[f]);
+    rmdir(dir);
+}
+
 int main(int argc, char **argv) {
     const char *dir = argc > 1 ? argv[1] : AGPT_TEST_DATA;
     int tokens = argc > 3 && !strcmp(argv[2], "--part") && !strcmp(argv[3], "tokens");
@@ -438,6 +521,7 @@ int main(int argc, char **argv) {
         test_patch_ex();
         test_params_and_live_draws();
         test_paste();
+        test_defect_items();
         test_conversation();
     }
     st_close(golden);

@@ -186,5 +186,31 @@ printf 'not an image' >"$tmp/folder/broken.png"
 expect_rc 1 "broken.png" "$agpt" train --model "$m" --tokenizer "$tok" --normal "$tmp/folder" --class gear \
     --steps 2 --accum 2 --out "$tmp/run7"
 
+# Supervised training (--supervised): real defects with masks join the items, on the MVTec, VisA and folder layouts;
+# the defects change what is learnt; a defect without its mask is left out and counted; nothing usable is refused.
+python3 "$(dirname "$0")/eval_tree.py" "$tmp/tree" "$shared/images/brick.png" "$shared/images/grass.png" \
+    "$shared/images/gravel.png" || echo "FAIL eval_tree"
+sup=(--model "$m" --tokenizer "$tok" --steps 2 --accum 2 --warmup 1 --seed 7 --val-images 0)
+expect_rc 0 "6 images + 2 defects with masks, 1 classes" "$agpt" train "${sup[@]}" --data "$tmp/tree/mvtec" \
+    --classes bottle --supervised --out "$tmp/sup1"
+expect_rc 0 "done after 2 updates" "$agpt" train "${sup[@]}" --data "$tmp/tree/mvtec" --classes bottle --out "$tmp/sup0"
+ok test -s "$tmp/sup1/delta.safetensors"
+ok sh -c "! cmp -s '$tmp/sup0/delta.safetensors' '$tmp/sup1/delta.safetensors'"
+expect_rc 0 "6 images + 2 defects with masks" "$agpt" train "${sup[@]}" --data "$tmp/tree/visa" --format visa \
+    --supervised --out "$tmp/sup2"
+mkdir -p "$tmp/fold/good" "$tmp/fold/bad" "$tmp/fold/masks"
+cp "$tmp/tree/mvtec/bottle/train/good/000.png" "$tmp/tree/mvtec/bottle/train/good/001.png" "$tmp/fold/good/"
+cp "$tmp/tree/mvtec/bottle/test/crack/000.png" "$tmp/fold/bad/d0.png"
+cp "$tmp/tree/mvtec/bottle/test/crack/001.png" "$tmp/fold/bad/d1.png"
+cp "$tmp/tree/mvtec/bottle/ground_truth/crack/000_mask.png" "$tmp/fold/masks/d0.png"
+expect_rc 0 "1 defect image without a mask left out" "$agpt" train "${sup[@]}" --normal "$tmp/fold/good" --class widget \
+    --abnormal "$tmp/fold/bad" --masks "$tmp/fold/masks" --supervised --out "$tmp/sup3"
+ok grep -q "2 images + 1 defects with masks" "$tmp/log"
+expect_rc 2 "no defect images with masks" "$agpt" train "${sup[@]}" --data "$tmp/mvtec" --supervised --out "$tmp/x"
+expect_rc 2 "go together" "$agpt" train "${sup[@]}" --normal "$tmp/fold/good" --class widget --abnormal "$tmp/fold/bad" \
+    --supervised --out "$tmp/x"
+# A resume with the defects left out is refused (other options).
+expect_rc 1 "defects" "$agpt" train "${sup[@]}" --data "$tmp/tree/mvtec" --classes bottle --resume "$tmp/sup1"
+
 echo "$passed passed, $failed failed"
 [ $failed -eq 0 ]

@@ -40,6 +40,11 @@ static void usage(FILE *f) {
             "  --data DIR       MVTec-AD layout: DIR/<class>/train/good/*.png (--format mvtec, the default), or VisA:\n"
             "                   DIR/split_csv/1cls.csv rows with split 'train' (--format visa); --classes a,b keeps those\n"
             "  --normal DIR --class NAME   a plain folder of normal images of one product (.png/.jpg/.jpeg in it)\n"
+            "  --supervised     also train on real defects with their masks (the reference's train_supervised): MVTec\n"
+            "                   <class>/test/<defect>/*.png with ground_truth masks, VisA's anomaly rows with masks, or\n"
+            "                   --abnormal DIR --masks DIR beside --normal. Each defect is paired with a normal image of\n"
+            "                   its class; the answer names its mask regions' positions. Defects without a mask are\n"
+            "                   left out (counted). Do not evaluate on the defects you trained on\n"
             "  --sft F.json --sft-images DIR   also the PandaGPT instruction stream (its first two turns): every\n"
             "                   image's micro-step is followed by one instruction micro-step, as the reference's loop\n"
             "  --params F.json  synthesis parameters and the class description for classes the reference does not know\n"
@@ -85,12 +90,12 @@ static void usage(FILE *f) {
 
 typedef struct TrainOptions {
     const char *model, *out, *data, *format, *classes, *normal, *class_name, *params, *tokenizer, *train;
-    const char *sft, *sft_images;
+    const char *sft, *sft_images, *abnormal, *masks;
     const char *overlays[MAX_OVERLAYS];
     int n_overlays;
     long long steps, epochs, accum, warmup, seed, ckpt_every, loader_threads, val_every, val_images;
     double lr, vision_lr_scale, fewshot_p, budget_gb;
-    bool resume, no_reference_rotations;
+    bool resume, no_reference_rotations, supervised;
     long long reference_shifts, zero;
     double comm_timeout;
     Device device;
@@ -102,13 +107,17 @@ typedef struct TrainOptions {
 
 // The training images and their classes, from the dataset readers (train/dataset.h) eval uses too.
 typedef struct ImageSet {
-    char **paths, **classes;  // views into the dataset
+    char **paths, **classes;  // [n] the normal training images: views into the dataset
     int n;
+    // --supervised: the real defects with their masks (views into the dataset)
+    char **defects, **defect_masks, **defect_classes;  // [n_defects]
+    int n_defects, no_mask;   // no_mask: defects left out for want of a mask
     Dataset ds;
 } ImageSet;
 
 static void set_free(ImageSet *s) {
     free(s->paths), free(s->classes);
+    free(s->defects), free(s->defect_masks), free(s->defect_classes);
     dataset_free(&s->ds);
     memset(s, 0, sizeof *s);
 }
@@ -129,15 +138,27 @@ static Status list_training_images(const TrainOptions *o, ImageSet *set) {
     char buf[4096];
     const char *names[MAX_CLASSES];
     int n_names = split_classes(o->classes, buf, sizeof buf, names);
-    Status s = o->normal ? dataset_read_folder(o->normal, NULL, NULL, o->class_name, &set->ds)
+    Status s = o->normal ? dataset_read_folder(o->normal, o->abnormal, o->masks, o->class_name, &set->ds)
              : !strcmp(o->format, "visa") ? dataset_read_visa(o->data, names, n_names, &set->ds)
                                           : dataset_read_mvtec(o->data, names, n_names, &set->ds);
     if (s != AGPT_OK) return s;
-    set->paths = calloc((size_t)set->ds.n + 1, sizeof *set->paths);
-    set->classes = calloc((size_t)set->ds.n + 1, sizeof *set->classes);
-    if (!set->paths || !set->classes) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the image list");
+    size_t cap = (size_t)set->ds.n + 1;
+    set->paths = calloc(cap, sizeof *set->paths), set->classes = calloc(cap, sizeof *set->classes);
+    set->defects = calloc(cap, sizeof *set->defects), set->defect_masks = calloc(cap, sizeof *set->defect_masks);
+    set->defect_classes = calloc(cap, sizeof *set->defect_classes);
+    if (!set->paths || !set->classes || !set->defects || !set->defect_masks || !set->defect_classes)
+        return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the image list");
     for (int i = 0; i < set->ds.n; i++) {
         const DatasetItem *it = &set->ds.items[i];
+        if (o->supervised && it->anomalous) {  // every split's defects: the reference trains on test anomalies
+            if (!it->mask) {
+                set->no_mask++;
+                continue;
+            }
+            set->defects[set->n_defects] = it->image, set->defect_masks[set->n_defects] = it->mask;
+            set->defect_classes[set->n_defects++] = it->class_name;
+            continue;
+        }
         bool training = o->normal ? !it->anomalous : it->split == DATASET_TRAIN && !it->anomalous;
         if (!training) continue;
         set->paths[set->n] = it->image;
@@ -148,6 +169,15 @@ static Status list_training_images(const TrainOptions *o, ImageSet *set) {
                          o->normal ? "a folder of .png/.jpg images" : !strcmp(o->format, "visa")
                              ? "split_csv/1cls.csv rows with split 'train' and label normal"
                              : "<class>/train/good/*.png");
+    if (o->supervised && set->n_defects == 0)
+        return AGPT_FAIL(AGPT_ERR_ARG, "--supervised: no defect images with masks found in %s (%s)",
+                         o->normal ? (o->abnormal ? o->abnormal : "(no --abnormal)") : o->data,
+                         o->normal ? "--abnormal DIR with --masks DIR" : !strcmp(o->format, "visa")
+                             ? "1cls.csv rows with label anomaly and a mask"
+                             : "<class>/test/<defect>/*.png with ground_truth/<defect>/*_mask.png");
+    if (set->no_mask)
+        fprintf(stderr, "agpt train: note: %d defect image%s without a mask left out of supervised training\n",
+                set->no_mask, set->no_mask > 1 ? "s" : "");
     // Only problems that matter for training are worth a word (a class without test images does not).
     int bad = set->ds.problems[DATASET_BAD_ROW] + set->ds.problems[DATASET_UNREADABLE];
     if (bad) {
@@ -184,11 +214,11 @@ static Status validation_init(Validation *v, const AnomalyData *d, int n, uint64
     v->class_name = calloc((size_t)n, sizeof *v->class_name);
     if (!v->normal || !v->anomalous || !v->mask || !v->class_name) return AGPT_FAIL(AGPT_ERR_OOM, "no memory");
     for (int k = 0; k < n; k++) {
-        int64_t index = (int64_t)(((uint64_t)k * 2654435761u) % (uint64_t)d->n_items);
+        int64_t index = (int64_t)(((uint64_t)k * 2654435761u) % (uint64_t)d->n_normal);  // normal images only
         Rng rng;
         rng_seed(&rng, seed ^ 0x76616c6964617465ull ^ ((uint64_t)k << 20));  // "validate"
         int patches;
-        double centers[SYNTH_MAX_PATCHES][2];
+        double centers[TRAIN_MAX_REGIONS][2];
         AGPT_TRY(anomaly_make_pair(d, index, &rng, v->normal + k * px * 3, v->anomalous + k * px * 3, v->mask + k * px,
                                    &patches, centers));
         v->class_name[k] = d->classes[d->item_class[index]].name;
@@ -312,6 +342,12 @@ static char *config_text(const TrainOptions *o, const ImageSet *set, int world) 
     if (o->reference_shifts > 1)  // absent when 1: runs from before the option resume
         n += snprintf(text + n, 8192 - n, "reference_shifts=%lld\n", o->reference_shifts);
     if (o->no_reference_rotations) n += snprintf(text + n, 8192 - n, "no_reference_rotations=1\n");
+    if (o->supervised) {
+        uint64_t hd = 1469598103934665603ull;
+        for (int i = 0; i < set->n_defects; i++)
+            for (const char *c = set->defects[i]; *c; c++) hd = (hd ^ (uint8_t)*c) * 1099511628211ull;
+        n += snprintf(text + n, 8192 - n, "defects=%d\ndefects_hash=%016llx\n", set->n_defects, (unsigned long long)hd);
+    }
     if (o->zero) n += snprintf(text + n, 8192 - n, "zero=%lld\n", o->zero);
     for (int k = 0; k < o->n_overlays && n < 8000; k++) n += snprintf(text + n, 8192 - n, "weights=%s\n", o->overlays[k]);
     return text;
@@ -341,6 +377,9 @@ static int parse(int argc, char **argv, TrainOptions *o) {
         else if (!strcmp(a, "--format")) { VALUE(); o->format = v; }
         else if (!strcmp(a, "--classes")) { VALUE(); o->classes = v; }
         else if (!strcmp(a, "--normal")) { VALUE(); o->normal = v; }
+        else if (!strcmp(a, "--abnormal")) { VALUE(); o->abnormal = v; }
+        else if (!strcmp(a, "--masks")) { VALUE(); o->masks = v; }
+        else if (!strcmp(a, "--supervised")) o->supervised = true;
         else if (!strcmp(a, "--class")) { VALUE(); o->class_name = v; if (!class_name_ok(cmd, v)) return 2; }
         else if (!strcmp(a, "--params")) { VALUE(); o->params = v; }
         else if (!strcmp(a, "--sft")) { VALUE(); o->sft = v; }
@@ -383,6 +422,10 @@ static int parse(int argc, char **argv, TrainOptions *o) {
     }
     if (!o->data == !o->normal) {
         fprintf(stderr, "agpt train: give either --data DIR or --normal DIR --class NAME\n");
+        return 2;
+    }
+    if ((o->abnormal || o->masks) && !(o->normal && o->supervised && o->abnormal && o->masks)) {
+        fprintf(stderr, "agpt train: --abnormal DIR and --masks DIR go together, with --normal and --supervised\n");
         return 2;
     }
     if (o->normal && !o->class_name) {
@@ -454,7 +497,7 @@ int cmd_train(int argc, char **argv) {
     }
     if (o.steps < 0) {  // every rank takes floor(images / ranks) of each epoch
         long long epochs = o.epochs > 0 ? o.epochs : 50;
-        o.steps = epochs * (set.n / comm.size) / o.accum;
+        o.steps = epochs * ((set.n + set.n_defects) / comm.size) / o.accum;
         if (o.steps < 1) o.steps = 1;
     }
     if (o.warmup < 0) o.warmup = o.steps / 10 > 10 ? o.steps / 10 : 10;
@@ -483,6 +526,9 @@ int cmd_train(int argc, char **argv) {
     s = anomaly_data_init(&data, (const char *const *)set.paths, (const char *const *)set.classes, set.n, o.params,
                           model.tokenizer);
     data.fewshot_p = o.fewshot_p;
+    if (s == AGPT_OK) s = anomaly_data_add_defects(&data, (const char *const *)set.defects,
+                                                   (const char *const *)set.defect_masks,
+                                                   (const char *const *)set.defect_classes, set.n_defects);
     if (s == AGPT_OK && o.sft) s = anomaly_data_load_sft(&data, o.sft, o.sft_images);
     Validation val = {0};
     if (s == AGPT_OK && lead) s = validation_init(&val, &data, (int)o.val_images, (uint64_t)o.seed, o.out, o.resume);
@@ -513,8 +559,10 @@ int cmd_train(int argc, char **argv) {
         if (s == AGPT_OK && lead) {
             char text[4096];
             mem_plan_format(&plan, text, sizeof text);
-            fprintf(stderr, "agpt train: %d images, %d classes; %lld updates of %lld images x %d rank%s (%s); memory "
-                    "plan per rank (f32, %s%s):\n%s", set.n, data.n_classes, o.steps, o.accum, comm.size,
+            char defects[64] = "";
+            if (set.n_defects) snprintf(defects, sizeof defects, " + %d defects with masks", set.n_defects);
+            fprintf(stderr, "agpt train: %d images%s, %d classes; %lld updates of %lld images x %d rank%s (%s); memory "
+                    "plan per rank (f32, %s%s):\n%s", set.n, defects, data.n_classes, o.steps, o.accum, comm.size,
                     comm.size > 1 ? "s" : "", comm_backend_name(&comm), dev == DEV_CUDA ? "CUDA, AdamW on the host" : "CPU",
                     o.zero ? ", ZeRO-1" : "", text);
         }

@@ -9,6 +9,7 @@
 
 #include "model/preprocess.h"
 #include "runtime/image.h"
+#include "train/metrics.h"
 
 #define S ANOMALY_SIDE
 
@@ -39,7 +40,7 @@ static int cmp_path(const void *a, const void *b) {
 // path (load_and_transform_vision_data: shorter side to 224, centre crop, normalise).
 static Status load_reference(AnomalyData *d, int c) {
     const char *first = NULL;
-    for (int i = 0; i < d->n_items; i++)
+    for (int i = 0; i < d->n_normal; i++)
         if (d->item_class[i] == c && (!first || strcmp(d->paths[i], first) < 0)) first = d->paths[i];
     AnomalyClass *k = &d->classes[c];
     k->reference = malloc(sizeof(float) * 3 * S * S);
@@ -88,7 +89,7 @@ Status anomaly_data_init(AnomalyData *d, const char *const *paths, const char *c
         }
         d->item_class[i] = c;
         if (s == AGPT_OK && !(d->paths[i] = strdup(sorted[i].path))) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory");
-        d->n_items = i + 1;
+        d->n_items = d->n_normal = i + 1;
     }
     free(sorted);
     for (int c = 0; s == AGPT_OK && c < d->n_classes; c++) s = load_reference(d, c);
@@ -100,9 +101,71 @@ void anomaly_data_free(AnomalyData *d) {
     for (int i = 0; i < d->n_sft; i++) free(d->sft_images[i]), free(d->sft_human[i]), free(d->sft_gpt[i]);
     free(d->sft_images), free(d->sft_human), free(d->sft_gpt);
     for (int i = 0; d->paths && i < d->n_items; i++) free(d->paths[i]);
+    for (int i = 0; d->masks && i < d->n_items; i++) free(d->masks[i]);
     for (int c = 0; d->classes && c < d->n_classes; c++) free(d->classes[c].reference);
-    free(d->paths), free(d->item_class), free(d->classes);
+    free(d->paths), free(d->item_class), free(d->classes), free(d->masks);
     memset(d, 0, sizeof *d);
+}
+
+typedef struct Defect {
+    const char *path, *mask, *class_name;
+} Defect;
+
+static int cmp_defect(const void *a, const void *b) {
+    return strcmp(((const Defect *)a)->path, ((const Defect *)b)->path);
+}
+
+Status anomaly_data_add_defects(AnomalyData *d, const char *const *paths, const char *const *masks,
+                                const char *const *class_names, int n) {
+    AGPT_CHECK_ARG(n >= 0 && d->n_items == d->n_normal, "anomaly_data_add_defects: the defects are added once");
+    if (n == 0) return AGPT_OK;
+    for (int i = 0; i < n; i++) {
+        AGPT_CHECK_ARG(masks[i], "the defect image %s has no mask (supervised training needs one per image)", paths[i]);
+        AGPT_CHECK_ARG(find_class(d, class_names[i]) >= 0, "class %s has defect images (%s) but no normal training "
+                       "image: supervised training pairs each defect with a normal image of its class",
+                       class_names[i], paths[i]);
+    }
+    int total = d->n_items + n;
+    char **paths2 = realloc(d->paths, (size_t)total * sizeof *paths2);
+    if (paths2) d->paths = paths2;
+    int *cls2 = paths2 ? realloc(d->item_class, (size_t)total * sizeof *cls2) : NULL;
+    if (cls2) d->item_class = cls2;
+    char **masks2 = cls2 ? calloc((size_t)total, sizeof *masks2) : NULL;
+    Defect *sorted = masks2 ? calloc((size_t)n, sizeof *sorted) : NULL;
+    if (!sorted) {
+        free(masks2);
+        return AGPT_FAIL(AGPT_ERR_OOM, "no memory for %d defect images", n);
+    }
+    d->masks = masks2;
+    for (int i = 0; i < n; i++) sorted[i] = (Defect){paths[i], masks[i], class_names[i]};
+    qsort(sorted, (size_t)n, sizeof *sorted, cmp_defect);  // name order, as the normal images
+    Status s = AGPT_OK;
+    for (int i = 0; i < n && s == AGPT_OK; i++) {
+        int at = d->n_items;
+        d->paths[at] = strdup(sorted[i].path), d->masks[at] = strdup(sorted[i].mask);
+        d->item_class[at] = find_class(d, sorted[i].class_name);
+        d->n_items++;
+        if (!d->paths[at] || !d->masks[at]) s = AGPT_FAIL(AGPT_ERR_OOM, "no memory");
+    }
+    free(sorted);
+    return s;
+}
+
+int anomaly_mask_regions(const uint8_t *mask, int side, double (*centers)[2], int cap) {
+    int *labels = malloc((size_t)side * side * sizeof *labels);
+    if (!labels) return 0;
+    int n = metrics_label_components(mask, side, side, labels);
+    int kept = n < cap ? n : cap;
+    double sum_r[TRAIN_MAX_REGIONS] = {0}, sum_c[TRAIN_MAX_REGIONS] = {0}, count[TRAIN_MAX_REGIONS] = {0};
+    for (int r = 0; r < side; r++)
+        for (int c = 0; c < side; c++) {
+            int l = labels[r * side + c];
+            if (l >= 1 && l <= kept && l <= TRAIN_MAX_REGIONS) sum_r[l - 1] += r, sum_c[l - 1] += c, count[l - 1]++;
+        }
+    for (int i = 0; i < kept && i < TRAIN_MAX_REGIONS; i++)
+        centers[i][0] = sum_r[i] / count[i], centers[i][1] = sum_c[i] / count[i];
+    free(labels);
+    return n;
 }
 
 static char *read_text_file(const char *path, Status *s) {
@@ -213,15 +276,33 @@ static Status put_tokens(const AnomalyData *d, const char *question, const char 
     return AGPT_OK;
 }
 
+// A defect item: a normal image of its class (drawn from rng), the defect, its mask and regions.
+static Status make_defect_pair(const AnomalyData *d, int64_t index, Rng *rng, uint8_t *normal, uint8_t *anomalous,
+                               uint8_t *mask, int *n_regions, double centers[TRAIN_MAX_REGIONS][2]) {
+    int c = d->item_class[index], n_class = 0;
+    for (int i = 0; i < d->n_normal; i++) n_class += d->item_class[i] == c;
+    int64_t pick = (int64_t)(rng_u64(rng) % (uint64_t)n_class), partner = -1;
+    for (int i = 0; i < d->n_normal && partner < 0; i++)
+        if (d->item_class[i] == c && pick-- == 0) partner = i;
+    Status s = load_resized(d->paths[partner], normal);
+    if (s == AGPT_OK) s = load_resized(d->paths[index], anomalous);
+    // Squashed as the image is (MVTec's mask rule: bilinear, > 0.1), whatever the layout.
+    if (s == AGPT_OK) s = dataset_load_mask(d->masks[index], DATASET_MVTEC, S, mask);
+    if (s != AGPT_OK) return agpt_add_context(s, "defect %s", d->paths[index]);
+    *n_regions = anomaly_mask_regions(mask, S, centers, TRAIN_MAX_REGIONS);
+    return AGPT_OK;
+}
+
 Status anomaly_make_pair(const AnomalyData *d, int64_t index, Rng *rng, uint8_t *normal, uint8_t *anomalous,
-                         uint8_t *mask, int *n_patches, double centers[SYNTH_MAX_PATCHES][2]) {
+                         uint8_t *mask, int *n_patches, double centers[TRAIN_MAX_REGIONS][2]) {
+    if (index >= d->n_normal) return make_defect_pair(d, index, rng, normal, anomalous, mask, n_patches, centers);
     const AnomalyClass *k = &d->classes[d->item_class[index]];
     uint8_t *src = malloc((size_t)S * S * 3);
     SynthSample syn = {0};
     Status st = src ? synth_sample_alloc(S, S, &syn) : AGPT_FAIL(AGPT_ERR_OOM, "no memory");
-    int64_t j = index;
-    if (st == AGPT_OK && d->n_items > 1) {
-        j = (int64_t)(rng_u64(rng) % (uint64_t)(d->n_items - 1));
+    int64_t j = index;  // the blend's source: another normal image
+    if (st == AGPT_OK && d->n_normal > 1) {
+        j = (int64_t)(rng_u64(rng) % (uint64_t)(d->n_normal - 1));
         if (j >= index) j++;
     }
     if (st == AGPT_OK) st = load_resized(d->paths[index], normal);
@@ -232,7 +313,7 @@ Status anomaly_make_pair(const AnomalyData *d, int64_t index, Rng *rng, uint8_t 
         memcpy(anomalous, syn.image, (size_t)S * S * 3);
         for (int p = 0; p < S * S; p++) mask[p] = syn.n_patches > 0 && syn.label[p] > SYNTH_GT_THRESHOLD;
         *n_patches = syn.n_patches;
-        memcpy(centers, syn.center, sizeof syn.center);
+        memcpy(centers, syn.center, sizeof syn.center);  // the first SYNTH_MAX_PATCHES of the caller's
     }
     synth_sample_free(&syn);
     free(src);
@@ -245,11 +326,11 @@ Status anomaly_make_sample(void *ctx, int64_t index, Rng *rng, void *out) {
     const AnomalyClass *k = &d->classes[d->item_class[index]];
     s->cls = d->item_class[index];
     uint8_t *dest = malloc((size_t)S * S * 3), *anomalous = malloc((size_t)S * S * 3), *mask = malloc((size_t)S * S);
-    double centers[SYNTH_MAX_PATCHES][2];
+    double centers[TRAIN_MAX_REGIONS][2];
     int n_patches = 0;
     Status st = dest && anomalous && mask ? anomaly_make_pair(d, index, rng, dest, anomalous, mask, &n_patches, centers)
                                           : AGPT_FAIL(AGPT_ERR_OOM, "no memory for a sample");
-    char question[SYNTH_DESCRIPTION_MAX + 64], normal[256], answer[256];
+    char question[SYNTH_DESCRIPTION_MAX + 64], normal[256], answer[512];
     if (st == AGPT_OK) st = train_question_text(k->params.description, question, sizeof question);
     if (st == AGPT_OK) st = train_answer_text(0, NULL, S, normal, sizeof normal);
     if (st == AGPT_OK) st = train_answer_text(n_patches, (const double(*)[2])centers, S, answer, sizeof answer);

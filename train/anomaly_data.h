@@ -20,6 +20,7 @@
 #include "model/anomalygpt_train.h"
 #include "model/sp_tokenizer.h"
 #include "train/conversation_train.h"
+#include "train/dataset.h"
 #include "train/synth.h"
 #include "train/trainer.h"
 
@@ -35,8 +36,12 @@ typedef struct AnomalyClass {
 
 typedef struct AnomalyData {
     int n_items;
-    char **paths;              // [n_items] normal training images
+    char **paths;              // [n_items] training images: normal ones, then the real defects (supervised)
     int *item_class;           // [n_items] index into classes
+    // Supervised training (anomaly_data_add_defects): items [n_normal, n_items) are real anomalous images and
+    // masks[i] their ground-truth masks; items [0, n_normal) are normal images (masks NULL or NULL entries).
+    int n_normal;
+    char **masks;              // [n_items] or NULL
     AnomalyClass *classes;
     int n_classes;
     const SpTokenizer *tokenizer;  // not owned
@@ -56,7 +61,7 @@ typedef struct AnomalySample {
     int n_tokens[2];
     int cls;                   // class index
     int fewshot;               // 1: both use the class's reference
-    int n_patches;             // synthetic regions pasted into conversation 1
+    int n_patches;             // anomalous regions in conversation 1 (synthetic patches, or a real mask's regions)
     // With an instruction stream: one instruction micro-step after the anomaly one (train_mvtec.py's loop).
     int has_sft;
     float sft_image[3 * ANOMALY_SIDE * ANOMALY_SIDE];
@@ -72,6 +77,21 @@ Status anomaly_data_init(AnomalyData *d, const char *const *paths, const char *c
                          const char *params_json, const SpTokenizer *tokenizer);
 void anomaly_data_free(AnomalyData *d);
 
+// Supervised training (the reference's train_supervised, anomalygpt-reference.md 6.3): real anomalous images with
+// their masks join the items. Such an item's micro-step pairs a normal training image of its class (drawn from
+// the sample's Rng; the reference's supervised loader gives single images, here every micro-step keeps one
+// normal and one anomalous conversation) with the defect: the image as training images are read
+// (Resize((224,224)) bicubic), its mask squashed the same way (bilinear, > 0.1), and the answer naming the
+// positions of the centroids of the mask's 8-connected regions, each position once (the reference takes the
+// centroids of cv2.findContours' contours and deduplicates them). Every class named must have normal images (the
+// pairing and the few-shot reference need them); a defect without a mask is refused (the caller filters them).
+Status anomaly_data_add_defects(AnomalyData *d, const char *const *paths, const char *const *masks,
+                                const char *const *class_names, int n);
+
+// The regions of a mask [S][S] (1 = anomalous) for the answer: their count (8-connected components) and the
+// centroids (row, col) of the first `cap` in raster order of their first pixel.
+int anomaly_mask_regions(const uint8_t *mask, int side, double (*centers)[2], int cap);
+
 // The instruction stream (anomalygpt-reference.md 6.3, sft_dataset.py): a JSON array of {"image_name": NAME,
 // "conversation": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}; the first two turns are
 // kept, ".jpg" is appended to a name without it, and the image is image_dir/NAME. Every micro-step then also
@@ -86,8 +106,9 @@ Status anomaly_make_sample(void *data, int64_t index, Rng *rng, void *out);
 // The pair of item `index` (what a sample and a validation example are made of): the image and the image with
 // synthetic anomalies as 8-bit RGB [S][S][3], the target mask [S][S] (1 = anomalous) and the regions' centres
 // (row, col) for the answer, drawn from rng. *n_patches 0: synthesis found no place (mask all 0).
+// A real defect item: the normal image of its class drawn from rng, the defect and its mask, and its regions.
 Status anomaly_make_pair(const AnomalyData *d, int64_t index, Rng *rng, uint8_t *normal, uint8_t *anomalous,
-                         uint8_t *mask, int *n_patches, double centers[SYNTH_MAX_PATCHES][2]);
+                         uint8_t *mask, int *n_patches, double centers[TRAIN_MAX_REGIONS][2]);
 
 // The trainer's step (TrainStepFn): ctx is an AnomalyStepContext.
 typedef struct AnomalyStepContext {

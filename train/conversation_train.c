@@ -2,6 +2,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <stdbool.h>
 #include <string.h>
 
 #include "model/conversation.h"
@@ -25,8 +26,8 @@ Status train_question_text(const char *description, char *buf, size_t cap) {
 }
 
 Status train_answer_text(int n_regions, const double (*centers)[2], int side, char *buf, size_t cap) {
-    AGPT_CHECK_ARG(buf && n_regions >= 0 && n_regions <= 2 && (n_regions == 0 || centers) && side > 0,
-                   "train_answer_text: %d regions (0, 1 or 2)", n_regions);
+    AGPT_CHECK_ARG(buf && n_regions >= 0 && (n_regions == 0 || centers) && side > 0,
+                   "train_answer_text: %d regions", n_regions);
     int n;
     if (n_regions == 0) {
         n = snprintf(buf, cap, "%s", TRAIN_ANSWER_NORMAL);
@@ -34,13 +35,23 @@ Status train_answer_text(int n_regions, const double (*centers)[2], int side, ch
         n = snprintf(buf, cap, "Yes, there is an anomaly in the image, at the %s of the image.",
                      train_position_word(centers[0][0], centers[0][1], side));
     } else {
-        const char *p0 = train_position_word(centers[0][0], centers[0][1], side);
-        const char *p1 = train_position_word(centers[1][0], centers[1][1], side);
-        if (strcmp(p0, p1) == 0)
-            n = snprintf(buf, cap, "Yes, there are 2 anomalies in the image, they are at the %s of the image.", p0);
-        else
-            n = snprintf(buf, cap, "Yes, there are 2 anomalies in the image, they are at the %s and %s of the image.",
-                         p0, p1);
+        // The distinct positions, in the order first met ("top", "left", ...).
+        const char *word[TRAIN_MAX_REGIONS];
+        int n_words = 0;
+        for (int i = 0; i < n_regions && i < TRAIN_MAX_REGIONS; i++) {
+            const char *w = train_position_word(centers[i][0], centers[i][1], side);
+            bool seen = false;
+            for (int j = 0; j < n_words && !seen; j++) seen = !strcmp(word[j], w);
+            if (!seen) word[n_words++] = w;
+        }
+        char list[512] = "";
+        size_t used = 0;
+        for (int j = 0; j < n_words; j++) {
+            const char *sep = j == 0 ? "" : j == n_words - 1 ? " and " : ", ";
+            used += (size_t)snprintf(list + used, sizeof list - used, "%s%s", sep, word[j]);
+        }
+        n = snprintf(buf, cap, "Yes, there are %d anomalies in the image, they are at the %s of the image.",
+                     n_regions, list);
     }
     AGPT_CHECK_ARG(n >= 0 && (size_t)n < cap, "train_answer_text: %d bytes do not fit in %zu", n, cap);
     return AGPT_OK;

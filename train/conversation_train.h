@@ -21,8 +21,12 @@ const char *train_position_word(double center_row, double center_col, int side);
 
 // The human turn: description + TRAIN_QUESTION, into buf (cap bytes).
 Status train_question_text(const char *description, char *buf, size_t cap);
+#define TRAIN_MAX_REGIONS 16  // centres an answer names positions for (a real mask may have more regions)
+
 // The gpt turn for n_regions centres (0: the normal answer; 1 or 2: the "Yes, ..." templates of 6.3, where two
-// equal positions are named once). centers [n][2] are (row, col).
+// equal positions are named once). More regions (real masks in supervised training) extend the two-region
+// template: "Yes, there are N anomalies in the image, they are at the A, B and C of the image.", each position
+// once, in the order first met, of the first min(n, TRAIN_MAX_REGIONS) centres. centers [n][2] are (row, col).
 Status train_answer_text(int n_regions, const double (*centers)[2], int side, char *buf, size_t cap);
 
 // Token ids and loss targets of one two-turn conversation, the text part of the LLM input:
