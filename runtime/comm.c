@@ -10,6 +10,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "runtime/comm_nccl.h"
 #include "runtime/timer.h"
 
 #ifdef AGPT_WITH_MPI
@@ -77,10 +78,36 @@ Status comm_set_timeout(Comm *c, double seconds) {
     return AGPT_OK;
 }
 
+// agpt train --gpus N's children: rank, size, local rank and the NCCL id from the environment.
+static Status init_from_launcher(Comm *c, const char *world) {
+    const char *rank = getenv("AGPT_RANK"), *local = getenv("AGPT_LOCAL_RANK"), *hex = getenv("AGPT_NCCL_ID");
+    c->size = atoi(world), c->rank = rank ? atoi(rank) : -1, c->local_rank = local ? atoi(local) : -1;
+    AGPT_CHECK_ARG(c->size >= 1 && c->rank >= 0 && c->rank < c->size && c->local_rank >= 0 && hex &&
+                       strlen(hex) == 256, "AGPT_WORLD_SIZE is set (%s) but AGPT_RANK, AGPT_LOCAL_RANK or "
+                   "AGPT_NCCL_ID is missing or wrong: these are agpt train --gpus N's to set, not a user's", world);
+#ifdef AGPT_WITH_NCCL
+    uint8_t id[128];
+    for (int i = 0; i < 128; i++) {
+        unsigned v;
+        if (sscanf(hex + 2 * i, "%2x", &v) != 1) return AGPT_FAIL(AGPT_ERR_ARG, "AGPT_NCCL_ID is not hex");
+        id[i] = (uint8_t)v;
+    }
+    c->backend = COMM_NCCL;
+    collective_begin("ncclCommInitRank");
+    Status s = nccl_join(c, c->local_rank, id);
+    collective_end();
+    return s;
+#else
+    return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "started by agpt train --gpus, but this agpt was built without NCCL");
+#endif
+}
+
 Status comm_init(Comm *c) {
     memset(c, 0, sizeof *c);
     c->backend = COMM_SINGLE;
     c->size = 1;
+    const char *world = getenv("AGPT_WORLD_SIZE");
+    if (world) return init_from_launcher(c, world);
     int announced = launcher_size();
     if (announced <= 1) return AGPT_OK;
 #ifdef AGPT_WITH_MPI
@@ -104,6 +131,7 @@ Status comm_init(Comm *c) {
 }
 
 void comm_finalize(Comm *c) {
+    nccl_leave(c);
 #ifdef AGPT_WITH_MPI
     // MPI_Finalize synchronises the ranks like a collective: the watchdog stays armed through it.
     collective_begin("MPI_Finalize");
@@ -114,7 +142,53 @@ void comm_finalize(Comm *c) {
     c->size = 1;
 }
 
-const char *comm_backend_name(const Comm *c) { return c->backend == COMM_MPI ? "MPI" : "single"; }
+const char *comm_backend_name(const Comm *c) {
+    return c->backend == COMM_NCCL ? "NCCL" : c->backend == COMM_MPI ? (c->nccl ? "MPI + NCCL" : "MPI") : "single";
+}
+
+Status comm_init_device(Comm *c, int gpu) {
+    if (c->nccl || c->size == 1 || c->backend != COMM_MPI) return AGPT_OK;
+#if defined(AGPT_WITH_NCCL) && defined(AGPT_WITH_MPI)
+    uint8_t id[128] = {0};
+    Status s = c->rank == 0 ? nccl_new_id(id) : AGPT_OK;
+    int failed;
+    AGPT_TRY(comm_agree_status(c, s, &failed));
+    AGPT_TRY(comm_broadcast(c, id, sizeof id, 0));
+    collective_begin("ncclCommInitRank");
+    s = nccl_join(c, gpu, id);
+    collective_end();
+    return comm_agree_status(c, s, &failed);
+#else
+    (void)gpu;
+    return AGPT_OK;
+#endif
+}
+
+bool comm_device_ready(const Comm *c) { return c->nccl != NULL; }
+
+Status comm_nccl_id_hex(char hex[257]) {
+    uint8_t id[128];
+    AGPT_TRY(nccl_new_id(id));
+    for (int i = 0; i < 128; i++) snprintf(hex + 2 * i, 3, "%02x", id[i]);
+    return AGPT_OK;
+}
+
+Status comm_allreduce_sum_f32_device(const Comm *c, float *const *bufs, const size_t *n, int k) {
+    AGPT_CHECK_ARG(c->nccl, "comm: no device collectives (comm_init_device, NCCL)");
+    collective_begin("ncclAllReduce");
+    Status s = nccl_allreduce_device_f32(c, bufs, n, k);
+    collective_end();
+    return s;
+}
+
+// A host collective over NCCL (the --gpus backend), under the watchdog.
+#define VIA_NCCL(what, call)           \
+    do {                               \
+        collective_begin(what);        \
+        Status s_ = (call);            \
+        collective_end();              \
+        return s_;                     \
+    } while (0)
 
 #ifdef AGPT_WITH_MPI
 static Status mpi_error(int code, const char *what) {
@@ -140,6 +214,7 @@ static Status allreduce_chunks(void *x, size_t n, size_t elem, MPI_Datatype type
 
 Status comm_allreduce_sum_f32(const Comm *c, float *x, size_t n) {
     if (c->backend == COMM_SINGLE || n == 0) return AGPT_OK;
+    if (c->backend == COMM_NCCL) VIA_NCCL("ncclAllReduce", nccl_allreduce_host(c, x, n, NCCL_KIND_F32, NCCL_OP_SUM));
 #ifdef AGPT_WITH_MPI
     return allreduce_chunks(x, n, sizeof *x, MPI_FLOAT);
 #else
@@ -149,6 +224,7 @@ Status comm_allreduce_sum_f32(const Comm *c, float *x, size_t n) {
 
 Status comm_allreduce_sum_f64(const Comm *c, double *x, size_t n) {
     if (c->backend == COMM_SINGLE || n == 0) return AGPT_OK;
+    if (c->backend == COMM_NCCL) VIA_NCCL("ncclAllReduce", nccl_allreduce_host(c, x, n, NCCL_KIND_F64, NCCL_OP_SUM));
 #ifdef AGPT_WITH_MPI
     return allreduce_chunks(x, n, sizeof *x, MPI_DOUBLE);
 #else
@@ -159,6 +235,20 @@ Status comm_allreduce_sum_f64(const Comm *c, double *x, size_t n) {
 Status comm_agree_status(const Comm *c, Status local, int *failed_rank) {
     *failed_rank = local != AGPT_OK ? c->rank : -1;
     if (c->backend == COMM_SINGLE) return local;
+    if (c->backend == COMM_NCCL) {  // the same protocol as MPI's below: MIN of the failing ranks, its code
+        int32_t first = local != AGPT_OK ? c->rank : c->size;
+        collective_begin("ncclAllReduce (status)");
+        Status s = nccl_allreduce_host(c, &first, 1, NCCL_KIND_I32, NCCL_OP_MIN);
+        int32_t code = (int32_t)local;
+        if (s == AGPT_OK && first != c->size) s = nccl_broadcast_host(c, &code, sizeof code, first);
+        collective_end();
+        if (s != AGPT_OK) return s;
+        if (first == c->size) return AGPT_OK;
+        *failed_rank = first;
+        if (first == c->rank) return local;
+        return AGPT_FAIL((Status)code, "rank %d of %d failed (its message is above); this rank stops too", first,
+                         c->size);
+    }
 #ifdef AGPT_WITH_MPI
     // The lowest failing rank: MIN over (rank if failed else size).
     int mine = local != AGPT_OK ? c->rank : c->size, first = c->size;
@@ -182,6 +272,7 @@ Status comm_agree_status(const Comm *c, Status local, int *failed_rank) {
 
 Status comm_broadcast(const Comm *c, void *buf, size_t bytes, int root) {
     if (c->backend == COMM_SINGLE || bytes == 0) return AGPT_OK;
+    if (c->backend == COMM_NCCL) VIA_NCCL("ncclBroadcast", nccl_broadcast_host(c, buf, bytes, root));
 #ifdef AGPT_WITH_MPI
     AGPT_CHECK_ARG(bytes <= (size_t)INT_MAX, "comm_broadcast: %zu bytes is too many for one MPI_Bcast", bytes);
     collective_begin("MPI_Bcast");
@@ -196,6 +287,10 @@ Status comm_broadcast(const Comm *c, void *buf, size_t bytes, int root) {
 
 Status comm_barrier(const Comm *c) {
     if (c->backend == COMM_SINGLE) return AGPT_OK;
+    if (c->backend == COMM_NCCL) {
+        int32_t one = 1;
+        VIA_NCCL("ncclAllReduce (barrier)", nccl_allreduce_host(c, &one, 1, NCCL_KIND_I32, NCCL_OP_SUM));
+    }
 #ifdef AGPT_WITH_MPI
     collective_begin("MPI_Barrier");
     int rc = MPI_Barrier(MPI_COMM_WORLD);
@@ -211,6 +306,7 @@ Status comm_reduce_scatter_sum_f64(const Comm *c, const double *x, double *part,
         if (chunk) memmove(part, x, chunk * sizeof *part);
         return AGPT_OK;
     }
+    if (c->backend == COMM_NCCL) VIA_NCCL("ncclReduceScatter", nccl_reduce_scatter_host_f64(c, x, part, chunk));
 #ifdef AGPT_WITH_MPI
     AGPT_CHECK_ARG(chunk <= (size_t)INT_MAX, "comm_reduce_scatter: %zu elements per rank is too many for MPI", chunk);
     collective_begin("MPI_Reduce_scatter_block");
@@ -227,6 +323,7 @@ Status comm_allgather_f32(const Comm *c, const float *part, float *all, size_t c
         if (chunk) memmove(all, part, chunk * sizeof *all);
         return AGPT_OK;
     }
+    if (c->backend == COMM_NCCL) VIA_NCCL("ncclAllGather", nccl_allgather_host_f32(c, part, all, chunk));
 #ifdef AGPT_WITH_MPI
     AGPT_CHECK_ARG(chunk <= (size_t)INT_MAX, "comm_allgather: %zu elements per rank is too many for MPI", chunk);
     collective_begin("MPI_Allgather");

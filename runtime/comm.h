@@ -6,7 +6,11 @@
 //           Chosen by comm_init when the launcher's environment says there are several ranks
 //           (OMPI_COMM_WORLD_SIZE from mpirun, PMI_SIZE from srun --mpi=pmi2 or MPICH), so a plain run never starts
 //           MPI. Built when CMake finds MPI (AGPT_WITH_MPI).
-// NCCL (device buffers) is not built yet: training runs on the CPU only.
+//   NCCL    device buffers between GPUs (built when CMake finds NCCL: AGPT_WITH_NCCL). Under mpirun, comm_init_device
+//           joins every rank's GPU to one NCCL communicator (rank 0 makes NCCL's unique id, MPI_Bcast carries it);
+//           host collectives stay on MPI. Under `agpt train --gpus N` (tools/launch.c: N processes on this node,
+//           no MPI) the launcher's environment names the rank (AGPT_RANK, AGPT_WORLD_SIZE, AGPT_LOCAL_RANK) and the
+//           id (AGPT_NCCL_ID, hex); comm_init joins at once and host collectives go through a device buffer.
 //
 // Collectives are blocking. A rank that dies makes mpirun end the job (OpenMPI kills the others). A rank that
 // hangs (stopped, a stuck device, a node that stopped answering) would leave the others waiting forever, since MPI
@@ -15,23 +19,35 @@
 // at every point where one rank may fail alone, before the next collective (the trainer does after the
 // micro-steps, the all-reduce and the optimizer step), so that no rank waits for one that has stopped.
 #pragma once
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #include "runtime/status.h"
 
-typedef enum CommBackend { COMM_SINGLE = 0, COMM_MPI = 1 } CommBackend;
+typedef enum CommBackend { COMM_SINGLE = 0, COMM_MPI = 1, COMM_NCCL = 2 } CommBackend;
 
 typedef struct Comm {
     CommBackend backend;
     int rank, size;    // this process, and how many take part
     int local_rank;    // among the processes of this node (the GPU a rank would use)
     double timeout_s;  // a collective that waits longer ends the process (0: wait forever)
+    void *nccl;        // ncclComm_t for device buffers (NULL: none; device data then goes through the host)
+    void *stream;      // cudaStream_t the NCCL collectives run on
 } Comm;
 
-// Single, or MPI when started by an MPI launcher with more than one rank (an error when that is so but agpt was
-// built without MPI).
+// Single; MPI when started by an MPI launcher with more than one rank; NCCL when started by agpt's own launcher
+// (an error when that is so but agpt was built without MPI, or without NCCL).
 Status comm_init(Comm *c);
+// Device collectives for GPU `gpu` (the engine's): under MPI with several ranks and NCCL built, joins the NCCL
+// communicator; a no-op for one rank, without NCCL (device data then goes through the host), or when comm_init
+// already joined (the NCCL backend). comm_device_ready tells whether device collectives exist.
+Status comm_init_device(Comm *c, int gpu);
+bool comm_device_ready(const Comm *c);
+// A new NCCL unique id as 256 hex digits (for agpt train --gpus N to hand its ranks); an error without NCCL.
+Status comm_nccl_id_hex(char hex[257]);
+// bufs[i] [n[i]] f32 on the device: summed over the ranks in place (one NCCL group). Needs comm_device_ready.
+Status comm_allreduce_sum_f32_device(const Comm *c, float *const *bufs, const size_t *n, int k);
 void comm_finalize(Comm *c);
 const char *comm_backend_name(const Comm *c);
 

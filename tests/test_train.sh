@@ -209,6 +209,8 @@ ok grep -q "2 images + 1 defects with masks" "$tmp/log"
 expect_rc 2 "no defect images with masks" "$agpt" train "${sup[@]}" --data "$tmp/mvtec" --supervised --out "$tmp/x"
 expect_rc 2 "go together" "$agpt" train "${sup[@]}" --normal "$tmp/fold/good" --class widget --abnormal "$tmp/fold/bad" \
     --supervised --out "$tmp/x"
+# --gpus N asks for more GPUs than any machine here has: refused before anything starts.
+expect_rc 2 "gpus 256" "$agpt" train "${sup[@]}" --data "$tmp/mvtec" --gpus 256 --out "$tmp/x"
 # A resume with the defects left out is refused (other options).
 expect_rc 1 "defects" "$agpt" train "${sup[@]}" --data "$tmp/tree/mvtec" --classes bottle --resume "$tmp/sup1"
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # agpt train --device cuda against --device cpu on the small model tests/make_test_model.c assembles: the same
 # 4 updates (the step on the GPU in f32 without TF32, AdamW on the host) give the CPU's losses and delta within
-# f32 noise; killed and resumed on the GPU it ends with the bytes of its uninterrupted run. Skipped without a GPU.
+# f32 noise; killed and resumed on the GPU it ends with the bytes of its uninterrupted run; --gpus 1 (the launcher,
+# NCCL with one rank) gives the plain CUDA run's bytes, and --gpus 2 where two GPUs exist the 1-GPU result.
+# Skipped without a GPU.
 # Without a GPU, --device cuda must fail with a clear message (checked here too, then skipped).
 # Usage: tests/test_train_cuda.sh path/to/agpt tests/data shared/data path/to/make_test_model
 set -u
@@ -58,5 +60,14 @@ kill -9 $pid 2>/dev/null
 wait $pid 2>/dev/null
 "$agpt" train "${common[@]}" --device cuda --resume "$tmp/killed" >"$tmp/resume.log" 2>&1 || { echo "FAIL resume"; cat "$tmp/resume.log"; }
 ok cmp -s "$tmp/gpu/delta.safetensors" "$tmp/killed/delta.safetensors"
+# agpt train --gpus 1: the launcher, one rank, NCCL's all-reduce over one GPU: the plain CUDA run's bytes.
+"$agpt" train "${common[@]}" --gpus 1 --out "$tmp/gpus1" >"$tmp/gpus1.log" 2>&1 || { echo "FAIL --gpus 1"; cat "$tmp/gpus1.log"; }
+ok grep -q "x 1 rank (NCCL)" "$tmp/gpus1.log"
+ok cmp -s "$tmp/gpu/delta.safetensors" "$tmp/gpus1/delta.safetensors"
+# Two ranks on one GPU where only one exists is refused; where two exist they run (and equal accum 4 on one).
+if "$agpt" info | grep -q "^cuda:1 "; then
+    "$agpt" train "${common[@]}" --gpus 2 --accum 1 --out "$tmp/gpus2" >"$tmp/gpus2.log" 2>&1 || { echo "FAIL --gpus 2"; cat "$tmp/gpus2.log"; }
+    ok python3 "$(dirname "$0")/compare_safetensors.py" "$tmp/gpu/delta.safetensors" "$tmp/gpus2/delta.safetensors" 1e-5
+fi
 echo "$passed passed, $failed failed"
 [ $failed -eq 0 ]

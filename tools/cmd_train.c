@@ -14,9 +14,11 @@
 
 #include "model/anomalygpt_train.h"
 #include "runtime/comm.h"
+#include "runtime/memory.h"
 #include "runtime/timer.h"
 #include "tools/cli.h"
 #include "tools/inspect_io.h"
+#include "tools/launch.h"
 #include "train/anomaly_data.h"
 #include "train/dataset.h"
 #include "train/metrics.h"
@@ -81,7 +83,9 @@ static void usage(FILE *f) {
             "  --memory-budget-gb G refuse to start when the planned peak is larger\n"
             "  --zero 0|1       under mpirun: 1 shards AdamW's moments over the ranks (ZeRO-1: each rank keeps and\n"
             "                   steps 1/N of them; the same result as 0, the default, within 1e-6)\n"
-            "  --comm-timeout S under mpirun: a collective that waits S seconds for the other ranks ends the job with\n"
+            "  --gpus N         N processes on this node, one per GPU (implies --device cuda), gradients summed by\n"
+            "                   NCCL: N times the batch of one process; no MPI needed (unverified on a GPU)\n"
+            "  --comm-timeout S under mpirun or --gpus: a collective that waits S seconds for the other ranks ends the job with\n"
             "                   a message naming it (600; 0: wait forever)\n"
             "  --device cpu|cuda, --threads N   cuda: the step on the GPU (under mpirun, GPU = the rank's place on its\n"
             "                   node), AdamW on the host as the reference's optimizer offload; f32 only. Unverified on\n"
@@ -96,7 +100,7 @@ typedef struct TrainOptions {
     long long steps, epochs, accum, warmup, seed, ckpt_every, loader_threads, val_every, val_images;
     double lr, vision_lr_scale, fewshot_p, budget_gb;
     bool resume, no_reference_rotations, supervised;
-    long long reference_shifts, zero;
+    long long reference_shifts, zero, gpus;
     double comm_timeout;
     Device device;
     DType dtype;
@@ -407,6 +411,7 @@ static int parse(int argc, char **argv, TrainOptions *o) {
         else if (!strcmp(a, "--no-reference-rotations")) o->no_reference_rotations = true;
         else if (!strcmp(a, "--memory-budget-gb")) DBL(0.001, 1e6, &o->budget_gb);
         else if (!strcmp(a, "--zero")) INT(0, 1, &o->zero);
+        else if (!strcmp(a, "--gpus")) INT(1, 256, &o->gpus);
         else if (!strcmp(a, "--comm-timeout")) DBL(0, 1e7, &o->comm_timeout);
         else {
             fprintf(stderr, "agpt train: unknown option '%s' (agpt train --help)\n", a);
@@ -457,11 +462,42 @@ static int report_and_finalize(Comm *comm, Status s) {
     return rc;
 }
 
+// agpt train --gpus N: this process starts the N ranks (the same command line; they see AGPT_WORLD_SIZE) and
+// waits for them.
+static int launch_gpus(const TrainOptions *o, int argc, char **argv) {
+    int visible = cuda_device_count();
+    if (!cuda_compiled() || visible < o->gpus) {
+        fprintf(stderr, "agpt train: --gpus %lld: %s\n", o->gpus,
+                !cuda_compiled() ? "this agpt was built without CUDA" : visible == 0 ? "no GPU is visible" : "");
+        if (cuda_compiled() && visible > 0)
+            fprintf(stderr, "agpt train: --gpus %lld asks for more GPUs than the %d visible\n", o->gpus, visible);
+        return 2;
+    }
+    char id[257];
+    Status s = comm_nccl_id_hex(id);
+    if (s != AGPT_OK) {
+        cli_report("train", s);
+        return 2;
+    }
+    // The ranks run "agpt train" with this command's options (agpt's own options before "train" are not passed).
+    char **child = calloc((size_t)argc + 2, sizeof *child);
+    if (!child) return cli_report("train", AGPT_FAIL(AGPT_ERR_OOM, "no memory"));
+    child[0] = "agpt";
+    for (int i = 0; i < argc; i++) child[i + 1] = argv[i];
+    int rc = launch_local("/proc/self/exe", child, (int)o->gpus, id, 10.0);
+    free(child);
+    return rc;
+}
+
 int cmd_train(int argc, char **argv) {
     const char *cmd = "train";
     TrainOptions o;
     int rc = parse(argc, argv, &o);
     if (rc >= 0) return rc;
+    if (o.gpus > 0) {
+        o.device = DEV_CUDA;
+        if (!getenv("AGPT_WORLD_SIZE")) return launch_gpus(&o, argc, argv);
+    }
     bool t_decoder, t_prompt, t_proj, t_lora, t_head, t_vision;
     parts_ok(o.train, &t_decoder, &t_prompt, &t_proj, &t_lora, &t_head, &t_vision);
     Device dev = o.device;
@@ -507,6 +543,12 @@ int cmd_train(int argc, char **argv) {
     // One GPU per rank: the rank's place on its node picks it (mpirun -np N with N GPUs per node).
     if ((s = engine_create(&eng, dev, dev == DEV_CUDA ? comm.local_rank : 0, threads, (uint64_t)o.seed))) {
         set_free(&set);
+        return report_and_finalize(&comm, s);
+    }
+    // GPUs under mpirun: their gradients summed by NCCL on the devices (where NCCL is built).
+    if (dev == DEV_CUDA && (s = comm_init_device(&comm, comm.local_rank)) != AGPT_OK) {
+        set_free(&set);
+        engine_destroy(&eng);
         return report_and_finalize(&comm, s);
     }
     AnomalyTrainModel model;

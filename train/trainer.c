@@ -212,9 +212,11 @@ static Status clip_scale(const TrainerConfig *c, double norm, int64_t update, fl
     return AGPT_OK;
 }
 
+// reduced: u->acc already holds the sums over the ranks (the GPUs' all-reduce); else this rank's sums.
 static Status update_plain(Engine *e, const TrainerConfig *c, const Comm *comm, TrainParam *p, int n, Moments *mo,
-                           const Layout *L, UpdateBuffers *u, int micro, int64_t update, double lr, double *norm) {
-    AGPT_TRY(comm_allreduce_sum_f64(comm, u->acc, (size_t)L->total));
+                           const Layout *L, UpdateBuffers *u, bool reduced, int micro, int64_t update, double lr,
+                           double *norm) {
+    if (!reduced) AGPT_TRY(comm_allreduce_sum_f64(comm, u->acc, (size_t)L->total));
     for (int i = 0; i < n; i++) {  // the mean gradient, rounded to f32 once
         float *g = p[i].grad.data;
         const double *a = u->acc + L->offset[i];
@@ -238,8 +240,10 @@ static Status update_plain(Engine *e, const TrainerConfig *c, const Comm *comm, 
 }
 
 static Status update_zero1(Engine *e, const TrainerConfig *c, const Comm *comm, TrainParam *p, int n, Moments *mo,
-                           const Layout *L, UpdateBuffers *u, int micro, int64_t update, double lr, double *norm) {
-    AGPT_TRY(comm_reduce_scatter_sum_f64(comm, u->acc, u->part, (size_t)L->chunk));
+                           const Layout *L, UpdateBuffers *u, bool reduced, int micro, int64_t update, double lr,
+                           double *norm) {
+    if (reduced) memcpy(u->part, u->acc + L->lo, (size_t)L->chunk * sizeof *u->part);
+    else AGPT_TRY(comm_reduce_scatter_sum_f64(comm, u->acc, u->part, (size_t)L->chunk));
     double total = 0, ss = 0;
     for (int i = 0; i < n; i++) {  // this shard's mean gradient and its sum of squares
         int64_t a, b;
@@ -295,6 +299,13 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *dp, int n, Tra
     TrainParam *p = on_device ? mirror.host : dp;
     Engine *oe = on_device ? &mirror.cpu : e;
     if (s == AGPT_OK) s = moments_alloc(&mo, &L, p, n, c->zero);
+    // GPU gradients summed over the ranks by NCCL on the devices (else through the host's collectives).
+    const bool device_reduce = on_device && dp[0].param.device == DEV_CUDA && comm_device_ready(comm);
+    float **dev_grads = calloc((size_t)n, sizeof *dev_grads);
+    size_t *dev_counts = calloc((size_t)n, sizeof *dev_counts);
+    if (s == AGPT_OK && (!dev_grads || !dev_counts)) s = AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory");
+    for (int i = 0; s == AGPT_OK && i < n; i++)
+        dev_grads[i] = dp[i].grad.data, dev_counts[i] = (size_t)tensor_numel(&dp[i].grad);
     const size_t padded = (size_t)(L.chunk * comm->size);
     if (s == AGPT_OK && !(u.acc = calloc(padded ? padded : 1, sizeof *u.acc)))
         s = AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory for the gradient sums (%zu doubles)", padded);
@@ -349,7 +360,13 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *dp, int n, Tra
             next_epoch = pos + 1 < epoch_len ? epoch : epoch + 1;
             next_pos = pos + 1 < epoch_len ? pos + 1 : 0;
         }
-        for (int i = 0; i < n && s == AGPT_OK && on_device; i++) {  // the device's sums, once per update
+        // With NCCL the GPUs sum their gradients over the ranks first (once every rank is known to be fine); then
+        // the sums come to the host, once per update.
+        if (device_reduce) {
+            if ((s = comm_agree_status(comm, s, &failed_rank)) != AGPT_OK) break;
+            s = comm_allreduce_sum_f32_device(comm, dev_grads, dev_counts, n);
+        }
+        for (int i = 0; i < n && s == AGPT_OK && on_device; i++) {
             s = tensor_copy(&p[i].grad, &dp[i].grad);
             const float *g = p[i].grad.data;
             double *acc = u.acc + L.offset[i];
@@ -365,7 +382,8 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *dp, int n, Tra
         const int micro = c->accum * comm->size * (c->micro_per_sample > 1 ? c->micro_per_sample : 1);
         double lr = schedule_lr_at_update(&c->schedule, updates + 1), norm = 0;
         if (s == AGPT_OK)
-            s = (c->zero ? update_zero1 : update_plain)(oe, c, comm, p, n, &mo, &L, &u, micro, updates + 1, lr, &norm);
+            s = (c->zero ? update_zero1 : update_plain)(oe, c, comm, p, n, &mo, &L, &u, device_reduce, micro,
+                                                        updates + 1, lr, &norm);
         if (s == AGPT_OK && on_device) s = mirror_push(&mirror, dp, n);
         // A failure in the update is agreed on too: a rank that broke out alone would leave the others waiting
         // for it in the next update's collective.
@@ -401,5 +419,6 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *dp, int n, Tra
     if (on_device) mirror_close(&mirror);
     free(L.offset);
     free(u.acc), free(u.part), free(u.send), free(u.all);
+    free(dev_grads), free(dev_counts);
     return s;
 }
