@@ -162,6 +162,7 @@ Status fewshot_refs_build(Engine *e, const Tensor ref_taps[VISION_TAPS], FewShot
                            ref_taps[i].device == e->device, "fewshot_refs_build: reference tap %d differs from tap 0", i);
     int k = (int)t0->shape[0], T = (int)t0->shape[1], C = (int)t0->shape[2], N = T - 1;
     out->k = k;
+    out->capacity_rows = (int64_t)k * N;
     for (int i = 0; i < VISION_TAPS; i++) {
         Tensor *p = &out->patches[i];
         *p = tensor_2d(NULL, t0->dtype, e->device, (int64_t)k * N, C);
@@ -192,33 +193,47 @@ void fewshot_refs_free(FewShotRefs *r) {
 
 Status fewshot_refs_append(Engine *e, const Tensor more_taps[VISION_TAPS], FewShotRefs *refs) {
     if (refs->k == 0) return fewshot_refs_build(e, more_taps, refs);
-    FewShotRefs more, both = {0};
+    FewShotRefs more;
     AGPT_TRY(fewshot_refs_build(e, more_taps, &more));
+    const int64_t rows = refs->patches[0].shape[0], added = more.patches[0].shape[0], need = rows + added;
+    const int added_k = more.k;
+    const bool grow = need > refs->capacity_rows;
+    const int64_t capacity = grow ? (need > 2 * refs->capacity_rows ? need : 2 * refs->capacity_rows) : refs->capacity_rows;
     Status s = AGPT_OK;
     for (int i = 0; i < VISION_TAPS && s == AGPT_OK; i++) {
-        const Tensor *a = &refs->patches[i], *b = &more.patches[i];
-        if (a->shape[1] != b->shape[1] || a->dtype != b->dtype) {
+        const Tensor *b = &more.patches[i];
+        Tensor *a = &refs->patches[i];
+        if (a->shape[1] != b->shape[1] || a->dtype != b->dtype)
             s = AGPT_FAIL(AGPT_ERR_ARG, "fewshot_refs_append: tap %d has %lld channels, the references %lld", i,
                           (long long)b->shape[1], (long long)a->shape[1]);
-            break;
-        }
-        Tensor *p = &both.patches[i];
-        *p = tensor_2d(NULL, a->dtype, e->device, a->shape[0] + b->shape[0], a->shape[1]);
-        s = e->device == DEV_CUDA ? mem_device_alloc(tensor_nbytes(p), &p->data) : mem_host_alloc(tensor_nbytes(p), &p->data);
-        if (s == AGPT_OK) {  // rows already normalised: copied as they are
-            Tensor head = tensor_rows_view(p, 0, a->shape[0]), tail = tensor_rows_view(p, a->shape[0], b->shape[0]);
-            s = tensor_copy(&head, a);
-            if (s == AGPT_OK) s = tensor_copy(&tail, b);
-        }
     }
-    both.k = refs->k + more.k;
+    for (int i = 0; i < VISION_TAPS && s == AGPT_OK; i++) {
+        Tensor *a = &refs->patches[i];
+        if (grow) {  // a larger storage, the rows so far copied over (already normalised: as they are)
+            Tensor bigger = tensor_2d(NULL, a->dtype, e->device, capacity, a->shape[1]);
+            s = e->device == DEV_CUDA ? mem_device_alloc(tensor_nbytes(&bigger), &bigger.data)
+                                      : mem_host_alloc(tensor_nbytes(&bigger), &bigger.data);
+            if (s != AGPT_OK) break;
+            Tensor head = tensor_rows_view(&bigger, 0, rows);
+            s = tensor_copy(&head, a);
+            if (a->device == DEV_CUDA) mem_device_free(a->data);
+            else mem_host_free(a->data);
+            a->data = bigger.data;
+            if (s != AGPT_OK) break;
+        }
+        a->shape[0] = capacity;  // the whole storage, to view the new rows' place in it
+        Tensor tail = tensor_rows_view(a, rows, added);
+        s = tensor_copy(&tail, &more.patches[i]);
+        a->shape[0] = rows;
+    }
     fewshot_refs_free(&more);
-    if (s != AGPT_OK) {
-        fewshot_refs_free(&both);
+    if (s != AGPT_OK) {  // the tensors may be half grown: gone, rather than half right
+        fewshot_refs_free(refs);
         return s;
     }
-    fewshot_refs_free(refs);
-    *refs = both;
+    for (int i = 0; i < VISION_TAPS; i++) refs->patches[i].shape[0] = need;
+    refs->capacity_rows = capacity;
+    refs->k += added_k;
     return AGPT_OK;
 }
 

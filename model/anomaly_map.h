@@ -41,12 +41,14 @@ Status anomaly_map_text(Engine *e, const PatchDecoder *d, Arena *arena, const Te
 typedef struct FewShotRefs {
     int k;                         // reference images
     Tensor patches[VISION_TAPS];   // [k*N, C], rows normalised (eps 1e-8, as F.cosine_similarity)
+    int64_t capacity_rows;         // rows each patches[i]'s storage holds (>= k*N): appends fill it, then double it
 } FewShotRefs;
 
 // ref_taps[i] [k,T,C] from vision_forward on the k reference images.
 Status fewshot_refs_build(Engine *e, const Tensor ref_taps[VISION_TAPS], FewShotRefs *out);
 void fewshot_refs_free(FewShotRefs *r);
 // Adds the k2 images of more_taps[i] [k2,T,C] to refs (built or empty): the references of several encoder batches.
+// The storage grows by doubling, so n appends copy O(total) rows, not O(n * total).
 Status fewshot_refs_append(Engine *e, const Tensor more_taps[VISION_TAPS], FewShotRefs *refs);
 // query taps[i] [B,T,C] -> map [B,S,S] = 1 - upsample(mean_i max_r cos).
 Status anomaly_map_fewshot(Engine *e, const FewShotRefs *refs, Arena *arena, const Tensor taps[VISION_TAPS],

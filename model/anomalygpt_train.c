@@ -272,26 +272,8 @@ static Status upload_image(const Tensor *batch, int b, const float *host, int S)
     return tensor_copy(&dst, &src);
 }
 
-// The reference turned by k quarter turns, as torch.rot90(x, k, dims=(1, 2)) on [3,S,S]: out[c][i][j] =
-// x[c][j][S-1-i] for k = 1. (The training's kornia rotation of a square image by 90-degree steps is this up to
-// float error; the few-shot map takes a max over all four turns, so the direction does not matter.)
-static void rotate_quarter(const float *x, float *out, int S, int k) {
-    for (int c = 0; c < 3; c++) {
-        const float *src = x + (size_t)c * S * S;
-        float *dst = out + (size_t)c * S * S;
-        for (int i = 0; i < S; i++)
-            for (int j = 0; j < S; j++) {
-                int si = i, sj = j;  // out[i][j] = src[r(i,j)]
-                switch (k & 3) {
-                case 0: break;
-                case 1: si = j, sj = S - 1 - i; break;
-                case 2: si = S - 1 - i, sj = S - 1 - j; break;
-                default: si = S - 1 - j, sj = i; break;
-                }
-                dst[(size_t)i * S + j] = src[(size_t)si * S + sj];
-            }
-    }
-}
+// (The training's kornia rotation of a square image by 90-degree steps is preprocess_rotate_chw up to float
+// error; the few-shot map takes a max over all four turns, so the direction does not matter.)
 
 // The patch features of a reference's views: each of its N x N shifts (opt.reference_shifts N; as
 // VisionModel's views: down by v / N, right by v % N steps of P / N), turned 0/90/180/270 degrees unless
@@ -317,7 +299,7 @@ static Status encode_reference_views(AnomalyTrainModel *m, int S, int T, const f
                 preprocess_reference_view(reference, S, P, shifts, v, moved);
                 view = moved;
             }
-            rotate_quarter(view, batch + j * plane, S, k);
+            preprocess_rotate_chw(view, S, k, batch + j * plane);
         }
         Tensor images = tensor_4d(vm->images.data, DT_F32, e->device, count, 3, S, S);
         Tensor src = tensor_4d(batch, DT_F32, DEV_CPU, count, 3, S, S);

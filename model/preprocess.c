@@ -360,3 +360,19 @@ void preprocess_shift_chw(const float *src, int size, int dy, int dx, float *out
             }
         }
 }
+
+void preprocess_rotate_chw(const float *src, int size, int quarters, float *out_chw) {
+    const int S = size, k = ((quarters % 4) + 4) % 4;
+    for (int c = 0; c < 3; c++) {
+        const float *x = src + (size_t)c * S * S;
+        float *dst = out_chw + (size_t)c * S * S;
+        for (int i = 0; i < S; i++)
+            for (int j = 0; j < S; j++) {
+                int si = i, sj = j;  // dst[i][j] = x[si][sj]
+                if (k == 1) si = j, sj = S - 1 - i;
+                else if (k == 2) si = S - 1 - i, sj = S - 1 - j;
+                else if (k == 3) si = S - 1 - j, sj = i;
+                dst[(size_t)i * S + j] = x[(size_t)si * S + sj];
+            }
+    }
+}

@@ -81,5 +81,9 @@ void preprocess_shift_chw(const float *src, int size, int dy, int dx, float *out
 // View v (0 <= v < shifts^2) of a reference: moved down by v / shifts and right by v % shifts steps of
 // patch / shifts pixels (view 0 is the image itself). The views of --reference-shifts, at inference and in training.
 void preprocess_reference_view(const float *src, int size, int patch, int shifts, int view, float *out_chw);
+// A [3,size,size] image turned by `quarters` quarter turns (any integer; mod 4), as torch.rot90(x, quarters,
+// dims=(1, 2)): for one quarter out[c][i][j] = src[c][j][size-1-i]. The few-shot references' turned views, at
+// inference (--rotate-references) and in training. src and out must not overlap.
+void preprocess_rotate_chw(const float *src, int size, int quarters, float *out_chw);
 
 const char *preprocess_mode_name(PreprocessMode mode);

@@ -238,13 +238,6 @@ Status vision_model_class_features(VisionModel *m, const char *name, const Tenso
     return AGPT_OK;
 }
 
-// A square CHW image turned a quarter counterclockwise (torch.rot90 with k = 1 over (H, W)).
-static void rot90_chw(const float *src, float *dst, int S) {
-    for (int c = 0; c < 3; c++)
-        for (int y = 0; y < S; y++)
-            for (int x = 0; x < S; x++) dst[((size_t)c * S + y) * S + x] = src[((size_t)c * S + x) * S + (S - 1 - y)];
-}
-
 // The variants of n images: variant i is images[i % n] moved by view v = i / (n * turns), (v / N, v % N) x
 // patch / N pixels down and right (N = shifts), then turned (i / n) % turns quarters; i < n * turns * N * N.
 // Preprocesses variants [first, first + count) into m->images rows [0, count).
@@ -271,8 +264,8 @@ static Status upload_variants(VisionModel *m, const Image *images, int n, int tu
             float *swap = chw;
             chw = turned, turned = swap;
         }
-        for (int t = 0; t < (i / n) % turns; t++) {  // a quarter turn at a time: at most three, on 224x224
-            rot90_chw(chw, turned, S);
+        if ((i / n) % turns) {
+            preprocess_rotate_chw(chw, S, (i / n) % turns, turned);
             float *swap = chw;
             chw = turned, turned = swap;
         }

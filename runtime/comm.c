@@ -146,8 +146,16 @@ const char *comm_backend_name(const Comm *c) {
     return c->backend == COMM_NCCL ? "NCCL" : c->backend == COMM_MPI ? (c->nccl ? "MPI + NCCL" : "MPI") : "single";
 }
 
-Status comm_init_device(Comm *c, int gpu) {
-    if (c->nccl || c->size == 1 || c->backend != COMM_MPI) return AGPT_OK;
+Status comm_init_device(Comm *c, int gpu, bool even_alone) {
+    if (c->nccl) return AGPT_OK;
+#ifdef AGPT_WITH_NCCL
+    if (c->backend == COMM_SINGLE && even_alone) {
+        uint8_t id[128];
+        AGPT_TRY(nccl_new_id(id));
+        return nccl_join(c, gpu, id);
+    }
+#endif
+    if (c->size == 1 || c->backend != COMM_MPI) return AGPT_OK;
 #if defined(AGPT_WITH_NCCL) && defined(AGPT_WITH_MPI)
     uint8_t id[128] = {0};
     Status s = c->rank == 0 ? nccl_new_id(id) : AGPT_OK;
@@ -159,7 +167,7 @@ Status comm_init_device(Comm *c, int gpu) {
     collective_end();
     return comm_agree_status(c, s, &failed);
 #else
-    (void)gpu;
+    (void)gpu, (void)even_alone;
     return AGPT_OK;
 #endif
 }

@@ -40,9 +40,10 @@ typedef struct Comm {
 // (an error when that is so but agpt was built without MPI, or without NCCL).
 Status comm_init(Comm *c);
 // Device collectives for GPU `gpu` (the engine's): under MPI with several ranks and NCCL built, joins the NCCL
-// communicator; a no-op for one rank, without NCCL (device data then goes through the host), or when comm_init
-// already joined (the NCCL backend). comm_device_ready tells whether device collectives exist.
-Status comm_init_device(Comm *c, int gpu);
+// communicator; a no-op for one rank (unless even_alone: a one-rank NCCL communicator, for benchmarks and
+// checks), without NCCL (device data then goes through the host), or when comm_init already joined (the NCCL
+// backend). comm_device_ready tells whether device collectives exist.
+Status comm_init_device(Comm *c, int gpu, bool even_alone);
 bool comm_device_ready(const Comm *c);
 // A new NCCL unique id as 256 hex digits (for agpt train --gpus N to hand its ranks); an error without NCCL.
 Status comm_nccl_id_hex(char hex[257]);

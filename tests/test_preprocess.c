@@ -436,6 +436,32 @@ static void check_properties(void) {
     free(src);
 }
 
+// preprocess_rotate_chw against torch.rot90(x, k, dims=(1, 2)) on a 3x3 image (its outputs written out), k mod 4,
+// and two quarter turns composing to a half turn on a 224x224 image.
+static void check_rotations(void) {
+    float x[27], out[27];
+    for (int i = 0; i < 27; i++) x[i] = (float)i;
+    static const float want[4][9] = {{0, 1, 2, 3, 4, 5, 6, 7, 8}, {2, 5, 8, 1, 4, 7, 0, 3, 6},
+                                     {8, 7, 6, 5, 4, 3, 2, 1, 0}, {6, 3, 0, 7, 4, 1, 8, 5, 2}};
+    const int ks[6] = {0, 1, 2, 3, 4, -1}, rows[6] = {0, 1, 2, 3, 0, 3};
+    for (int t = 0; t < 6; t++) {
+        preprocess_rotate_chw(x, 3, ks[t], out);
+        int ok = 1;
+        for (int c = 0; c < 3; c++)
+            for (int i = 0; i < 9; i++) ok &= out[c * 9 + i] == want[rows[t]][i] + 9 * c;
+        CHECK(ok, "rot90 by %d quarters on 3x3 is torch.rot90's", ks[t]);
+    }
+    const int S = 224;
+    float *a = malloc(sizeof(float) * 3 * S * S * 3), *b = a + 3 * S * S, *c = b + 3 * S * S;
+    if (!a) return;
+    for (int i = 0; i < 3 * S * S; i++) a[i] = (float)((i * 7919) % 1000);
+    preprocess_rotate_chw(a, S, 1, b);
+    preprocess_rotate_chw(b, S, 1, c);
+    preprocess_rotate_chw(a, S, 2, b);
+    CHECK(!memcmp(b, c, sizeof(float) * 3 * S * S), "two quarter turns are a half turn");
+    free(a);
+}
+
 int main(int argc, char **argv) {
     snprintf(g_data, sizeof g_data, "%s", argc > 1 ? argv[1] : AGPT_TEST_DATA "/preprocess");
     snprintf(g_shared, sizeof g_shared, "%s/images", AGPT_SHARED_DATA);
@@ -470,6 +496,7 @@ int main(int argc, char **argv) {
     fclose(mf);
     CHECK(lines > 0, "%s has no cases", manifest);
     check_properties();
+    check_rotations();
 
     printf("all golden bytes: %lld compared, %lld equal, %lld off by 1, %lld worse, max %d\n",
            (long long)g_total.n, (long long)g_total.equal, (long long)g_total.off_by_one, (long long)g_total.worse,

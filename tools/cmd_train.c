@@ -546,7 +546,7 @@ int cmd_train(int argc, char **argv) {
         return report_and_finalize(&comm, s);
     }
     // GPUs under mpirun: their gradients summed by NCCL on the devices (where NCCL is built).
-    if (dev == DEV_CUDA && (s = comm_init_device(&comm, comm.local_rank)) != AGPT_OK) {
+    if (dev == DEV_CUDA && (s = comm_init_device(&comm, comm.local_rank, false)) != AGPT_OK) {
         set_free(&set);
         engine_destroy(&eng);
         return report_and_finalize(&comm, s);

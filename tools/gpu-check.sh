@@ -128,6 +128,14 @@ else
     echo "skipped: no llama-tokenizer.model (tools/gpu-prepare.sh copies it into .gpu-deps; the prompt needs real ids)"
 fi
 
+step "agpt bench comm: NCCL all-reduce of device buffers (one rank: NCCL's copy rate) and bench train on CUDA"
+timeout 60 build-gpu/agpt bench comm --device cuda --max-mb 256 2>&1 | tee "$out/agpt-comm-nccl.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if [ -f build-gpu/train-model/model.safetensors ] && [ -n "$tok" ]; then
+    timeout 60 build-gpu/agpt bench train --device cuda --model build-gpu/train-model/model.safetensors \
+        --tokenizer "$tok" --iters 10 --json "$out/agpt-train-cuda.json" 2>&1 | tee "$out/agpt-train-cuda.txt"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
 fi  # benches
 step "ratios (speedup > 1: agpt faster)"
