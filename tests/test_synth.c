@@ -502,6 +502,121 @@ static void test_defect_items(void) {
     rmdir(dir);
 }
 
+// DRAEM's Perlin anomalies: the noise against tests/data/perlin.safetensors (tests/reference/make_perlin.py, numpy);
+// synth_perlin replayed from a tape (no turn: the mask is the noise > 0.5 of the taped angles, the blend beta) and
+// live (the blend stays between the two images, outside the mask nothing moves, the regions are the mask's).
+static void test_perlin(const char *dir) {
+    char path[1024];
+    snprintf(path, sizeof path, "%s/perlin.safetensors", dir);
+    SafeTensors *g = NULL;
+    if (st_open(path, &g) != AGPT_OK) {
+        CHECK(0, "cannot open %s: %s", path, agpt_last_error());
+        return;
+    }
+    for (int c = 0; c < 5; c++) {
+        char name[64];
+        Tensor tr, ta, tn;
+        snprintf(name, sizeof name, "case%d.res", c);
+        Status s = st_get(g, name, &tr);
+        snprintf(name, sizeof name, "case%d.angles", c);
+        if (s == AGPT_OK) s = st_get(g, name, &ta);
+        snprintf(name, sizeof name, "case%d.noise", c);
+        if (s == AGPT_OK) s = st_get(g, name, &tn);
+        CHECK_OK(s);
+        if (s != AGPT_OK) continue;
+        float res[2];
+        memcpy(res, tr.data, sizeof res);
+        int h = (int)tn.shape[0], w = (int)tn.shape[1], ry = (int)res[0], rx = (int)res[1];
+        int na = (int)tensor_numel(&ta);
+        double *angles = malloc(sizeof(double) * na), *noise = malloc(sizeof(double) * h * w);
+        float *want = malloc(sizeof(float) * h * w);
+        memcpy(want, tn.data, sizeof(float) * h * w);
+        for (int i = 0; i < na; i++) {
+            float a;
+            memcpy(&a, (const char *)ta.data + 4 * i, 4);
+            angles[i] = a;
+        }
+        CHECK_OK(synth_perlin_noise(h, w, ry, rx, angles, noise));
+        double worst = 0;
+        for (int i = 0; i < h * w; i++) worst = fmax(worst, fabs(noise[i] - want[i]));
+        CHECK(worst < 1e-6, "perlin %dx%d, %dx%d cells: max |diff| %.2g against DRAEM's rand_perlin_2d_np", h, w, ry, rx,
+              worst);
+        free(angles), free(noise), free(want);
+    }
+    st_close(g);
+    CHECK_ERR(synth_perlin_noise(64, 64, 3, 4, (double[20]){0}, (double[64 * 64]){0}));  // 64 % 3
+
+    // Replayed: cells 2^1 x 2^2, 15 angles, no turn, beta 0.25, on 32 x 32 images.
+    enum { H = 32 };
+    static uint8_t dest[H * H * 3], src[H * H * 3];
+    for (int i = 0; i < H * H * 3; i++) dest[i] = (uint8_t)(40 + i % 7), src[i] = (uint8_t)(200 - i % 5);
+    int32_t kind[20];
+    double value[20];
+    kind[0] = kind[1] = SYNTH_DRAW_RANDINT, value[0] = 1, value[1] = 2;
+    double angles[15];
+    for (int k = 0; k < 15; k++) kind[2 + k] = SYNTH_DRAW_UNIFORM, value[2 + k] = 0.07 * k, angles[k] = 2 * 3.14159265358979323846 * 0.07 * k;
+    kind[17] = SYNTH_DRAW_UNIFORM, value[17] = 0;     // the turn, degrees
+    kind[18] = SYNTH_DRAW_UNIFORM, value[18] = 0.25;  // beta
+    SynthDraws tape = {.tape_kind = kind, .tape_value = value, .tape_len = 19};
+    SynthSample out;
+    CHECK_OK(synth_sample_alloc(H, H, &out));
+    CHECK_OK(synth_perlin(dest, src, &tape, &out));
+    double noise[H * H];
+    CHECK_OK(synth_perlin_noise(H, H, 2, 4, angles, noise));
+    int same = tape.pos == 19, on = 0;
+    for (int i = 0; i < H * H; i++) {
+        on += out.mask[i];
+        same &= out.mask[i] == (noise[i] > 0.5) && out.label[i] == out.mask[i];
+        for (int c = 0; c < 3 && same; c++) {
+            double v = out.mask[i] ? 0.75 * src[i * 3 + c] + 0.25 * dest[i * 3 + c] : dest[i * 3 + c];
+            same &= fabs(out.image[i * 3 + c] - v) <= 0.5;
+        }
+    }
+    CHECK(same && on > 0 && out.n_patches >= 1, "taped Perlin draws: mask = noise > 0.5 (%d pixels, %d regions), "
+          "image = 0.75 src + 0.25 dest inside, dest outside", on, out.n_patches);
+    synth_sample_free(&out);
+
+    // Live, through synth_patch_ex with {"perlin": true}, on 224 x 224: the sample depends on the seed alone.
+    SynthParams p;
+    int known;
+    CHECK_OK(synth_params_for_class("widget", &p, &known));
+    CHECK_OK(synth_params_from_json("{\"perlin\": true}", &p));
+    CHECK(p.perlin == 1, "the perlin key");
+    CHECK_ERR(synth_params_from_json("{\"perlin\": 1}", &p));
+    enum { S = 224 };
+    uint8_t *a = malloc(S * S * 3), *b = malloc(S * S * 3);
+    for (int i = 0; i < S * S * 3; i++) a[i] = (uint8_t)(i * 13 % 256), b[i] = (uint8_t)(i * 7 % 256);
+    SynthSample x, y;
+    CHECK_OK(synth_sample_alloc(S, S, &x));
+    CHECK_OK(synth_sample_alloc(S, S, &y));
+    int with_regions = 0, bounded = 1;
+    for (uint64_t seed = 1; seed <= 6; seed++) {
+        Rng r1, r2;
+        SynthDraws d1, d2;
+        synth_draws_for_sample(seed, 3, &r1, &d1);
+        synth_draws_for_sample(seed, 3, &r2, &d2);
+        CHECK_OK(synth_patch_ex(a, b, &p, &d1, &x));
+        CHECK_OK(synth_patch_ex(a, b, &p, &d2, &y));
+        CHECK(!memcmp(x.image, y.image, S * S * 3) && !memcmp(x.mask, y.mask, S * S), "seed %d: repeatable", (int)seed);
+        with_regions += x.n_patches > 0;
+        for (int i = 0; i < S * S; i++)
+            for (int c = 0; c < 3; c++) {
+                int v = x.image[i * 3 + c], lo = a[i * 3 + c] < b[i * 3 + c] ? a[i * 3 + c] : b[i * 3 + c];
+                int hi = a[i * 3 + c] + b[i * 3 + c] - lo;
+                bounded &= x.mask[i] ? v >= lo && v <= hi : v == a[i * 3 + c];
+            }
+        double cen[TRAIN_MAX_REGIONS][2];
+        int n = anomaly_mask_regions(x.mask, S, cen, TRAIN_MAX_REGIONS);
+        CHECK((n < SYNTH_MAX_REGIONS ? n : SYNTH_MAX_REGIONS) == x.n_patches &&
+                  (n == 0 || (fabs(cen[0][0] - x.center[0][0]) < 1e-9 && fabs(cen[0][1] - x.center[0][1]) < 1e-9)),
+              "seed %d: %d regions (the sample says %d), centroids agree", (int)seed, n, x.n_patches);
+    }
+    CHECK(with_regions >= 5 && bounded, "live Perlin: %d of 6 samples have regions; blends inside, untouched outside",
+          with_regions);
+    synth_sample_free(&x), synth_sample_free(&y);
+    free(a), free(b);
+}
+
 int main(int argc, char **argv) {
     const char *dir = argc > 1 ? argv[1] : AGPT_TEST_DATA;
     int tokens = argc > 3 && !strcmp(argv[2], "--part") && !strcmp(argv[3], "tokens");
@@ -522,6 +637,7 @@ int main(int argc, char **argv) {
         test_params_and_live_draws();
         test_paste();
         test_defect_items();
+        test_perlin(dir);
         test_conversation();
     }
     st_close(golden);

@@ -313,7 +313,8 @@ Status anomaly_make_pair(const AnomalyData *d, int64_t index, Rng *rng, uint8_t 
         memcpy(anomalous, syn.image, (size_t)S * S * 3);
         for (int p = 0; p < S * S; p++) mask[p] = syn.n_patches > 0 && syn.label[p] > SYNTH_GT_THRESHOLD;
         *n_patches = syn.n_patches;
-        memcpy(centers, syn.center, sizeof syn.center);  // the first SYNTH_MAX_PATCHES of the caller's
+        _Static_assert(SYNTH_MAX_REGIONS == TRAIN_MAX_REGIONS, "a sample's regions are the answer's");
+        memcpy(centers, syn.center, sizeof syn.center);
     }
     synth_sample_free(&syn);
     free(src);

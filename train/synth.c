@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "train/metrics.h"
 #include "train/seamless_clone.h"
 
 // ---- the per-class table (mvtec.py, visa.py) ---------------------------------------------------------------
@@ -185,6 +186,9 @@ Status synth_params_from_json(const char *json_text, SynthParams *params) {
         } else if (!strcmp(k, "cutpaste")) {
             if (!cJSON_IsBool(it)) s = AGPT_FAIL(AGPT_ERR_FORMAT, "synth params: \"cutpaste\" must be true or false");
             else p.cutpaste = cJSON_IsTrue(it);
+        } else if (!strcmp(k, "perlin")) {
+            if (!cJSON_IsBool(it)) s = AGPT_FAIL(AGPT_ERR_FORMAT, "synth params: \"perlin\" must be true or false");
+            else p.perlin = cJSON_IsTrue(it);
         } else if (!strcmp(k, "blend")) {
             if (!cJSON_IsString(it) || (strcmp(it->valuestring, "poisson") && strcmp(it->valuestring, "paste")))
                 s = AGPT_FAIL(AGPT_ERR_FORMAT, "synth params: \"blend\" must be \"poisson\" or \"paste\"");
@@ -200,7 +204,7 @@ Status synth_params_from_json(const char *json_text, SynthParams *params) {
             s = AGPT_FAIL(AGPT_ERR_FORMAT,
                           "synth params: unknown key \"%s\" (known: width_bounds_pct, intensity_logistic_params, "
                           "skip_background, resize_bounds, num_patches, min_object_pct, min_overlap_pct, gamma_params, "
-                          "description, cutpaste, blend)",
+                          "description, cutpaste, blend, perlin)",
                           k);
         }
     }
@@ -576,6 +580,7 @@ Status synth_patch_ex(const uint8_t *dest, const uint8_t *src, const SynthParams
                       SynthSample *out) {
     AGPT_CHECK_ARG(dest && src && p && draws && out && out->image, "synth_patch_ex: NULL argument");
     AGPT_TRY(synth_params_validate(p));
+    if (p->perlin) return synth_perlin(dest, src, draws, out);
     const int H = out->height, W = out->width;
     size_t hw = (size_t)H * W;
     memcpy(out->image, dest, hw * 3);
@@ -612,5 +617,125 @@ Status synth_patch_ex(const uint8_t *dest, const uint8_t *src, const SynthParams
     }
     free(src_obj), free(dest_obj);
     if (s == AGPT_OK) s = synth_label(dest, out->image, out->mask, H, W, p->logistic_k, p->logistic_x0, out->label);
+    return s;
+}
+
+// ---- DRAEM's Perlin-noise anomalies ------------------------------------------------------------------------
+
+#define SYNTH_PI 3.14159265358979323846
+
+static double fade(double t) { return ((6 * t - 15) * t + 10) * t * t * t; }
+static double lerp(double a, double b, double w) { return (b - a) * w + a; }
+
+Status synth_perlin_noise(int h, int w, int res_y, int res_x, const double *angles, double *out) {
+    AGPT_CHECK_ARG(h > 0 && w > 0 && res_y > 0 && res_x > 0 && h % res_y == 0 && w % res_x == 0 && angles && out,
+                   "synth_perlin_noise: %d x %d pixels in %d x %d cells (the sides must divide)", h, w, res_y, res_x);
+    const int dy = h / res_y, dx = w / res_x;
+    const double step_y = (double)res_y / h, step_x = (double)res_x / w;  // np.mgrid's steps
+    for (int i = 0; i < h; i++) {
+        int ci = i / dy;
+        double u = fmod(i * step_y, 1.0), fu = fade(u);
+        for (int j = 0; j < w; j++) {
+            int cj = j / dx;
+            double v = fmod(j * step_x, 1.0), fv = fade(v);
+            const double *a = angles + (size_t)ci * (res_x + 1) + cj;  // corners (ci, cj), (ci+1, cj), ...
+            double n00 = cos(a[0]) * u + sin(a[0]) * v;
+            double n10 = cos(a[res_x + 1]) * (u - 1) + sin(a[res_x + 1]) * v;
+            double n01 = cos(a[1]) * u + sin(a[1]) * (v - 1);
+            double n11 = cos(a[res_x + 2]) * (u - 1) + sin(a[res_x + 2]) * (v - 1);
+            out[(size_t)i * w + j] = sqrt(2.0) * lerp(lerp(n00, n10, fu), lerp(n01, n11, fu), fv);
+        }
+    }
+    return AGPT_OK;
+}
+
+// The largest exponent e <= 5 with side % 2^e == 0 (DRAEM draws 0..5 on 256; 224 allows all of them too).
+static int max_scale_exponent(int side) {
+    int e = 0;
+    while (e < 5 && side % (1 << (e + 1)) == 0) e++;
+    return e;
+}
+
+// src [h][w] turned by deg degrees about the centre into dst, bilinear, 0 outside (imgaug's Affine(rotate)).
+static void rotate_bilinear(const double *src, int h, int w, double deg, double *dst) {
+    const double th = deg * SYNTH_PI / 180, c = cos(th), s = sin(th), cy = (h - 1) / 2.0, cx = (w - 1) / 2.0;
+    for (int y = 0; y < h; y++)
+        for (int x = 0; x < w; x++) {
+            double sy = c * (y - cy) - s * (x - cx) + cy, sx = s * (y - cy) + c * (x - cx) + cx;  // inverse map
+            int y0 = (int)floor(sy), x0 = (int)floor(sx);
+            double fy = sy - y0, fx = sx - x0, acc = 0;
+            for (int k = 0; k < 4; k++) {
+                int yy = y0 + (k >> 1), xx = x0 + (k & 1);
+                double wgt = ((k >> 1) ? fy : 1 - fy) * ((k & 1) ? fx : 1 - fx);
+                if (yy >= 0 && yy < h && xx >= 0 && xx < w) acc += wgt * src[(size_t)yy * w + xx];
+            }
+            dst[(size_t)y * w + x] = acc;
+        }
+}
+
+Status synth_perlin(const uint8_t *dest, const uint8_t *src, SynthDraws *d, SynthSample *out) {
+    AGPT_CHECK_ARG(dest && src && d && out && out->image, "synth_perlin: NULL argument");
+    const int H = out->height, W = out->width;
+    const size_t hw = (size_t)H * W;
+    memcpy(out->image, dest, hw * 3);
+    memset(out->mask, 0, hw);
+    for (size_t i = 0; i < hw; i++) out->label[i] = 0;
+    out->n_patches = 0;
+    double *noise = malloc(hw * sizeof *noise), *turned = malloc(hw * sizeof *turned);
+    double *angles = malloc((size_t)33 * 33 * sizeof *angles);
+    int *labels = malloc(hw * sizeof *labels);
+    Status s = noise && turned && angles && labels ? AGPT_OK : AGPT_FAIL(AGPT_ERR_OOM, "synth: no memory for the noise");
+    size_t on = 0;
+    for (int attempt = 0; s == AGPT_OK && attempt < 10 && on == 0; attempt++) {
+        int ey, ex;
+        if ((s = draw_randint(d, 0, max_scale_exponent(H) + 1, &ey)) != AGPT_OK) break;
+        if ((s = draw_randint(d, 0, max_scale_exponent(W) + 1, &ex)) != AGPT_OK) break;
+        const int ry = 1 << ey, rx = 1 << ex;
+        for (int k = 0; k < (ry + 1) * (rx + 1) && s == AGPT_OK; k++) {  // 2 pi np.random.rand
+            double u = 0;
+            s = draw_uniform(d, 0, 1, &u);
+            angles[k] = 2 * SYNTH_PI * u;
+        }
+        double deg = 0;
+        if (s == AGPT_OK) s = draw_uniform(d, -90, 90, &deg);
+        if (s == AGPT_OK) s = synth_perlin_noise(H, W, ry, rx, angles, noise);
+        if (s != AGPT_OK) break;
+        rotate_bilinear(noise, H, W, deg, turned);
+        on = 0;
+        for (size_t i = 0; i < hw; i++) on += (out->mask[i] = turned[i] > 0.5);
+    }
+    double beta = 0;
+    if (s == AGPT_OK && on > 0) s = draw_uniform(d, 0, 0.8, &beta);
+    if (s == AGPT_OK && on > 0) {
+        for (size_t i = 0; i < hw; i++) {
+            if (!out->mask[i]) continue;
+            out->label[i] = 1;
+            for (int c = 0; c < 3; c++) {
+                double v = (1 - beta) * src[i * 3 + c] + beta * dest[i * 3 + c];
+                out->image[i * 3 + c] = (uint8_t)lrint(v < 0 ? 0 : v > 255 ? 255 : v);
+            }
+        }
+        // The regions: 8-connected components, their boxes and centroids (the answer names their positions).
+        int n = metrics_label_components(out->mask, H, W, labels);
+        int kept = n < SYNTH_MAX_REGIONS ? n : SYNTH_MAX_REGIONS;
+        double sum[SYNTH_MAX_REGIONS][3] = {{0}};
+        for (int k = 0; k < kept; k++) out->box[k][0] = H, out->box[k][1] = 0, out->box[k][2] = W, out->box[k][3] = 0;
+        for (int y = 0; y < H; y++)
+            for (int x = 0; x < W; x++) {
+                int l = labels[(size_t)y * W + x] - 1;
+                if (l < 0 || l >= kept) continue;
+                sum[l][0] += y, sum[l][1] += x, sum[l][2] += 1;
+                int *b = out->box[l];
+                if (y < b[0]) b[0] = y;
+                if (y + 1 > b[1]) b[1] = y + 1;
+                if (x < b[2]) b[2] = x;
+                if (x + 1 > b[3]) b[3] = x + 1;
+            }
+        for (int k = 0; k < kept; k++) out->center[k][0] = sum[k][0] / sum[k][2], out->center[k][1] = sum[k][1] / sum[k][2];
+        out->n_patches = kept;
+    } else if (s == AGPT_OK) {
+        memset(out->mask, 0, hw);  // no region in 10 draws: no anomaly
+    }
+    free(noise), free(turned), free(angles), free(labels);
     return s;
 }

@@ -18,6 +18,7 @@
 #include "runtime/status.h"
 
 #define SYNTH_MAX_PATCHES 2     // the answer templates of 6.3 know one or two regions
+#define SYNTH_MAX_REGIONS 16    // regions a sample records (Perlin anomalies may have more than two)
 #define SYNTH_GT_THRESHOLD 0.3f  // gt = label > 0.3 (openllama.py forward)
 #define SYNTH_DESCRIPTION_MAX 1024
 
@@ -41,6 +42,9 @@ typedef struct SynthParams {
     // Poisson-blended. Its colours stay the source's, so a model whose features do not yet see texture (a ViT
     // that is not trained) still sees the anomaly: the default model's recipe uses it (README.md).
     int paste;
+    // Beyond the reference, off by default: DRAEM's Perlin-noise anomalies instead of NSA's patches (see
+    // synth_perlin). The other parameters are then unused (the description still is).
+    int perlin;
 } SynthParams;
 
 // The reference's values for the 15 MVTec-AD and 12 VisA classes (VisA: one setting for all); any other name gets
@@ -76,9 +80,11 @@ typedef struct SynthSample {
     uint8_t *image;  // [height][width][3] the destination with the patches blended in
     uint8_t *mask;   // [height][width] 0/1: patch_ex's mask (each pasted patch's mask over its box)
     float *label;    // [height][width] logistic-intensity label in [0, 1)
-    int n_patches;   // patches pasted = len(label_centers); 0 when every patch failed
-    int box[SYNTH_MAX_PATCHES][4];        // row0, row1, col0, col1 (half-open) of each pasted patch
-    double center[SYNTH_MAX_PATCHES][2];  // (row, col) midpoint of the union bounding box of patches 0..i
+    int n_patches;   // patches pasted = len(label_centers); 0 when every patch failed (Perlin: the mask's regions,
+                     // at most SYNTH_MAX_REGIONS)
+    int box[SYNTH_MAX_REGIONS][4];        // row0, row1, col0, col1 (half-open) of each pasted patch (region)
+    double center[SYNTH_MAX_REGIONS][2];  // (row, col) midpoint of the union bounding box of patches 0..i
+                                          // (Perlin: each region's centroid)
 } SynthSample;
 
 Status synth_sample_alloc(int height, int width, SynthSample *s);
@@ -88,6 +94,21 @@ void synth_sample_free(SynthSample *s);
 // place is skipped, as in the reference; a replayed tape that runs out or disagrees is an error.
 Status synth_patch_ex(const uint8_t *dest, const uint8_t *src, const SynthParams *p, SynthDraws *draws,
                       SynthSample *out);
+
+// DRAEM's rand_perlin_2d_np: gradient noise of h x w pixels over res_y x res_x lattice cells (h % res_y == 0,
+// w % res_x == 0), the lattice's gradient angles angles [(res_y + 1) * (res_x + 1)] in radians, row-major:
+// out[i][j] = sqrt(2) lerp(lerp(n00, n10, f(u)), lerp(n01, n11, f(u)), f(v)), (u, v) the pixel's place in its cell,
+// f the quintic fade, n the dot products with the four corners' gradients. out [h][w], about [-1, 1].
+Status synth_perlin_noise(int h, int w, int res_y, int res_x, const double *angles, double *out);
+
+// DRAEM's anomaly (augment_image in its data_loader.py) on 8-bit images: Perlin noise with 2^a x 2^b cells
+// (a, b drawn from 0..5, capped where the side is not divisible), turned by an angle drawn from (-90, 90) degrees
+// about the centre (bilinear, 0 outside, as imgaug's Affine), thresholded at 0.5 into the mask; inside it the
+// image becomes (1 - beta) src + beta dest, beta drawn from [0, 0.8); the label is the mask. Redrawn up to 10
+// times while the mask is empty (then no anomaly: n_patches 0). Not as DRAEM: the anomaly source is src (another
+// training image, as NSA's) rather than a DTD texture under three random imgaug augmentations. The draws go
+// through d (live or taped: randint a, randint b, uniform angles, uniform angle, uniform beta).
+Status synth_perlin(const uint8_t *dest, const uint8_t *src, SynthDraws *d, SynthSample *out);
 
 // The label of patch_ex from the images alone: label_mask = medianBlur(mean_c |mask*(dest - out)| > 1, 5),
 // I = median over disk(5) of mean_c |label_mask*(dest - out)| (nearest border, as skimage/scipy),
