@@ -209,6 +209,12 @@ ok grep -q "2 images + 1 defects with masks" "$tmp/log"
 expect_rc 2 "no defect images with masks" "$agpt" train "${sup[@]}" --data "$tmp/mvtec" --supervised --out "$tmp/x"
 expect_rc 2 "go together" "$agpt" train "${sup[@]}" --normal "$tmp/fold/good" --class widget --abnormal "$tmp/fold/bad" \
     --supervised --out "$tmp/x"
+# DRAEM's Perlin anomalies instead of NSA's for a class of the user's ({"perlin": true} in --params).
+echo '{"perlin": true}' >"$tmp/perlin.json"
+expect_rc 0 "done after 2 updates" "$agpt" train "${sup[@]}" --normal "$tmp/fold/good" --class widget \
+    --params "$tmp/perlin.json" --out "$tmp/perlin"
+expect_rc 0 "done after 2 updates" "$agpt" train "${sup[@]}" --normal "$tmp/fold/good" --class widget --out "$tmp/nsa"
+ok sh -c "! cmp -s '$tmp/perlin/delta.safetensors' '$tmp/nsa/delta.safetensors'"
 # --gpus N asks for more GPUs than any machine here has: refused before anything starts.
 expect_rc 2 "gpus 256" "$agpt" train "${sup[@]}" --data "$tmp/mvtec" --gpus 256 --out "$tmp/x"
 # A resume with the defects left out is refused (other options).
