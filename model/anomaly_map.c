@@ -200,12 +200,16 @@ Status fewshot_refs_append(Engine *e, const Tensor more_taps[VISION_TAPS], FewSh
     const bool grow = need > refs->capacity_rows;
     const int64_t capacity = grow ? (need > 2 * refs->capacity_rows ? need : 2 * refs->capacity_rows) : refs->capacity_rows;
     Status s = AGPT_OK;
-    for (int i = 0; i < VISION_TAPS && s == AGPT_OK; i++) {
+    for (int i = 0; i < VISION_TAPS && s == AGPT_OK; i++) {  // checked before anything changes: refs stay intact
         const Tensor *b = &more.patches[i];
         Tensor *a = &refs->patches[i];
         if (a->shape[1] != b->shape[1] || a->dtype != b->dtype)
             s = AGPT_FAIL(AGPT_ERR_ARG, "fewshot_refs_append: tap %d has %lld channels, the references %lld", i,
                           (long long)b->shape[1], (long long)a->shape[1]);
+    }
+    if (s != AGPT_OK) {
+        fewshot_refs_free(&more);
+        return s;
     }
     for (int i = 0; i < VISION_TAPS && s == AGPT_OK; i++) {
         Tensor *a = &refs->patches[i];

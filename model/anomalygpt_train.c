@@ -338,7 +338,8 @@ static Status fewshot_maps(AnomalyTrainModel *m, StepActs *t, int b0, int b1, co
     if (!refs) {
         AGPT_TRY(encode_reference_views(m, S, T, reference, &own));
         size_t bytes = 0;
-        for (int i = 0; i < VISION_TAPS; i++) bytes += tensor_nbytes(&own.patches[i]);
+        for (int i = 0; i < VISION_TAPS; i++)  // the storage, which may hold more rows than are used
+            bytes += (size_t)own.capacity_rows * own.patches[i].shape[1] * dtype_size(own.patches[i].dtype);
         RefViewsCacheEntry *grown = NULL;
         if (cacheable && m->ref_cache_bytes + bytes <= TRAIN_REF_CACHE_BYTES &&
             (grown = realloc(m->ref_cache, (size_t)(m->n_ref_cache + 1) * sizeof *grown))) {

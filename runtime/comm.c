@@ -111,7 +111,8 @@ Status comm_init(Comm *c) {
     int announced = launcher_size();
     if (announced <= 1) return AGPT_OK;
 #ifdef AGPT_WITH_MPI
-    int ok = MPI_Init(NULL, NULL);
+    int provided = 0;  // the watchdog thread never calls MPI: the main thread alone does
+    int ok = MPI_Init_thread(NULL, NULL, MPI_THREAD_FUNNELED, &provided);
     if (ok != MPI_SUCCESS) return AGPT_FAIL(AGPT_ERR_DEVICE, "MPI_Init failed (%d)", ok);
     c->backend = COMM_MPI;
     MPI_Comm_rank(MPI_COMM_WORLD, &c->rank);
@@ -309,16 +310,13 @@ Status comm_barrier(const Comm *c) {
 #endif
 }
 
-Status comm_reduce_scatter_sum_f64(const Comm *c, const double *x, double *part, size_t chunk) {
-    if (c->backend == COMM_SINGLE || chunk == 0) {
-        if (chunk) memmove(part, x, chunk * sizeof *part);
-        return AGPT_OK;
-    }
-    if (c->backend == COMM_NCCL) VIA_NCCL("ncclReduceScatter", nccl_reduce_scatter_host_f64(c, x, part, chunk));
+Status comm_reduce_scatter_sum_f64(const Comm *c, double *x, size_t chunk) {
+    if (c->backend == COMM_SINGLE || chunk == 0) return AGPT_OK;
+    if (c->backend == COMM_NCCL) VIA_NCCL("ncclReduceScatter", nccl_reduce_scatter_host_f64(c, x, x, chunk));
 #ifdef AGPT_WITH_MPI
     AGPT_CHECK_ARG(chunk <= (size_t)INT_MAX, "comm_reduce_scatter: %zu elements per rank is too many for MPI", chunk);
     collective_begin("MPI_Reduce_scatter_block");
-    int rc = MPI_Reduce_scatter_block(x, part, (int)chunk, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    int rc = MPI_Reduce_scatter_block(MPI_IN_PLACE, x, (int)chunk, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
     collective_end();
     return rc == MPI_SUCCESS ? AGPT_OK : mpi_error(rc, "MPI_Reduce_scatter_block");
 #else
@@ -339,6 +337,26 @@ Status comm_allgather_f32(const Comm *c, const float *part, float *all, size_t c
     collective_end();
     return rc == MPI_SUCCESS ? AGPT_OK : mpi_error(rc, "MPI_Allgather");
 #else
+    return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "no MPI in this build");
+#endif
+}
+
+Status comm_gather_f32(const Comm *c, const float *part, float *all, size_t chunk, int root) {
+    if (c->backend == COMM_SINGLE || chunk == 0) {
+        if (chunk) memmove(all, part, chunk * sizeof *all);
+        return AGPT_OK;
+    }
+    // NCCL has no gather: an all-gather into device memory that only the root copies out.
+    if (c->backend == COMM_NCCL)
+        VIA_NCCL("ncclAllGather (gather)", nccl_allgather_host_f32(c, part, c->rank == root ? all : NULL, chunk));
+#ifdef AGPT_WITH_MPI
+    AGPT_CHECK_ARG(chunk <= (size_t)INT_MAX, "comm_gather: %zu elements per rank is too many for MPI", chunk);
+    collective_begin("MPI_Gather");
+    int rc = MPI_Gather(part, (int)chunk, MPI_FLOAT, all, (int)chunk, MPI_FLOAT, root, MPI_COMM_WORLD);
+    collective_end();
+    return rc == MPI_SUCCESS ? AGPT_OK : mpi_error(rc, "MPI_Gather");
+#else
+    (void)root;
     return AGPT_FAIL(AGPT_ERR_UNSUPPORTED, "no MPI in this build");
 #endif
 }

@@ -60,11 +60,14 @@ Status comm_set_timeout(Comm *c, double seconds);
 Status comm_allreduce_sum_f32(const Comm *c, float *x, size_t n);
 // The same for doubles (loss sums, norms).
 Status comm_allreduce_sum_f64(const Comm *c, double *x, size_t n);
-// ZeRO's pair. Reduce-scatter: x [size * chunk] on every rank is summed over the ranks and rank r keeps elements
-// [r * chunk, (r + 1) * chunk) of the sum in part [chunk]. All-gather: rank r's part [chunk] goes to
-// all[r * chunk ...] on every rank. With one rank both copy.
-Status comm_reduce_scatter_sum_f64(const Comm *c, const double *x, double *part, size_t chunk);
+// ZeRO's pair. Reduce-scatter, in place: x [size * chunk] on every rank is summed over the ranks and rank r gets
+// elements [r * chunk, (r + 1) * chunk) of the sum in x[0 .. chunk) (the rest of x is then scratch). All-gather:
+// rank r's part [chunk] goes to all[r * chunk ...] on every rank (part and all must not overlap). With one rank
+// the reduce-scatter does nothing and the all-gather copies.
+Status comm_reduce_scatter_sum_f64(const Comm *c, double *x, size_t chunk);
 Status comm_allgather_f32(const Comm *c, const float *part, float *all, size_t chunk);
+// The same to rank root only (all may be NULL on the other ranks): a checkpoint's gathered shards.
+Status comm_gather_f32(const Comm *c, const float *part, float *all, size_t chunk, int root);
 // Every rank's local status in, the job's out: AGPT_OK when every rank is fine; otherwise the status of the
 // lowest failing rank, with "rank R failed" as the message on the other ranks (*failed_rank = R, or -1).
 Status comm_agree_status(const Comm *c, Status local, int *failed_rank);

@@ -64,7 +64,9 @@ void nccl_leave(Comm *c) {
 }
 
 // The collectives' stream is non-blocking: the device's other work (the step on the engine's stream) is waited
-// for first, and the collectives are waited for after, so callers see finished buffers either way.
+// for first, and the collectives are waited for after, so callers see finished buffers either way. Host data is
+// staged with copies on that same stream (a plain cudaMemcpy from pageable memory may return before its DMA lands,
+// and would not be ordered with a non-blocking stream).
 static Status run_synced(const Comm *c) {
     CUDA_TRY(cudaStreamSynchronize((cudaStream_t)c->stream));
     return AGPT_OK;
@@ -73,30 +75,34 @@ static Status run_synced(const Comm *c) {
 Status nccl_allreduce_device_f32(const Comm *c, float *const *bufs, const size_t *n, int k) {
     CUDA_TRY(cudaDeviceSynchronize());
     NCCL_TRY(ncclGroupStart());
-    for (int i = 0; i < k; i++)
-        if (n[i]) NCCL_TRY(ncclAllReduce(bufs[i], bufs[i], n[i], ncclFloat32, ncclSum, (ncclComm_t)c->nccl,
-                                         (cudaStream_t)c->stream));
-    NCCL_TRY(ncclGroupEnd());
+    ncclResult_t first = ncclSuccess;  // the group is closed whatever happens inside it
+    for (int i = 0; i < k && first == ncclSuccess; i++)
+        if (n[i]) first = ncclAllReduce(bufs[i], bufs[i], n[i], ncclFloat32, ncclSum, (ncclComm_t)c->nccl,
+                                        (cudaStream_t)c->stream);
+    ncclResult_t end = ncclGroupEnd();
+    if (first != ncclSuccess || end != ncclSuccess)
+        return AGPT_FAIL(AGPT_ERR_DEVICE, "ncclAllReduce of %d buffers failed: %s", k,
+                         ncclGetErrorString(first != ncclSuccess ? first : end));
     return run_synced(c);
 }
 
 Status nccl_allreduce_host(const Comm *c, void *x, size_t count, NcclKind kind, NcclOp op) {
     size_t bytes = count * kind_bytes(kind);
     AGPT_TRY(staging(bytes));
-    CUDA_TRY(cudaMemcpy(scratch, x, bytes, cudaMemcpyHostToDevice));
+    CUDA_TRY(cudaMemcpyAsync(scratch, x, bytes, cudaMemcpyHostToDevice, (cudaStream_t)c->stream));
     NCCL_TRY(ncclAllReduce(scratch, scratch, count, nccl_type(kind), op == NCCL_OP_SUM ? ncclSum : ncclMin,
                            (ncclComm_t)c->nccl, (cudaStream_t)c->stream));
+    CUDA_TRY(cudaMemcpyAsync(x, scratch, bytes, cudaMemcpyDeviceToHost, (cudaStream_t)c->stream));
     AGPT_TRY(run_synced(c));
-    CUDA_TRY(cudaMemcpy(x, scratch, bytes, cudaMemcpyDeviceToHost));
     return AGPT_OK;
 }
 
 Status nccl_broadcast_host(const Comm *c, void *buf, size_t bytes, int root) {
     AGPT_TRY(staging(bytes));
-    CUDA_TRY(cudaMemcpy(scratch, buf, bytes, cudaMemcpyHostToDevice));
+    CUDA_TRY(cudaMemcpyAsync(scratch, buf, bytes, cudaMemcpyHostToDevice, (cudaStream_t)c->stream));
     NCCL_TRY(ncclBroadcast(scratch, scratch, bytes, ncclUint8, root, (ncclComm_t)c->nccl, (cudaStream_t)c->stream));
+    CUDA_TRY(cudaMemcpyAsync(buf, scratch, bytes, cudaMemcpyDeviceToHost, (cudaStream_t)c->stream));
     AGPT_TRY(run_synced(c));
-    CUDA_TRY(cudaMemcpy(buf, scratch, bytes, cudaMemcpyDeviceToHost));
     return AGPT_OK;
 }
 
@@ -104,10 +110,10 @@ Status nccl_reduce_scatter_host_f64(const Comm *c, const double *x, double *part
     size_t all = chunk * (size_t)c->size * sizeof(double);
     AGPT_TRY(staging(all + chunk * sizeof(double)));
     double *in = scratch, *out = (double *)((char *)scratch + all);
-    CUDA_TRY(cudaMemcpy(in, x, all, cudaMemcpyHostToDevice));
+    CUDA_TRY(cudaMemcpyAsync(in, x, all, cudaMemcpyHostToDevice, (cudaStream_t)c->stream));
     NCCL_TRY(ncclReduceScatter(in, out, chunk, ncclFloat64, ncclSum, (ncclComm_t)c->nccl, (cudaStream_t)c->stream));
+    CUDA_TRY(cudaMemcpyAsync(part, out, chunk * sizeof(double), cudaMemcpyDeviceToHost, (cudaStream_t)c->stream));
     AGPT_TRY(run_synced(c));
-    CUDA_TRY(cudaMemcpy(part, out, chunk * sizeof(double), cudaMemcpyDeviceToHost));
     return AGPT_OK;
 }
 
@@ -115,10 +121,10 @@ Status nccl_allgather_host_f32(const Comm *c, const float *part, float *all, siz
     size_t whole = chunk * (size_t)c->size * sizeof(float);
     AGPT_TRY(staging(whole + chunk * sizeof(float)));
     float *out = scratch, *in = (float *)((char *)scratch + whole);
-    CUDA_TRY(cudaMemcpy(in, part, chunk * sizeof(float), cudaMemcpyHostToDevice));
+    CUDA_TRY(cudaMemcpyAsync(in, part, chunk * sizeof(float), cudaMemcpyHostToDevice, (cudaStream_t)c->stream));
     NCCL_TRY(ncclAllGather(in, out, chunk, ncclFloat32, (ncclComm_t)c->nccl, (cudaStream_t)c->stream));
+    if (all) CUDA_TRY(cudaMemcpyAsync(all, out, whole, cudaMemcpyDeviceToHost, (cudaStream_t)c->stream));
     AGPT_TRY(run_synced(c));
-    CUDA_TRY(cudaMemcpy(all, out, whole, cudaMemcpyDeviceToHost));
     return AGPT_OK;
 }
 

@@ -22,5 +22,5 @@ Status nccl_allreduce_device_f32(const Comm *c, float *const *bufs, const size_t
 // Host buffers through a device staging buffer.
 Status nccl_allreduce_host(const Comm *c, void *x, size_t count, NcclKind kind, NcclOp op);
 Status nccl_broadcast_host(const Comm *c, void *buf, size_t bytes, int root);
-Status nccl_reduce_scatter_host_f64(const Comm *c, const double *x, double *part, size_t chunk);
-Status nccl_allgather_host_f32(const Comm *c, const float *part, float *all, size_t chunk);
+Status nccl_reduce_scatter_host_f64(const Comm *c, const double *x, double *part, size_t chunk);  // part may be x
+Status nccl_allgather_host_f32(const Comm *c, const float *part, float *all, size_t chunk);  // all NULL: not copied out

@@ -472,9 +472,9 @@ static void test_defect_items(void) {
     const char *defect[1] = {paths[2]}, *dmask[1] = {paths[3]}, *no_mask[1] = {NULL}, *other[1] = {"cable"};
     AnomalyData d;
     CHECK_OK(anomaly_data_init(&d, normal, cls, 2, NULL, NULL));
-    CHECK_ERR(anomaly_data_add_defects(&d, defect, dmask, other, 1));
-    CHECK_ERR(anomaly_data_add_defects(&d, defect, no_mask, cls, 1));
-    CHECK_OK(anomaly_data_add_defects(&d, defect, dmask, cls, 1));
+    CHECK_ERR(anomaly_data_add_defects(&d, defect, dmask, other, 1, DATASET_MVTEC));
+    CHECK_ERR(anomaly_data_add_defects(&d, defect, no_mask, cls, 1, DATASET_MVTEC));
+    CHECK_OK(anomaly_data_add_defects(&d, defect, dmask, cls, 1, DATASET_MVTEC));
     CHECK(d.n_items == 3 && d.n_normal == 2, "2 normal images + 1 defect (%d, %d)", d.n_items, d.n_normal);
     static uint8_t a[W * W * 3], b[W * W * 3], m[W * W], img[3][W * W * 3];
     for (int f = 0; f < 3; f++) {
@@ -498,6 +498,20 @@ static void test_defect_items(void) {
     CHECK(seen[0] + seen[1] == 8 && seen[0] > 0 && seen[1] > 0, "the partner is one of the normal images (%d, %d)",
           seen[0], seen[1]);
     anomaly_data_free(&d);
+    // A mask of label values (VisA's masks may hold 0/1): VisA's rule (> max / 100) finds the defect; MVTec's
+    // (> 0.1 of 255) finds nothing, which is an error naming the file rather than a defect trained as normal.
+    for (int i = 0; i < W * W; i++) mask[i] = mask[i] ? 1 : 0;
+    CHECK_OK(image_save_png(paths[3], W, W, 1, mask));
+    for (int visa = 0; visa < 2; visa++) {
+        CHECK_OK(anomaly_data_init(&d, normal, cls, 2, NULL, NULL));
+        CHECK_OK(anomaly_data_add_defects(&d, defect, dmask, cls, 1, visa ? DATASET_VISA : DATASET_MVTEC));
+        Rng rng;
+        rng_seed(&rng, 1);
+        Status st = anomaly_make_pair(&d, 2, &rng, a, b, m, &n, centers);
+        if (visa) CHECK(st == AGPT_OK && n == 1 && centers[0][0] == 174.5, "VisA's rule: 1 region (%d)", n);
+        else CHECK(st != AGPT_OK && strstr(agpt_last_error(), "no anomalous pixel"), "MVTec's rule: an empty mask is refused");
+        anomaly_data_free(&d);
+    }
     for (int f = 0; f < 4; f++) remove(paths[f]);
     rmdir(dir);
 }

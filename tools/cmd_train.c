@@ -81,7 +81,7 @@ static void usage(FILE *f) {
             "                   RUNDIR/val.jsonl before training, every --val-every N updates and at the end (8; 0: off);\n"
             "                   the images are training images: agpt eval on a test split measures generalisation\n"
             "  --memory-budget-gb G refuse to start when the planned peak is larger\n"
-            "  --zero 0|1       under mpirun: 1 shards AdamW's moments over the ranks (ZeRO-1: each rank keeps and\n"
+            "  --zero 0|1       under mpirun or --gpus: 1 shards AdamW's moments over the ranks (ZeRO-1: each rank keeps and\n"
             "                   steps 1/N of them; the same result as 0, the default, within 1e-6)\n"
             "  --gpus N         N processes on this node, one per GPU (implies --device cuda), gradients summed by\n"
             "                   NCCL: N times the batch of one process; no MPI needed (unverified on a GPU)\n"
@@ -467,10 +467,8 @@ static int report_and_finalize(Comm *comm, Status s) {
 static int launch_gpus(const TrainOptions *o, int argc, char **argv) {
     int visible = cuda_device_count();
     if (!cuda_compiled() || visible < o->gpus) {
-        fprintf(stderr, "agpt train: --gpus %lld: %s\n", o->gpus,
-                !cuda_compiled() ? "this agpt was built without CUDA" : visible == 0 ? "no GPU is visible" : "");
-        if (cuda_compiled() && visible > 0)
-            fprintf(stderr, "agpt train: --gpus %lld asks for more GPUs than the %d visible\n", o->gpus, visible);
+        if (!cuda_compiled()) fprintf(stderr, "agpt train: --gpus %lld: this agpt was built without CUDA\n", o->gpus);
+        else fprintf(stderr, "agpt train: --gpus %lld: %d GPU%s visible\n", o->gpus, visible, visible == 1 ? " is" : "s are");
         return 2;
     }
     char id[257];
@@ -540,13 +538,16 @@ int cmd_train(int argc, char **argv) {
     if (o.warmup > o.steps) o.warmup = o.steps;
 
     Engine eng;
-    // One GPU per rank: the rank's place on its node picks it (mpirun -np N with N GPUs per node).
-    if ((s = engine_create(&eng, dev, dev == DEV_CUDA ? comm.local_rank : 0, threads, (uint64_t)o.seed))) {
+    // One GPU per rank: the rank's place on its node picks it among the visible GPUs (mpirun -np N with N GPUs per
+    // node; under Slurm's --gpus-per-task 1 each rank sees one GPU, its device 0).
+    int visible = dev == DEV_CUDA ? cuda_device_count() : 0;
+    int gpu = visible > 0 ? comm.local_rank % visible : 0;
+    if ((s = engine_create(&eng, dev, gpu, threads, (uint64_t)o.seed))) {
         set_free(&set);
         return report_and_finalize(&comm, s);
     }
     // GPUs under mpirun: their gradients summed by NCCL on the devices (where NCCL is built).
-    if (dev == DEV_CUDA && (s = comm_init_device(&comm, comm.local_rank, false)) != AGPT_OK) {
+    if (dev == DEV_CUDA && (s = comm_init_device(&comm, gpu, false)) != AGPT_OK) {
         set_free(&set);
         engine_destroy(&eng);
         return report_and_finalize(&comm, s);
@@ -570,7 +571,9 @@ int cmd_train(int argc, char **argv) {
     data.fewshot_p = o.fewshot_p;
     if (s == AGPT_OK) s = anomaly_data_add_defects(&data, (const char *const *)set.defects,
                                                    (const char *const *)set.defect_masks,
-                                                   (const char *const *)set.defect_classes, set.n_defects);
+                                                   (const char *const *)set.defect_classes, set.n_defects,
+                                                   o.normal ? DATASET_FOLDER : !strcmp(o.format, "visa") ? DATASET_VISA
+                                                                                                       : DATASET_MVTEC);
     if (s == AGPT_OK && o.sft) s = anomaly_data_load_sft(&data, o.sft, o.sft_images);
     Validation val = {0};
     if (s == AGPT_OK && lead) s = validation_init(&val, &data, (int)o.val_images, (uint64_t)o.seed, o.out, o.resume);

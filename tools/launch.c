@@ -1,4 +1,4 @@
-#define _DEFAULT_SOURCE  // setenv, kill
+#define _DEFAULT_SOURCE  // kill, environ
 #include "tools/launch.h"
 
 #include <errno.h>
@@ -35,6 +35,29 @@ static int rank_of(pid_t pid) {
 // A child's end as an exit status: its code, or 128 + the signal that killed it.
 static int status_code(int status) { return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status); }
 
+extern char **environ;
+
+// The environment of rank `rank`: this process's, less any AGPT_* variables the launcher sets, plus them. Built
+// before fork, so that the child calls nothing but execve (fork in a process with threads, such as NCCL's
+// bootstrap thread, leaves only async-signal-safe calls to the child).
+static char **rank_environment(int rank, int n, const char *id, char vars[4][320]) {
+    int count = 0;
+    while (environ[count]) count++;
+    char **env = calloc((size_t)count + 5, sizeof *env);
+    if (!env) return NULL;
+    int k = 0;
+    for (int i = 0; i < count; i++)
+        if (strncmp(environ[i], "AGPT_RANK=", 10) && strncmp(environ[i], "AGPT_LOCAL_RANK=", 16) &&
+            strncmp(environ[i], "AGPT_WORLD_SIZE=", 16) && strncmp(environ[i], "AGPT_NCCL_ID=", 13))
+            env[k++] = environ[i];
+    snprintf(vars[0], 320, "AGPT_RANK=%d", rank);
+    snprintf(vars[1], 320, "AGPT_LOCAL_RANK=%d", rank);
+    snprintf(vars[2], 320, "AGPT_WORLD_SIZE=%d", n);
+    snprintf(vars[3], 320, "AGPT_NCCL_ID=%s", id ? id : "");
+    for (int j = 0; j < 4; j++) env[k++] = vars[j];
+    return env;
+}
+
 int launch_local(const char *exe, char *const argv[], int n, const char *nccl_id_hex, double grace_s) {
     if (n < 1 || n > LAUNCH_MAX) {
         fprintf(stderr, "agpt: launch: %d processes (1..%d)\n", n, LAUNCH_MAX);
@@ -42,20 +65,28 @@ int launch_local(const char *exe, char *const argv[], int n, const char *nccl_id
     }
     fflush(stdout), fflush(stderr);
     n_children = n;
+    memset(children, 0, sizeof children);
+    // The handlers go in first: a Ctrl-C while the ranks start reaches those already started (exec resets the
+    // handlers to the default in the children).
+    struct sigaction sa = {.sa_handler = forward}, old_int, old_term;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
     int first_failure = 0, alive = 0;
     for (int i = 0; i < n; i++) {
+        char vars[4][320];
+        char **env = rank_environment(i, n, nccl_id_hex, vars);
+        if (!env) {
+            fprintf(stderr, "agpt: launch: no memory for rank %d's environment\n", i);
+            first_failure = 1;
+            break;
+        }
         pid_t pid = fork();
         if (pid == 0) {
-            char v[16];
-            snprintf(v, sizeof v, "%d", i);
-            setenv("AGPT_RANK", v, 1), setenv("AGPT_LOCAL_RANK", v, 1);
-            snprintf(v, sizeof v, "%d", n);
-            setenv("AGPT_WORLD_SIZE", v, 1);
-            setenv("AGPT_NCCL_ID", nccl_id_hex ? nccl_id_hex : "", 1);
-            execv(exe, argv);
-            fprintf(stderr, "agpt: launch: cannot start rank %d (%s): %s\n", i, exe, strerror(errno));
-            _exit(127);
+            execve(exe, argv, env);
+            _exit(127);  // the parent names the rank and its status, 127
         }
+        free(env);
         if (pid < 0) {
             fprintf(stderr, "agpt: launch: cannot start rank %d: %s\n", i, strerror(errno));
             first_failure = 1;
@@ -63,10 +94,6 @@ int launch_local(const char *exe, char *const argv[], int n, const char *nccl_id
         }
         children[i] = pid, alive++;
     }
-    struct sigaction sa = {.sa_handler = forward}, old_int, old_term;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, &old_int);
-    sigaction(SIGTERM, &sa, &old_term);
     double stop_at = 0;  // when the survivors get SIGKILL (0: no failure yet)
     if (first_failure) forward(SIGTERM), stop_at = now_s() + grace_s;
     while (alive > 0) {

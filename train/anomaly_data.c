@@ -116,7 +116,7 @@ static int cmp_defect(const void *a, const void *b) {
 }
 
 Status anomaly_data_add_defects(AnomalyData *d, const char *const *paths, const char *const *masks,
-                                const char *const *class_names, int n) {
+                                const char *const *class_names, int n, DatasetFormat mask_format) {
     AGPT_CHECK_ARG(n >= 0 && d->n_items == d->n_normal, "anomaly_data_add_defects: the defects are added once");
     if (n == 0) return AGPT_OK;
     for (int i = 0; i < n; i++) {
@@ -137,6 +137,7 @@ Status anomaly_data_add_defects(AnomalyData *d, const char *const *paths, const 
         return AGPT_FAIL(AGPT_ERR_OOM, "no memory for %d defect images", n);
     }
     d->masks = masks2;
+    d->mask_format = mask_format;
     for (int i = 0; i < n; i++) sorted[i] = (Defect){paths[i], masks[i], class_names[i]};
     qsort(sorted, (size_t)n, sizeof *sorted, cmp_defect);  // name order, as the normal images
     Status s = AGPT_OK;
@@ -153,7 +154,7 @@ Status anomaly_data_add_defects(AnomalyData *d, const char *const *paths, const 
 
 int anomaly_mask_regions(const uint8_t *mask, int side, double (*centers)[2], int cap) {
     int *labels = malloc((size_t)side * side * sizeof *labels);
-    if (!labels) return 0;
+    if (!labels) return -1;
     int n = metrics_label_components(mask, side, side, labels);
     int kept = n < cap ? n : cap;
     double sum_r[TRAIN_MAX_REGIONS] = {0}, sum_c[TRAIN_MAX_REGIONS] = {0}, count[TRAIN_MAX_REGIONS] = {0};
@@ -286,10 +287,15 @@ static Status make_defect_pair(const AnomalyData *d, int64_t index, Rng *rng, ui
         if (d->item_class[i] == c && pick-- == 0) partner = i;
     Status s = load_resized(d->paths[partner], normal);
     if (s == AGPT_OK) s = load_resized(d->paths[index], anomalous);
-    // Squashed as the image is (MVTec's mask rule: bilinear, > 0.1), whatever the layout.
-    if (s == AGPT_OK) s = dataset_load_mask(d->masks[index], DATASET_MVTEC, S, mask);
+    // Squashed as the image is, with the layout's threshold rule.
+    if (s == AGPT_OK) s = dataset_load_mask_squashed(d->masks[index], d->mask_format, S, mask);
     if (s != AGPT_OK) return agpt_add_context(s, "defect %s", d->paths[index]);
     *n_regions = anomaly_mask_regions(mask, S, centers, TRAIN_MAX_REGIONS);
+    if (*n_regions < 0) return AGPT_FAIL(AGPT_ERR_OOM, "no memory for the regions of %s", d->masks[index]);
+    if (*n_regions == 0)
+        return AGPT_FAIL(AGPT_ERR_FORMAT, "defect %s: its mask %s has no anomalous pixel at %d x %d (the defect would "
+                         "be trained as normal); fix the mask or leave the image out", d->paths[index],
+                         d->masks[index], S, S);
     return AGPT_OK;
 }
 

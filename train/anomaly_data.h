@@ -42,6 +42,7 @@ typedef struct AnomalyData {
     // masks[i] their ground-truth masks; items [0, n_normal) are normal images (masks NULL or NULL entries).
     int n_normal;
     char **masks;              // [n_items] or NULL
+    DatasetFormat mask_format; // the layout the masks come from (its threshold rule)
     AnomalyClass *classes;
     int n_classes;
     const SpTokenizer *tokenizer;  // not owned
@@ -81,15 +82,18 @@ void anomaly_data_free(AnomalyData *d);
 // their masks join the items. Such an item's micro-step pairs a normal training image of its class (drawn from
 // the sample's Rng; the reference's supervised loader gives single images, here every micro-step keeps one
 // normal and one anomalous conversation) with the defect: the image as training images are read
-// (Resize((224,224)) bicubic), its mask squashed the same way (bilinear, > 0.1), and the answer naming the
+// (Resize((224,224)) bicubic), its mask squashed the same way (bilinear; > 0.1 of 255, or VisA's > max / 100), and
+// the answer naming the
 // positions of the centroids of the mask's 8-connected regions, each position once (the reference takes the
 // centroids of cv2.findContours' contours and deduplicates them). Every class named must have normal images (the
-// pairing and the few-shot reference need them); a defect without a mask is refused (the caller filters them).
+// pairing and the few-shot reference need them); a defect without a mask is refused (the caller filters them), and
+// one whose mask has no anomalous pixel at 224 x 224 stops training with its name when its sample is made (it
+// would teach "No" for a defect).
 Status anomaly_data_add_defects(AnomalyData *d, const char *const *paths, const char *const *masks,
-                                const char *const *class_names, int n);
+                                const char *const *class_names, int n, DatasetFormat mask_format);
 
 // The regions of a mask [S][S] (1 = anomalous) for the answer: their count (8-connected components) and the
-// centroids (row, col) of the first `cap` in raster order of their first pixel.
+// centroids (row, col) of the first `cap` in raster order of their first pixel; -1 when out of memory.
 int anomaly_mask_regions(const uint8_t *mask, int side, double (*centers)[2], int cap);
 
 // The instruction stream (anomalygpt-reference.md 6.3, sft_dataset.py): a JSON array of {"image_name": NAME,

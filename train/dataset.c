@@ -441,14 +441,15 @@ static Status resize_bilinear(const double *gray, int w, int h, int ow, int oh, 
     return AGPT_OK;
 }
 
-Status dataset_load_mask(const char *path, DatasetFormat format, int size, uint8_t *out) {
+// squash: Resize((size, size)) whatever the layout (training's geometry); else the layout's own.
+static Status load_mask(const char *path, DatasetFormat format, bool squash, int size, uint8_t *out) {
     AGPT_CHECK_ARG(size > 0 && size <= 4096 && out, "dataset_load_mask: size %d", size);
     Image img;
     AGPT_TRY(image_load(path, &img));
     int w = img.width, h = img.height;
     double *gray = malloc((size_t)w * h * sizeof *gray);
     int ow = size, oh = size;
-    if (format != DATASET_MVTEC) {  // the shorter side to size, as torchvision's Resize(int) rounds the other down
+    if (format != DATASET_MVTEC && !squash) {  // the shorter side to size, as torchvision's Resize(int) rounds the other down
         if (w <= h) oh = (int)((double)size * h / w);
         else ow = (int)((double)size * w / h);
     }
@@ -475,4 +476,12 @@ Status dataset_load_mask(const char *path, DatasetFormat format, int size, uint8
     free(gray), free(res);
     image_free(&img);
     return s;
+}
+
+Status dataset_load_mask(const char *path, DatasetFormat format, int size, uint8_t *out) {
+    return load_mask(path, format, false, size, out);
+}
+
+Status dataset_load_mask_squashed(const char *path, DatasetFormat format, int size, uint8_t *out) {
+    return load_mask(path, format, true, size, out);
 }

@@ -74,3 +74,6 @@ Status dataset_references(const Dataset *d, const char *class_name, int k, int r
 // and > max / 100; the folder layout as VisA's geometry with MVTec's > 0.1 (its images are cropped by the model's
 // preprocessing the same way). Bilinear is PIL's (a triangle filter widened when shrinking, antialiased).
 Status dataset_load_mask(const char *path, DatasetFormat format, int size, uint8_t *out);
+// The same threshold rule per layout, with the geometry of training's images: Resize((size, size)) bilinear for
+// every layout (the squash the training images get), so a defect's mask stays on its pixels.
+Status dataset_load_mask_squashed(const char *path, DatasetFormat format, int size, uint8_t *out);

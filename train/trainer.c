@@ -86,8 +86,9 @@ static Status moments_alloc(Moments *mo, const Layout *L, const TrainParam *p, i
     return AGPT_OK;
 }
 
-// Under ZeRO-1 a checkpoint needs every rank's moments: they are gathered into full buffers for the save (and
-// the load reads full ones and keeps this rank's shard), so the state file is the same in both modes.
+// Under ZeRO-1 a checkpoint needs every rank's moments: they are gathered into full buffers on rank 0 for the save
+// (a resume reads full ones on every rank, for the moment of the load, and keeps this rank's shard), so the state
+// file is the same in both modes.
 typedef struct FullMoments {
     float *m, *v;  // [ranks * chunk]
 } FullMoments;
@@ -162,18 +163,18 @@ static Status check_config(const TrainerConfig *c, const TrainParam *p, int n) {
     return AGPT_OK;
 }
 
-// Rank 0 saves; every rank learns whether that worked before going on. Under ZeRO-1 the moments are gathered
-// first (a collective: every rank takes part).
+// Rank 0 saves; every rank learns whether that worked before going on. Under ZeRO-1 the moments are gathered to
+// rank 0 first (a collective: every rank takes part).
 static Status save_all(const TrainerConfig *c, const Comm *comm, Moments *mo, const Layout *L, const TrainParam *p,
                        int n, int64_t updates, int64_t epoch, int64_t pos) {
     int failed;
     if (!c->zero) return comm_agree_status(comm, comm->rank == 0 ? save(c, mo, n, updates, epoch, pos) : AGPT_OK,
                                            &failed);
-    FullMoments f;
-    Status s = full_moments_open(&f, mo, L, p, n, comm);
+    FullMoments f = {0};  // on rank 0 alone
+    Status s = comm->rank == 0 ? full_moments_open(&f, mo, L, p, n, comm) : AGPT_OK;
     s = comm_agree_status(comm, s, &failed);
-    if (s == AGPT_OK) s = comm_allgather_f32(comm, mo->m, f.m, (size_t)L->chunk);
-    if (s == AGPT_OK) s = comm_allgather_f32(comm, mo->v, f.v, (size_t)L->chunk);
+    if (s == AGPT_OK) s = comm_gather_f32(comm, mo->m, f.m, (size_t)L->chunk, 0);
+    if (s == AGPT_OK) s = comm_gather_f32(comm, mo->v, f.v, (size_t)L->chunk, 0);
     if (s == AGPT_OK && comm->rank == 0) s = save(c, mo, n, updates, epoch, pos);
     full_moments_close(&f);
     return comm_agree_status(comm, s, &failed);
@@ -198,10 +199,7 @@ static Status load(const TrainerConfig *c, const Comm *comm, Moments *mo, const 
 // reduce-scattered, each rank clips and steps its shard with its shard of the moments, and the parameters are
 // all-gathered. *norm is the global gradient norm before clipping.
 typedef struct UpdateBuffers {
-    double *acc;   // [ranks * chunk] this rank's gradient sums (padding zero)
-    double *part;  // [chunk] ZeRO-1: the sums of this rank's shard over the ranks
-    float *send;   // [chunk] ZeRO-1: this rank's shard of the updated parameters
-    float *all;    // [ranks * chunk] ZeRO-1: every rank's shard
+    double *acc;   // [ranks * chunk] this rank's gradient sums (padding zero); ZeRO-1's scratch after them
 } UpdateBuffers;
 
 static Status clip_scale(const TrainerConfig *c, double norm, int64_t update, float *scale) {
@@ -239,42 +237,54 @@ static Status update_plain(Engine *e, const TrainerConfig *c, const Comm *comm, 
     return AGPT_OK;
 }
 
+// ZeRO-1 needs no buffer beyond u->acc: the reduce-scatter leaves this rank's sums in its first chunk doubles;
+// once they are read, its storage (2 * ranks * chunk floats) holds the all-gather's result (ranks * chunk floats)
+// and, after it, this rank's updated parameters (chunk floats). A local failure is agreed on before each
+// collective, so that no rank waits in one for a rank that stopped.
 static Status update_zero1(Engine *e, const TrainerConfig *c, const Comm *comm, TrainParam *p, int n, Moments *mo,
                            const Layout *L, UpdateBuffers *u, bool reduced, int micro, int64_t update, double lr,
                            double *norm) {
-    if (reduced) memcpy(u->part, u->acc + L->lo, (size_t)L->chunk * sizeof *u->part);
-    else AGPT_TRY(comm_reduce_scatter_sum_f64(comm, u->acc, u->part, (size_t)L->chunk));
+    const size_t padded = (size_t)(L->chunk * comm->size);
+    double *sums = u->acc;
+    float *all = (float *)u->acc, *send = (float *)u->acc + padded;
+    Status s = AGPT_OK;
+    int failed;
+    if (reduced) memmove(sums, u->acc + L->lo, (size_t)(L->hi - L->lo) * sizeof *sums);
+    else AGPT_TRY(comm_reduce_scatter_sum_f64(comm, u->acc, (size_t)L->chunk));
     double total = 0, ss = 0;
-    for (int i = 0; i < n; i++) {  // this shard's mean gradient and its sum of squares
+    for (int i = 0; i < n && s == AGPT_OK; i++) {  // this shard's mean gradient and its sum of squares
         int64_t a, b;
         shard_range(L, p, i, &a, &b);
         if (a == b) continue;
         float *g = p[i].grad.data;
-        const double *sum = u->part + (L->offset[i] + a - L->lo);
+        const double *sum = sums + (L->offset[i] + a - L->lo);
         for (int64_t j = a; j < b; j++) g[j] = (float)(sum[j - a] / micro);
         Tensor gs = span(&p[i].grad, a, b);
-        AGPT_TRY(op_sum_squares(e, &ss, &gs));
+        s = op_sum_squares(e, &ss, &gs);
         total += ss;
     }
+    AGPT_TRY(comm_agree_status(comm, s, &failed));
     AGPT_TRY(comm_allreduce_sum_f64(comm, &total, 1));
     *norm = sqrt(total);
     float scale = 1;
-    AGPT_TRY(clip_scale(c, *norm, update, &scale));
-    for (int i = 0; i < n; i++) {
+    AGPT_TRY(clip_scale(c, *norm, update, &scale));  // the same norm on every rank: all fail or none
+    for (int i = 0; i < n && s == AGPT_OK; i++) {
         int64_t a, b;
         shard_range(L, p, i, &a, &b);
         if (a == b) continue;
         Tensor w = span(&p[i].param, a, b), g = span(&p[i].grad, a, b);
         int64_t at = L->offset[i] + a - L->lo;  // where the span's moments start in this rank's shard
         Tensor m = tensor_1d(mo->m + at, DT_F32, DEV_CPU, b - a), v = tensor_1d(mo->v + at, DT_F32, DEV_CPU, b - a);
-        if (scale != 1) AGPT_TRY(op_scale(e, &g, scale));
+        if (scale != 1) s = op_scale(e, &g, scale);
         double lr_i = p[i].lr_scale > 0 ? lr * p[i].lr_scale : lr;
-        AGPT_TRY(op_adamw(e, &w, &g, &m, &v, (float)lr_i, c->beta1, c->beta2, c->eps, c->weight_decay, (int)update));
-        memcpy(u->send + at, w.data, (size_t)(b - a) * sizeof(float));
+        if (s == AGPT_OK)
+            s = op_adamw(e, &w, &g, &m, &v, (float)lr_i, c->beta1, c->beta2, c->eps, c->weight_decay, (int)update);
+        if (s == AGPT_OK) memcpy(send + at, w.data, (size_t)(b - a) * sizeof(float));
     }
-    AGPT_TRY(comm_allgather_f32(comm, u->send, u->all, (size_t)L->chunk));
+    AGPT_TRY(comm_agree_status(comm, s, &failed));
+    AGPT_TRY(comm_allgather_f32(comm, send, all, (size_t)L->chunk));
     for (int i = 0; i < n; i++)
-        memcpy(p[i].param.data, u->all + L->offset[i], (size_t)tensor_numel(&p[i].param) * sizeof(float));
+        memcpy(p[i].param.data, all + L->offset[i], (size_t)tensor_numel(&p[i].param) * sizeof(float));
     return AGPT_OK;
 }
 
@@ -309,10 +319,6 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *dp, int n, Tra
     const size_t padded = (size_t)(L.chunk * comm->size);
     if (s == AGPT_OK && !(u.acc = calloc(padded ? padded : 1, sizeof *u.acc)))
         s = AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory for the gradient sums (%zu doubles)", padded);
-    if (s == AGPT_OK && c->zero &&
-        (!(u.part = calloc((size_t)L.chunk + 1, sizeof *u.part)) || !(u.send = calloc((size_t)L.chunk + 1, sizeof *u.send)) ||
-         !(u.all = calloc(padded + 1, sizeof *u.all))))
-        s = AGPT_FAIL(AGPT_ERR_OOM, "trainer: no memory for the ZeRO-1 buffers");
     LoaderConfig lc = c->loader;
     lc.rank = comm->rank, lc.world = comm->size;
     int64_t updates = 0;
@@ -418,7 +424,7 @@ Status trainer_run(Engine *e, const TrainerConfig *c, TrainParam *dp, int n, Tra
     moments_free(&mo);
     if (on_device) mirror_close(&mirror);
     free(L.offset);
-    free(u.acc), free(u.part), free(u.send), free(u.all);
+    free(u.acc);
     free(dev_grads), free(dev_counts);
     return s;
 }
