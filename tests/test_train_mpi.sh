@@ -53,41 +53,36 @@ ok python3 "$(dirname "$0")/compare_safetensors.py" "$tmp/one/delta.safetensors"
 ok cmp -s "$tmp/one/delta.safetensors" "$tmp/two/delta.safetensors"
 ok test "$(wc -l <"$tmp/two/log.jsonl")" -eq 6  # rank 0 alone writes the log
 
-# Killed mid-way (the whole job, SIGKILL), resumed: the bytes of the uninterrupted 2-rank run.
-"${mpi[@]}" "$agpt" train "${common[@]}" --accum 2 --ckpt-every 1 --out "$tmp/killed" >"$tmp/killed.log" 2>&1 &
-pid=$!
-for _ in $(seq 1 600); do
-    [ -f "$tmp/killed/log.jsonl" ] && [ "$(wc -l <"$tmp/killed/log.jsonl")" -ge 2 ] && break
-    sleep 0.1
-done
-pkill -9 -f "agpt train.*$tmp/killed" 2>/dev/null
-kill -9 $pid 2>/dev/null
-wait $pid 2>/dev/null
-lines=$(wc -l <"$tmp/killed/log.jsonl")
-ok test "$lines" -ge 2 -a "$lines" -lt 6
-timeout 300 "${mpi[@]}" "$agpt" train "${common[@]}" --accum 2 --resume "$tmp/killed" >"$tmp/resume.log" 2>&1 ||
-    { echo "FAIL resume"; cat "$tmp/resume.log"; }
-ok cmp -s "$tmp/two/delta.safetensors" "$tmp/killed/delta.safetensors"
+# killed_and_resumed MIN_LINES UNINTERRUPTED OUT ARGS...: a 2-rank run of ARGS saving every update is SIGKILLed (the
+# whole job) once it has logged MIN_LINES updates, then resumed: it must end with UNINTERRUPTED's delta bytes.
+killed_and_resumed() {
+    local min=$1 want=$2 out=$3 pid lines
+    shift 3
+    "${mpi[@]}" "$agpt" train "${common[@]}" "$@" --ckpt-every 1 --out "$out" >"$out.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 600); do
+        [ -f "$out/log.jsonl" ] && [ "$(wc -l <"$out/log.jsonl")" -ge "$min" ] && break
+        sleep 0.1
+    done
+    pkill -9 -f "agpt train.*$out" 2>/dev/null
+    kill -9 $pid 2>/dev/null
+    wait $pid 2>/dev/null
+    lines=$(wc -l <"$out/log.jsonl")
+    ok test "$lines" -ge "$min" -a "$lines" -lt 6
+    timeout 300 "${mpi[@]}" "$agpt" train "${common[@]}" "$@" --resume "$out" >"$out.resume.log" 2>&1 ||
+        { echo "FAIL resume of $out"; cat "$out.resume.log"; }
+    ok cmp -s "$want/delta.safetensors" "$out/delta.safetensors"
+}
+
+# Killed mid-way and resumed: the bytes of the uninterrupted 2-rank run.
+killed_and_resumed 2 "$tmp/two" "$tmp/killed" --accum 2
 
 # ZeRO-1 against plain data parallel, and its kill + resume.
 timeout 300 "${mpi[@]}" "$agpt" train "${common[@]}" --accum 2 --zero 1 --out "$tmp/zero" >"$tmp/zero.log" 2>&1 ||
     { echo "FAIL ZeRO-1"; cat "$tmp/zero.log"; }
 ok grep -q "ZeRO-1" "$tmp/zero.log"
 ok python3 "$(dirname "$0")/compare_safetensors.py" "$tmp/two/delta.safetensors" "$tmp/zero/delta.safetensors" 1e-6
-"${mpi[@]}" "$agpt" train "${common[@]}" --accum 2 --zero 1 --ckpt-every 1 --out "$tmp/zkilled" >"$tmp/zkilled.log" 2>&1 &
-pid=$!
-for _ in $(seq 1 600); do
-    [ -f "$tmp/zkilled/log.jsonl" ] && [ "$(wc -l <"$tmp/zkilled/log.jsonl")" -ge 3 ] && break
-    sleep 0.1
-done
-pkill -9 -f "agpt train.*$tmp/zkilled" 2>/dev/null
-kill -9 $pid 2>/dev/null
-wait $pid 2>/dev/null
-lines=$(wc -l <"$tmp/zkilled/log.jsonl")
-ok test "$lines" -ge 3 -a "$lines" -lt 6
-timeout 300 "${mpi[@]}" "$agpt" train "${common[@]}" --accum 2 --zero 1 --resume "$tmp/zkilled" >"$tmp/zresume.log" 2>&1 ||
-    { echo "FAIL ZeRO-1 resume"; cat "$tmp/zresume.log"; }
-ok cmp -s "$tmp/zero/delta.safetensors" "$tmp/zkilled/delta.safetensors"
+killed_and_resumed 3 "$tmp/zero" "$tmp/zkilled" --accum 2 --zero 1
 # A plain run's checkpoint does not resume under --zero 1 (other options).
 timeout 120 "${mpi[@]}" "$agpt" train "${common[@]}" --accum 2 --zero 1 --resume "$tmp/two" >"$tmp/zmix.log" 2>&1
 ok test $? -ne 0
